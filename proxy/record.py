@@ -1,0 +1,65 @@
+"""The two values that travel between the parts: a call's token usage, and its ledger row.
+
+Pure data. Meters produce a `Usage`; pricing turns it into a cost; the ledger stores a `CallRecord`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Literal
+
+UsageSource = Literal["upstream", "counted", "none"]
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one call, normalised to OpenAI's rules.
+
+    `cached_tokens` is a subset of `prompt_tokens`; `reasoning_tokens` is a subset of
+    `completion_tokens` (providers that report reasoning outside it are normalised on the way in).
+    """
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    total_tokens: int = 0
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """One ledger row: everything known about one forwarded call."""
+
+    request_id: str
+    started_at: float  # unix seconds
+    method: str
+    endpoint: str  # the path, without the query string
+    ended_at: float = 0.0
+    key_id: str | None = None
+    key_hint: str | None = None
+    user: str | None = None
+    session: str | None = None
+    operation: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    requested_model: str | None = None
+    model: str | None = None  # the model that served the call (response's), else the requested one
+    stream: bool = False
+    status: int = 0
+    error: str | None = None
+    latency_ms: float = 0.0
+    ttfb_ms: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    total_tokens: int = 0
+    usage_source: UsageSource = "none"
+    priced: bool = False
+    cost_usd: Decimal = Decimal(0)
+
+    def set_usage(self, usage: Usage, source: UsageSource) -> None:
+        for f in dataclasses.fields(Usage):
+            setattr(self, f.name, getattr(usage, f.name))
+        self.usage_source = source

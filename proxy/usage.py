@@ -1,0 +1,183 @@
+"""Reading token usage out of OpenAI-compatible response bodies and stream events.
+
+Pure functions: parsed JSON in, `Usage` out. No I/O, no logging, no pricing. Whatever an upstream
+sends, they raise nothing but `UnreadableUsage`, and they never invent a count: a detail that is
+absent is 0, a total that is absent is prompt + completion.
+
+Two naming schemes are read:
+- chat completions, legacy completions, embeddings: ``prompt_tokens`` / ``completion_tokens`` /
+  ``prompt_tokens_details.cached_tokens`` / ``completion_tokens_details.reasoning_tokens``;
+- the Responses API: ``input_tokens`` / ``output_tokens`` / ``input_tokens_details.cached_tokens`` /
+  ``output_tokens_details.reasoning_tokens``.
+Provider variants are normalised to OpenAI's rules (cached within prompt, reasoning within
+completion): DeepSeek's top-level ``prompt_cache_hit_tokens``, Azure DeepSeek's top-level
+``reasoning_tokens`` with null details, and xAI's reasoning counted outside ``completion_tokens``.
+Counts this module has no field for (audio, cache writes, Groq timings, xAI cost ticks) are ignored.
+
+Exceptions::
+
+    ValueError
+    └── UnreadableUsage   a usage object is present but cannot be trusted
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from proxy.record import Usage
+
+__all__ = ["UnreadableUsage", "chat_usage", "parse_usage", "responses_usage", "served_model"]
+
+
+class UnreadableUsage(ValueError):
+    """a usage object is present but malformed (wrong types, negative numbers, ...)"""
+
+
+class _Names(NamedTuple):
+    prompt: str
+    completion: str
+    prompt_details: str
+    completion_details: str
+
+
+_CHAT = _Names("prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details")
+_RESPONSES = _Names("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details")
+
+
+def parse_usage(raw: object) -> Usage | None:
+    """Normalise one usage object in either naming scheme; None when `raw` is None."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise UnreadableUsage(f"usage is {type(raw).__name__}, not an object")
+    names = _names_of(raw)
+    prompt = _count(raw, names.prompt)
+    completion = _count(raw, names.completion)
+    prompt_details = _details(raw, names.prompt_details)
+    completion_details = _details(raw, names.completion_details)
+    cached = _first_count((prompt_details, "cached_tokens"), (raw, "prompt_cache_hit_tokens"))
+    reasoning = _first_count((completion_details, "reasoning_tokens"), (raw, "reasoning_tokens"))
+    reported_total = _count_or_none(raw, "total_tokens")
+    total = prompt + completion if reported_total is None else reported_total
+    if cached > prompt:
+        raise UnreadableUsage(f"cached tokens ({cached}) exceed prompt tokens ({prompt})")
+    if reasoning and total == prompt + completion + reasoning:
+        # xAI counts reasoning beside completion (its total says so): fold it in, so completion holds
+        # all billed output and reasoning stays a subset of it, as with OpenAI.
+        completion += reasoning
+    if reasoning > completion:
+        raise UnreadableUsage(f"reasoning tokens ({reasoning}) exceed completion tokens ({completion})")
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        cached_tokens=cached,
+        reasoning_tokens=reasoning,
+        total_tokens=total,
+    )
+
+
+def chat_usage(obj: object) -> Usage | None:
+    """Usage of a chat completion or chunk, a legacy completion or chunk, or an embeddings body.
+
+    Older Groq streams carry it only under ``x_groq.usage``.
+    """
+    if not isinstance(obj, dict):
+        return None
+    raw = obj.get("usage")
+    if raw is None:
+        groq = obj.get("x_groq")
+        if isinstance(groq, dict):
+            raw = groq.get("usage")
+    return parse_usage(raw)
+
+
+def responses_usage(obj: object) -> Usage | None:
+    """Usage of a Responses API `Response`, or of a stream event wrapping one under ``response``."""
+    response = _response_of(obj)
+    if response is None:
+        return None
+    return parse_usage(response.get("usage"))
+
+
+def served_model(obj: object) -> str | None:
+    """The model a body or chunk says served the call; None when it is missing or empty.
+
+    Azure's first chunk has ``"model": ""``, so an empty name means "not said here", not a model.
+    """
+    if not isinstance(obj, dict):
+        return None
+    model = obj.get("model")
+    if isinstance(model, str) and model:
+        return model
+    response = obj.get("response")
+    if isinstance(response, dict):
+        model = response.get("model")
+        if isinstance(model, str) and model:
+            return model
+    return None
+
+
+def _response_of(obj: object) -> dict[str, Any] | None:
+    if not isinstance(obj, dict):
+        return None
+    if "response" in obj:
+        # A stream event envelope: its own keys (type, sequence_number, ...) hold no usage.
+        inner = obj["response"]
+        return inner if isinstance(inner, dict) else None
+    return obj
+
+
+def _names_of(raw: dict[str, Any]) -> _Names:
+    if raw.get(_CHAT.prompt) is not None:
+        return _CHAT
+    if raw.get(_RESPONSES.prompt) is not None:
+        return _RESPONSES
+    raise UnreadableUsage("usage has neither prompt_tokens nor input_tokens")
+
+
+def _details(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UnreadableUsage(f"{name} is {type(value).__name__}, not an object")
+    return value
+
+
+def _first_count(*places: tuple[dict[str, Any], str]) -> int:
+    """The first of several alternative fields that is present; 0 when none is."""
+    for where, name in places:
+        found = _count_or_none(where, name)
+        if found is not None:
+            return found
+    return 0
+
+
+def _count(where: dict[str, Any], name: str) -> int:
+    found = _count_or_none(where, name)
+    return 0 if found is None else found
+
+
+def _count_or_none(where: dict[str, Any], name: str) -> int | None:
+    value = where.get(name)
+    if value is None:
+        return None
+    # bool is an int subclass, but `true` is no token count.
+    if isinstance(value, int) and not isinstance(value, bool):
+        count = value
+    elif isinstance(value, float) and value.is_integer():
+        count = int(value)
+    else:
+        raise UnreadableUsage(f"{name} is not a whole number: {_short_repr(value)}")
+    if count < 0:
+        raise UnreadableUsage(f"{name} is negative: {count}")
+    return count
+
+
+def _short_repr(value: object) -> str:
+    # Upstream values can be huge or nested: name the type rather than print them.
+    if isinstance(value, str):
+        return repr(value[:20]) + ("..." if len(value) > 20 else "")
+    if isinstance(value, float):
+        return repr(value)
+    return type(value).__name__
