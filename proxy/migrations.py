@@ -1,0 +1,109 @@
+"""The ledger's schema, as an ordered list of numbered migrations.
+
+The database's `PRAGMA user_version` is the number of migrations applied. `migrate()` applies the
+missing ones in order, each in its own transaction together with the version bump, so a crash leaves
+the database at a whole version. To change the schema, append a `Migration` to `MIGRATIONS`.
+
+This module must never edit or reorder a migration that has shipped (databases in the field already
+ran it), never touch a database newer than it knows, and never adopt a database that holds someone
+else's tables.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import NamedTuple
+
+__all__ = ["MIGRATIONS", "Migration", "MigrationError", "migrate", "schema_version"]
+
+
+class MigrationError(Exception):
+    """The database cannot be brought to this code's schema."""
+
+
+class Migration(NamedTuple):
+    name: str
+    sql: str  # a script of one or more statements; no BEGIN/COMMIT, migrate() wraps it
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        "create calls",
+        """
+        CREATE TABLE calls (
+            id INTEGER PRIMARY KEY,
+            request_id TEXT NOT NULL UNIQUE,
+            started_at REAL NOT NULL,
+            ended_at REAL NOT NULL,
+            key_id TEXT,
+            key_hint TEXT,
+            "user" TEXT,
+            session TEXT,
+            operation TEXT,
+            tags TEXT NOT NULL DEFAULT '{}',
+            method TEXT NOT NULL,
+            endpoint TEXT NOT NULL,
+            requested_model TEXT,
+            model TEXT,
+            stream INTEGER NOT NULL,
+            status INTEGER NOT NULL,
+            error TEXT,
+            latency_ms REAL NOT NULL,
+            ttfb_ms REAL,
+            prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            cached_tokens INTEGER NOT NULL,
+            reasoning_tokens INTEGER NOT NULL,
+            total_tokens INTEGER NOT NULL,
+            usage_source TEXT NOT NULL,
+            priced INTEGER NOT NULL,
+            cost_usd TEXT NOT NULL
+        );
+        CREATE INDEX calls_started_at ON calls (started_at);
+        CREATE INDEX calls_key_started_at ON calls (key_id, started_at);
+        CREATE INDEX calls_user_started_at ON calls ("user", started_at);
+        """,
+    ),
+)
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the database to the newest schema; return the resulting version. Safe to call again."""
+    current = schema_version(conn)
+    known = len(MIGRATIONS)
+    if current > known:
+        raise MigrationError(
+            f"database schema version {current} is newer than this meterproxy knows ({known}); "
+            "upgrade meterproxy"
+        )
+    if current == 0 and _has_foreign_objects(conn):
+        raise MigrationError("database already holds tables but is not a meterproxy ledger")
+    for number, migration in enumerate(MIGRATIONS[current:], start=current + 1):
+        _apply(conn, number, migration)
+    return schema_version(conn)
+
+
+def _has_foreign_objects(conn: sqlite3.Connection) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE name NOT LIKE 'sqlite!_%' ESCAPE '!' LIMIT 1"
+    ).fetchone()
+    return row is not None
+
+
+def _apply(conn: sqlite3.Connection, number: int, migration: Migration) -> None:
+    # IMMEDIATE takes the write lock up front, so two processes starting at once serialise here.
+    # The version is an int we produce, never user input, so formatting it into PRAGMA is safe
+    # (PRAGMA takes no bound parameters).
+    script = f"BEGIN IMMEDIATE;\n{migration.sql}\n;\nPRAGMA user_version = {number};\nCOMMIT;"
+    try:
+        conn.executescript(script)
+    except sqlite3.Error as exc:
+        if conn.in_transaction:
+            conn.rollback()
+        if schema_version(conn) >= number:
+            return  # another process applied it while we waited for the lock
+        raise MigrationError(f"migration {number} ({migration.name}) failed: {exc}") from exc
