@@ -1,0 +1,98 @@
+"""The admin API: usage reports and call listings, read-only, behind a bearer token.
+
+Never forwarded upstream, never writes. Reports run on their own read-only SQLite connection in a worker
+thread (reports.py), so a large report does not stall the proxy's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from proxy import reports
+from proxy.config import ADMIN_TOKEN_ENV
+from proxy.errors import error_response
+from proxy.ledger import Ledger
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _auth_middleware(token: str | None) -> Any:
+    expected = token.encode() if token else None
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if expected is None:
+            return error_response(401, f"The admin API is disabled: set {ADMIN_TOKEN_ENV} to enable it",
+                                  "authentication_error", "admin_disabled")
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            return error_response(401, "Invalid admin token: send 'Authorization: Bearer <"
+                                  f"{ADMIN_TOKEN_ENV}>'", "authentication_error", "invalid_admin_token")
+        return await handler(request)
+
+    return check
+
+
+def _report_failed(exc: Exception) -> web.Response:
+    if isinstance(exc, reports.ReportError):
+        return error_response(400, str(exc), "invalid_request_error", "invalid_parameter", exc.param)
+    return error_response(503, f"The ledger cannot be read: {exc}", "server_error", "ledger_unavailable")
+
+
+async def _in_thread(path: str, fn: Callable[..., dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
+    def run() -> dict[str, Any]:
+        conn = reports.connect_readonly(path)
+        try:
+            return fn(conn, **kwargs)
+        finally:
+            conn.close()
+
+    return await asyncio.to_thread(run)
+
+
+def make_admin_app(ledger_key: web.AppKey[Ledger], token: str | None) -> web.Application:
+    def db_path(request: web.Request) -> str:
+        return str(request.config_dict[ledger_key].path)
+
+    async def usage(request: web.Request) -> web.StreamResponse:
+        q = request.query
+        try:
+            fmt = q.get("format", "json")
+            if fmt not in ("json", "csv"):
+                raise reports.ReportError("format must be json or csv", param="format")
+            group_by = [g.strip() for g in q.get("group_by", "").split(",") if g.strip()]
+            since = reports.parse_time(q["since"], "since") if "since" in q else None
+            until = reports.parse_time(q["until"], "until") if "until" in q else None
+            report = await _in_thread(db_path(request), reports.usage_report, group_by=group_by, since=since,
+                                      until=until, key=q.get("key"), user=q.get("user"), model=q.get("model"))
+        except (reports.ReportError, reports.ReportDatabaseError) as exc:
+            return _report_failed(exc)
+        if fmt == "csv":
+            return web.Response(text=reports.to_csv(report), content_type="text/csv")
+        return web.json_response(report)
+
+    async def calls(request: web.Request) -> web.StreamResponse:
+        q = request.query
+        try:
+            limit_text = q.get("limit", "50")
+            if not limit_text.isdigit():
+                raise reports.ReportError("limit must be a whole number from 1 to 1000", param="limit")
+            result = await _in_thread(db_path(request), reports.list_calls, key=q.get("key"),
+                                      limit=int(limit_text), before=q.get("before"))
+        except (reports.ReportError, reports.ReportDatabaseError) as exc:
+            return _report_failed(exc)
+        return web.json_response(result)
+
+    async def not_found(request: web.Request) -> web.Response:
+        return error_response(404, f"No admin route {request.method} {request.path}", "invalid_request_error",
+                              "not_found")
+
+    admin = web.Application(middlewares=[_auth_middleware(token)])
+    admin.router.add_get("/usage", usage)
+    admin.router.add_get("/calls", calls)
+    admin.router.add_route("*", "/{tail:.*}", not_found)
+    return admin

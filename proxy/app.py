@@ -1,0 +1,76 @@
+"""The aiohttp application: routes, and the resources every request shares.
+
+Resources (upstream client session, ledger writer, price table) are opened and closed in cleanup_ctx.
+Routes: `/v1/...` is forwarded, `/healthz` answers readiness, `/admin/...` is the admin sub-app; anything
+else is a 404 in OpenAI's shape — nothing but `/v1/` ever reaches the upstream.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from proxy.admin import make_admin_app
+from proxy.config import Settings
+from proxy.errors import error_response
+from proxy.forward import forward
+from proxy.ledger import Ledger
+from proxy.metering import MeteredCall
+from proxy.pricing import PriceTable
+
+SETTINGS = web.AppKey("settings", Settings)
+LEDGER = web.AppKey("ledger", Ledger)
+PRICES = web.AppKey("prices", PriceTable)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+TIMEOUT = web.AppKey("timeout", aiohttp.ClientTimeout)
+
+
+async def _proxy(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    call = MeteredCall(request.method, request.path, request.headers, prices=app[PRICES], ledger=app[LEDGER])
+    return await forward(request, call, session=app[SESSION], upstream=app[SETTINGS].upstream,
+                         timeout=app[TIMEOUT])
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _not_found(request: web.Request) -> web.Response:
+    return error_response(404, f"No route for {request.method} {request.path}: the proxy forwards /v1/... "
+                          "to the upstream and serves /admin/... and /healthz", "invalid_request_error",
+                          "not_found")
+
+
+def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Application:
+    """Build the app. `prices` may be given already loaded (the CLI loads it first to fail early)."""
+    app = web.Application(client_max_size=settings.max_request_bytes)
+    app[SETTINGS] = settings
+    app[TIMEOUT] = aiohttp.ClientTimeout(total=settings.total_timeout, connect=settings.connect_timeout,
+                                         sock_read=settings.read_timeout)
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        app[PRICES] = prices if prices is not None else PriceTable.load(settings.pricing)
+        ledger = Ledger(settings.db)
+        await ledger.open()
+        app[LEDGER] = ledger
+        # Unlimited pool with keep-alive; aiohttp sets TCP_NODELAY on every connection itself.
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        # auto_decompress off: the client gets the upstream's compressed bytes; meters decode a copy.
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                         cookie_jar=aiohttp.DummyCookieJar()) as session:
+            app[SESSION] = session
+            try:
+                yield
+            finally:
+                await ledger.close()
+
+    app.cleanup_ctx.append(resources)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_route("*", "/v1/{tail:.*}", _proxy)
+    app.add_subapp("/admin", make_admin_app(LEDGER, settings.admin_token))
+    app.router.add_route("*", "/{tail:.*}", _not_found)
+    return app
+

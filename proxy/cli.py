@@ -1,0 +1,121 @@
+"""The `meterproxy` command: `serve` runs the proxy, `report` reads the ledger.
+
+Every operator mistake (bad config, unreadable pricing, unusable database, bad report option) ends the
+command with one line on stderr naming the file and the problem, and exit status 2 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from typing import Sequence
+
+from aiohttp import web
+
+from proxy import reports
+from proxy.config import SETTINGS, ConfigError, Settings, load_settings
+from proxy.ledger import LedgerError
+from proxy.pricing import PriceTable, PricingError
+
+log = logging.getLogger("meterproxy")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meterproxy", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", help="YAML config file (flags override it)")
+    for setting in SETTINGS:
+        if setting.flag:
+            serve.add_argument(f"--{setting.name}", help=f"{setting.help} (default: {setting.default})")
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    report = sub.add_parser("report", help="usage and cost from the ledger")
+    report.add_argument("--config", help="YAML config file, for its db setting")
+    report.add_argument("--db", help="ledger database (default: the config's db, else ./meterproxy.db)")
+    report.add_argument("--group-by", default="", help=f"comma list of: {', '.join(reports.GROUP_FIELDS)}, tag:<name>")
+    report.add_argument("--since", help="ISO 8601 or unix seconds (inclusive)")
+    report.add_argument("--until", help="ISO 8601 or unix seconds (exclusive)")
+    report.add_argument("--key", help="only this key_id")
+    report.add_argument("--user", help="only this user")
+    report.add_argument("--model", help="only this model")
+    report.add_argument("--format", default="table", choices=["table", "json", "csv"])
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"meterproxy: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return _report(args)
+
+
+# --- serve ----------------------------------------------------------------------------------------
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    flags = {s.name: getattr(args, s.name) for s in SETTINGS if s.flag}
+    try:
+        settings = load_settings(args.config, flags)
+        prices = PriceTable.load(settings.pricing)
+    except (ConfigError, PricingError) as exc:
+        return _fail(str(exc))
+    try:
+        return asyncio.run(_run(settings, prices))
+    except (LedgerError, OSError) as exc:
+        return _fail(str(exc))
+
+
+async def _run(settings: Settings, prices: PriceTable) -> int:
+    from proxy.app import make_app  # the app pulls in aiohttp's server; `report` does not need it
+
+    runner = web.AppRunner(make_app(settings, prices), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
+        await site.start()
+        log.info("meterproxy listening on http://%s:%s -> %s (ledger %s, pricing %s, version %s)",
+                 settings.host, settings.port, settings.upstream, settings.db, prices.source, prices.version)
+        if settings.admin_token is None:
+            log.warning("METERPROXY_ADMIN_TOKEN is not set: the admin API answers 401")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping: finishing in-flight calls and flushing the ledger")
+    finally:
+        await runner.cleanup()
+    return 0
+
+
+# --- report ---------------------------------------------------------------------------------------
+def _report(args: argparse.Namespace) -> int:
+    try:
+        db = args.db or (load_settings(args.config).db if args.config else "./meterproxy.db")
+        group_by = [g.strip() for g in args.group_by.split(",") if g.strip()]
+        since = reports.parse_time(args.since, "since") if args.since else None
+        until = reports.parse_time(args.until, "until") if args.until else None
+        conn = reports.connect_readonly(db)
+        try:
+            report = reports.usage_report(conn, group_by=group_by, since=since, until=until,
+                                          key=args.key, user=args.user, model=args.model)
+        finally:
+            conn.close()
+    except (ConfigError, reports.ReportError, reports.ReportDatabaseError) as exc:
+        return _fail(str(exc))
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+    elif args.format == "csv":
+        sys.stdout.write(reports.to_csv(report))
+    else:
+        sys.stdout.write(reports.to_table(report))
+    return 0

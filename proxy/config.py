@@ -1,0 +1,159 @@
+"""Settings: what can be configured, with its default and help, and loading them from YAML and flags.
+
+Settings are data (name, default, help, parser) so that the docs, the shipped config/proxy.yaml and the
+tests can walk them. Precedence: command-line flags, then the config file, then the defaults.
+Every problem is a `ConfigError` whose message names the file and the problem in one line.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+from yarl import URL
+
+SHIPPED_PRICING = Path(__file__).resolve().parent / "pricing.yaml"
+
+
+class ConfigError(Exception):
+    """A setting or config file is unusable; the message is one line for the operator."""
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be a non-empty string")
+    return value
+
+
+def _port(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError("must be a whole number from 0 to 65535")
+    try:
+        port = int(value)
+    except ValueError:
+        raise ValueError("must be a whole number from 0 to 65535") from None
+    if not 0 <= port <= 65535:
+        raise ValueError("must be a whole number from 0 to 65535")
+    return port
+
+
+def _url(value: object) -> str:
+    text = _text(value)
+    url = URL(text)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"must be an http(s) URL with a host, not {text!r}")
+    if url.query_string or url.fragment:
+        raise ValueError(f"must not carry a query or fragment: {text!r}")
+    return text.rstrip("/")
+
+
+def _seconds(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError("must be a number of seconds")
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+    if not seconds > 0:
+        raise ValueError("must be more than 0 seconds")
+    return seconds
+
+
+def _size(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("must be a whole number of bytes, at least 1")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    name: str
+    default: Any
+    help: str
+    parse: Callable[[object], Any]
+    flag: bool = False  # also a `serve` command-line flag
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", "127.0.0.1", "address the proxy listens on", _text, flag=True),
+    Setting("port", 8080, "port the proxy listens on", _port, flag=True),
+    Setting("upstream", "https://api.openai.com",
+            "base URL of the real API; may carry a path prefix (https://host/openai)", _url, flag=True),
+    Setting("db", "./meterproxy.db", "path of the SQLite ledger (created if missing)", _text, flag=True),
+    Setting("pricing", str(SHIPPED_PRICING),
+            "path of the pricing table (USD per 1M tokens); default: the shipped config/pricing.yaml",
+            _text, flag=True),
+    Setting("connect_timeout", 10.0, "seconds to connect to the upstream; then 504", _seconds),
+    Setting("read_timeout", 600.0,
+            "seconds to wait for the upstream's first byte and between two chunks; then 504 (or a broken stream)",
+            _seconds),
+    Setting("total_timeout", None, "seconds a whole upstream call may take; null: no limit", _seconds),
+    Setting("max_request_bytes", 32 * 1024 * 1024, "largest request body accepted; larger gets 413", _size),
+)
+_BY_NAME = {s.name: s for s in SETTINGS}
+ADMIN_TOKEN_ENV = "METERPROXY_ADMIN_TOKEN"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    upstream: str = "https://api.openai.com"
+    db: str = "./meterproxy.db"
+    pricing: str = str(SHIPPED_PRICING)
+    connect_timeout: float | None = 10.0
+    read_timeout: float | None = 600.0
+    total_timeout: float | None = None
+    max_request_bytes: int = 32 * 1024 * 1024
+    admin_token: str | None = field(default=None, repr=False)  # from the environment only; never logged
+
+
+def _apply(values: dict[str, Any], source: Mapping[str, object], where: str) -> None:
+    for name, raw in source.items():
+        setting = _BY_NAME.get(name) if isinstance(name, str) else None
+        if setting is None:
+            known = ", ".join(_BY_NAME)
+            raise ConfigError(f"{where}: unknown setting {name!r} (known: {known})")
+        try:
+            values[name] = setting.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: setting {name!r} {exc}") from None
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, object]:
+    where = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"{where}: cannot read config file: {reason}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{where}: YAML error{line}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the config file must be a mapping of setting: value")
+    return data
+
+
+def load_settings(config_path: str | None = None, flags: Mapping[str, object] | None = None,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """Defaults, overridden by the config file, overridden by flags (None values are 'not given')."""
+    values: dict[str, Any] = {s.name: s.default for s in SETTINGS}
+    if config_path is not None:
+        _apply(values, read_config_file(config_path), config_path)
+    given = {k: v for k, v in (flags or {}).items() if v is not None}
+    _apply(values, given, "command line")
+    env = os.environ if environ is None else environ
+    token = env.get(ADMIN_TOKEN_ENV) or None
+    return Settings(**values, admin_token=token)

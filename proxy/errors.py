@@ -1,0 +1,21 @@
+"""Errors the proxy itself answers, in OpenAI's shape, so every client SDK reports them clearly.
+
+`{"error": {"message", "type", "param", "code"}}` — the same body OpenAI sends, so `openai.APIError`
+subclasses carry our message. Never used for the upstream's own errors: those pass through untouched.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+
+def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()
+
+
+def error_response(status: int, message: str, type_: str, code: str | None = None,
+                   param: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=error_body(message, type_, code, param),
+                        content_type="application/json", headers=headers)

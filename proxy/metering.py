@@ -1,0 +1,109 @@
+"""One metered call: ties a request's attribution, its endpoint meter, pricing and the ledger together.
+
+The forwarder reports what happens to the HTTP exchange; this turns it into a `CallRecord` and commits it.
+A meter that raises is logged and ignored (mitmproxy's safecall): metering must never break a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any, Callable
+
+from multidict import CIMultiDictProxy
+
+from proxy.attribution import attribute
+from proxy.ledger import Ledger, LedgerError
+from proxy.meters import Meter, meter_for
+from proxy.pricing import PriceTable
+from proxy.record import CallRecord
+
+log = logging.getLogger("meterproxy")
+
+
+class MeteredCall:
+    """Observer of one forwarded call. The forwarder calls the on_* hooks, then `await finish()`."""
+
+    def __init__(self, method: str, path: str, headers: CIMultiDictProxy[str], *,
+                 prices: PriceTable, ledger: Ledger) -> None:
+        self._prices = prices
+        self._ledger = ledger
+        self._t0 = time.perf_counter()
+        self.meter: Meter = meter_for(method, path)
+        self.record = CallRecord(request_id=uuid.uuid4().hex, started_at=time.time(), method=method,
+                                 endpoint=path)
+        attribute(headers, self.record)
+        self._meter_failed = False
+        self._finished = False
+
+    def _safe(self, hook: Callable[..., Any], *args: Any) -> None:
+        if self._meter_failed:
+            return
+        try:
+            hook(*args)
+        except Exception:  # a meter bug must not break the call; the row says usage was not read
+            self._meter_failed = True
+            log.exception("meter %s failed on %s", type(self.meter).__name__, self.record.endpoint)
+
+    # --- hooks called by the forwarder -------------------------------------------------------
+    def on_request(self, body: bytes, content_type: str) -> None:
+        self._safe(self.meter.on_request, body, content_type)
+        rec, meter = self.record, self.meter
+        rec.requested_model = meter.requested_model
+        rec.stream = meter.stream
+        if rec.user is None:
+            rec.user = meter.body_user[:256] if meter.body_user else None
+
+    def on_response_headers(self, status: int, content_type: str) -> None:
+        self.record.status = status
+        self._safe(self.meter.on_response_headers, status, content_type)
+
+    def on_first_byte(self) -> None:
+        self.record.ttfb_ms = (time.perf_counter() - self._t0) * 1000
+
+    def on_chunk(self, data: bytes) -> int | None:
+        """Feed a decoded copy of body bytes; returns the stream offset to hold back from, if any."""
+        self._safe(self.meter.on_chunk, data)
+        return self.meter.hold_from
+
+    def on_end(self) -> None:
+        self._safe(self.meter.on_end)
+
+    def on_failure(self, status: int | None, message: str) -> None:
+        """The exchange failed: upstream unreachable, timed out, broke off, or the client went away."""
+        if status is not None:
+            self.record.status = status
+        self.record.error = message if self.record.error is None else f"{self.record.error}; {message}"
+
+    # --- the end -----------------------------------------------------------------------------
+    def _settle(self) -> None:
+        rec, meter = self.record, self.meter
+        rec.ended_at = time.time()
+        rec.latency_ms = (time.perf_counter() - self._t0) * 1000
+        rec.stream = rec.stream or meter.stream
+        rec.model = meter.model or rec.requested_model
+        if meter.error and rec.error is None:
+            rec.error = meter.error
+        if meter.usage is not None and not self._meter_failed:
+            rec.set_usage(meter.usage, "upstream")
+            rec.cost_usd, rec.priced = self._prices.cost(rec.model, meter.usage)
+        else:
+            note = meter.usage_error or ("meter failed" if self._meter_failed else None)
+            if note and 200 <= rec.status < 300:
+                rec.error = note if rec.error is None else f"{rec.error}; {note}"
+            # Nothing to price: flag it unpriced only if its model has no price (a bare GET is not "unpriced").
+            rec.priced = rec.model is None or self._prices.resolve(rec.model) is not None
+
+    async def finish(self) -> None:
+        """Price and commit the row. Returns once it is committed (or the ledger failed, which is logged)."""
+        if self._finished:
+            return
+        self._finished = True
+        self._settle()
+        try:
+            # Shielded: a cancelled handler (client gone, shutdown) must still leave its row.
+            await asyncio.shield(self._ledger.record(self.record))
+        except LedgerError as exc:
+            log.error("ledger: call %s not recorded: %s", self.record.request_id, exc)

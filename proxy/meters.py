@@ -1,0 +1,208 @@
+"""Per-endpoint meters: watch one call's events and work out its model, usage and error.
+
+A meter sees the request body, the response status and content type, every chunk of the (decoded copy of
+the) response body, and the end. It never touches the bytes the client gets and never does I/O. It may
+name a point in the body stream (`hold_from`) from which the forwarder holds bytes back until the call's
+ledger row is committed: the terminal event of a stream.
+
+Meters must not raise into the forwarder; the caller wraps each hook (see metering.py), and a meter that
+fails leaves `usage` None and says why in `usage_error`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+from proxy.record import Usage
+from proxy.sse import SSEDecoder, SSEEvent
+from proxy.usage import UnreadableUsage, chat_usage, responses_usage, served_model
+
+MAX_ERROR_CHARS = 1000
+# Error bodies are read for their message; a huge one is cut rather than held whole.
+MAX_ERROR_BODY = 64 * 1024
+
+
+def _error_message(obj: object) -> str | None:
+    """The message of an OpenAI-shaped error body or stream event, else None."""
+    if not isinstance(obj, dict):
+        return None
+    err = obj.get("error")
+    if isinstance(err, dict):
+        msg = err.get("message")
+        return str(msg)[:MAX_ERROR_CHARS] if msg else json.dumps(err)[:MAX_ERROR_CHARS]
+    if isinstance(err, str) and err:
+        return err[:MAX_ERROR_CHARS]
+    return None
+
+
+class Meter:
+    """Base meter: no usage of its own; reads the model from the request and the message of error bodies."""
+
+    extract: Callable[[object], Usage | None] | None = None
+
+    def __init__(self) -> None:
+        self.requested_model: str | None = None
+        self.stream = False
+        self.body_user: str | None = None
+        self.model: str | None = None
+        self.usage: Usage | None = None
+        self.usage_error: str | None = None
+        self.error: str | None = None
+        self.hold_from: int | None = None
+        self._status = 0
+        self._sse: SSEDecoder | None = None
+        self._parts: list[bytes] | None = None
+        self._size = 0
+
+    # --- request ---------------------------------------------------------------------------
+    def on_request(self, body: bytes, content_type: str) -> None:
+        if not body or "json" not in content_type and body[:1] != b"{":
+            return
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            return  # forwarded as is; the upstream will say what is wrong with it
+        if not isinstance(obj, dict):
+            return
+        model = obj.get("model")
+        if isinstance(model, str) and model:
+            self.requested_model = model
+        self.stream = obj.get("stream") is True
+        user = obj.get("user")
+        if isinstance(user, str) and user:
+            self.body_user = user
+
+    # --- response --------------------------------------------------------------------------
+    def on_response_headers(self, status: int, content_type: str) -> None:
+        self._status = status
+        if "text/event-stream" in content_type:
+            self._sse = SSEDecoder()
+            self.stream = True
+        elif self._wants_body(status, content_type):
+            self._parts = []
+
+    def _wants_body(self, status: int, content_type: str) -> bool:
+        if status >= 400:
+            return True
+        return self.extract is not None and "json" in content_type
+
+    def on_chunk(self, data: bytes) -> None:
+        if self._sse is not None:
+            for event in self._sse.feed(data):
+                self._on_event(event)
+        elif self._parts is not None:
+            if self._status >= 400 and self._size >= MAX_ERROR_BODY:
+                return
+            self._parts.append(data)
+            self._size += len(data)
+
+    def on_end(self) -> None:
+        if self._sse is not None:
+            for event in self._sse.close():
+                self._on_event(event)
+        elif self._parts:
+            self._on_body(b"".join(self._parts))
+        self._parts = None
+
+    # --- reading ---------------------------------------------------------------------------
+    def _on_body(self, body: bytes) -> None:
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            obj = None
+        if self._status >= 400:
+            self.error = _error_message(obj) or body[:MAX_ERROR_CHARS].decode("utf-8", "replace")
+            return
+        if obj is None:
+            self.usage_error = "response body is not JSON; usage not read"
+            return
+        self.model = served_model(obj) or self.model
+        self._take(obj)
+
+    def _take(self, obj: object) -> None:
+        if self.extract is None:
+            return
+        try:
+            usage = self.extract(obj)
+        except UnreadableUsage as exc:
+            self.usage_error = f"unreadable usage: {exc}"
+            return
+        if usage is not None:
+            self.usage = usage  # the last usage seen wins; never summed (cumulative chunks)
+            self.usage_error = None
+
+    def _on_event(self, event: SSEEvent) -> None:
+        if event.data == "[DONE]":
+            self._hold(event)
+            return
+        try:
+            obj = json.loads(event.data)
+        except ValueError:
+            self.usage_error = "a stream event is not JSON"
+            return
+        message = _error_message(obj)
+        if message is not None:
+            self.error = message
+        self.model = served_model(obj) or self.model
+        self._take(obj)
+        self._after_event(event, obj)
+
+    def _after_event(self, event: SSEEvent, obj: object) -> None:
+        pass
+
+    def _hold(self, event: SSEEvent) -> None:
+        if self.hold_from is None:
+            self.hold_from = event.start
+
+
+class ChatMeter(Meter):
+    """/v1/chat/completions and /v1/completions: usage in the JSON body or any stream chunk (last wins)."""
+
+    extract = staticmethod(chat_usage)
+
+
+class EmbeddingsMeter(Meter):
+    """/v1/embeddings: usage in the JSON body (prompt tokens only)."""
+
+    extract = staticmethod(chat_usage)
+
+
+RESPONSES_TERMINAL = frozenset({
+    "response.completed", "response.incomplete", "response.failed", "response.done", "error",
+})
+
+
+class ResponsesMeter(Meter):
+    """/v1/responses: usage in the Response body, or in the terminal event of its `event:`-framed stream."""
+
+    extract = staticmethod(responses_usage)
+
+    def _after_event(self, event: SSEEvent, obj: object) -> None:
+        kind = obj.get("type") if isinstance(obj, dict) else None
+        if kind not in RESPONSES_TERMINAL and event.event not in RESPONSES_TERMINAL:
+            return
+        if kind == "response.failed" or kind == "response.incomplete":
+            response = obj.get("response") if isinstance(obj, dict) else None
+            message = _error_message(response)
+            if message is None and isinstance(response, dict) and kind == "response.incomplete":
+                details = response.get("incomplete_details")
+                if isinstance(details, dict) and details.get("reason"):
+                    message = f"incomplete: {details['reason']}"
+            if message is not None:
+                self.error = message
+        self._hold(event)
+
+
+_BY_PATH: dict[str, type[Meter]] = {
+    "/v1/chat/completions": ChatMeter,
+    "/v1/completions": ChatMeter,
+    "/v1/embeddings": EmbeddingsMeter,
+    "/v1/responses": ResponsesMeter,
+}
+
+
+def meter_for(method: str, path: str) -> Meter:
+    """The meter of an endpoint; other endpoints get the base meter (model, status, error only)."""
+    cls = _BY_PATH.get(path.rstrip("/")) if method == "POST" else None
+    return (cls or Meter)()

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from tests.support import FakeUpstream, ProxyServer, proxy_settings
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeUpstream]:
+    fake = FakeUpstream()
+    fake.server.start()
+    yield fake
+    fake.server.stop()
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path, upstream: FakeUpstream) -> Iterator[Callable[..., ProxyServer]]:
+    started: list[ProxyServer] = []
+
+    def start(**overrides: Any) -> ProxyServer:
+        settings = proxy_settings(tmp_path, overrides.pop("upstream", upstream.url), **overrides)
+        proxy = ProxyServer(settings)
+        proxy.server.start()
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.server.stop()
+
+
+@pytest.fixture
+def proxy(start_proxy: Callable[..., ProxyServer]) -> ProxyServer:
+    return start_proxy()

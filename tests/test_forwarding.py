@@ -1,0 +1,184 @@
+"""The forwarding core, end to end over real loopback HTTP: what the client gets is what the upstream sent."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from typing import Callable
+
+import brotli
+import pytest
+
+from tests.support import FakeUpstream, ProxyServer, Reply, gzipped, split
+
+CHAT = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o-2024-08-06",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi é 日本"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 14, "completion_tokens": 3, "total_tokens": 17}}
+CHAT_REQUEST = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+def request(url: str, method: str = "POST", path: str = "/v1/chat/completions", body: bytes | None = CHAT_REQUEST,
+            headers: dict[str, str] | None = None) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """A raw HTTP exchange: the body exactly as sent on the wire (de-chunked, never decompressed)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        hdrs = {"Authorization": "Bearer sk-test-key-0001", "Content-Type": "application/json", **(headers or {})}
+        conn.request(method, path, body=body, headers=hdrs)
+        resp = conn.getresponse()
+        return resp.status, resp.headers, resp.read()
+    finally:
+        conn.close()
+
+
+def test_json_body_status_and_headers_pass_through(upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    body = upstream.json(CHAT, headers={"X-Request-Id": "req-123", "openai-processing-ms": "42"})
+    status, headers, got = request(proxy.url)
+    assert status == 200
+    assert got == body
+    assert headers["X-Request-Id"] == "req-123"
+    assert headers["openai-processing-ms"] == "42"
+    assert headers["Content-Type"] == "application/json"
+
+
+def test_request_forwarded_byte_for_byte_with_query_and_prefix(upstream: FakeUpstream,
+                                                               start_proxy: Callable[..., ProxyServer]) -> None:
+    proxy = start_proxy(upstream=upstream.url + "/openai")
+    upstream.json(CHAT)
+    raw = b'{"model":"gpt-4o",  "messages":[{"role":"user","content":"x"}],"user":"u\\u00e9"}'
+    status, _, _ = request(proxy.url, path="/v1/chat/completions?api-version=2024-10-21&x=%2F",
+                           body=raw, headers={"X-Meter-User": "alice", "X-Meter-Team": "blue",
+                                              "Accept-Encoding": "gzip", "OpenAI-Organization": "org-1"})
+    assert status == 200
+    seen = upstream.seen[-1]
+    assert seen.body == raw
+    assert seen.path_qs == "/openai/v1/chat/completions?api-version=2024-10-21&x=%2F"
+    assert seen.headers["Authorization"] == "Bearer sk-test-key-0001"
+    assert seen.headers["OpenAI-Organization"] == "org-1"
+    assert seen.headers["Accept-Encoding"] == "gzip"
+    assert not [k for k in seen.headers if k.lower().startswith("x-meter-")]
+    # Nothing added that the client did not send.
+    assert "User-Agent" not in seen.headers
+
+
+@pytest.mark.parametrize("encoding,encode", [("gzip", gzipped), ("br", brotli.compress)])
+def test_compressed_body_reaches_client_compressed_and_is_metered(
+        upstream: FakeUpstream, proxy: ProxyServer, encoding: str, encode: Callable[[bytes], bytes]) -> None:
+    plain = json.dumps(CHAT).encode()
+    wire = encode(plain)
+    upstream.reply(Reply(headers={"Content-Type": "application/json", "Content-Encoding": encoding},
+                         chunks=split(wire, 7)))
+    status, headers, got = request(proxy.url, headers={"Accept-Encoding": encoding})
+    assert status == 200
+    assert headers["Content-Encoding"] == encoding
+    assert got == wire
+    row = proxy.rows()[-1]
+    assert (row["prompt_tokens"], row["completion_tokens"], row["usage_source"]) == (14, 3, "upstream")
+
+
+def test_sse_relayed_unchanged_under_awkward_splits(upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    events = [
+        {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o-mini", "choices": [
+            {"index": 0, "delta": {"role": "assistant", "content": "é日本"}, "finish_reason": None}]},
+        {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o-mini", "choices": [],
+         "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}},
+    ]
+    body = b"".join(b"data: " + json.dumps(e, ensure_ascii=False).encode() + b"\r\n\r\n" for e in events)
+    body = b": keep-alive\n\n" + body + b"data: [DONE]\r\n\r\n"
+    # Split inside a UTF-8 character, inside "data:", between \r and \n, inside [DONE].
+    cut_utf8 = body.index("日".encode()) + 1
+    cut_done = body.index(b"[DONE]") + 3
+    cuts = [3, 20, cut_utf8, body.index(b"\r\n") + 1, cut_done]
+    upstream.sse(body, splits=cuts, pause=0.01)
+    status, headers, got = request(proxy.url)
+    assert status == 200 and headers["Content-Type"] == "text/event-stream"
+    assert got == body
+    row = proxy.rows()[-1]
+    assert (row["prompt_tokens"], row["completion_tokens"], row["model"], row["stream"]) == (9, 2, "gpt-4o-mini", 1)
+
+
+@pytest.mark.parametrize("status,body,ctype,message", [
+    (400, b'{"error": {"message": "bad model", "type": "invalid_request_error", "param": "model", "code": null}}',
+     "application/json", "bad model"),
+    (429, b'{"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}',
+     "application/json", "Rate limit reached"),
+    (503, b"<html>upstream overloaded</html>", "text/html", "<html>upstream overloaded</html>"),
+    (500, b"", "text/plain", None),
+])
+def test_upstream_errors_pass_through_and_are_recorded(upstream: FakeUpstream, proxy: ProxyServer, status: int,
+                                                       body: bytes, ctype: str, message: str | None) -> None:
+    upstream.reply(Reply(status=status, headers={"Content-Type": ctype}, chunks=[body] if body else [],
+                         content_length=True))
+    got_status, _, got = request(proxy.url)
+    assert (got_status, got) == (status, body)
+    row = proxy.rows()[-1]
+    assert row["status"] == status
+    assert row["error"] == message
+    assert row["usage_source"] == "none" and row["cost_usd"] == "0"
+
+
+def test_dead_upstream_gives_502_in_openai_shape(start_proxy: Callable[..., ProxyServer]) -> None:
+    proxy = start_proxy(upstream="http://127.0.0.1:9")  # discard port: nothing listens
+    status, headers, got = request(proxy.url)
+    assert status == 502
+    err = json.loads(got)["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert "Upstream unreachable" in err["message"] and err["code"] == "upstream_unreachable"
+    row = proxy.rows()[-1]
+    assert row["status"] == 502 and "unreachable" in row["error"] and row["requested_model"] == "gpt-4o"
+
+
+def test_slow_upstream_gives_504_and_a_row(upstream: FakeUpstream, start_proxy: Callable[..., ProxyServer]) -> None:
+    proxy = start_proxy(read_timeout=0.3)
+    upstream.reply(Reply(pause_before=2.0, chunks=[b"{}"], headers={"Content-Type": "application/json"}))
+    t0 = time.monotonic()
+    status, _, got = request(proxy.url)
+    assert status == 504 and time.monotonic() - t0 < 1.8
+    assert json.loads(got)["error"]["code"] == "upstream_timeout"
+    assert proxy.rows()[-1]["status"] == 504
+
+
+def test_stream_breaking_off_ends_client_stream_without_done(upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    first = b'data: {"model":"gpt-4o","choices":[{"index":0,"delta":{"content":"hel"}}]}\n\n'
+    upstream.reply(Reply(headers={"Content-Type": "text/event-stream"},
+                         chunks=[first, b'data: {"model":"gpt-4o","choices":[]}\n\n', b"data: [DONE]\n\n"],
+                         pause=0.05, break_after=1))
+    with pytest.raises(http.client.IncompleteRead) as broken:
+        request(proxy.url)
+    assert broken.value.partial == first  # exactly what the upstream sent, and no [DONE]
+    row = proxy.rows()[-1]
+    assert row["status"] == 200 and "broke off" in row["error"]
+
+
+@pytest.mark.parametrize("path", ["/admin/usage", "/v2/models", "/", "/healthz/x"])
+def test_nothing_but_v1_reaches_upstream(upstream: FakeUpstream, proxy: ProxyServer, path: str) -> None:
+    upstream.json(CHAT)
+    status, _, got = request(proxy.url, method="GET", path=path, body=None)
+    assert status in (401, 404)
+    assert set(json.loads(got)["error"]) == {"message", "type", "param", "code"}
+    assert upstream.seen == []
+
+
+def test_get_models_forwarded_and_recorded(upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    body = upstream.json({"object": "list", "data": [{"id": "gpt-4o", "object": "model"}]})
+    status, _, got = request(proxy.url, method="GET", path="/v1/models", body=None)
+    assert (status, got) == (200, body)
+    assert upstream.seen[-1].method == "GET" and upstream.seen[-1].body == b""
+    row = proxy.rows()[-1]
+    assert (row["endpoint"], row["method"], row["priced"], row["usage_source"]) == ("/v1/models", "GET", 1, "none")
+
+
+def test_healthz(proxy: ProxyServer) -> None:
+    status, _, got = request(proxy.url, method="GET", path="/healthz", body=None)
+    assert (status, json.loads(got)) == (200, {"status": "ok"})
+
+
+def test_request_too_large_gets_413(upstream: FakeUpstream, start_proxy: Callable[..., ProxyServer]) -> None:
+    proxy = start_proxy(max_request_bytes=1000)
+    upstream.json(CHAT)
+    status, _, got = request(proxy.url, body=b'{"model":"gpt-4o","x":"' + b"a" * 2000 + b'"}')
+    assert status == 413
+    assert json.loads(got)["error"]["code"] == "request_too_large"
+    assert upstream.seen == []
+
