@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
@@ -25,6 +26,13 @@ log = logging.getLogger("meterproxy")
 
 # aiohttp adds these when absent; a transparent proxy sends only what the client sent.
 _SKIP_AUTO = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
+
+
+def _has_dot_segment(raw_path: str) -> bool:
+    # Such a path could leave the upstream's base path once the upstream (or a CDN) normalises it.
+    if "." not in raw_path and "%" not in raw_path:
+        return False
+    return any(segment in (".", "..") for segment in unquote(raw_path).split("/"))
 
 
 def _is_timeout(exc: BaseException) -> bool:
@@ -62,8 +70,16 @@ async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.C
         return error_response(413, f"Request body too large: {exc.text}", "invalid_request_error",
                               "request_too_large")
     call.on_request(body, request.headers.get("Content-Type", ""))
-    # raw_path keeps the client's encoding; the target is always the configured upstream plus this path.
-    target = URL(upstream + request.raw_path, encoded=True)
+    # The target is always the configured upstream plus the request's path and query, in the client's
+    # encoding. rel_url, not raw_path: an absolute URL in the request line must not leak into the path.
+    rel = request.rel_url
+    if _has_dot_segment(rel.raw_path):
+        message = "Paths with '.' or '..' segments are not forwarded"
+        call.on_failure(400, message)
+        await call.finish()
+        return error_response(400, message, "invalid_request_error", "invalid_path")
+    query = rel.raw_query_string
+    target = URL(upstream + rel.raw_path + (f"?{query}" if query else ""), encoded=True)
     try:
         upstream_resp = await session.request(
             request.method, target, headers=upstream_headers(request.headers), data=body or None,

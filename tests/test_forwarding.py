@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import time
 from typing import Callable
 
@@ -182,3 +183,79 @@ def test_request_too_large_gets_413(upstream: FakeUpstream, start_proxy: Callabl
     assert json.loads(got)["error"]["code"] == "request_too_large"
     assert upstream.seen == []
 
+
+
+def raw_exchange(url: str, request_line_target: str) -> tuple[bytes, bytes]:
+    """Send a request line exactly as given (http.client would normalise it) and return (status line, body)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"GET {request_line_target} HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
+                     .encode())
+        data = b""
+        while part := sock.recv(65536):
+            data += part
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0], body
+
+
+@pytest.mark.parametrize("target,status,upstream_path", [
+    ("/v1/../admin/usage", b"400", None),
+    ("/v1/%2e%2e/%2E%2E/x", b"400", None),
+    ("/v1/a/../../../x", b"400", None),
+    ("/v1/./models", b"400", None),
+    ("//admin/usage", b"404", None),
+    ("/v1%2f..%2fadmin/usage", b"404", None),
+    ("http://evil.example/v1/models", b"200", "/openai/v1/models"),
+    ("/v1/models?after=../../y", b"200", "/openai/v1/models?after=../../y"),
+    ("/v1/files/file-%2Fabc/content", b"200", "/openai/v1/files/file-%2Fabc/content"),
+])
+def test_paths_never_leave_the_upstream_base(upstream: FakeUpstream, start_proxy: Callable[..., ProxyServer],
+                                             target: str, status: bytes, upstream_path: str | None) -> None:
+    proxy = start_proxy(upstream=upstream.url + "/openai")
+    upstream.json({"object": "list", "data": []})
+    status_line, body = raw_exchange(proxy.url, target)
+    assert status_line.split(b" ")[1] == status
+    if upstream_path is None:
+        assert upstream.seen == []
+        assert set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
+    else:
+        assert [s.path_qs for s in upstream.seen] == [upstream_path]
+
+
+def test_headers_match_a_direct_call(upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    upstream.reply(Reply(headers={"Content-Type": "application/json; charset=utf-8", "Set-Cookie": "a=1",
+                                  "x-ratelimit-remaining-tokens": "999", "Cache-Control": "no-store"},
+                         chunks=[b"{}"], content_length=True))
+
+    def headers(url: str) -> list[tuple[str, str]]:
+        host, port = url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            conn.request("GET", "/v1/models")
+            resp = conn.getresponse()
+            resp.read()
+            return [(k.lower(), v) for k, v in resp.getheaders() if k.lower() not in ("date", "connection")]
+        finally:
+            conn.close()
+
+    assert headers(proxy.url) == headers(upstream.url)
+
+
+def test_client_gone_mid_stream_is_recorded_as_499(upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    events = [b'data: {"model":"gpt-4o","choices":[{"index":0,"delta":{"content":"t"}}]}\n\n'] * 40
+    upstream.reply(Reply(headers={"Content-Type": "text/event-stream"}, chunks=events + [b"data: [DONE]\n\n"],
+                         pause=0.05))
+    host, port = proxy.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("POST", "/v1/chat/completions", body=CHAT_REQUEST, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.read1(65536).startswith(b"data: ")
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    deadline = time.monotonic() + 5
+    while not proxy.rows() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    row = proxy.rows()[-1]
+    assert row["status"] == 499 and "client disconnected" in row["error"]
+    # The upstream call was dropped rather than read to the end: well under the 2 s the whole stream takes.
+    assert row["latency_ms"] < 1500
