@@ -12,7 +12,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from proxy import reports
+from proxy import render, reports
 from proxy.config import ADMIN_TOKEN_ENV
 from proxy.errors import error_response
 from proxy.ledger import Ledger
@@ -72,7 +72,7 @@ def make_admin_app(ledger_key: web.AppKey[Ledger], token: str | None) -> web.App
         except (reports.ReportError, reports.ReportDatabaseError) as exc:
             return _report_failed(exc)
         if fmt == "csv":
-            return web.Response(text=reports.to_csv(report), content_type="text/csv")
+            return web.Response(text=render.to_csv(report), content_type="text/csv")
         return web.json_response(report)
 
     async def calls(request: web.Request) -> web.StreamResponse:

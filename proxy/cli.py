@@ -16,7 +16,7 @@ from typing import Sequence
 
 from aiohttp import web
 
-from proxy import reports
+from proxy import render, reports
 from proxy.config import SETTINGS, ConfigError, Settings, load_settings
 from proxy.ledger import LedgerError
 from proxy.pricing import PriceTable, PricingError
@@ -115,7 +115,7 @@ def _report(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(report, indent=2))
     elif args.format == "csv":
-        sys.stdout.write(reports.to_csv(report))
+        sys.stdout.write(render.to_csv(report))
     else:
-        sys.stdout.write(reports.to_table(report))
+        sys.stdout.write(render.to_table(report))
     return 0

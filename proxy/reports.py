@@ -14,8 +14,6 @@ bound parameters, grouping columns come from a fixed whitelist), and never round
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -28,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "COUNTERS", "GROUP_FIELDS", "ReportDatabaseError", "ReportError", "connect_readonly",
-    "list_calls", "parse_time", "to_csv", "to_table", "usage_report",
+    "COUNTERS", "GROUP_FIELDS", "GROUP_ROW_KEYS", "ReportDatabaseError", "ReportError",
+    "connect_readonly", "list_calls", "parse_time", "usage_report",
 ]  # fmt: skip
 
 
@@ -54,7 +52,7 @@ _GROUPS: dict[str, str] = {
     "day": "strftime('%Y-%m-%d', CAST(started_at AS INTEGER), 'unixepoch')",
     "month": "strftime('%Y-%m', CAST(started_at AS INTEGER), 'unixepoch')",
 }  # fmt: skip
-_ROW_KEY = {"key": "key_id"}  # where a group's value sits in a row, when not under its own name
+GROUP_ROW_KEYS = {"key": "key_id"}  # where a group's value sits in a row, when not under its own name
 GROUP_FIELDS: tuple[str, ...] = tuple(_GROUPS)
 _TAG_PREFIX = "tag:"
 _TAG_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -223,7 +221,7 @@ def _parse_group_by(group_by: Sequence[str]) -> list[tuple[str, str]]:
                     )
                 groups[name] = name
             elif name in _GROUPS:
-                groups[name] = _ROW_KEY.get(name, name)
+                groups[name] = GROUP_ROW_KEYS.get(name, name)
             else:
                 raise ReportError(
                     f"group_by: unknown field {name!r}; valid: {', '.join(GROUP_FIELDS)}, "
@@ -309,78 +307,3 @@ def _call(row: tuple[Any, ...]) -> dict[str, Any]:
     call["stream"] = bool(call["stream"])
     call["priced"] = bool(call["priced"])
     return call
-
-
-# -- rendering -------------------------------------------------------------------------------
-
-_FORMULA_START = re.compile(r"\s*[=+\-@]")
-_TABLE_COUNTERS = (
-    ("calls", "calls"), ("errors", "errors"), ("prompt", "prompt_tokens"),
-    ("completion", "completion_tokens"), ("cached", "cached_tokens"),
-    ("reasoning", "reasoning_tokens"), ("total", "total_tokens"), ("cost_usd", "cost_usd"),
-)  # fmt: skip
-_MAX_CELL = 48
-
-
-def _group_columns(report: dict[str, Any]) -> list[str]:
-    """Output keys of the report's group fields; a lone "group" column when it has none."""
-    columns = [_ROW_KEY.get(name, name) for name in report["group_by"]]
-    return columns or ["group"]
-
-
-def _labelled_rows(report: dict[str, Any], columns: list[str]) -> list[dict[str, Any]]:
-    rows = report["rows"] if report["group_by"] else [{"group": "all", **r} for r in report["rows"]]
-    total = {**dict.fromkeys(columns, ""), columns[0]: "TOTAL", **report["totals"]}
-    return [*rows, total]
-
-
-def to_csv(report: dict[str, Any]) -> str:
-    """CSV: a header, one line per row, then a TOTAL line. Formula-like cells are defused."""
-    columns = _group_columns(report)
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([*columns, *COUNTERS])
-    for row in _labelled_rows(report, columns):
-        writer.writerow([_csv_cell(row.get(name)) for name in (*columns, *COUNTERS)])
-    return out.getvalue()
-
-
-def _csv_cell(value: Any) -> str:
-    text = "" if value is None else str(value)
-    # A spreadsheet would run "=HYPERLINK(...)" from a user/tag header; a quote makes it text.
-    return "'" + text if _FORMULA_START.match(text) else text
-
-
-def to_table(report: dict[str, Any]) -> str:
-    """A fixed-width text table for a terminal, ending with a TOTAL line."""
-    columns = _group_columns(report)
-    header = [*columns, *(title for title, _ in _TABLE_COUNTERS)]
-    lines = [
-        [_text_cell(row.get(name)) for name in columns]
-        + [_number_cell(row[counter]) for _, counter in _TABLE_COUNTERS]
-        for row in _labelled_rows(report, columns)
-    ]
-    widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
-    numeric = len(columns)
-
-    def render(cells: list[str]) -> str:
-        return "  ".join(
-            cell.rjust(w) if i >= numeric else cell.ljust(w)
-            for i, (cell, w) in enumerate(zip(cells, widths))
-        ).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    body = [render(cells) for cells in lines]
-    return "\n".join([render(header), rule, *body[:-1], rule, body[-1]]) + "\n"
-
-
-def _text_cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    # Values come from client headers: escape control characters so they cannot drive the terminal.
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
-    return text if len(text) <= _MAX_CELL else text[: _MAX_CELL - 1] + "…"
-
-
-def _number_cell(value: Any) -> str:
-    return f"{value:,}" if isinstance(value, int) else str(value)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from proxy import reports
+from proxy import render, reports
 from proxy.ledger import INSERT_SQL, Ledger, record_row
 from proxy.migrations import migrate
 from proxy.record import CallRecord
@@ -440,7 +440,7 @@ async def test_reports_read_what_the_ledger_wrote(tmp_path: Path) -> None:
 
 
 def test_csv_has_header_rows_and_total(db: sqlite3.Connection) -> None:
-    text = reports.to_csv(reports.usage_report(db, group_by=["key", "month"]))
+    text = render.to_csv(reports.usage_report(db, group_by=["key", "month"]))
     lines = list(csv.reader(io.StringIO(text)))
     assert lines[0] == ["key_id", "month", *COUNTERS]
     assert lines[1] == ["", "2026-12", "1", "0", "0", "7", "0", "0", "0", "7", "1.00001"]
@@ -449,7 +449,7 @@ def test_csv_has_header_rows_and_total(db: sqlite3.Connection) -> None:
 
 
 def test_csv_without_group_fields(db: sqlite3.Connection) -> None:
-    lines = list(csv.reader(io.StringIO(reports.to_csv(reports.usage_report(db)))))
+    lines = list(csv.reader(io.StringIO(render.to_csv(reports.usage_report(db)))))
     assert [line[0] for line in lines] == ["group", "all", "TOTAL"]
     assert lines[1][1:] == lines[2][1:]
 
@@ -471,14 +471,14 @@ def test_csv_neutralises_formulas(tmp_path: Path, user: str, cell: str) -> None:
     write_calls(tmp_path / "c.db", [call(1, "2026-11-23 12:00:00", user=user, cost_usd=Decimal("1"))])
     conn = reports.connect_readonly(tmp_path / "c.db")
     try:
-        text = reports.to_csv(reports.usage_report(conn, group_by=["user"]))
+        text = render.to_csv(reports.usage_report(conn, group_by=["user"]))
     finally:
         conn.close()
     assert list(csv.reader(io.StringIO(text)))[1][0] == cell
 
 
 def test_table_shows_the_figures(db: sqlite3.Connection) -> None:
-    text = reports.to_table(reports.usage_report(db, group_by=["model"]))
+    text = render.to_table(reports.usage_report(db, group_by=["model"]))
     lines = text.splitlines()
     assert lines[0].split() == ["model", "calls", "errors", "prompt", "completion", "cached",
                                 "reasoning", "total", "cost_usd"]  # fmt: skip
@@ -494,7 +494,7 @@ def test_table_escapes_control_characters(tmp_path: Path) -> None:
     ])  # fmt: skip
     conn = reports.connect_readonly(tmp_path / "t.db")
     try:
-        text = reports.to_table(reports.usage_report(conn, group_by=["user"]))
+        text = render.to_table(reports.usage_report(conn, group_by=["user"]))
     finally:
         conn.close()
     assert "\x1b" not in text and "evil\\x1b[2J\\nname" in text
