@@ -149,7 +149,8 @@ class PriceTable:
         total = add(add(mul(prompt - cached, price.input), mul(cached, price.cached_input)),
                     add(mul(completion - reasoning, price.output), mul(reasoning, price.reasoning)))
         usd = _EXACT.divide(total, _MILLION)
-        return (_plain(usd) if usd else _ZERO), True
+        # Normalised, so equal costs are equal strings in the ledger whatever the prices' written form.
+        return (_plain(usd.normalize(_EXACT)) if usd else _ZERO), True
 
     def models(self) -> list[str]:
         """The table's entry names, in file order (not including `default`)."""

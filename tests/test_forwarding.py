@@ -6,6 +6,7 @@ import http.client
 import json
 import socket
 import time
+import zlib
 from typing import Callable
 
 import brotli
@@ -63,7 +64,8 @@ def test_request_forwarded_byte_for_byte_with_query_and_prefix(upstream: FakeUps
     assert "User-Agent" not in seen.headers
 
 
-@pytest.mark.parametrize("encoding,encode", [("gzip", gzipped), ("br", brotli.compress)])
+@pytest.mark.parametrize("encoding,encode", [("gzip", gzipped), ("br", brotli.compress),
+                                             ("deflate", zlib.compress)])
 def test_compressed_body_reaches_client_compressed_and_is_metered(
         upstream: FakeUpstream, proxy: ProxyServer, encoding: str, encode: Callable[[bytes], bytes]) -> None:
     plain = json.dumps(CHAT).encode()
@@ -259,3 +261,20 @@ def test_client_gone_mid_stream_is_recorded_as_499(upstream: FakeUpstream, proxy
     assert row["status"] == 499 and "client disconnected" in row["error"]
     # The upstream call was dropped rather than read to the end: well under the 2 s the whole stream takes.
     assert row["latency_ms"] < 1500
+
+
+def test_stream_chunks_arrive_as_the_upstream_sends_them(upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    first = b'data: {"model":"gpt-4o","choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
+    upstream.reply(Reply(headers={"Content-Type": "text/event-stream"}, pause=1.0,
+                         chunks=[first, b'data: {"model":"gpt-4o","choices":[]}\n\n', b"data: [DONE]\n\n"]))
+    host, port = proxy.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        t0 = time.monotonic()
+        conn.request("POST", "/v1/chat/completions", body=CHAT_REQUEST, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.read1(65536) == first
+        assert time.monotonic() - t0 < 0.9  # not held until the upstream's next chunk, a second later
+        assert resp.read().endswith(b"data: [DONE]\n\n")
+    finally:
+        conn.close()

@@ -382,3 +382,14 @@ def test_shipped_table_covers_the_listed_families(shipped: PriceTable) -> None:
     for name in names:
         price = shipped.resolve(name)
         assert price is not None and price.cached_input <= price.input
+
+
+def test_costs_are_normalised_whatever_the_prices_written_form() -> None:
+    # 2.50 and 2.5 are the same price: the ledger must get the same cost string from either.
+    written = PriceTable.from_mapping({"models": {"a": {"input": "2.50", "output": "10.00"}}})
+    plain = PriceTable.from_mapping({"models": {"a": {"input": "2.5", "output": "10"}}})
+    usage = Usage(prompt_tokens=1_000_000, completion_tokens=400_000, total_tokens=1_400_000)
+    costs = {format(table.cost("a", usage)[0], "f") for table in (written, plain)}
+    assert costs == {"6.5"}
+    big = Usage(prompt_tokens=4_000_000, total_tokens=4_000_000)
+    assert format(plain.cost("a", big)[0], "f") == "10"
