@@ -29,8 +29,10 @@ TIMEOUT = web.AppKey("timeout", aiohttp.ClientTimeout)
 
 async def _proxy(request: web.Request) -> web.StreamResponse:
     app = request.app
-    call = MeteredCall(request.method, request.path, request.headers, prices=app[PRICES], ledger=app[LEDGER])
-    return await forward(request, call, session=app[SESSION], upstream=app[SETTINGS].upstream,
+    settings = app[SETTINGS]
+    call = MeteredCall(request.method, request.path, request.headers, prices=app[PRICES], ledger=app[LEDGER],
+                       inject_usage=settings.stream_usage == "inject")
+    return await forward(request, call, session=app[SESSION], upstream=settings.upstream,
                          timeout=app[TIMEOUT])
 
 

@@ -70,6 +70,12 @@ def _size(value: object) -> int:
     return value
 
 
+def _stream_usage(value: object) -> str:
+    if value not in ("count", "inject"):
+        raise ValueError(f"must be count or inject, not {value!r}")
+    return str(value)
+
+
 @dataclass(frozen=True, slots=True)
 class Setting:
     name: str
@@ -94,6 +100,10 @@ SETTINGS: tuple[Setting, ...] = (
             _seconds),
     Setting("total_timeout", None, "seconds a whole upstream call may take; null: no limit", _seconds),
     Setting("max_request_bytes", 32 * 1024 * 1024, "largest request body accepted; larger gets 413", _size),
+    Setting("stream_usage", "count",
+            "a stream the client asked without usage: count its tokens (the request is never changed), or "
+            "inject include_usage upstream and take out of the client's stream exactly what that added",
+            _stream_usage),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
 ADMIN_TOKEN_ENV = "METERPROXY_ADMIN_TOKEN"
@@ -110,6 +120,7 @@ class Settings:
     read_timeout: float | None = 600.0
     total_timeout: float | None = None
     max_request_bytes: int = 32 * 1024 * 1024
+    stream_usage: str = "count"
     admin_token: str | None = field(default=None, repr=False)  # from the environment only; never logged
 
 

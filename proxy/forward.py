@@ -19,6 +19,7 @@ from yarl import URL
 
 from proxy.attribution import client_headers, upstream_headers
 from proxy.decoding import Identity, decoder_for
+from proxy.edits import StreamEditor
 from proxy.errors import error_response
 from proxy.metering import MeteredCall
 
@@ -69,7 +70,7 @@ async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.C
     except web.HTTPRequestEntityTooLarge as exc:
         return error_response(413, f"Request body too large: {exc.text}", "invalid_request_error",
                               "request_too_large")
-    call.on_request(body, request.headers.get("Content-Type", ""))
+    body = call.on_request(body, request.headers.get("Content-Type", ""))
     # The target is always the configured upstream plus the request's path and query, in the client's
     # encoding. rel_url, not raw_path: an absolute URL in the request line must not leak into the path.
     rel = request.rel_url
@@ -80,9 +81,13 @@ async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.C
         return error_response(400, message, "invalid_request_error", "invalid_path")
     query = rel.raw_query_string
     target = URL(upstream + rel.raw_path + (f"?{query}" if query else ""), encoded=True)
+    headers = upstream_headers(request.headers)
+    if call.edits_stream:
+        # The proxy will edit the stream's bytes, so it asks for them uncompressed.
+        headers["Accept-Encoding"] = "identity"
     try:
         upstream_resp = await session.request(
-            request.method, target, headers=upstream_headers(request.headers), data=body or None,
+            request.method, target, headers=headers, data=body or None,
             allow_redirects=False, timeout=timeout, skip_auto_headers=_SKIP_AUTO,
         )
     except Exception as exc:  # noqa: BLE001 - every failure to reach the upstream becomes 502/504 + a row
@@ -103,91 +108,141 @@ async def _relay(request: web.Request, call: MeteredCall,
                  upstream: aiohttp.ClientResponse) -> web.StreamResponse:
     content_type = upstream.headers.get("Content-Type", "")
     call.on_response_headers(upstream.status, content_type)
-    decoder = decoder_for(upstream.headers.get("Content-Encoding"))
-    identity = isinstance(decoder, Identity)
-    is_stream = "text/event-stream" in content_type
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                  headers=client_headers(upstream.headers))
-    held: list[bytes] = []      # a plain body's newest chunk: the client gets it after the commit
-    committed = False           # a stream's terminal event was seen and its row committed
-    position = 0                # bytes of the decoded stream fed to the meter so far
-    first = True
+    relay = _Relay(request, call, upstream, "text/event-stream" in content_type)
     try:
-        if is_stream:
+        if relay.is_stream:
             # Stream headers go out at once; a plain body's wait for its first chunk (an empty body would
             # otherwise be complete, for the client, before its row is committed).
-            await _prepare(response, request)
+            await _prepare(relay.response, request)
         async for chunk in upstream.content.iter_any():
-            if committed:
-                await _send(response, chunk)
-                continue
-            if first:
-                call.on_first_byte()
-                first = False
-            data = decoder.feed(chunk)
-            hold_from = call.on_chunk(data)
-            position += len(data)
-            if not is_stream:
-                if held:
-                    await _prepare(response, request)
-                    await _send(response, held.pop())
-                held.append(chunk)
-            elif hold_from is None:
-                await _send(response, chunk)
-            else:
-                # The terminal event is complete in this chunk: send what precedes it, commit, then the rest.
-                start = hold_from - (position - len(data))
-                cut = max(0, min(start, len(chunk))) if identity else 0
-                if cut:
-                    await _send(response, chunk[:cut])
-                call.on_end()
-                await call.finish()
-                committed = True
-                await _send(response, chunk[cut:])
+            await relay.chunk(chunk)
     except _ClientGone as exc:
         # Written to a client that went away: stop reading (closing drops the upstream call), record 499.
         upstream.close()
-        if not committed:
+        if not relay.committed:
             call.on_end()
             call.on_failure(499, f"client disconnected: {exc}")
             await call.finish()
-        return response
+        return relay.response
     except Exception as exc:  # noqa: BLE001 - the upstream broke off or stalled mid-body
         if not (_is_timeout(exc) or isinstance(exc, (aiohttp.ClientError, OSError))):
             raise
-        if committed:
-            _abort(request)
-            return response
-        call.on_end()
+        return await relay.broken(exc)
+    return await relay.end()
+
+
+class _Relay:
+    """The state of one response on its way to the client.
+
+    Three ways to pass a chunk: a plain body keeps its newest chunk back until the row is committed; a
+    stream is written as it arrives, up to the terminal event the meter names; an edited stream (include_usage
+    injected) is released event by event with the meter's edits applied.
+    """
+
+    def __init__(self, request: web.Request, call: MeteredCall, upstream: aiohttp.ClientResponse,
+                 is_stream: bool) -> None:
+        self.request, self.call, self.is_stream = request, call, is_stream
+        self.decoder = decoder_for(upstream.headers.get("Content-Encoding"))
+        self.identity = isinstance(self.decoder, Identity)
+        self.response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                           headers=client_headers(upstream.headers))
+        self.editor = StreamEditor() if is_stream and self.identity and call.edits_stream else None
+        self.held: list[bytes] = []  # a plain body's newest chunk
+        self.committed = False       # the row is committed (a stream's terminal event was complete)
+        self.position = 0            # bytes of the decoded stream fed to the meter so far
+        self.first = True
+
+    async def chunk(self, chunk: bytes) -> None:
+        if self.committed:
+            await _send(self.response, chunk)
+            return
+        if self.first:
+            self.call.on_first_byte()
+            self.first = False
+        data = self.decoder.feed(chunk)
+        hold_from = self.call.on_chunk(data)
+        self.position += len(data)
+        if not self.is_stream:
+            if self.held:
+                await _prepare(self.response, self.request)
+                await _send(self.response, self.held.pop())
+            self.held.append(chunk)
+        elif self.editor is not None:
+            await self._edited(chunk, hold_from)
+        elif hold_from is None:
+            await _send(self.response, chunk)
+        else:
+            # The terminal event is complete in this chunk: send what precedes it, commit, then the rest.
+            start = hold_from - (self.position - len(data))
+            cut = max(0, min(start, len(chunk))) if self.identity else 0
+            if cut:
+                await _send(self.response, chunk[:cut])
+            await self._commit()
+            await _send(self.response, chunk[cut:])
+
+    async def _edited(self, chunk: bytes, hold_from: int | None) -> None:
+        editor, meter = self.editor, self.call.meter
+        assert editor is not None
+        editor.feed(chunk)
+        if not self.call.edits_stream:  # the meter failed: pass everything on unedited
+            await _send(self.response, editor.take(self.position, []))
+            self.editor = None
+            return
+        settled = meter.settled if meter.settled is not None else editor.released
+        if hold_from is not None:
+            await _send(self.response, editor.take(hold_from, meter.edits))
+            await self._commit()
+        await _send(self.response, editor.take(self.position if self.committed else settled, meter.edits))
+
+    async def _commit(self) -> None:
+        self.call.on_end()
+        await self.call.finish()
+        self.committed = True
+
+    async def end(self) -> web.StreamResponse:
+        if not self.committed:
+            if self.decoder.error and self.call.meter.usage_error is None:
+                self.call.meter.usage_error = self.decoder.error
+            await self._commit()
+            try:
+                await _prepare(self.response, self.request)
+                await self._release()
+            except _ClientGone:
+                return self.response
+        try:
+            await self.response.write_eof()
+        except ConnectionError:
+            pass
+        return self.response
+
+    async def _release(self) -> None:
+        """After the commit: what was held back (a plain body's last chunk, an edited stream's tail)."""
+        for chunk in self.held:
+            await _send(self.response, chunk)
+        if self.editor is not None:
+            await _send(self.response, self.editor.take(self.position, self.call.meter.edits))
+
+    async def broken(self, exc: BaseException) -> web.StreamResponse:
+        if self.committed:
+            _abort(self.request)
+            return self.response
+        self.call.on_end()
         what = "timed out" if _is_timeout(exc) else "broke off"
         message = f"Upstream {what} mid-response: {_describe(exc)}"
-        if not response.prepared:
+        if not self.response.prepared:
             # Nothing reached the client yet: it gets a clear error instead of a torn body.
             status, code = (504, "upstream_timeout") if _is_timeout(exc) else (502, "upstream_broken")
-            call.on_failure(status, message)
-            await call.finish()
+            self.call.on_failure(status, message)
+            await self.call.finish()
             return error_response(status, message, "upstream_error", code)
-        call.on_failure(None, message)
-        await call.finish()
-        await _write_held(response, held)
-        _abort(request)
-        return response
-    if not committed:
-        if decoder.error and call.meter.usage_error is None:
-            call.meter.usage_error = decoder.error
-        call.on_end()
-        await call.finish()
+        self.call.on_failure(None, message)
+        await self.call.finish()
         try:
-            await _prepare(response, request)
+            await self._release()
         except _ClientGone:
-            return response
-        if not await _write_held(response, held):
-            return response
-    try:
-        await response.write_eof()
-    except ConnectionError:
-        pass
-    return response
+            pass
+        _abort(self.request)
+        return self.response
 
 
 async def _prepare(response: web.StreamResponse, request: web.Request) -> None:
@@ -196,12 +251,3 @@ async def _prepare(response: web.StreamResponse, request: web.Request) -> None:
             await response.prepare(request)
         except ConnectionError as exc:
             raise _ClientGone(_describe(exc)) from exc
-
-
-async def _write_held(response: web.StreamResponse, held: list[bytes]) -> bool:
-    try:
-        for chunk in held:
-            await _send(response, chunk)
-    except _ClientGone:
-        return False
-    return True

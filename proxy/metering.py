@@ -27,34 +27,42 @@ class MeteredCall:
     """Observer of one forwarded call. The forwarder calls the on_* hooks, then `await finish()`."""
 
     def __init__(self, method: str, path: str, headers: CIMultiDictProxy[str], *,
-                 prices: PriceTable, ledger: Ledger) -> None:
+                 prices: PriceTable, ledger: Ledger, inject_usage: bool = False) -> None:
         self._prices = prices
         self._ledger = ledger
         self._t0 = time.perf_counter()
-        self.meter: Meter = meter_for(method, path)
+        self.meter: Meter = meter_for(method, path, inject_usage)
         self.record = CallRecord(request_id=uuid.uuid4().hex, started_at=time.time(), method=method,
                                  endpoint=path)
         attribute(headers, self.record)
         self._meter_failed = False
         self._finished = False
 
-    def _safe(self, hook: Callable[..., Any], *args: Any) -> None:
+    def _safe(self, hook: Callable[..., Any], *args: Any) -> Any:
         if self._meter_failed:
-            return
+            return None
         try:
-            hook(*args)
+            return hook(*args)
         except Exception:  # a meter bug must not break the call; the row says usage was not read
             self._meter_failed = True
             log.exception("meter %s failed on %s", type(self.meter).__name__, self.record.endpoint)
+            return None
 
     # --- hooks called by the forwarder -------------------------------------------------------
-    def on_request(self, body: bytes, content_type: str) -> None:
-        self._safe(self.meter.on_request, body, content_type)
+    def on_request(self, body: bytes, content_type: str) -> bytes:
+        """Read the request; returns the body to forward (the client's, unless include_usage is injected)."""
+        replaced = self._safe(self.meter.on_request, body, content_type)
         rec, meter = self.record, self.meter
         rec.requested_model = meter.requested_model
         rec.stream = meter.stream
         if rec.user is None:
             rec.user = meter.body_user[:256] if meter.body_user else None
+        return replaced if replaced is not None else body
+
+    @property
+    def edits_stream(self) -> bool:
+        """The response stream must pass through the meter's edits (include_usage was injected)."""
+        return self.meter.inject and not self._meter_failed
 
     def on_response_headers(self, status: int, content_type: str) -> None:
         self.record.status = status

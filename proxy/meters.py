@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from typing import Callable
 
+from proxy.edits import Edit, drop, strip_usage_null
 from proxy.record import Usage
 from proxy.sse import SSEDecoder, SSEEvent
 from proxy.usage import UnreadableUsage, chat_usage, responses_usage, served_model
@@ -40,8 +41,13 @@ class Meter:
     """Base meter: no usage of its own; reads the model from the request and the message of error bodies."""
 
     extract: Callable[[object], Usage | None] | None = None
+    can_inject = False  # whether this endpoint's streams take stream_options.include_usage
 
-    def __init__(self) -> None:
+    def __init__(self, inject_usage: bool = False) -> None:
+        self.want_inject = inject_usage and self.can_inject
+        self.inject = False         # this call's request was given include_usage by the proxy
+        self.edits: list[Edit] = []  # byte edits that take out what the injection added
+        self.settled: int | None = None  # end of the last complete stream event
         self.requested_model: str | None = None
         self.stream = False
         self.body_user: str | None = None
@@ -56,15 +62,16 @@ class Meter:
         self._size = 0
 
     # --- request ---------------------------------------------------------------------------
-    def on_request(self, body: bytes, content_type: str) -> None:
+    def on_request(self, body: bytes, content_type: str) -> bytes | None:
+        """Read the request; returns a replacement body only when injecting include_usage."""
         if not body or "json" not in content_type and body[:1] != b"{":
-            return
+            return None
         try:
             obj = json.loads(body)
         except ValueError:
-            return  # forwarded as is; the upstream will say what is wrong with it
+            return None  # forwarded as is; the upstream will say what is wrong with it
         if not isinstance(obj, dict):
-            return
+            return None
         model = obj.get("model")
         if isinstance(model, str) and model:
             self.requested_model = model
@@ -72,6 +79,23 @@ class Meter:
         user = obj.get("user")
         if isinstance(user, str) and user:
             self.body_user = user
+        if self.want_inject and self.stream:
+            return self._inject(body, obj)
+        return None
+
+    def _inject(self, body: bytes, obj: dict[str, object]) -> bytes | None:
+        options = obj.get("stream_options")
+        if options is None and "stream_options" not in obj:
+            # Add the member in front: the rest of the client's bytes go upstream untouched.
+            self.inject = True
+            rest = body.lstrip()[1:]
+            sep = b"" if rest.lstrip().startswith(b"}") else b","
+            return b'{"stream_options":{"include_usage":true}' + sep + rest
+        if isinstance(options, dict) and options.get("include_usage") is not True:
+            self.inject = True
+            obj["stream_options"] = {**options, "include_usage": True}
+            return json.dumps(obj, ensure_ascii=False).encode()
+        return None  # the client asked for usage itself: nothing to add, nothing to take out
 
     # --- response --------------------------------------------------------------------------
     def on_response_headers(self, status: int, content_type: str) -> None:
@@ -133,6 +157,7 @@ class Meter:
             self.usage_error = None
 
     def _on_event(self, event: SSEEvent) -> None:
+        self.settled = event.end
         if event.data == "[DONE]":
             self._hold(event)
             return
@@ -141,6 +166,11 @@ class Meter:
         except ValueError:
             self.usage_error = "a stream event is not JSON"
             return
+        if self.inject and isinstance(obj, dict) and "usage" in obj:
+            if obj["usage"] is None:
+                self.edits.append((event.start, event.end, strip_usage_null))
+            elif obj.get("choices") == []:
+                self.edits.append((event.start, event.end, drop))
         message = _error_message(obj)
         if message is not None:
             self.error = message
@@ -160,6 +190,7 @@ class ChatMeter(Meter):
     """/v1/chat/completions and /v1/completions: usage in the JSON body or any stream chunk (last wins)."""
 
     extract = staticmethod(chat_usage)
+    can_inject = True
 
 
 class EmbeddingsMeter(Meter):
@@ -202,7 +233,7 @@ _BY_PATH: dict[str, type[Meter]] = {
 }
 
 
-def meter_for(method: str, path: str) -> Meter:
+def meter_for(method: str, path: str, inject_usage: bool = False) -> Meter:
     """The meter of an endpoint; other endpoints get the base meter (model, status, error only)."""
     cls = _BY_PATH.get(path.rstrip("/")) if method == "POST" else None
-    return (cls or Meter)()
+    return (cls or Meter)(inject_usage)

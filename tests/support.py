@@ -95,6 +95,7 @@ class FakeUpstream:
 
     def __init__(self) -> None:
         self.replies: list[Reply] = []
+        self.handler: Callable[[bytes], Reply] | None = None  # when set: the reply is made from the request body
         self.seen: list[Seen] = []
         self.server = ServerThread(self._app)
 
@@ -122,7 +123,10 @@ class FakeUpstream:
         body = await request.read()
         self.seen.append(Seen(request.method, request.raw_path, dict(request.headers),
                               list(request.headers.items()), body))
-        reply = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
+        if self.handler is not None:
+            reply = self.handler(body)
+        else:
+            reply = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
         if reply.pause_before:
             await asyncio.sleep(reply.pause_before)
         resp = web.StreamResponse(status=reply.status, headers=reply.headers)
