@@ -26,6 +26,9 @@ from bench import payloads
 from bench.stats import summary
 
 
+_TAIL = len(payloads.DONE)
+
+
 @dataclass
 class _State:
     remaining: int
@@ -55,7 +58,8 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
                     ttfb = time.perf_counter() - t0
                     first = False
                 size += len(chunk)
-                tail = (tail + chunk)[-len(payloads.DONE):] if stream else tail
+                if stream:  # keep only the last bytes: the body itself is never held
+                    tail = chunk[-_TAIL:] if len(chunk) >= _TAIL else (tail + chunk)[-_TAIL:]
             status = resp.status
     except asyncio.TimeoutError:
         return time.perf_counter() - t0, ttfb, size, "timeout"

@@ -207,3 +207,56 @@ def test_json_row_committed_before_client_has_body(upstream: FakeUpstream, proxy
         finally:
             conn.close()
         assert (count, last) == (i + 1, i)
+
+
+# One stream per provider shape (shared/reference/streaming.md D), through the proxy: expected
+# (prompt, completion, cached, reasoning, total, served model).
+AZURE_FIRST = {"choices": [], "created": 0, "id": "", "model": "", "object": "",
+               "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]}
+AZURE_TRAILER = {"choices": [{"content_filter_offsets": {}, "content_filter_results": {}, "finish_reason": None,
+                              "index": 0}], "created": 0, "id": "", "model": "", "object": ""}
+SHAPES: list[tuple[str, bytes, tuple[int, int, int, int, int, str]]] = [
+    ("groq x_groq only", sse(chunk("llama-3.3-70b-versatile"),
+                             {"model": "llama-3.3-70b-versatile", "choices": [
+                                 {"index": 0, "delta": {}, "finish_reason": "stop"}],
+                              "x_groq": {"id": "r", "usage": {"queue_time": 0.1, "prompt_tokens": 45,
+                                                              "completion_tokens": 662, "total_tokens": 707}}}),
+     (45, 662, 0, 0, 707, "llama-3.3-70b-versatile")),
+    ("azure empty first chunk and trailing filter chunks",
+     sse(AZURE_FIRST, chunk("gpt-5-nano-2025-08-07"), AZURE_TRAILER,
+         {"choices": [], "created": 1, "id": "c", "model": "gpt-5-nano-2025-08-07", "object": "chat.completion.chunk",
+          "usage": {"completion_tokens": 78, "completion_tokens_details": {"reasoning_tokens": 64},
+                    "prompt_tokens": 15, "prompt_tokens_details": {"cached_tokens": 0}, "total_tokens": 93}}),
+     (15, 78, 0, 64, 93, "gpt-5-nano-2025-08-07")),
+    ("deepseek cache hits on the finish chunk",
+     sse(chunk("deepseek-chat", usage=None),
+         {"model": "deepseek-chat", "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "length"}],
+          "usage": {"prompt_tokens": 13, "completion_tokens": 400, "total_tokens": 413,
+                    "prompt_cache_hit_tokens": 5, "prompt_cache_miss_tokens": 8}}),
+     (13, 400, 5, 0, 413, "deepseek-chat")),
+    ("xai reasoning outside completion",
+     sse(chunk("grok-3-mini"), chunk("grok-3-mini", None, usage={
+         "prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 354,
+         "prompt_tokens_details": {"text_tokens": 12, "cached_tokens": 11},
+         "completion_tokens_details": {"reasoning_tokens": 340}, "num_sources_used": 0})),
+     (12, 342, 11, 340, 354, "grok-3-mini")),
+    ("llama.cpp usage chunk sent unasked",
+     sse(chunk("gemma-3-1b-it"), chunk("gemma-3-1b-it", None, usage={
+         "completion_tokens": 31, "prompt_tokens": 75, "total_tokens": 106}, timings={"predicted_ms": 1.5})),
+     (75, 31, 0, 0, 106, "gemma-3-1b-it")),
+    ("ollama", sse(chunk("llama3.2"), chunk("llama3.2", None, usage={
+        "prompt_tokens": 26, "completion_tokens": 9, "total_tokens": 35})),
+     (26, 9, 0, 0, 35, "llama3.2")),
+]
+
+
+@pytest.mark.parametrize("name,reply,expected", SHAPES, ids=[s[0] for s in SHAPES])
+def test_provider_stream_shapes(upstream: FakeUpstream, proxy: ProxyServer, name: str, reply: bytes,
+                                expected: tuple[Any, ...]) -> None:
+    upstream.sse(reply, chunk_size=23)
+    status, _, got = request(proxy.url, body=body("/v1/chat/completions", stream=True))
+    assert (status, got) == (200, reply)
+    row = proxy.rows()[-1]
+    assert (row["prompt_tokens"], row["completion_tokens"], row["cached_tokens"], row["reasoning_tokens"],
+            row["total_tokens"], row["model"]) == expected
+    assert row["usage_source"] == "upstream"
