@@ -27,6 +27,7 @@ from bench.stats import summary
 
 
 _TAIL = len(payloads.DONE)
+MEASURE_MARK = "measuring"  # written to stderr when the warm-up is over and measured load begins
 
 
 @dataclass
@@ -116,6 +117,8 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
         tasks = [asyncio.create_task(_worker(i, args, session, body, warm_body, headers, state, ready,
                                              warmed)) for i in range(args.concurrency)]
         await ready.wait()
+        sys.stderr.write(MEASURE_MARK + "\n")
+        sys.stderr.flush()
         start = time.perf_counter()
         state.deadline = start + args.duration
         await asyncio.gather(*tasks)

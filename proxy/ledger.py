@@ -36,6 +36,7 @@ COLUMNS: tuple[str, ...] = (
     "tags", "method", "endpoint", "requested_model", "model", "stream", "status", "error",
     "latency_ms", "ttfb_ms", "prompt_tokens", "completion_tokens", "cached_tokens",
     "reasoning_tokens", "total_tokens", "usage_source", "priced", "cost_usd",
+    "approximate", "lower_bound", "usage_note", "counted_prompt_tokens", "counted_completion_tokens",
 )  # fmt: skip
 INSERT_SQL = "INSERT INTO calls ({}) VALUES ({})".format(
     ", ".join(f'"{c}"' for c in COLUMNS), ", ".join("?" * len(COLUMNS))
@@ -69,6 +70,8 @@ def record_row(rec: CallRecord) -> Row:
         rec.error, rec.latency_ms, rec.ttfb_ms, rec.prompt_tokens, rec.completion_tokens,
         rec.cached_tokens, rec.reasoning_tokens, rec.total_tokens, rec.usage_source,
         int(rec.priced), format(cost, "f"),
+        int(rec.approximate), int(rec.lower_bound), rec.usage_note, rec.counted_prompt_tokens,
+        rec.counted_completion_tokens,
     )  # fmt: skip
 
 

@@ -64,6 +64,18 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX calls_user_started_at ON calls ("user", started_at);
         """,
     ),
+    Migration(
+        "counted usage: how exact a count is, and sampled counts beside the provider's",
+        """
+        ALTER TABLE calls ADD COLUMN approximate INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE calls ADD COLUMN lower_bound INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE calls ADD COLUMN usage_note TEXT;
+        ALTER TABLE calls ADD COLUMN counted_prompt_tokens INTEGER;
+        ALTER TABLE calls ADD COLUMN counted_completion_tokens INTEGER;
+        CREATE INDEX calls_sampled ON calls (model) WHERE counted_prompt_tokens IS NOT NULL
+            AND usage_source = 'upstream';
+        """,
+    ),
 )
 
 

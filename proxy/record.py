@@ -58,6 +58,11 @@ class CallRecord:
     usage_source: UsageSource = "none"
     priced: bool = False
     cost_usd: Decimal = Decimal(0)
+    approximate: bool = False  # counted with an approximate tokenizer or estimate (non-OpenAI model, images)
+    lower_bound: bool = False  # counted for a reasoning model: hidden reasoning tokens are not in a stream
+    usage_note: str | None = None  # how a counted figure was made, what it left out
+    counted_prompt_tokens: int | None = None  # our own count, kept beside the provider's when sampled
+    counted_completion_tokens: int | None = None
 
     def set_usage(self, usage: Usage, source: UsageSource) -> None:
         for f in dataclasses.fields(Usage):

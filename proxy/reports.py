@@ -64,13 +64,17 @@ _COUNTER_SQL: dict[str, str] = {
     "unpriced_calls": "COALESCE(SUM(priced = 0), 0)",
     **{name: f"COALESCE(SUM({name}), 0)" for name in _TOKENS},
     "cost_usd": "decimal_sum(cost_usd)",
+    # How much of the above the proxy counted itself rather than read from the provider.
+    "counted_calls": "COALESCE(SUM(usage_source = 'counted'), 0)",
+    "counted_tokens": "COALESCE(SUM(CASE WHEN usage_source = 'counted' THEN total_tokens ELSE 0 END), 0)",
 }
 COUNTERS: tuple[str, ...] = tuple(_COUNTER_SQL)
 # list_calls output, in SELECT order; "ts" is started_at rendered.
 _CALL_FIELDS = (
     "request_id", "ts", "key_id", "key_hint", "user", "session", "operation", "tags", "method",
     "endpoint", "model", "requested_model", "stream", "status", "error", "latency_ms", "ttfb_ms",
-    *_TOKENS, "usage_source", "priced", "cost_usd",
+    *_TOKENS, "usage_source", "priced", "cost_usd", "approximate", "lower_bound", "usage_note",
+    "counted_prompt_tokens", "counted_completion_tokens",
 )  # fmt: skip
 _CALL_SQL = ", ".join(
     {"ts": "started_at", "user": '"user"'}.get(name, name) for name in ("id", *_CALL_FIELDS)
@@ -255,7 +259,7 @@ def _sort_keys(row: dict[str, Any], groups: list[tuple[str, str]]) -> list[tuple
 
 
 def _totals(rows: list[dict[str, Any]], costs: list[Decimal]) -> dict[str, Any]:
-    totals: dict[str, Any] = {name: sum(r[name] for r in rows) for name in COUNTERS[:-1]}
+    totals: dict[str, Any] = {name: sum(r[name] for r in rows) for name in COUNTERS if name != "cost_usd"}
     cost = Decimal(0)
     for c in costs:
         cost = _EXACT.add(cost, c)
@@ -306,4 +310,6 @@ def _call(row: tuple[Any, ...]) -> dict[str, Any]:
     call["tags"] = json.loads(call["tags"])
     call["stream"] = bool(call["stream"])
     call["priced"] = bool(call["priced"])
+    call["approximate"] = bool(call["approximate"])
+    call["lower_bound"] = bool(call["lower_bound"])
     return call

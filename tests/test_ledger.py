@@ -180,7 +180,8 @@ async def test_failed_batch_raises_for_its_callers_and_the_writer_goes_on(ledger
         assert all("no such table" in str(r) for r in results)
         assert ledger.stats["errors"] == 3
 
-        other.executescript(MIGRATIONS[0].sql)  # put the table back
+        for migration in MIGRATIONS:  # put the table back
+            other.executescript(migration.sql)
         await ledger.record(make_record(10))
     finally:
         other.close()
@@ -291,7 +292,8 @@ def test_migrate_is_idempotent(tmp_path: Path) -> None:
         assert migrate(conn) == len(MIGRATIONS)
         assert migrate(conn) == len(MIGRATIONS)
         columns = [row[1] for row in conn.execute("PRAGMA table_info(calls)")]
-        assert columns[:3] == ["id", "request_id", "started_at"] and columns[-1] == "cost_usd"
+        assert columns[:3] == ["id", "request_id", "started_at"] and "cost_usd" in columns
+        assert columns[-1] == "counted_completion_tokens"
         indexes = {row[1] for row in conn.execute("PRAGMA index_list(calls)")}
         assert {"calls_started_at", "calls_key_started_at", "calls_user_started_at"} <= indexes
         assert not conn.in_transaction
@@ -319,5 +321,24 @@ def test_a_failing_migration_is_rolled_back_whole(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 0
         assert conn.execute("SELECT name FROM sqlite_master").fetchall() == []
         assert not conn.in_transaction
+    finally:
+        conn.close()
+
+
+def test_migrating_an_older_ledger_keeps_its_rows(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "old.db")
+    try:
+        conn.executescript(MIGRATIONS[0].sql)
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute(
+            "INSERT INTO calls (request_id, started_at, ended_at, method, endpoint, stream, status, latency_ms,"
+            " prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, total_tokens, usage_source,"
+            " priced, cost_usd) VALUES ('old-1', 1, 2, 'POST', '/v1/chat/completions', 0, 200, 1.5,"
+            " 10, 5, 0, 0, 15, 'upstream', 1, '0.000075')")
+        conn.commit()
+        assert migrate(conn) == len(MIGRATIONS)
+        row = conn.execute("SELECT request_id, total_tokens, cost_usd, approximate, counted_prompt_tokens"
+                           " FROM calls").fetchall()
+        assert row == [("old-1", 15, "0.000075", 0, None)]
     finally:
         conn.close()

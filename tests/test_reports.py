@@ -87,7 +87,7 @@ def test_totals_count_everything_exactly(db: sqlite3.Connection) -> None:
     assert report["totals"] == {
         "calls": 8, "errors": 2, "unpriced_calls": 1, "prompt_tokens": 1312,
         "completion_tokens": 75, "cached_tokens": 50, "reasoning_tokens": 8,
-        "total_tokens": 1387, "cost_usd": "1.60003",
+        "total_tokens": 1387, "cost_usd": "1.60003", "counted_calls": 0, "counted_tokens": 0,
     }  # fmt: skip
     assert report["rows"] == [report["totals"]]
     assert (report["since"], report["until"], report["group_by"]) == (None, None, [])
@@ -358,7 +358,8 @@ def test_list_calls_row_shape(db: sqlite3.Connection) -> None:
         "request_id", "ts", "key_id", "key_hint", "user", "session", "operation", "tags", "method",
         "endpoint", "model", "requested_model", "stream", "status", "error", "latency_ms",
         "ttfb_ms", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens",
-        "total_tokens", "usage_source", "priced", "cost_usd",
+        "total_tokens", "usage_source", "priced", "cost_usd", "approximate", "lower_bound",
+        "usage_note", "counted_prompt_tokens", "counted_completion_tokens",
     }  # fmt: skip
 
 
@@ -443,8 +444,8 @@ def test_csv_has_header_rows_and_total(db: sqlite3.Connection) -> None:
     text = render.to_csv(reports.usage_report(db, group_by=["key", "month"]))
     lines = list(csv.reader(io.StringIO(text)))
     assert lines[0] == ["key_id", "month", *COUNTERS]
-    assert lines[1] == ["", "2026-12", "1", "0", "0", "7", "0", "0", "0", "7", "1.00001"]
-    assert lines[-1] == ["TOTAL", "", "8", "2", "1", "1312", "75", "50", "8", "1387", "1.60003"]
+    assert lines[1] == ["", "2026-12", "1", "0", "0", "7", "0", "0", "0", "7", "1.00001", "0", "0"]
+    assert lines[-1] == ["TOTAL", "", "8", "2", "1", "1312", "75", "50", "8", "1387", "1.60003", "0", "0"]
     assert len(lines) == 1 + 4 + 1
 
 

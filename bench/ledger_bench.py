@@ -1,0 +1,88 @@
+"""Ledger micro-benchmark: rows/s that `proxy.ledger.Ledger` commits under many concurrent record() calls.
+
+`python -m bench.ledger_bench --dir D --concurrency 1,32,1000 --rows N --duration S` prints one JSON object.
+Each level opens a fresh ledger file in D (the same filesystem as the proxy's), builds realistic records
+beforehand, then lets `concurrency` tasks call `record()` until N rows or S seconds. It times only
+`record()`, which includes turning the record into a row, group commit and fsync. It must never touch
+the proxy's own database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import uuid
+from decimal import Decimal
+from pathlib import Path
+
+from bench.stats import summary
+from proxy.ledger import Ledger
+from proxy.record import CallRecord, Usage
+
+
+def _record(i: int) -> CallRecord:
+    now = time.time()
+    rec = CallRecord(request_id=uuid.uuid4().hex, started_at=now, method="POST",
+                     endpoint="/v1/chat/completions", ended_at=now + 0.2, key_id="9933df256ad069d3",
+                     key_hint="cdef", user=f"user-{i % 50}", operation="bench", tags={"team": "search"},
+                     requested_model="gpt-4o-mini", model="gpt-4o-mini-2024-07-18", stream=bool(i & 1),
+                     status=200, latency_ms=201.5, ttfb_ms=35.2, priced=True,
+                     cost_usd=Decimal("0.0000082500"))
+    rec.set_usage(Usage(prompt_tokens=19, completion_tokens=9, total_tokens=28), "upstream")
+    return rec
+
+
+async def _level(path: Path, concurrency: int, rows: int, duration: float) -> dict[str, object]:
+    records = [_record(i) for i in range(rows)]
+    ledger = Ledger(path)
+    await ledger.open()
+    latencies: list[float] = []
+    next_index = 0
+    deadline = 0.0
+
+    async def worker() -> None:
+        nonlocal next_index
+        while next_index < rows and time.perf_counter() < deadline:
+            rec = records[next_index]
+            next_index += 1
+            t0 = time.perf_counter()
+            await ledger.record(rec)
+            latencies.append(time.perf_counter() - t0)
+
+    start = time.perf_counter()
+    deadline = start + duration
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    stats = dict(ledger.stats)
+    await ledger.close()
+    return {"concurrency": concurrency, "rows": len(latencies), "wall_s": round(wall, 3),
+            "rows_per_s": round(len(latencies) / wall, 1), "batches": stats["batches"],
+            "max_batch": stats["max_batch_size"], "errors": stats["errors"],
+            "record_latency_ms": summary(latencies)}
+
+
+async def _main(args: argparse.Namespace) -> list[dict[str, object]]:
+    out = []
+    for c in (int(x) for x in args.concurrency.split(",")):
+        path = Path(args.dir) / f"ledger-bench-c{c}.db"
+        rows = args.rows if c > 1 else min(args.rows, 2000)  # one at a time is one fsync a row
+        out.append(await _level(path, c, rows, args.duration))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", required=True)
+    parser.add_argument("--concurrency", default="1,32,1000")
+    parser.add_argument("--rows", type=int, default=50_000)
+    parser.add_argument("--duration", type=float, default=3.0)
+    args = parser.parse_args()
+    json.dump(asyncio.run(_main(args)), sys.stdout)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
