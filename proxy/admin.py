@@ -12,7 +12,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from proxy import render, reports
+from proxy import accuracy, render, reports
 from proxy.config import ADMIN_TOKEN_ENV
 from proxy.errors import error_response
 from proxy.ledger import Ledger
@@ -87,6 +87,17 @@ def make_admin_app(ledger_key: web.AppKey[Ledger], token: str | None) -> web.App
             return _report_failed(exc)
         return web.json_response(result)
 
+    async def accuracy_view(request: web.Request) -> web.StreamResponse:
+        q = request.query
+        try:
+            since = reports.parse_time(q["since"], "since") if "since" in q else None
+            until = reports.parse_time(q["until"], "until") if "until" in q else None
+            result = await _in_thread(db_path(request), accuracy.accuracy_report, since=since, until=until,
+                                      model=q.get("model"))
+        except (reports.ReportError, reports.ReportDatabaseError) as exc:
+            return _report_failed(exc)
+        return web.json_response(result)
+
     async def not_found(request: web.Request) -> web.Response:
         return error_response(404, f"No admin route {request.method} {request.path}", "invalid_request_error",
                               "not_found")
@@ -94,5 +105,6 @@ def make_admin_app(ledger_key: web.AppKey[Ledger], token: str | None) -> web.App
     admin = web.Application(middlewares=[_auth_middleware(token)])
     admin.router.add_get("/usage", usage)
     admin.router.add_get("/calls", calls)
+    admin.router.add_get("/accuracy", accuracy_view)
     admin.router.add_route("*", "/{tail:.*}", not_found)
     return admin

@@ -13,7 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.admin import make_admin_app
-from proxy.config import Settings
+from proxy.config import Settings, spool_path
 from proxy.errors import error_response
 from proxy.forward import forward
 from proxy.ledger import Ledger
@@ -30,6 +30,11 @@ TIMEOUT = web.AppKey("timeout", aiohttp.ClientTimeout)
 async def _proxy(request: web.Request) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
+    if settings.on_ledger_error == "reject" and not app[LEDGER].accepting:
+        # Forward nothing that cannot be recorded: no unrecorded spend.
+        return error_response(503, "The usage ledger cannot record calls right now; the request was not "
+                              "forwarded. Retry shortly.", "server_error", "ledger_unavailable",
+                              headers={"Retry-After": "1"})
     call = MeteredCall(request.method, request.path, request.headers, prices=app[PRICES], ledger=app[LEDGER],
                        inject_usage=settings.stream_usage == "inject")
     return await forward(request, call, session=app[SESSION], upstream=settings.upstream,
@@ -55,7 +60,8 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         app[PRICES] = prices if prices is not None else PriceTable.load(settings.pricing)
-        ledger = Ledger(settings.db)
+        ledger = Ledger(settings.db, spool_path=spool_path(settings),
+                        busy_timeout_ms=int((settings.ledger_busy_timeout or 5.0) * 1000))
         await ledger.open()
         app[LEDGER] = ledger
         # Unlimited pool with keep-alive; aiohttp sets TCP_NODELAY on every connection itself.

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from aiohttp import web
 
-from proxy import render, reports
+from proxy import accuracy, render, reports
 from proxy.config import SETTINGS, ConfigError, Settings, load_settings
 from proxy.ledger import LedgerError
 from proxy.pricing import PriceTable, PricingError
@@ -44,6 +44,14 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--user", help="only this user")
     report.add_argument("--model", help="only this model")
     report.add_argument("--format", default="table", choices=["table", "json", "csv"])
+
+    acc = sub.add_parser("accuracy", help="how far the proxy's token counts fall from the provider's, per model")
+    acc.add_argument("--config", help="YAML config file, for its db setting")
+    acc.add_argument("--db", help="ledger database (default: the config's db, else ./meterproxy.db)")
+    acc.add_argument("--since", help="ISO 8601 or unix seconds (inclusive)")
+    acc.add_argument("--until", help="ISO 8601 or unix seconds (exclusive)")
+    acc.add_argument("--model", help="only this model")
+    acc.add_argument("--format", default="table", choices=["table", "json"])
     return parser
 
 
@@ -56,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "accuracy":
+        return _accuracy(args)
     return _report(args)
 
 
@@ -97,10 +107,32 @@ async def _run(settings: Settings, prices: PriceTable) -> int:
     return 0
 
 
-# --- report ---------------------------------------------------------------------------------------
+# --- report, accuracy -----------------------------------------------------------------------------
+def _db(args: argparse.Namespace) -> str:
+    return str(args.db or (load_settings(args.config).db if args.config else "./meterproxy.db"))
+
+
+def _accuracy(args: argparse.Namespace) -> int:
+    try:
+        since = reports.parse_time(args.since, "since") if args.since else None
+        until = reports.parse_time(args.until, "until") if args.until else None
+        conn = reports.connect_readonly(_db(args))
+        try:
+            result = accuracy.accuracy_report(conn, since=since, until=until, model=args.model)
+        finally:
+            conn.close()
+    except (ConfigError, reports.ReportError, reports.ReportDatabaseError) as exc:
+        return _fail(str(exc))
+    if args.format == "json":
+        print(json.dumps(result, indent=2))
+    else:
+        sys.stdout.write(accuracy.accuracy_table(result))
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     try:
-        db = args.db or (load_settings(args.config).db if args.config else "./meterproxy.db")
+        db = _db(args)
         group_by = [g.strip() for g in args.group_by.split(",") if g.strip()]
         since = reports.parse_time(args.since, "since") if args.since else None
         until = reports.parse_time(args.until, "until") if args.until else None

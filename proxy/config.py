@@ -70,10 +70,16 @@ def _size(value: object) -> int:
     return value
 
 
-def _stream_usage(value: object) -> str:
-    if value not in ("count", "inject"):
-        raise ValueError(f"must be count or inject, not {value!r}")
-    return str(value)
+def _choice(*allowed: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        if value not in allowed:
+            raise ValueError(f"must be {' or '.join(allowed)}, not {value!r}")
+        return str(value)
+    return parse
+
+
+def _optional_text(value: object) -> str | None:
+    return None if value is None else _text(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,10 +106,18 @@ SETTINGS: tuple[Setting, ...] = (
             _seconds),
     Setting("total_timeout", None, "seconds a whole upstream call may take; null: no limit", _seconds),
     Setting("max_request_bytes", 32 * 1024 * 1024, "largest request body accepted; larger gets 413", _size),
+    Setting("on_ledger_error", "spool",
+            "when the database refuses a row (locked, disk full, read-only): keep serving and 'spool' rows to a "
+            "fsynced file replayed later, or 'reject' new calls with 503 until it works again (rows of calls "
+            "already under way are spooled either way)", _choice("spool", "reject")),
+    Setting("spool", None, "path of the spool file; null: the db path plus '.spool.jsonl' (best on another "
+            "disk than the db)", _optional_text),
+    Setting("ledger_busy_timeout", 5.0, "seconds a write waits for a database locked by another process",
+            _seconds),
     Setting("stream_usage", "count",
             "a stream the client asked without usage: count its tokens (the request is never changed), or "
             "inject include_usage upstream and take out of the client's stream exactly what that added",
-            _stream_usage),
+            _choice("count", "inject")),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
 ADMIN_TOKEN_ENV = "METERPROXY_ADMIN_TOKEN"
@@ -120,6 +134,9 @@ class Settings:
     read_timeout: float | None = 600.0
     total_timeout: float | None = None
     max_request_bytes: int = 32 * 1024 * 1024
+    on_ledger_error: str = "spool"
+    spool: str | None = None
+    ledger_busy_timeout: float | None = 5.0
     stream_usage: str = "count"
     admin_token: str | None = field(default=None, repr=False)  # from the environment only; never logged
 
@@ -168,3 +185,7 @@ def load_settings(config_path: str | None = None, flags: Mapping[str, object] | 
     env = os.environ if environ is None else environ
     token = env.get(ADMIN_TOKEN_ENV) or None
     return Settings(**values, admin_token=token)
+
+
+def spool_path(settings: Settings) -> str:
+    return settings.spool or f"{settings.db}.spool.jsonl"

@@ -5,8 +5,15 @@ that row has committed (synchronous=FULL: it is on disk). A single writer task t
 while the previous commit ran and writes them in one transaction, so N concurrent callers cost about
 one fsync rather than N.
 
+When the database refuses a batch (locked, disk full, read-only, its file deleted), the rows go to the
+spool (spool.py): an fsynced JSON Lines file. record() then returns as for a commit — the row is durable —
+and the ledger is not `accepting` until the writer has replayed the spool into the database, in order,
+which it tries every `retry_interval` seconds. While rows wait in the spool, new rows join them there, so
+the database receives them in the order they came. A database file deleted or replaced under the proxy is
+noticed before the next batch and opened anew.
+
 Errors:
-    LedgerError       the ledger cannot be opened, or a row was not committed (the message says why)
+    LedgerError       the ledger cannot be opened, or a row was neither committed nor spooled
 
 This module must never store or log anything that is not in the record, never let one failed commit
 stop later rows, and never leave a caller waiting on a writer that has died.
@@ -26,6 +33,7 @@ import aiosqlite
 
 from .migrations import migrate
 from .record import CallRecord
+from .spool import Spool
 
 __all__ = ["COLUMNS", "INSERT_SQL", "Ledger", "LedgerError", "record_row"]
 
@@ -41,6 +49,8 @@ COLUMNS: tuple[str, ...] = (
 INSERT_SQL = "INSERT INTO calls ({}) VALUES ({})".format(
     ", ".join(f'"{c}"' for c in COLUMNS), ", ".join("?" * len(COLUMNS))
 )
+# Replays may repeat after a crash between commit and clearing the spool: request_id makes them idempotent.
+REPLAY_SQL = INSERT_SQL.replace("INSERT INTO", "INSERT OR IGNORE INTO", 1)
 _BUSY_TIMEOUT_MS = 5000
 _STOP = object()  # queued by close(): everything ahead of it is written, then the writer ends
 
@@ -82,11 +92,19 @@ class Ledger:
     max_batch_size, errors (records whose record() raised because their write failed).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, max_batch: int = 2000) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, max_batch: int = 2000,
+                 spool_path: str | os.PathLike[str] | None = None, busy_timeout_ms: int = _BUSY_TIMEOUT_MS,
+                 retry_interval: float = 1.0) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._path = os.fspath(path)
         self._max_batch = max_batch
+        self._spool = Spool(spool_path) if spool_path is not None else None
+        self._busy_timeout_ms = busy_timeout_ms
+        self._retry_interval = retry_interval
+        self._spooled = False  # rows wait in the spool: new rows join them there, in order
+        self._healthy = True
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file the connection has open
         self._db: aiosqlite.Connection | None = None
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
@@ -100,9 +118,20 @@ class Ledger:
     def path(self) -> str:
         return self._path
 
+    @property
+    def accepting(self) -> bool:
+        """The database takes rows now: nothing waits in the spool and the last write worked."""
+        return self._healthy and not self._spooled
+
     async def open(self) -> None:
         if self._db is not None or self._closed:
             raise LedgerError(f"ledger {self._path} was already opened")
+        self._db = await self._connect()
+        if self._spool is not None:
+            self._spooled = await asyncio.to_thread(self._spool.has_rows)  # left by an earlier run
+        self._writer = asyncio.create_task(self._run(), name=f"ledger writer {self._path}")
+
+    async def _connect(self) -> aiosqlite.Connection:
         try:
             # Migrations are plain sqlite3 code; run them on a short-lived connection in a thread
             # rather than reaching into aiosqlite's private thread.
@@ -111,17 +140,17 @@ class Ledger:
         except Exception as exc:  # sqlite3.Error, OSError, MigrationError: all mean "unusable path"
             raise LedgerError(f"cannot open ledger {self._path}: {exc}") from exc
         try:
-            await db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            await db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
             await db.execute("PRAGMA journal_mode = WAL")
             await db.execute("PRAGMA synchronous = FULL")
-        except sqlite3.Error as exc:
+            self._identity = _file_identity(self._path)
+        except (sqlite3.Error, OSError) as exc:
             await db.close()
             raise LedgerError(f"cannot open ledger {self._path}: {exc}") from exc
-        self._db = db
-        self._writer = asyncio.create_task(self._run(db), name=f"ledger writer {self._path}")
+        return db
 
     def _prepare_file(self) -> None:
-        conn = sqlite3.connect(self._path, timeout=_BUSY_TIMEOUT_MS / 1000)
+        conn = sqlite3.connect(self._path, timeout=self._busy_timeout_ms / 1000)
         try:
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -164,15 +193,25 @@ class Ledger:
             if db is not None:
                 await db.close()
 
-    async def _run(self, db: aiosqlite.Connection) -> None:
+    async def _run(self) -> None:
         try:
             stopping = False
             while not stopping:
-                batch, stopping = self._take_batch(await self._queue.get())
+                if self._spooled or not self._healthy:
+                    try:
+                        item = await asyncio.wait_for(self._queue.get(), self._retry_interval)
+                    except asyncio.TimeoutError:
+                        await self._replay()
+                        continue
+                else:
+                    item = await self._queue.get()
+                batch, stopping = self._take_batch(item)
                 if batch:
                     self._inflight = batch
-                    await self._write(db, batch)
+                    await self._write(batch)
                     self._inflight = []
+            if self._spooled:
+                await self._replay()  # a last try on the way out; what stays is replayed at next start
         except BaseException as exc:
             reason = "was cancelled" if isinstance(exc, asyncio.CancelledError) else f"died: {exc}"
             self._fail_all(f"ledger {self._path} writer {reason}; the row may not be written")
@@ -193,8 +232,12 @@ class Ledger:
             except asyncio.QueueEmpty:
                 return batch, False
 
-    async def _write(self, db: aiosqlite.Connection, batch: list[_Item]) -> None:
+    async def _write(self, batch: list[_Item]) -> None:
+        if self._spooled and not await self._replay():
+            await self._to_spool(batch, None)
+            return
         try:
+            db = await self._current_db()
             await db.executemany(INSERT_SQL, [row for row, _ in batch])
             await db.commit()
         except sqlite3.IntegrityError as exc:
@@ -205,11 +248,68 @@ class Ledger:
                 # One bad row (say a repeated request_id) must not cost its neighbours their rows.
                 await self._write_one_by_one(db, batch)
             return
-        except Exception as exc:
-            await self._rollback(db)
-            self._fail(batch, exc)
+        except Exception as exc:  # locked, full, read-only, I/O: the rows go to the spool
+            if self._db is not None:
+                await self._rollback(self._db)
+            self._healthy = False
+            await self._to_spool(batch, exc)
             return
+        self._healthy = True
         self._succeed(batch)
+
+    async def _current_db(self) -> aiosqlite.Connection:
+        """The connection, opened anew if the file was deleted or replaced since it was opened."""
+        if self._db is None or _file_identity(self._path) != self._identity:
+            old, self._db = self._db, None
+            if old is not None:
+                log.warning("ledger %s: the database file was deleted or replaced; opening it anew", self._path)
+                await old.close()
+            self._db = await self._connect()
+        return self._db
+
+    async def _to_spool(self, batch: list[_Item], cause: BaseException | None) -> None:
+        if self._spool is None:
+            self._fail(batch, cause or LedgerError("earlier rows are waiting and there is no spool"))
+            return
+        try:
+            await asyncio.to_thread(self._spool.append, [row for row, _ in batch])
+        except OSError as exc:
+            self._fail(batch, LedgerError(f"{cause}; the spool {self._spool.path} failed too: {exc}"))
+            return
+        if not self._spooled:
+            log.error("ledger %s refused a write (%s); rows go to the spool %s until it works again",
+                      self._path, cause, self._spool.path)
+        self._spooled = True
+        self.stats["spooled"] += len(batch)
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_result(None)  # durable in the spool
+
+    async def _replay(self) -> bool:
+        """Move the spool's rows into the database in one transaction; True if the ledger is clear."""
+        rows = await asyncio.to_thread(self._spool.read) if self._spool is not None else []
+        db: aiosqlite.Connection | None = None
+        try:
+            db = await self._current_db()
+            if rows:
+                await db.executemany(REPLAY_SQL, rows)
+            else:
+                await db.execute("PRAGMA user_version = user_version")  # a probe: can it write at all?
+            await db.commit()
+        except Exception as exc:  # still refused: try again later
+            if db is not None:
+                await self._rollback(db)
+            self._healthy = False
+            log.debug("ledger %s: replay failed: %s", self._path, exc)
+            return False
+        if self._spool is not None:
+            await asyncio.to_thread(self._spool.clear)
+        if rows:
+            log.warning("ledger %s works again: %d spooled row(s) replayed", self._path, len(rows))
+        self.stats["replayed"] += len(rows)
+        self._spooled = False
+        self._healthy = True
+        return True
 
     async def _write_one_by_one(self, db: aiosqlite.Connection, batch: list[_Item]) -> None:
         good: list[_Item] = []
@@ -269,6 +369,14 @@ class Ledger:
         self.stats["errors"] += len(pending)
         for _, fut in pending:
             _set_error(fut, LedgerError(message), None)
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _set_error(fut: asyncio.Future[None], error: LedgerError, cause: BaseException | None) -> None:

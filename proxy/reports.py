@@ -177,7 +177,7 @@ def usage_report(
         else:
             select.append(f"{_GROUPS[name]} AS g{i}")
     select.extend(_COUNTER_SQL.values())
-    where, where_params = _where(
+    where, where_params = where_sql(
         ("started_at >= ?", since), ("started_at < ?", until),
         ("key_id = ?", key), ('"user" = ?', user), ("model = ?", model),
     )  # fmt: skip
@@ -199,8 +199,8 @@ def usage_report(
         range(len(rows)), key=lambda i: (costs[i].copy_negate(), *_sort_keys(rows[i], groups))
     )
     return {
-        "since": None if since is None else _iso(since),
-        "until": None if until is None else _iso(until),
+        "since": None if since is None else iso_time(since),
+        "until": None if until is None else iso_time(until),
         "group_by": [name for name, _ in groups],
         "rows": [rows[i] for i in order],
         "totals": _totals(rows, costs),
@@ -242,7 +242,7 @@ def _check_time(value: float | None, param: str) -> None:
         raise ReportError(f"{param}: must be unix seconds, got {value!r}", param)
 
 
-def _where(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:
+def where_sql(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:
     used = [(sql, value) for sql, value in conditions if value is not None]
     if not used:
         return "", []
@@ -267,7 +267,7 @@ def _totals(rows: list[dict[str, Any]], costs: list[Decimal]) -> dict[str, Any]:
     return totals
 
 
-def _iso(ts: float) -> str:
+def iso_time(ts: float) -> str:
     moment = datetime.fromtimestamp(ts, timezone.utc)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -286,7 +286,7 @@ def list_calls(
         if not isinstance(before, str) or not re.fullmatch(r"[1-9]\d{0,18}", before):
             raise ReportError(f"before: {before!r} is not a cursor from a previous page", "before")
         cursor = int(before)
-    where, params = _where(("key_id = ?", key), ("id < ?", cursor))
+    where, params = where_sql(("key_id = ?", key), ("id < ?", cursor))
     sql = f"SELECT {_CALL_SQL} FROM calls{where} ORDER BY id DESC LIMIT ?"
     found = conn.execute(sql, [*params, limit + 1]).fetchall()  # one extra: is there a next page?
     page = found[:limit]
@@ -306,7 +306,7 @@ def _check_limit(limit: Any) -> int:
 
 def _call(row: tuple[Any, ...]) -> dict[str, Any]:
     call = dict(zip(_CALL_FIELDS, row[1:]))
-    call["ts"] = _iso(call["ts"])
+    call["ts"] = iso_time(call["ts"])
     call["tags"] = json.loads(call["tags"])
     call["stream"] = bool(call["stream"])
     call["priced"] = bool(call["priced"])
