@@ -14,6 +14,7 @@ from aiohttp import web
 
 from proxy.admin import make_admin_app
 from proxy.config import Settings, spool_path
+from proxy.counter import CountPolicy
 from proxy.errors import error_response
 from proxy.forward import forward
 from proxy.ledger import Ledger
@@ -25,6 +26,7 @@ LEDGER = web.AppKey("ledger", Ledger)
 PRICES = web.AppKey("prices", PriceTable)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 TIMEOUT = web.AppKey("timeout", aiohttp.ClientTimeout)
+COUNTING = web.AppKey("counting", CountPolicy)
 
 
 async def _proxy(request: web.Request) -> web.StreamResponse:
@@ -36,7 +38,8 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
                               "forwarded. Retry shortly.", "server_error", "ledger_unavailable",
                               headers={"Retry-After": "1"})
     call = MeteredCall(request.method, request.path, request.headers, prices=app[PRICES], ledger=app[LEDGER],
-                       inject_usage=settings.stream_usage == "inject")
+                       inject_usage=settings.stream_usage == "inject", counting=app[COUNTING],
+                       sample_rate=settings.accuracy_sample_rate)
     return await forward(request, call, session=app[SESSION], upstream=settings.upstream,
                          timeout=app[TIMEOUT])
 
@@ -55,6 +58,7 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
     """Build the app. `prices` may be given already loaded (the CLI loads it first to fail early)."""
     app = web.Application(client_max_size=settings.max_request_bytes)
     app[SETTINGS] = settings
+    app[COUNTING] = counting_policy(settings)
     app[TIMEOUT] = aiohttp.ClientTimeout(total=settings.total_timeout, connect=settings.connect_timeout,
                                          sock_read=settings.read_timeout)
 
@@ -82,3 +86,8 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
     app.router.add_route("*", "/{tail:.*}", _not_found)
     return app
 
+
+
+def counting_policy(settings: Settings) -> CountPolicy:
+    return CountPolicy(default_encoding=settings.count_encoding, overrides=settings.count_encoding_overrides,
+                       reasoning_models=settings.reasoning_models)

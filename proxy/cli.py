@@ -17,7 +17,9 @@ from typing import Sequence
 from aiohttp import web
 
 from proxy import accuracy, render, reports
+from proxy.app import counting_policy, make_app
 from proxy.config import SETTINGS, ConfigError, Settings, load_settings
+from proxy.counting import CountingError
 from proxy.ledger import LedgerError
 from proxy.pricing import PriceTable, PricingError
 
@@ -76,7 +78,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config, flags)
         prices = PriceTable.load(settings.pricing)
-    except (ConfigError, PricingError) as exc:
+        counting_policy(settings).load()
+    except (ConfigError, PricingError, CountingError) as exc:
         return _fail(str(exc))
     try:
         return asyncio.run(_run(settings, prices))
@@ -85,8 +88,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _run(settings: Settings, prices: PriceTable) -> int:
-    from proxy.app import make_app  # the app pulls in aiohttp's server; `report` does not need it
-
     runner = web.AppRunner(make_app(settings, prices), access_log=None, handle_signals=False)
     await runner.setup()
     try:

@@ -82,6 +82,31 @@ def _optional_text(value: object) -> str | None:
     return None if value is None else _text(value)
 
 
+def _rate(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError("must be a number from 0 to 1")
+    return float(value)
+
+
+_ENCODINGS = ("o200k_base", "cl100k_base")
+
+
+def _encoding_map(value: object) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and v in _ENCODINGS for k, v in value.items()):
+        raise ValueError(f"must map model globs to one of {', '.join(_ENCODINGS)}")
+    return dict(value)
+
+
+def _globs(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError("must be a list of model globs")
+    return tuple(value)
+
+
 @dataclass(frozen=True, slots=True)
 class Setting:
     name: str
@@ -114,6 +139,16 @@ SETTINGS: tuple[Setting, ...] = (
             "disk than the db)", _optional_text),
     Setting("ledger_busy_timeout", 5.0, "seconds a write waits for a database locked by another process",
             _seconds),
+    Setting("accuracy_sample_rate", 0.01,
+            "share of calls that carry the provider's usage to count as well, to measure counting's accuracy",
+            _rate),
+    Setting("count_encoding", "o200k_base",
+            "tokenizer for models tiktoken does not know (Llama, Mistral...); such counts are flagged approximate",
+            _choice(*_ENCODINGS)),
+    Setting("count_encoding_overrides", {}, "model glob -> tokenizer, for models whose tokenizer you know",
+            _encoding_map),
+    Setting("reasoning_models", (), "model globs that reason in hidden tokens, beyond OpenAI's o-series and "
+            "gpt-5: their counted completions are flagged as lower bounds", _globs),
     Setting("stream_usage", "count",
             "a stream the client asked without usage: count its tokens (the request is never changed), or "
             "inject include_usage upstream and take out of the client's stream exactly what that added",
@@ -137,6 +172,10 @@ class Settings:
     on_ledger_error: str = "spool"
     spool: str | None = None
     ledger_busy_timeout: float | None = 5.0
+    accuracy_sample_rate: float = 0.01
+    count_encoding: str = "o200k_base"
+    count_encoding_overrides: dict[str, str] = field(default_factory=dict)
+    reasoning_models: tuple[str, ...] = ()
     stream_usage: str = "count"
     admin_token: str | None = field(default=None, repr=False)  # from the environment only; never logged
 

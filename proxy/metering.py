@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
 from typing import Any, Callable
@@ -15,6 +16,7 @@ from typing import Any, Callable
 from multidict import CIMultiDictProxy
 
 from proxy.attribution import attribute
+from proxy.counter import CallCount, CountPolicy, count_call
 from proxy.ledger import Ledger, LedgerError
 from proxy.meters import Meter, meter_for
 from proxy.pricing import PriceTable
@@ -27,9 +29,12 @@ class MeteredCall:
     """Observer of one forwarded call. The forwarder calls the on_* hooks, then `await finish()`."""
 
     def __init__(self, method: str, path: str, headers: CIMultiDictProxy[str], *,
-                 prices: PriceTable, ledger: Ledger, inject_usage: bool = False) -> None:
+                 prices: PriceTable, ledger: Ledger, inject_usage: bool = False,
+                 counting: CountPolicy | None = None, sample_rate: float = 0.0) -> None:
         self._prices = prices
         self._ledger = ledger
+        self._counting = counting
+        self._sample_rate = sample_rate
         self._t0 = time.perf_counter()
         self.meter: Meter = meter_for(method, path, inject_usage)
         self.record = CallRecord(request_id=uuid.uuid4().hex, started_at=time.time(), method=method,
@@ -86,7 +91,7 @@ class MeteredCall:
         self.record.error = message if self.record.error is None else f"{self.record.error}; {message}"
 
     # --- the end -----------------------------------------------------------------------------
-    def _settle(self) -> None:
+    def _settle(self, counted: CallCount | None) -> None:
         rec, meter = self.record, self.meter
         rec.ended_at = time.time()
         rec.latency_ms = (time.perf_counter() - self._t0) * 1000
@@ -97,21 +102,55 @@ class MeteredCall:
         if meter.usage is not None and not self._meter_failed:
             rec.set_usage(meter.usage, "upstream")
             rec.cost_usd, rec.priced = self._prices.cost(rec.model, meter.usage)
-        else:
-            note = meter.usage_error or ("meter failed" if self._meter_failed else None)
-            if note and 200 <= rec.status < 300:
-                rec.error = note if rec.error is None else f"{rec.error}; {note}"
-            # Nothing to price: flag it unpriced only if its model has no price (a bare GET is not "unpriced").
-            rec.priced = rec.model is None or self._prices.resolve(rec.model) is not None
+            if counted is not None:  # sampled for accuracy: keep our count beside the provider's
+                rec.counted_prompt_tokens = counted.prompt.tokens if counted.prompt else None
+                rec.counted_completion_tokens = counted.completion.tokens if counted.completion else None
+            return
+        note = meter.usage_error or ("meter failed" if self._meter_failed else None)
+        if note and 200 <= rec.status < 300:
+            rec.error = note if rec.error is None else f"{rec.error}; {note}"
+        if counted is not None:
+            usage = counted.usage()
+            rec.set_usage(usage, "counted")
+            rec.approximate, rec.lower_bound, rec.usage_note = counted.approximate, counted.lower_bound, counted.note()
+            rec.cost_usd, rec.priced = self._prices.cost(rec.model, usage)
+            return
+        # Nothing to price: flag it unpriced only if its model has no price (a bare GET is not "unpriced").
+        rec.priced = rec.model is None or self._prices.resolve(rec.model) is not None
+
+    def _wants_count(self) -> bool:
+        """Count when the upstream spent tokens but reported none, and for a sample of those it reported."""
+        meter = self.meter
+        if self._counting is None or self._meter_failed or not meter.countable or not meter.succeeded:
+            return False
+        if meter.usage is None:
+            return True
+        return self._sample_rate > 0 and random.random() < self._sample_rate
+
+    async def _count(self) -> CallCount | None:
+        meter, policy = self.meter, self._counting
+        assert policy is not None
+        model = meter.model or meter.requested_model
+        try:
+            # Off the event loop: a 100k-token prompt takes ~20 ms to tokenize.
+            return await asyncio.to_thread(count_call, policy, self.record.endpoint, model, meter.request,
+                                           meter.output)
+        except Exception:  # a counting bug must not break the call; the row says usage was not read
+            log.exception("counting failed on %s", self.record.endpoint)
+            return None
 
     async def finish(self) -> None:
-        """Price and commit the row. Returns once it is committed (or the ledger failed, which is logged)."""
+        """Count if needed, price and commit the row; returns once it is committed (a ledger failure is logged)."""
         if self._finished:
             return
         self._finished = True
-        self._settle()
+        # Shielded: a cancelled handler (client gone, shutdown) must still leave its row.
+        await asyncio.shield(self._finish())
+
+    async def _finish(self) -> None:
+        counted = await self._count() if self._wants_count() else None
+        self._settle(counted)
         try:
-            # Shielded: a cancelled handler (client gone, shutdown) must still leave its row.
-            await asyncio.shield(self._ledger.record(self.record))
+            await self._ledger.record(self.record)
         except LedgerError as exc:
             log.error("ledger: call %s not recorded: %s", self.record.request_id, exc)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from typing import Callable
 
+from proxy.counting import StreamOutput
 from proxy.edits import Edit, drop, strip_usage_null
 from proxy.record import Usage
 from proxy.sse import SSEDecoder, SSEEvent
@@ -42,12 +43,15 @@ class Meter:
 
     extract: Callable[[object], Usage | None] | None = None
     can_inject = False  # whether this endpoint's streams take stream_options.include_usage
+    countable = False   # whether the proxy can count this endpoint's tokens itself
 
     def __init__(self, inject_usage: bool = False) -> None:
         self.want_inject = inject_usage and self.can_inject
         self.inject = False         # this call's request was given include_usage by the proxy
         self.edits: list[Edit] = []  # byte edits that take out what the injection added
         self.settled: int | None = None  # end of the last complete stream event
+        self.request: dict[str, object] | None = None  # the parsed request body, kept for counting
+        self.output: StreamOutput | None = StreamOutput() if self.countable else None
         self.requested_model: str | None = None
         self.stream = False
         self.body_user: str | None = None
@@ -72,6 +76,7 @@ class Meter:
             return None  # forwarded as is; the upstream will say what is wrong with it
         if not isinstance(obj, dict):
             return None
+        self.request = obj
         model = obj.get("model")
         if isinstance(model, str) and model:
             self.requested_model = model
@@ -143,6 +148,8 @@ class Meter:
             return
         self.model = served_model(obj) or self.model
         self._take(obj)
+        if self.output is not None:
+            self.output.feed(obj)
 
     def _take(self, obj: object) -> None:
         if self.extract is None:
@@ -176,10 +183,17 @@ class Meter:
             self.error = message
         self.model = served_model(obj) or self.model
         self._take(obj)
+        if self.output is not None:
+            self.output.feed(obj)
         self._after_event(event, obj)
 
     def _after_event(self, event: SSEEvent, obj: object) -> None:
         pass
+
+    @property
+    def succeeded(self) -> bool:
+        """The upstream answered 2xx: its tokens were spent (even if the call ended early)."""
+        return 200 <= self._status < 300
 
     def _hold(self, event: SSEEvent) -> None:
         if self.hold_from is None:
@@ -191,12 +205,18 @@ class ChatMeter(Meter):
 
     extract = staticmethod(chat_usage)
     can_inject = True
+    countable = True
 
 
 class EmbeddingsMeter(Meter):
     """/v1/embeddings: usage in the JSON body (prompt tokens only)."""
 
     extract = staticmethod(chat_usage)
+    countable = True
+
+    def __init__(self, inject_usage: bool = False) -> None:
+        super().__init__(inject_usage)
+        self.output = None  # embeddings produce no tokens to count
 
 
 RESPONSES_TERMINAL = frozenset({
@@ -208,6 +228,7 @@ class ResponsesMeter(Meter):
     """/v1/responses: usage in the Response body, or in the terminal event of its `event:`-framed stream."""
 
     extract = staticmethod(responses_usage)
+    countable = True
 
     def _after_event(self, event: SSEEvent, obj: object) -> None:
         kind = obj.get("type") if isinstance(obj, dict) else None

@@ -114,9 +114,9 @@ def test_unpriced_model_is_flagged_not_free(upstream: FakeUpstream, proxy: Proxy
     assert (row["priced"], row["cost_usd"], row["total_tokens"]) == (0, "0", 15)
 
 
-def test_stream_without_usage_is_recorded_as_none(upstream: FakeUpstream, proxy: ProxyServer) -> None:
+def test_stream_of_an_uncountable_endpoint_is_recorded_as_none(upstream: FakeUpstream, proxy: ProxyServer) -> None:
     upstream.sse(sse(chunk(), chunk()))
-    request(proxy.url, body=body("/v1/chat/completions", stream=True))
+    request(proxy.url, path="/v1/audio/speech", body=body("/v1/audio/speech", stream=True))
     row = proxy.rows()[-1]
     assert (row["usage_source"], row["total_tokens"], row["stream"]) == ("none", 0, 1)
 
@@ -126,7 +126,8 @@ def test_unreadable_usage_passes_bytes_and_says_so(upstream: FakeUpstream, proxy
     status, _, got = request(proxy.url)
     assert (status, got) == (200, sent)
     row = proxy.rows()[-1]
-    assert row["usage_source"] == "none" and "unreadable usage" in row["error"]
+    # The provider's figure is unusable, so the proxy's own count stands in, and the row says why.
+    assert row["usage_source"] == "counted" and "unreadable usage" in row["error"]
 
 
 def test_attribution_headers_and_body_user(upstream: FakeUpstream, proxy: ProxyServer) -> None:
