@@ -41,7 +41,8 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
                        inject_usage=settings.stream_usage == "inject", counting=app[COUNTING],
                        sample_rate=settings.accuracy_sample_rate)
     return await forward(request, call, session=app[SESSION], upstream=settings.upstream,
-                         timeout=app[TIMEOUT])
+                         timeout=app[TIMEOUT], first_byte=settings.first_byte_timeout,
+                         idle=settings.idle_timeout)
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -59,8 +60,9 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
     app = web.Application(client_max_size=settings.max_request_bytes)
     app[SETTINGS] = settings
     app[COUNTING] = counting_policy(settings)
-    app[TIMEOUT] = aiohttp.ClientTimeout(total=settings.total_timeout, connect=settings.connect_timeout,
-                                         sock_read=settings.read_timeout)
+    # First byte and idle gaps are timed by the forwarder itself: aiohttp's sock_read would apply one
+    # figure to both the wait for headers and the gaps between chunks.
+    app[TIMEOUT] = aiohttp.ClientTimeout(total=settings.total_timeout, connect=settings.connect_timeout)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         app[PRICES] = prices if prices is not None else PriceTable.load(settings.pricing)

@@ -126,9 +126,11 @@ SETTINGS: tuple[Setting, ...] = (
             "path of the pricing table (USD per 1M tokens); default: the shipped config/pricing.yaml",
             _text, flag=True),
     Setting("connect_timeout", 10.0, "seconds to connect to the upstream; then 504", _seconds),
-    Setting("read_timeout", 600.0,
-            "seconds to wait for the upstream's first byte and between two chunks; then 504 (or a broken stream)",
-            _seconds),
+    Setting("first_byte_timeout", 600.0,
+            "seconds to wait for the upstream's response headers (a non-streamed call sends them when it is "
+            "done); then 504", _seconds),
+    Setting("idle_timeout", 300.0,
+            "seconds a response body may stall between two chunks; then the call ends as broken off", _seconds),
     Setting("total_timeout", None, "seconds a whole upstream call may take; null: no limit", _seconds),
     Setting("max_request_bytes", 32 * 1024 * 1024, "largest request body accepted; larger gets 413", _size),
     Setting("on_ledger_error", "spool",
@@ -166,7 +168,8 @@ class Settings:
     db: str = "./meterproxy.db"
     pricing: str = str(SHIPPED_PRICING)
     connect_timeout: float | None = 10.0
-    read_timeout: float | None = 600.0
+    first_byte_timeout: float | None = 600.0
+    idle_timeout: float | None = 300.0
     total_timeout: float | None = None
     max_request_bytes: int = 32 * 1024 * 1024
     on_ledger_error: str = "spool"

@@ -41,6 +41,8 @@ def _is_timeout(exc: BaseException) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "no data within the configured timeout"
     text = str(exc) or type(exc).__name__
     return text[:500]
 
@@ -64,7 +66,8 @@ def _abort(request: web.Request) -> None:
 
 
 async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.ClientSession,
-                  upstream: str, timeout: aiohttp.ClientTimeout) -> web.StreamResponse:
+                  upstream: str, timeout: aiohttp.ClientTimeout, first_byte: float | None = None,
+                  idle: float | None = None) -> web.StreamResponse:
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
@@ -86,13 +89,15 @@ async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.C
         # The proxy will edit the stream's bytes, so it asks for them uncompressed.
         headers["Accept-Encoding"] = "identity"
     try:
-        upstream_resp = await session.request(
-            request.method, target, headers=headers, data=body or None,
-            allow_redirects=False, timeout=timeout, skip_auto_headers=_SKIP_AUTO,
-        )
+        async with asyncio.timeout(first_byte):
+            upstream_resp = await session.request(
+                request.method, target, headers=headers, data=body or None,
+                allow_redirects=False, timeout=timeout, skip_auto_headers=_SKIP_AUTO,
+            )
     except Exception as exc:  # noqa: BLE001 - every failure to reach the upstream becomes 502/504 + a row
         if _is_timeout(exc):
-            status, message, code = 504, f"Upstream timed out: {_describe(exc)}", "upstream_timeout"
+            what = "connecting" if isinstance(exc, aiohttp.ConnectionTimeoutError) else "waiting for its response"
+            status, message, code = 504, f"Upstream timed out {what}: {_describe(exc)}", "upstream_timeout"
         elif isinstance(exc, (aiohttp.ClientError, OSError)):
             status, message, code = 502, f"Upstream unreachable: {_describe(exc)}", "upstream_unreachable"
         else:
@@ -101,11 +106,11 @@ async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.C
         await call.finish()
         return error_response(status, message, "upstream_error", code)
     async with upstream_resp:
-        return await _relay(request, call, upstream_resp)
+        return await _relay(request, call, upstream_resp, idle)
 
 
-async def _relay(request: web.Request, call: MeteredCall,
-                 upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+async def _relay(request: web.Request, call: MeteredCall, upstream: aiohttp.ClientResponse,
+                 idle: float | None) -> web.StreamResponse:
     content_type = upstream.headers.get("Content-Type", "")
     call.on_response_headers(upstream.status, content_type)
     relay = _Relay(request, call, upstream, "text/event-stream" in content_type)
@@ -114,8 +119,14 @@ async def _relay(request: web.Request, call: MeteredCall,
             # Stream headers go out at once; a plain body's wait for its first chunk (an empty body would
             # otherwise be complete, for the client, before its row is committed).
             await _prepare(relay.response, request)
-        async for chunk in upstream.content.iter_any():
-            await relay.chunk(chunk)
+        loop = asyncio.get_running_loop()
+        # One deadline for the whole body, moved on after every chunk: only a stall of `idle` seconds
+        # between two upstream chunks ends it (a slow client does not count against the upstream).
+        async with asyncio.timeout(idle) as stall:
+            async for chunk in upstream.content.iter_any():
+                await relay.chunk(chunk)
+                if idle is not None:
+                    stall.reschedule(loop.time() + idle)
     except _ClientGone as exc:
         # Written to a client that went away: stop reading (closing drops the upstream call), record 499.
         upstream.close()

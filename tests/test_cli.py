@@ -33,10 +33,10 @@ def free_port() -> int:
 
 def test_flags_override_file_override_defaults(tmp_path: Path) -> None:
     cfg = tmp_path / "proxy.yaml"
-    cfg.write_text("port: 9001\nupstream: https://example.test/openai/\nread_timeout: 5\n")
+    cfg.write_text("port: 9001\nupstream: https://example.test/openai/\nidle_timeout: 5\n")
     settings = load_settings(str(cfg), {"port": "9002", "host": None},
                              environ={"METERPROXY_ADMIN_TOKEN": "s3cr3t-admin"})
-    assert (settings.port, settings.upstream, settings.read_timeout) == (9002, "https://example.test/openai", 5.0)
+    assert (settings.port, settings.upstream, settings.idle_timeout) == (9002, "https://example.test/openai", 5.0)
     assert settings.host == "127.0.0.1" and settings.admin_token == "s3cr3t-admin"
     assert "s3cr3t-admin" not in repr(settings)  # the token is kept out of logs that print settings
 

@@ -133,7 +133,7 @@ def test_dead_upstream_gives_502_in_openai_shape(start_proxy: Callable[..., Prox
 
 
 def test_slow_upstream_gives_504_and_a_row(upstream: FakeUpstream, start_proxy: Callable[..., ProxyServer]) -> None:
-    proxy = start_proxy(read_timeout=0.3)
+    proxy = start_proxy(first_byte_timeout=0.3)
     upstream.reply(Reply(pause_before=2.0, chunks=[b"{}"], headers={"Content-Type": "application/json"}))
     t0 = time.monotonic()
     status, _, got = request(proxy.url)
