@@ -111,7 +111,8 @@ class Ledger:
         self._inflight: list[_Item] = []
         self._closed = False
         self.stats: dict[str, int] = dict.fromkeys(
-            ("rows_committed", "batches", "last_batch_size", "max_batch_size", "errors"), 0
+            ("rows_committed", "batches", "last_batch_size", "max_batch_size", "errors", "spooled",
+             "replayed"), 0
         )
 
     @property
@@ -302,13 +303,20 @@ class Ledger:
             self._healthy = False
             log.debug("ledger %s: replay failed: %s", self._path, exc)
             return False
-        if self._spool is not None:
-            await asyncio.to_thread(self._spool.clear)
-        if rows:
-            log.warning("ledger %s works again: %d spooled row(s) replayed", self._path, len(rows))
-        self.stats["replayed"] += len(rows)
+        # Accepting again from here; the spool's rows are in the database, so clearing it may lag (and a
+        # crash before it is cleared only means a harmless, idempotent replay at the next start).
         self._spooled = False
         self._healthy = True
+        self.stats["replayed"] += len(rows)
+        if rows:
+            log.warning("ledger %s works again: %d spooled row(s) replayed", self._path, len(rows))
+        if self._spool is not None:
+            try:
+                await asyncio.to_thread(self._spool.clear)
+            except OSError as exc:
+                log.error("ledger %s: spool %s not cleared (%s); its rows will be replayed again, without "
+                          "duplicates", self._path, self._spool.path, exc)
+                self._spooled = True
         return True
 
     async def _write_one_by_one(self, db: aiosqlite.Connection, batch: list[_Item]) -> None:
