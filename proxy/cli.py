@@ -88,7 +88,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _run(settings: Settings, prices: PriceTable) -> int:
-    runner = web.AppRunner(make_app(settings, prices), access_log=None, handle_signals=False)
+    runner = web.AppRunner(make_app(settings, prices), access_log=None, handle_signals=False,
+                           shutdown_timeout=settings.shutdown_grace or 0.0)
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)

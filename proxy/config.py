@@ -132,6 +132,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("idle_timeout", 300.0,
             "seconds a response body may stall between two chunks; then the call ends as broken off", _seconds),
     Setting("total_timeout", None, "seconds a whole upstream call may take; null: no limit", _seconds),
+    Setting("shutdown_grace", 30.0,
+            "on SIGTERM: seconds in-flight calls get to finish (no new ones are accepted), then the ledger is "
+            "flushed and the process exits 0", _seconds),
     Setting("max_request_bytes", 32 * 1024 * 1024, "largest request body accepted; larger gets 413", _size),
     Setting("on_ledger_error", "spool",
             "when the database refuses a row (locked, disk full, read-only): keep serving and 'spool' rows to a "
@@ -172,6 +175,7 @@ class Settings:
     idle_timeout: float | None = 300.0
     total_timeout: float | None = None
     max_request_bytes: int = 32 * 1024 * 1024
+    shutdown_grace: float | None = 30.0
     on_ledger_error: str = "spool"
     spool: str | None = None
     ledger_busy_timeout: float | None = 5.0
