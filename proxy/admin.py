@@ -15,7 +15,6 @@ from aiohttp import web
 from proxy import accuracy, render, reports
 from proxy.config import ADMIN_TOKEN_ENV
 from proxy.errors import error_response
-from proxy.ledger import Ledger
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -54,9 +53,11 @@ async def _in_thread(path: str, fn: Callable[..., dict[str, Any]], **kwargs: Any
     return await asyncio.to_thread(run)
 
 
-def make_admin_app(ledger_key: web.AppKey[Ledger], token: str | None) -> web.Application:
+def make_admin_app(db: str, token: str | None) -> web.Application:
+    """The admin API over the ledger at `db`; mount it at /admin (on the proxy's port or its own)."""
+
     def db_path(request: web.Request) -> str:
-        return str(request.config_dict[ledger_key].path)
+        return db
 
     async def usage(request: web.Request) -> web.StreamResponse:
         q = request.query

@@ -84,10 +84,19 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
     app.cleanup_ctx.append(resources)
     app.router.add_get("/healthz", _healthz)
     app.router.add_route("*", "/v1/{tail:.*}", _proxy)
-    app.add_subapp("/admin", make_admin_app(LEDGER, settings.admin_token))
+    if settings.admin_port is None:
+        app.add_subapp("/admin", make_admin_app(settings.db, settings.admin_token))
     app.router.add_route("*", "/{tail:.*}", _not_found)
     return app
 
+
+
+def make_admin_site(settings: Settings) -> web.Application:
+    """The admin API alone, for `admin_host`:`admin_port` (e.g. localhost only, while the proxy faces a network)."""
+    app = web.Application()
+    app.add_subapp("/admin", make_admin_app(settings.db, settings.admin_token))
+    app.router.add_route("*", "/{tail:.*}", _not_found)
+    return app
 
 
 def counting_policy(settings: Settings) -> CountPolicy:

@@ -17,7 +17,7 @@ from typing import Sequence
 from aiohttp import web
 
 from proxy import accuracy, render, reports
-from proxy.app import counting_policy, make_app
+from proxy.app import counting_policy, make_admin_site, make_app
 from proxy.config import SETTINGS, ConfigError, Settings, load_settings
 from proxy.counting import CountingError
 from proxy.ledger import LedgerError
@@ -91,9 +91,15 @@ async def _run(settings: Settings, prices: PriceTable) -> int:
     runner = web.AppRunner(make_app(settings, prices), access_log=None, handle_signals=False,
                            shutdown_timeout=settings.shutdown_grace or 0.0)
     await runner.setup()
+    admin_runner = None
     try:
         site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
         await site.start()
+        if settings.admin_port is not None:
+            admin_runner = web.AppRunner(make_admin_site(settings), access_log=None, handle_signals=False)
+            await admin_runner.setup()
+            await web.TCPSite(admin_runner, settings.admin_host, settings.admin_port).start()
+            log.info("admin API on http://%s:%s/admin", settings.admin_host, settings.admin_port)
         log.info("meterproxy listening on http://%s:%s -> %s (ledger %s, pricing %s, version %s)",
                  settings.host, settings.port, settings.upstream, settings.db, prices.source, prices.version)
         if settings.admin_token is None:
@@ -105,6 +111,8 @@ async def _run(settings: Settings, prices: PriceTable) -> int:
         await stop.wait()
         log.info("stopping: finishing in-flight calls and flushing the ledger")
     finally:
+        if admin_runner is not None:
+            await admin_runner.cleanup()
         await runner.cleanup()
     return 0
 

@@ -125,6 +125,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("pricing", str(SHIPPED_PRICING),
             "path of the pricing table (USD per 1M tokens); default: the shipped config/pricing.yaml",
             _text, flag=True),
+    Setting("admin_host", "127.0.0.1", "address of the admin API when it has its own port", _text),
+    Setting("admin_port", None, "a port of its own for the admin API (then /admin is not served on the proxy's "
+            "port); null: /admin on the proxy's port", lambda v: None if v is None else _port(v)),
     Setting("connect_timeout", 10.0, "seconds to connect to the upstream; then 504", _seconds),
     Setting("first_byte_timeout", 600.0,
             "seconds to wait for the upstream's response headers (a non-streamed call sends them when it is "
@@ -170,6 +173,8 @@ class Settings:
     upstream: str = "https://api.openai.com"
     db: str = "./meterproxy.db"
     pricing: str = str(SHIPPED_PRICING)
+    admin_host: str = "127.0.0.1"
+    admin_port: int | None = None
     connect_timeout: float | None = 10.0
     first_byte_timeout: float | None = 600.0
     idle_timeout: float | None = 300.0

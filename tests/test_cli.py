@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -134,3 +135,36 @@ def test_every_setting_is_documented() -> None:
     for setting in SETTINGS:
         assert f"`{setting.name}`" in readme, f"README does not document {setting.name}"
         assert f"# {setting.name}:" in shipped, f"config/proxy.yaml does not show {setting.name}"
+
+
+def test_admin_api_on_its_own_address(tmp_path: Path) -> None:
+    port, admin_port = free_port(), free_port()
+    cfg = tmp_path / "proxy.yaml"
+    cfg.write_text(f"port: {port}\nadmin_port: {admin_port}\ndb: {tmp_path / 'a.db'}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(cfg)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "METERPROXY_ADMIN_TOKEN": ADMIN_TOKEN})
+
+    def get(p: int, path: str) -> int:
+        req = urllib.request.Request(f"http://127.0.0.1:{p}{path}",
+                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        try:
+            with urllib.request.urlopen(req, timeout=2) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert get(admin_port, "/admin/usage") == 200
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+        assert get(port, "/admin/usage") == 404  # not on the proxy's port
+        assert get(port, "/healthz") == 200
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)
