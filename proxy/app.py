@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from typing import AsyncIterator
 
+import logging
+
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.admin import make_admin_app
 from proxy.config import Settings, spool_path
@@ -55,8 +58,29 @@ async def _not_found(request: web.Request) -> web.Response:
                           "not_found")
 
 
+class _NoRequestLines(logging.Filter):
+    """aiohttp logs a malformed request with the parser's exception, which quotes the raw header line —
+    an API key included. Keep the record, drop the quote: only the exception's class and status remain."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = f"{record.getMessage()}: {type(exc).__name__} ({exc.code})"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _quiet_request_parser_logs() -> None:
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _NoRequestLines) for f in server_log.filters):
+        server_log.addFilter(_NoRequestLines())
+
+
 def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Application:
     """Build the app. `prices` may be given already loaded (the CLI loads it first to fail early)."""
+    _quiet_request_parser_logs()
     app = web.Application(client_max_size=settings.max_request_bytes)
     app[SETTINGS] = settings
     app[COUNTING] = counting_policy(settings)

@@ -7,6 +7,8 @@ forwarded headers: not in a record, a log line or an exception message.
 from __future__ import annotations
 
 import hashlib
+import re
+
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.record import CallRecord
@@ -17,9 +19,13 @@ HOP_BY_HOP = frozenset({
     "trailer", "trailers", "transfer-encoding", "upgrade",
 })
 _RECOMPUTED = frozenset({"host", "content-length"})
+# Forwarded once: a second copy would let the upstream bill one key while the row names another.
+_CREDENTIALS = frozenset({"authorization", "api-key"})
 METER_PREFIX = "x-meter-"
 MAX_TAGS = 32
 MAX_VALUE_CHARS = 256
+MAX_TAG_NAME_CHARS = 64
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def key_id_of(key: str) -> str:
@@ -27,29 +33,47 @@ def key_id_of(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
-def _api_key(headers: CIMultiDictProxy[str]) -> str | None:
+def _forwardable(value: str) -> str:
+    """A header value as aiohttp will write it: without lone surrogates (bytes that were not UTF-8).
+
+    aiohttp's writer drops them (its pure-Python writer raises instead); dropping them here keeps the
+    attributed key identical to the key the upstream receives, whichever writer runs.
+    """
+    return value if value.isascii() else _SURROGATE.sub("", value)
+
+
+def api_key(headers: CIMultiDictProxy[str]) -> str | None:
     auth = headers.get("Authorization")
     if auth:
+        auth = _forwardable(auth)
         scheme, _, credential = auth.partition(" ")
         if scheme.lower() == "bearer" and credential.strip():
             return credential.strip()
-    azure = headers.get("api-key")
-    if azure and azure.strip():
+    azure = _forwardable(headers.get("api-key") or "")
+    if azure.strip():
         return azure.strip()
     return None
 
 
-def _bounded(value: str) -> str:
-    # Attribution values are stored and reported; an unbounded header must not bloat the ledger.
-    return value[:MAX_VALUE_CHARS]
+def storable(value: str, limit: int = MAX_VALUE_CHARS) -> str:
+    """`value` cut to `limit` characters, with any lone surrogate replaced by U+FFFD.
+
+    Attribution values are stored and reported: an unbounded one must not bloat the ledger. Header bytes
+    that are not UTF-8 reach us as lone surrogates (aiohttp decodes with surrogateescape), as do JSON's
+    `\\ud800` escapes; SQLite and the UTF-8 spool cannot encode them, and one such row would stop the
+    ledger's writer.
+    """
+    value = value[:limit]
+    return value if value.isascii() else _SURROGATE.sub("\ufffd", value)
 
 
 def attribute(headers: CIMultiDictProxy[str], attr: CallRecord) -> None:
     """Fill the record's key_id, key_hint, user, session, operation and tags from the request headers."""
-    key = _api_key(headers)
+    key = api_key(headers)
     if key is not None:
         attr.key_id = key_id_of(key)
-        attr.key_hint = key[-4:] if len(key) >= 8 else None  # a hint of a short key would reveal too much of it
+        # A hint of a short key would reveal too much of it.
+        attr.key_hint = storable(key[-4:]) if len(key) >= 8 else None
     for name, value in headers.items():
         lower = name.lower()
         if not lower.startswith(METER_PREFIX):
@@ -58,16 +82,19 @@ def attribute(headers: CIMultiDictProxy[str], attr: CallRecord) -> None:
         if not label:
             continue
         if label == "user":
-            attr.user = _bounded(value)
+            attr.user = storable(value)
         elif label == "session":
-            attr.session = _bounded(value)
+            attr.session = storable(value)
         elif label == "operation":
-            attr.operation = _bounded(value)
-        elif len(attr.tags) < MAX_TAGS or label in attr.tags:
-            attr.tags[label[:64]] = _bounded(value)
+            attr.operation = storable(value)
+        else:
+            tag = storable(label, MAX_TAG_NAME_CHARS)
+            if len(attr.tags) < MAX_TAGS or tag in attr.tags:
+                attr.tags[tag] = storable(value)
 
 
-def _filtered(headers: CIMultiDictProxy[str], drop: frozenset[str], drop_meter: bool) -> CIMultiDict[str]:
+def _filtered(headers: CIMultiDictProxy[str], drop: frozenset[str], drop_meter: bool,
+              once: frozenset[str] = frozenset()) -> CIMultiDict[str]:
     connection_named = {
         token.strip().lower() for value in headers.getall("Connection", ()) for token in value.split(",")
     }
@@ -76,15 +103,23 @@ def _filtered(headers: CIMultiDictProxy[str], drop: frozenset[str], drop_meter: 
         lower = name.lower()
         if lower in drop or lower in connection_named or (drop_meter and lower.startswith(METER_PREFIX)):
             continue
-        out.add(name, value)
+        if lower in once and lower in out:
+            continue
+        out.add(name, _forwardable(value))
     return out
 
 
 def upstream_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """The client's headers as the upstream should see them: minus hop-by-hop and our own X-Meter-*."""
-    return _filtered(headers, HOP_BY_HOP | _RECOMPUTED, drop_meter=True)
+    """The client's headers as the upstream should see them: minus hop-by-hop and our own X-Meter-*.
+
+    Only the first Authorization and api-key go on: the one attributed is the one the upstream bills.
+    """
+    return _filtered(headers, HOP_BY_HOP | _RECOMPUTED, drop_meter=True, once=_CREDENTIALS)
 
 
 def client_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The upstream's response headers as the client should see them: minus hop-by-hop."""
     return _filtered(headers, HOP_BY_HOP, drop_meter=False)
+
+
+_api_key = api_key  # the old private name, until every caller uses api_key

@@ -35,7 +35,7 @@ class CountPolicy:
 
 @dataclass(frozen=True, slots=True)
 class CallCount:
-    prompt: TokenCount | None
+    prompt: TokenCount | None  # None: the request body could not be read, so the prompt is not counted
     completion: TokenCount | None
 
     def usage(self) -> Usage:
@@ -51,14 +51,16 @@ class CallCount:
 
     @property
     def lower_bound(self) -> bool:
-        return bool(self.completion and self.completion.lower_bound)
+        return self.prompt is None or bool(self.completion and self.completion.lower_bound)
 
     def note(self) -> str | None:
         notes: dict[str, None] = {}
+        if self.prompt is None:
+            notes["the request body was not readable JSON: its prompt is not counted"] = None
         for count in (self.prompt, self.completion):
             if count is not None:
                 notes.update(dict.fromkeys(count.notes))
-        if self.lower_bound:
+        if self.completion is not None and self.completion.lower_bound:
             notes["reasoning tokens are not in a stream: the completion count is a lower bound"] = None
         return "; ".join(notes)[:1000] or None
 

@@ -71,8 +71,10 @@ async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.C
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(413, f"Request body too large: {exc.text}", "invalid_request_error",
-                              "request_too_large")
+        message = f"Request body too large: {exc.text}"
+        call.on_failure(413, message)  # refused, not forwarded: recorded all the same
+        await call.finish()
+        return error_response(413, message, "invalid_request_error", "request_too_large")
     body = call.on_request(body, request.headers.get("Content-Type", ""))
     # The target is always the configured upstream plus the request's path and query, in the client's
     # encoding. rel_url, not raw_path: an absolute URL in the request line must not leak into the path.

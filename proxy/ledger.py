@@ -72,7 +72,7 @@ def record_row(rec: CallRecord) -> Row:
         tags = json.dumps(rec.tags, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     except (TypeError, ValueError) as exc:
         raise LedgerError(f"tags are not a JSON object of strings: {exc}") from exc
-    return (
+    row = (
         rec.request_id, rec.started_at, rec.ended_at, rec.key_id, rec.key_hint, rec.user,
         rec.session, rec.operation,
         tags,
@@ -83,6 +83,28 @@ def record_row(rec: CallRecord) -> Row:
         int(rec.approximate), int(rec.lower_bound), rec.usage_note, rec.counted_prompt_tokens,
         rec.counted_completion_tokens,
     )  # fmt: skip
+    # A value SQLite (or the spool) cannot take must fail this row alone, here, never the writer.
+    if all(_storable(v) for v in row):
+        return row
+    for value in row:
+        if isinstance(value, int) and not -_INT64 <= value < _INT64:
+            raise LedgerError(f"a number in the row is out of SQLite's range: {value:.3e}")
+    return tuple(v.encode("utf-8", "replace").decode() if isinstance(v, str) else v for v in row)
+
+
+_INT64 = 2**63
+
+
+def _storable(value: object) -> bool:
+    if isinstance(value, str):
+        if value.isascii():
+            return True
+        try:
+            value.encode()
+        except UnicodeEncodeError:  # a lone surrogate, from a header or an escape in JSON
+            return False
+        return True
+    return not isinstance(value, int) or -_INT64 <= value < _INT64
 
 
 class Ledger:
@@ -274,7 +296,7 @@ class Ledger:
             return
         try:
             await asyncio.to_thread(self._spool.append, [row for row, _ in batch])
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             self._fail(batch, LedgerError(f"{cause}; the spool {self._spool.path} failed too: {exc}"))
             return
         if not self._spooled:

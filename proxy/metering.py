@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from multidict import CIMultiDictProxy
 
-from proxy.attribution import attribute
+from proxy.attribution import api_key, attribute
 from proxy.counter import CallCount, CountPolicy, count_call
 from proxy.ledger import Ledger, LedgerError
 from proxy.meters import Meter, meter_for
@@ -40,6 +40,8 @@ class MeteredCall:
         self.record = CallRecord(request_id=uuid.uuid4().hex, started_at=time.time(), method=method,
                                  endpoint=path)
         attribute(headers, self.record)
+        # Held in memory for this call only, to take it out of anything the upstream echoes back.
+        self._key = api_key(headers)
         self._meter_failed = False
         self._finished = False
 
@@ -91,6 +93,12 @@ class MeteredCall:
         self.record.error = message if self.record.error is None else f"{self.record.error}; {message}"
 
     # --- the end -----------------------------------------------------------------------------
+    def _redact(self, text: str | None) -> str | None:
+        key, self._key = self._key, None
+        if text is None or not key or len(key) < 8 or key not in text:
+            return text
+        return text.replace(key, f"...{self.record.key_hint or ''}")
+
     def _settle(self, counted: CallCount | None) -> None:
         rec, meter = self.record, self.meter
         rec.ended_at = time.time()
@@ -98,7 +106,7 @@ class MeteredCall:
         rec.stream = rec.stream or meter.stream
         rec.model = meter.model or rec.requested_model
         if meter.error and rec.error is None:
-            rec.error = meter.error
+            rec.error = self._redact(meter.error)
         if meter.usage is not None and not self._meter_failed:
             rec.set_usage(meter.usage, "upstream")
             rec.cost_usd, rec.priced = self._prices.cost(rec.model, meter.usage)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from typing import Callable
 
+from proxy.attribution import storable
 from proxy.counting import StreamOutput
 from proxy.edits import Edit, drop, strip_usage_null
 from proxy.record import Usage
@@ -23,6 +24,9 @@ from proxy.usage import UnreadableUsage, chat_usage, responses_usage, served_mod
 MAX_ERROR_CHARS = 1000
 # Error bodies are read for their message; a huge one is cut rather than held whole.
 MAX_ERROR_BODY = 64 * 1024
+# JSON nested deeper than the interpreter's recursion limit is still JSON the upstream may accept: the
+# proxy forwards it, and only gives up reading it.
+_UNPARSABLE = (ValueError, RecursionError)
 
 
 def _error_message(obj: object) -> str | None:
@@ -32,9 +36,9 @@ def _error_message(obj: object) -> str | None:
     err = obj.get("error")
     if isinstance(err, dict):
         msg = err.get("message")
-        return str(msg)[:MAX_ERROR_CHARS] if msg else json.dumps(err)[:MAX_ERROR_CHARS]
+        return storable(str(msg), MAX_ERROR_CHARS) if msg else json.dumps(err)[:MAX_ERROR_CHARS]
     if isinstance(err, str) and err:
-        return err[:MAX_ERROR_CHARS]
+        return storable(err, MAX_ERROR_CHARS)
     return None
 
 
@@ -72,18 +76,18 @@ class Meter:
             return None
         try:
             obj = json.loads(body)
-        except ValueError:
+        except _UNPARSABLE:
             return None  # forwarded as is; the upstream will say what is wrong with it
         if not isinstance(obj, dict):
             return None
         self.request = obj
         model = obj.get("model")
         if isinstance(model, str) and model:
-            self.requested_model = model
+            self.requested_model = storable(model)
         self.stream = obj.get("stream") is True
         user = obj.get("user")
         if isinstance(user, str) and user:
-            self.body_user = user
+            self.body_user = storable(user)
         if self.want_inject and self.stream:
             return self._inject(body, obj)
         return None
@@ -91,15 +95,25 @@ class Meter:
     def _inject(self, body: bytes, obj: dict[str, object]) -> bytes | None:
         options = obj.get("stream_options")
         if options is None and "stream_options" not in obj:
+            body = body.lstrip()
+            if body[:1] != b"{":
+                # A byte order mark or UTF-16/32 (json.loads reads them): ASCII put in front would corrupt
+                # the body, so leave it alone; the stream is counted instead.
+                return None
             # Add the member in front: the rest of the client's bytes go upstream untouched.
             self.inject = True
-            rest = body.lstrip()[1:]
+            rest = body[1:]
             sep = b"" if rest.lstrip().startswith(b"}") else b","
             return b'{"stream_options":{"include_usage":true}' + sep + rest
         if isinstance(options, dict) and options.get("include_usage") is not True:
-            self.inject = True
             obj["stream_options"] = {**options, "include_usage": True}
-            return json.dumps(obj, ensure_ascii=False).encode()
+            text = json.dumps(obj, ensure_ascii=False)
+            try:
+                replaced = text.encode()
+            except UnicodeEncodeError:  # a lone surrogate (a "\ud800" escape): keep it escaped
+                replaced = json.dumps(obj).encode()
+            self.inject = True
+            return replaced
         return None  # the client asked for usage itself: nothing to add, nothing to take out
 
     # --- response --------------------------------------------------------------------------
@@ -130,6 +144,8 @@ class Meter:
         if self._sse is not None:
             for event in self._sse.close():
                 self._on_event(event)
+            if self.settled is None and self.succeeded and self.extract is not None:
+                self.usage_error = "the stream carried no events; usage not read"
         elif self._parts:
             self._on_body(b"".join(self._parts))
         self._parts = None
@@ -138,7 +154,7 @@ class Meter:
     def _on_body(self, body: bytes) -> None:
         try:
             obj = json.loads(body)
-        except ValueError:
+        except _UNPARSABLE:
             obj = None
         if self._status >= 400:
             self.error = _error_message(obj) or body[:MAX_ERROR_CHARS].decode("utf-8", "replace")
@@ -146,10 +162,18 @@ class Meter:
         if obj is None:
             self.usage_error = "response body is not JSON; usage not read"
             return
-        self.model = served_model(obj) or self.model
+        if not isinstance(obj, dict):
+            self.usage_error = "response body is not a JSON object; usage not read"
+            return
+        self._served(obj)
         self._take(obj)
         if self.output is not None:
             self.output.feed(obj)
+
+    def _served(self, obj: object) -> None:
+        model = served_model(obj)
+        if model is not None:
+            self.model = storable(model)
 
     def _take(self, obj: object) -> None:
         if self.extract is None:
@@ -170,7 +194,7 @@ class Meter:
             return
         try:
             obj = json.loads(event.data)
-        except ValueError:
+        except _UNPARSABLE:
             self.usage_error = "a stream event is not JSON"
             return
         if self.inject and isinstance(obj, dict) and "usage" in obj:
@@ -181,7 +205,7 @@ class Meter:
         message = _error_message(obj)
         if message is not None:
             self.error = message
-        self.model = served_model(obj) or self.model
+        self._served(obj)
         self._take(obj)
         if self.output is not None:
             self.output.feed(obj)
@@ -240,7 +264,7 @@ class ResponsesMeter(Meter):
             if message is None and isinstance(response, dict) and kind == "response.incomplete":
                 details = response.get("incomplete_details")
                 if isinstance(details, dict) and details.get("reason"):
-                    message = f"incomplete: {details['reason']}"
+                    message = storable(f"incomplete: {details['reason']}", MAX_ERROR_CHARS)
             if message is not None:
                 self.error = message
         self._hold(event)

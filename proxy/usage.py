@@ -40,6 +40,10 @@ class _Names(NamedTuple):
     completion_details: str
 
 
+# No call has spent a trillion tokens: a larger count is garbage, and must not reach the ledger, whose
+# SQLite columns (and sums over them) are 64-bit integers that 2**63 would overflow.
+MAX_TOKENS = 10**12
+
 _CHAT = _Names("prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details")
 _RESPONSES = _Names("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details")
 
@@ -170,7 +174,9 @@ def _count_or_none(where: dict[str, Any], name: str) -> int | None:
     else:
         raise UnreadableUsage(f"{name} is not a whole number: {_short_repr(value)}")
     if count < 0:
-        raise UnreadableUsage(f"{name} is negative: {count}")
+        raise UnreadableUsage(f"{name} is negative: {_short_repr(value)}")
+    if count > MAX_TOKENS:
+        raise UnreadableUsage(f"{name} is more than {MAX_TOKENS}: {_short_repr(value)}")
     return count
 
 
@@ -178,6 +184,6 @@ def _short_repr(value: object) -> str:
     # Upstream values can be huge or nested: name the type rather than print them.
     if isinstance(value, str):
         return repr(value[:20]) + ("..." if len(value) > 20 else "")
-    if isinstance(value, float):
+    if isinstance(value, float) or isinstance(value, int) and -10**20 < value < 10**20:
         return repr(value)
-    return type(value).__name__
+    return type(value).__name__  # a huge int's digits (up to 4300 of them) say nothing more
