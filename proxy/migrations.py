@@ -76,6 +76,75 @@ MIGRATIONS: tuple[Migration, ...] = (
             AND usage_source = 'upstream';
         """,
     ),
+    Migration(
+        "control: managed keys, limits per subject, sent budget alerts, a change counter; team spend index",
+        # IF NOT EXISTS throughout: a repair that replays every migration's script must not trip on these.
+        # keys_changes.version is bumped by triggers on every change to api_keys or subject_limits, by any
+        # process (the CLI writes the file directly), so a running proxy can tell its caches are stale.
+        # The calls index is on the very expression proxy.budgets.TEAM_SQL queries (the team is the
+        # "team" tag); json_valid keeps a malformed tags value from failing a ledger insert.
+        """
+        CREATE TABLE IF NOT EXISTS api_keys (
+            key_id TEXT PRIMARY KEY,
+            key_hash TEXT NOT NULL UNIQUE,
+            key_hint TEXT NOT NULL,
+            "user" TEXT NOT NULL,
+            team TEXT,
+            name TEXT,
+            budget_usd TEXT,
+            budget_period TEXT NOT NULL DEFAULT 'month' CHECK (budget_period IN ('day', 'month', 'total')),
+            expires_at REAL,
+            models TEXT,
+            rpm INTEGER,
+            tpm INTEGER,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            revoked_at REAL
+        );
+        CREATE INDEX IF NOT EXISTS api_keys_user ON api_keys ("user");
+        CREATE INDEX IF NOT EXISTS api_keys_team ON api_keys (team);
+        CREATE TABLE IF NOT EXISTS subject_limits (
+            kind TEXT NOT NULL CHECK (kind IN ('key', 'user', 'team')),
+            name TEXT NOT NULL,
+            budget_usd TEXT,
+            budget_period TEXT NOT NULL DEFAULT 'month' CHECK (budget_period IN ('day', 'month', 'total')),
+            rpm INTEGER,
+            tpm INTEGER,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (kind, name)
+        );
+        CREATE TABLE IF NOT EXISTS budget_alerts (
+            kind TEXT NOT NULL,
+            name TEXT NOT NULL,
+            period TEXT NOT NULL,
+            threshold TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            outcome TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            finished_at REAL,
+            PRIMARY KEY (kind, name, period, threshold)
+        );
+        CREATE TABLE IF NOT EXISTS keys_changes (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            version INTEGER NOT NULL
+        );
+        INSERT OR IGNORE INTO keys_changes (id, version) VALUES (1, 0);
+        CREATE TRIGGER IF NOT EXISTS api_keys_inserted AFTER INSERT ON api_keys
+            BEGIN UPDATE keys_changes SET version = version + 1; END;
+        CREATE TRIGGER IF NOT EXISTS api_keys_updated AFTER UPDATE ON api_keys
+            BEGIN UPDATE keys_changes SET version = version + 1; END;
+        CREATE TRIGGER IF NOT EXISTS api_keys_deleted AFTER DELETE ON api_keys
+            BEGIN UPDATE keys_changes SET version = version + 1; END;
+        CREATE TRIGGER IF NOT EXISTS subject_limits_inserted AFTER INSERT ON subject_limits
+            BEGIN UPDATE keys_changes SET version = version + 1; END;
+        CREATE TRIGGER IF NOT EXISTS subject_limits_updated AFTER UPDATE ON subject_limits
+            BEGIN UPDATE keys_changes SET version = version + 1; END;
+        CREATE TRIGGER IF NOT EXISTS subject_limits_deleted AFTER DELETE ON subject_limits
+            BEGIN UPDATE keys_changes SET version = version + 1; END;
+        CREATE INDEX IF NOT EXISTS calls_team_started_at ON calls (
+            (CASE WHEN json_valid(tags) THEN json_extract(tags, '$.team') END), started_at);
+        """,
+    ),
 )
 
 
