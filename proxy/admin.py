@@ -53,8 +53,12 @@ async def _in_thread(path: str, fn: Callable[..., dict[str, Any]], **kwargs: Any
     return await asyncio.to_thread(run)
 
 
-def make_admin_app(db: str, token: str | None) -> web.Application:
-    """The admin API over the ledger at `db`; mount it at /admin (on the proxy's port or its own)."""
+def make_admin_app(db: str, token: str | None,
+                   extra_routes: Callable[[web.Application], None] | None = None) -> web.Application:
+    """The admin API over the ledger at `db`; mount it at /admin (on the proxy's port or its own).
+
+    `extra_routes` adds routes (keys, budgets) before the catch-all 404.
+    """
 
     def db_path(request: web.Request) -> str:
         return db
@@ -107,5 +111,7 @@ def make_admin_app(db: str, token: str | None) -> web.Application:
     admin.router.add_get("/usage", usage)
     admin.router.add_get("/calls", calls)
     admin.router.add_get("/accuracy", accuracy_view)
+    if extra_routes is not None:
+        extra_routes(admin)
     admin.router.add_route("*", "/{tail:.*}", not_found)
     return admin

@@ -16,10 +16,12 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.admin import make_admin_app
+from proxy.admin_keys import add_key_routes, meter_usage
 from proxy.config import Settings, spool_path
 from proxy.counter import CountPolicy
 from proxy.errors import error_response
 from proxy.forward import forward
+from proxy.gate import Gate, open_gate
 from proxy.ledger import Ledger
 from proxy.metering import MeteredCall
 from proxy.pricing import PriceTable
@@ -30,6 +32,7 @@ PRICES = web.AppKey("prices", PriceTable)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 TIMEOUT = web.AppKey("timeout", aiohttp.ClientTimeout)
 COUNTING = web.AppKey("counting", CountPolicy)
+GATE = web.AppKey("gate", Gate)
 
 
 async def _proxy(request: web.Request) -> web.StreamResponse:
@@ -43,7 +46,7 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
     call = MeteredCall(request.method, request.path, request.headers, prices=app[PRICES], ledger=app[LEDGER],
                        inject_usage=settings.stream_usage == "inject", counting=app[COUNTING],
                        sample_rate=settings.accuracy_sample_rate)
-    return await forward(request, call, session=app[SESSION], upstream=settings.upstream,
+    return await forward(request, call, session=app[SESSION], upstream=settings.upstream, gate=app[GATE],
                          timeout=app[TIMEOUT], first_byte=settings.first_byte_timeout,
                          idle=settings.idle_timeout)
 
@@ -94,6 +97,16 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
                         busy_timeout_ms=int((settings.ledger_busy_timeout or 5.0) * 1000))
         await ledger.open()
         app[LEDGER] = ledger
+        try:
+            gate = await open_gate(
+                db_path=settings.db, managed=settings.keys == "managed", prices=app[PRICES],
+                counting=app[COUNTING], upstream_key=settings.upstream_api_key, limits=settings.limits,
+                reserve_max_tokens=settings.reserve_max_tokens, alert_webhook=settings.alert_webhook,
+                alert_thresholds=settings.alert_thresholds)
+        except BaseException:
+            await ledger.close()
+            raise
+        app[GATE] = gate
         # Unlimited pool with keep-alive; aiohttp sets TCP_NODELAY on every connection itself.
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         # auto_decompress off: the client gets the upstream's compressed bytes; meters decode a copy.
@@ -103,22 +116,33 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
             try:
                 yield
             finally:
-                await ledger.close()
+                try:
+                    await gate.close()
+                finally:
+                    await ledger.close()
 
     app.cleanup_ctx.append(resources)
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/meter/usage", meter_usage(GATE))
     app.router.add_route("*", "/v1/{tail:.*}", _proxy)
     if settings.admin_port is None:
-        app.add_subapp("/admin", make_admin_app(settings.db, settings.admin_token))
+        app.add_subapp("/admin", _admin(settings))
     app.router.add_route("*", "/{tail:.*}", _not_found)
     return app
 
 
 
-def make_admin_site(settings: Settings) -> web.Application:
-    """The admin API alone, for `admin_host`:`admin_port` (e.g. localhost only, while the proxy faces a network)."""
+def _admin(settings: Settings) -> web.Application:
+    return make_admin_app(settings.db, settings.admin_token, lambda admin: add_key_routes(admin, GATE))
+
+
+def make_admin_site(settings: Settings, gate: Gate) -> web.Application:
+    """The admin API alone, for `admin_host`:`admin_port` (e.g. localhost only, while the proxy faces a network).
+
+    It shares the running proxy's gate, so key and budget changes apply to it at once."""
     app = web.Application()
-    app.add_subapp("/admin", make_admin_app(settings.db, settings.admin_token))
+    app[GATE] = gate
+    app.add_subapp("/admin", _admin(settings))
     app.router.add_route("*", "/{tail:.*}", _not_found)
     return app
 

@@ -121,5 +121,3 @@ def client_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The upstream's response headers as the client should see them: minus hop-by-hop."""
     return _filtered(headers, HOP_BY_HOP, drop_meter=False)
 
-
-_api_key = api_key  # the old private name, until every caller uses api_key

@@ -17,7 +17,8 @@ from typing import Sequence
 from aiohttp import web
 
 from proxy import accuracy, render, reports
-from proxy.app import counting_policy, make_admin_site, make_app
+from proxy.app import GATE, counting_policy, make_admin_site, make_app
+from proxy.cli_keys import add_keys_parser, run_keys
 from proxy.config import SETTINGS, ConfigError, Settings, load_settings
 from proxy.counting import CountingError
 from proxy.ledger import LedgerError
@@ -47,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--model", help="only this model")
     report.add_argument("--format", default="table", choices=["table", "json", "csv"])
 
+    add_keys_parser(sub)
+
     acc = sub.add_parser("accuracy", help="how far the proxy's token counts fall from the provider's, per model")
     acc.add_argument("--config", help="YAML config file, for its db setting")
     acc.add_argument("--db", help="ledger database (default: the config's db, else ./meterproxy.db)")
@@ -68,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "accuracy":
         return _accuracy(args)
+    if args.command == "keys":
+        return run_keys(args)
     return _report(args)
 
 
@@ -96,7 +101,8 @@ async def _run(settings: Settings, prices: PriceTable) -> int:
         site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
         await site.start()
         if settings.admin_port is not None:
-            admin_runner = web.AppRunner(make_admin_site(settings), access_log=None, handle_signals=False)
+            admin_runner = web.AppRunner(make_admin_site(settings, runner.app[GATE]), access_log=None,
+                                         handle_signals=False)
             await admin_runner.setup()
             await web.TCPSite(admin_runner, settings.admin_host, settings.admin_port).start()
             log.info("admin API on http://%s:%s/admin", settings.admin_host, settings.admin_port)

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import yaml
 from yarl import URL
+
+from proxy.limits import Limits, Subject, parse_limits_setting, parse_thresholds
 
 SHIPPED_PRICING = Path(__file__).resolve().parent / "pricing.yaml"
 
@@ -157,6 +160,20 @@ SETTINGS: tuple[Setting, ...] = (
             _encoding_map),
     Setting("reasoning_models", (), "model globs that reason in hidden tokens, beyond OpenAI's o-series and "
             "gpt-5: their counted completions are flagged as lower bounds", _globs),
+    Setting("keys", "passthrough",
+            "'passthrough': clients send their own upstream keys; 'managed': the proxy issues its own keys "
+            "(POST /admin/keys, meterproxy keys) and sends the real upstream key (OPENAI_API_KEY) itself",
+            _choice("passthrough", "managed")),
+    Setting("upstream_api_key", None, "the real upstream key for keys: managed (OPENAI_API_KEY in the "
+            "environment wins)", _optional_text),
+    Setting("limits", {}, "budgets and rate limits for passthrough subjects: {key|user|team: {name: "
+            "{budget_usd, budget_period: day|month|total, rpm, tpm}}}", parse_limits_setting),
+    Setting("reserve_max_tokens", 4096, "completion tokens a budget reserves for a call that sets no "
+            "max_tokens / max_completion_tokens", _size),
+    Setting("alert_webhook", None, "URL that gets a JSON POST when spend crosses an alert threshold",
+            lambda v: None if v is None else _url(v)),
+    Setting("alert_thresholds", (Decimal("0.8"), Decimal(1)), "shares of a budget at which to alert, once per "
+            "period and threshold", parse_thresholds),
     Setting("stream_usage", "count",
             "a stream the client asked without usage: count its tokens (the request is never changed), or "
             "inject include_usage upstream and take out of the client's stream exactly what that added",
@@ -164,6 +181,7 @@ SETTINGS: tuple[Setting, ...] = (
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
 ADMIN_TOKEN_ENV = "METERPROXY_ADMIN_TOKEN"
+UPSTREAM_KEY_ENV = "OPENAI_API_KEY"
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +206,12 @@ class Settings:
     count_encoding: str = "o200k_base"
     count_encoding_overrides: dict[str, str] = field(default_factory=dict)
     reasoning_models: tuple[str, ...] = ()
+    keys: str = "passthrough"
+    upstream_api_key: str | None = field(default=None, repr=False)
+    limits: dict[Subject, Limits] = field(default_factory=dict)
+    reserve_max_tokens: int = 4096
+    alert_webhook: str | None = None
+    alert_thresholds: tuple[Decimal, ...] = (Decimal("0.8"), Decimal(1))
     stream_usage: str = "count"
     admin_token: str | None = field(default=None, repr=False)  # from the environment only; never logged
 
@@ -235,6 +259,10 @@ def load_settings(config_path: str | None = None, flags: Mapping[str, object] | 
     _apply(values, given, "command line")
     env = os.environ if environ is None else environ
     token = env.get(ADMIN_TOKEN_ENV) or None
+    values["upstream_api_key"] = env.get(UPSTREAM_KEY_ENV) or values["upstream_api_key"]
+    if values["keys"] == "managed" and not values["upstream_api_key"]:
+        raise ConfigError(f"{config_path or 'command line'}: keys: managed needs the upstream key: set "
+                          f"{UPSTREAM_KEY_ENV} (or upstream_api_key)")
     return Settings(**values, admin_token=token)
 
 

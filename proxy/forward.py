@@ -21,6 +21,7 @@ from proxy.attribution import client_headers, upstream_headers
 from proxy.decoding import Identity, decoder_for
 from proxy.edits import StreamEditor
 from proxy.errors import error_response
+from proxy.gate import Gate, Refusal
 from proxy.metering import MeteredCall
 
 log = logging.getLogger("meterproxy")
@@ -66,8 +67,8 @@ def _abort(request: web.Request) -> None:
 
 
 async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.ClientSession,
-                  upstream: str, timeout: aiohttp.ClientTimeout, first_byte: float | None = None,
-                  idle: float | None = None) -> web.StreamResponse:
+                  upstream: str, timeout: aiohttp.ClientTimeout, gate: Gate | None = None,
+                  first_byte: float | None = None, idle: float | None = None) -> web.StreamResponse:
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
@@ -87,6 +88,17 @@ async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.C
     query = rel.raw_query_string
     target = URL(upstream + rel.raw_path + (f"?{query}" if query else ""), encoded=True)
     headers = upstream_headers(request.headers)
+    if gate is not None:
+        # Managed keys, rate limits and budgets: decided before anything is forwarded.
+        admission = await gate.admit(request.headers, call.meter.request, request.path, method=request.method,
+                                     body_size=len(body), record=call.record)
+        if isinstance(admission, Refusal):
+            call.refused(admission)
+            await call.finish()
+            return web.Response(status=admission.status, body=admission.body, headers=admission.headers,
+                                content_type="application/json")
+        call.admitted(admission)
+        admission.apply(headers)
     if call.edits_stream:
         # The proxy will edit the stream's bytes, so it asks for them uncompressed.
         headers["Accept-Encoding"] = "identity"

@@ -17,6 +17,7 @@ from multidict import CIMultiDictProxy
 
 from proxy.attribution import api_key, attribute
 from proxy.counter import CallCount, CountPolicy, count_call
+from proxy.gate import Admission, Refusal
 from proxy.ledger import Ledger, LedgerError
 from proxy.meters import Meter, meter_for
 from proxy.pricing import PriceTable
@@ -44,6 +45,7 @@ class MeteredCall:
         self._key = api_key(headers)
         self._meter_failed = False
         self._finished = False
+        self._admission: Admission | None = None
 
     def _safe(self, hook: Callable[..., Any], *args: Any) -> Any:
         if self._meter_failed:
@@ -70,6 +72,25 @@ class MeteredCall:
     def edits_stream(self) -> bool:
         """The response stream must pass through the meter's edits (include_usage was injected)."""
         return self.meter.inject and not self._meter_failed
+
+    def admitted(self, admission: Admission) -> None:
+        """The gate let the call through; in managed mode the key names the user and team, not the headers."""
+        self._admission = admission
+        self._attribute(admission.key_id, admission.user, admission.team)
+
+    def refused(self, refusal: Refusal) -> None:
+        """The gate refused the call (bad key, rate limit, budget): recorded as such, never forwarded."""
+        self._attribute(refusal.key_id, refusal.user, refusal.team)
+        self.on_failure(refusal.status, f"{refusal.code}: {refusal.message}")
+
+    def _attribute(self, key_id: str | None, user: str | None, team: str | None) -> None:
+        rec = self.record
+        if key_id is not None:
+            rec.key_id = key_id
+        if user is not None:
+            rec.user = user
+        if team is not None:
+            rec.tags["team"] = team
 
     def on_response_headers(self, status: int, content_type: str) -> None:
         self.record.status = status
@@ -162,3 +183,6 @@ class MeteredCall:
             await self._ledger.record(self.record)
         except LedgerError as exc:
             log.error("ledger: call %s not recorded: %s", self.record.request_id, exc)
+        finally:
+            if self._admission is not None:  # release the budget hold; the real cost is on the ledger now
+                self._admission.settle(self.record.cost_usd, self.record.total_tokens)
