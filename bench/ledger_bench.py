@@ -3,8 +3,9 @@
 `python -m bench.ledger_bench --dir D --concurrency 1,32,1000 --rows N --duration S` prints one JSON object.
 Each level opens a fresh ledger file in D (the same filesystem as the proxy's), builds realistic records
 beforehand, then lets `concurrency` tasks call `record()` until N rows or S seconds. It times only
-`record()`, which includes turning the record into a row, group commit and fsync. It must never touch
-the proxy's own database.
+`record()`, which includes turning the record into a row, group commit and fsync. For scale it also
+times a bare sqlite3 one-row commit with synchronous=FULL and NORMAL on the same disk. It must never
+touch the proxy's own database.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sqlite3
 import sys
 import time
 import uuid
@@ -64,13 +66,33 @@ async def _level(path: Path, concurrency: int, rows: int, duration: float) -> di
             "record_latency_ms": summary(latencies)}
 
 
-async def _main(args: argparse.Namespace) -> list[dict[str, object]]:
+def _commit_cost(path: Path, synchronous: str, commits: int = 300) -> dict[str, float | int]:
+    """Plain sqlite3, WAL, one one-row transaction at a time: what one commit (and its fsync) costs here."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+        conn.execute("CREATE TABLE IF NOT EXISTS t (id TEXT PRIMARY KEY, v REAL, s TEXT)")
+        times = []
+        for i in range(commits):
+            t0 = time.perf_counter()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO t VALUES (?, ?, ?)", (uuid.uuid4().hex, i * 0.5, "gpt-4o-mini"))
+            conn.execute("COMMIT")
+            times.append(time.perf_counter() - t0)
+        return summary(times)
+    finally:
+        conn.close()
+
+
+async def _main(args: argparse.Namespace) -> dict[str, object]:
+    commit = {mode: _commit_cost(Path(args.dir) / f"commit-{mode.lower()}.db", mode) for mode in ("FULL", "NORMAL")}
     out = []
     for c in (int(x) for x in args.concurrency.split(",")):
         path = Path(args.dir) / f"ledger-bench-c{c}.db"
         rows = args.rows if c > 1 else min(args.rows, 2000)  # one at a time is one fsync a row
         out.append(await _level(path, c, rows, args.duration))
-    return out
+    return {"levels": out, "sqlite_commit_ms": commit}
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ MEASURE_MARK = "measuring"  # written to stderr when the warm-up is over and mea
 @dataclass
 class _State:
     remaining: int
+    start: float = 0.0
     deadline: float = 0.0
     inflight: int = 0
     peak: int = 0
@@ -83,6 +84,9 @@ async def _worker(i: int, args: argparse.Namespace, session: aiohttp.ClientSessi
             state.errors[f"warmup: {error}"] += 1
     warmed[0] += 1
     if warmed[0] == args.concurrency:
+        # Set before anyone runs on: a worker that finds `ready` already set does not yield.
+        state.start = time.perf_counter()
+        state.deadline = state.start + args.duration
         ready.set()
     await ready.wait()
     if args.ramp:
@@ -119,10 +123,8 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
         await ready.wait()
         sys.stderr.write(MEASURE_MARK + "\n")
         sys.stderr.flush()
-        start = time.perf_counter()
-        state.deadline = start + args.duration
         await asyncio.gather(*tasks)
-    wall = max(state.last_end - start, 1e-9)
+    wall = max(state.last_end - state.start, 1e-9)
     return {
         "tool": "client", "concurrency": args.concurrency, "ok": state.ok,
         "errors": dict(state.errors), "error_total": sum(state.errors.values()),

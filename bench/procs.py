@@ -16,6 +16,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 HOST = "127.0.0.1"
 
@@ -50,12 +51,20 @@ class Service:
         return self.proc.returncode
 
 
+def pinned(cpus: set[int] | None) -> Callable[[], None] | None:
+    """A preexec_fn that pins the child (and every thread it will start) to `cpus`; None: no pinning."""
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
 def start(name: str, argv: list[str], url: str, *, logdir: Path, env: dict[str, str] | None = None,
-          cwd: str | None = None, ready_timeout: float = 30.0) -> Service:
+          cwd: str | None = None, ready_timeout: float = 30.0, cpus: set[int] | None = None) -> Service:
     """Start `argv`, wait until GET {url}/healthz answers 200, and return it; raise if it never does."""
     log = logdir / f"{name}.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                preexec_fn=pinned(cpus))
     service = Service(name, url, proc, log)
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
@@ -83,10 +92,11 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time a process has used so far, in seconds."""
+def cpu_seconds(pid: int, tid: int | None = None) -> float | None:
+    """User + system CPU seconds a process (or one of its threads: tid == pid is the main one) has used."""
+    stat = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -12,6 +12,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from bench import procs
+
 _MARK = "BENCHJSON "
 _DONE = r"""
 function done(summary, latency, requests)
@@ -48,7 +50,7 @@ def write_script(path: Path, body: bytes, headers: dict[str, str]) -> Path:
 
 
 def run(url: str, script: Path, *, concurrency: int, duration: float, threads: int = 1,
-        timeout_s: float = 10.0) -> dict[str, object]:
+        timeout_s: float = 10.0, cpus: set[int] | None = None) -> dict[str, object]:
     """One wrk run; returns the same shape as loadgen's result (latency in ms)."""
     wrk = available()
     if wrk is None:
@@ -56,7 +58,8 @@ def run(url: str, script: Path, *, concurrency: int, duration: float, threads: i
     seconds = max(1, round(duration))
     argv = [wrk, f"-t{min(threads, concurrency)}", f"-c{concurrency}", f"-d{seconds}s",
             f"--timeout={max(1, round(timeout_s))}s", "-s", str(script), url]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + timeout_s + 30)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + timeout_s + 30,
+                          preexec_fn=procs.pinned(cpus))
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(_MARK)), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout[-500:]}")
