@@ -3,7 +3,9 @@
 Callers hand `Ledger.record()` a `CallRecord` and get control back only once the transaction holding
 that row has committed (synchronous=FULL: it is on disk). A single writer task takes every row queued
 while the previous commit ran and writes them in one transaction, so N concurrent callers cost about
-one fsync rather than N.
+one fsync rather than N. The transaction itself runs on one dedicated thread (ledger_db.py), in one call
+per batch: plain sqlite3 rather than aiosqlite, whose two round trips per batch (insert, commit) woke
+the event loop twice.
 
 When the database refuses a batch (locked, disk full, read-only, its file deleted), the rows go to the
 spool (spool.py): an fsynced JSON Lines file. record() then returns as for a commit — the row is durable —
@@ -26,12 +28,11 @@ import json
 import logging
 import os
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
-from typing import Any
+from typing import Any, Callable
 
-import aiosqlite
-
-from .migrations import migrate
+from .ledger_db import COLUMNS, INSERT_SQL, LedgerDB
 from .record import CallRecord
 from .spool import Spool
 
@@ -39,18 +40,6 @@ __all__ = ["COLUMNS", "INSERT_SQL", "Ledger", "LedgerError", "record_row"]
 
 log = logging.getLogger(__name__)
 
-COLUMNS: tuple[str, ...] = (
-    "request_id", "started_at", "ended_at", "key_id", "key_hint", "user", "session", "operation",
-    "tags", "method", "endpoint", "requested_model", "model", "stream", "status", "error",
-    "latency_ms", "ttfb_ms", "prompt_tokens", "completion_tokens", "cached_tokens",
-    "reasoning_tokens", "total_tokens", "usage_source", "priced", "cost_usd",
-    "approximate", "lower_bound", "usage_note", "counted_prompt_tokens", "counted_completion_tokens",
-)  # fmt: skip
-INSERT_SQL = "INSERT INTO calls ({}) VALUES ({})".format(
-    ", ".join(f'"{c}"' for c in COLUMNS), ", ".join("?" * len(COLUMNS))
-)
-# Replays may repeat after a crash between commit and clearing the spool: request_id makes them idempotent.
-REPLAY_SQL = INSERT_SQL.replace("INSERT INTO", "INSERT OR IGNORE INTO", 1)
 _BUSY_TIMEOUT_MS = 5000
 _STOP = object()  # queued by close(): everything ahead of it is written, then the writer ends
 
@@ -111,7 +100,7 @@ class Ledger:
     """Appends `CallRecord`s to the SQLite ledger at `path`; see the module docstring.
 
     `stats` counts: rows_committed, batches (committed transactions), last_batch_size,
-    max_batch_size, errors (records whose record() raised because their write failed).
+    max_batch_size, errors (records whose record() raised because their write failed), spooled, replayed.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, max_batch: int = 2000,
@@ -122,15 +111,15 @@ class Ledger:
         self._path = os.fspath(path)
         self._max_batch = max_batch
         self._spool = Spool(spool_path) if spool_path is not None else None
-        self._busy_timeout_ms = busy_timeout_ms
         self._retry_interval = retry_interval
         self._spooled = False  # rows wait in the spool: new rows join them there, in order
         self._healthy = True
-        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file the connection has open
-        self._db: aiosqlite.Connection | None = None
+        self.db = LedgerDB(self._path, busy_timeout_ms)  # its methods run on the writer thread only
+        self._thread: ThreadPoolExecutor | None = None
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._inflight: list[_Item] = []
+        self._opened = False
         self._closed = False
         self.stats: dict[str, int] = dict.fromkeys(
             ("rows_committed", "batches", "last_batch_size", "max_batch_size", "errors", "spooled",
@@ -146,44 +135,33 @@ class Ledger:
         """The database takes rows now: nothing waits in the spool and the last write worked."""
         return self._healthy and not self._spooled
 
+    async def _on_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a blocking ledger call on the writer thread: one hop, one wake-up of the loop."""
+        assert self._thread is not None
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
     async def open(self) -> None:
-        if self._db is not None or self._closed:
+        if self._opened or self._closed:
             raise LedgerError(f"ledger {self._path} was already opened")
-        self._db = await self._connect()
+        self._opened = True
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="ledger-writer")
+        try:
+            await self._on_thread(self.db.open)
+        except Exception as exc:  # sqlite3.Error, OSError, MigrationError: all mean "unusable path"
+            self._thread.shutdown(wait=False)
+            self._thread = None
+            raise LedgerError(f"cannot open ledger {self._path}: {exc}") from exc
         if self._spool is not None:
-            self._spooled = await asyncio.to_thread(self._spool.has_rows)  # left by an earlier run
+            self._spooled = await self._on_thread(self._spool.has_rows)  # left by an earlier run
         self._writer = asyncio.create_task(self._run(), name=f"ledger writer {self._path}")
 
-    async def _connect(self) -> aiosqlite.Connection:
-        try:
-            # Migrations are plain sqlite3 code; run them on a short-lived connection in a thread
-            # rather than reaching into aiosqlite's private thread.
-            await asyncio.to_thread(self._prepare_file)
-            db = await aiosqlite.connect(self._path, isolation_level="IMMEDIATE")
-        except Exception as exc:  # sqlite3.Error, OSError, MigrationError: all mean "unusable path"
-            raise LedgerError(f"cannot open ledger {self._path}: {exc}") from exc
-        try:
-            await db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
-            await db.execute("PRAGMA journal_mode = WAL")
-            await db.execute("PRAGMA synchronous = FULL")
-            self._identity = _file_identity(self._path)
-        except (sqlite3.Error, OSError) as exc:
-            await db.close()
-            raise LedgerError(f"cannot open ledger {self._path}: {exc}") from exc
-        return db
-
-    def _prepare_file(self) -> None:
-        conn = sqlite3.connect(self._path, timeout=self._busy_timeout_ms / 1000)
-        try:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise LedgerError(f"journal_mode is {mode!r}, WAL is required (is it a file?)")
-            migrate(conn)
-        finally:
-            conn.close()
-
     async def record(self, rec: CallRecord) -> None:
-        """Write one row; return once it is committed. Raises LedgerError if it was not."""
+        """Write one row; return once it is committed (or spooled). Raises LedgerError if it was neither."""
+        await self.submit(rec)
+
+    def submit(self, rec: CallRecord) -> asyncio.Future[None]:
+        """Queue one row; the future resolves once it is committed (or spooled). Cheaper than record() on a
+        hot path: no coroutine, and the caller may shield the future itself."""
         if self._closed or self._writer is None:
             raise LedgerError(f"ledger {self._path} is not open")
         if self._writer.done():
@@ -191,16 +169,14 @@ class Ledger:
         row = record_row(rec)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((row, fut))
-        # Not shielded: if the caller is cancelled the future is cancelled too and the writer
-        # skips it; the row itself stays in its batch.
-        await fut
+        return fut
 
     async def close(self) -> None:
         """Commit everything queued so far, stop the writer and close the connection."""
         if self._closed:
             return
         self._closed = True
-        writer, db = self._writer, self._db
+        writer = self._writer
         try:
             if writer is not None and not writer.done():
                 self._queue.put_nowait(_STOP)
@@ -212,9 +188,12 @@ class Ledger:
                     await asyncio.wait([writer])
                 if not writer.cancelled():
                     writer.exception()  # a death was already reported to its callers
-            self._db = None
-            if db is not None:
-                await db.close()
+            if self._thread is not None:
+                try:
+                    await self._on_thread(self.db.close)
+                finally:
+                    self._thread.shutdown(wait=False)
+                    self._thread = None
 
     async def _run(self) -> None:
         try:
@@ -259,43 +238,41 @@ class Ledger:
         if self._spooled and not await self._replay():
             await self._to_spool(batch, None)
             return
+        rows = [row for row, _ in batch]
         try:
-            db = await self._current_db()
-            await db.executemany(INSERT_SQL, [row for row, _ in batch])
-            await db.commit()
+            await self._on_thread(self.db.insert, rows)
         except sqlite3.IntegrityError as exc:
-            await self._rollback(db)
             if len(batch) == 1:
                 self._fail(batch, exc)
             else:
                 # One bad row (say a repeated request_id) must not cost its neighbours their rows.
-                await self._write_one_by_one(db, batch)
+                await self._write_one_by_one(batch)
             return
         except Exception as exc:  # locked, full, read-only, I/O: the rows go to the spool
-            if self._db is not None:
-                await self._rollback(self._db)
             self._healthy = False
             await self._to_spool(batch, exc)
             return
         self._healthy = True
         self._succeed(batch)
 
-    async def _current_db(self) -> aiosqlite.Connection:
-        """The connection, opened anew if the file was deleted or replaced since it was opened."""
-        if self._db is None or _file_identity(self._path) != self._identity:
-            old, self._db = self._db, None
-            if old is not None:
-                log.warning("ledger %s: the database file was deleted or replaced; opening it anew", self._path)
-                await old.close()
-            self._db = await self._connect()
-        return self._db
+    async def _write_one_by_one(self, batch: list[_Item]) -> None:
+        try:
+            outcome = await self._on_thread(self.db.insert_each, [row for row, _ in batch])
+        except Exception as exc:
+            self._healthy = False
+            await self._to_spool(batch, exc)
+            return
+        self._succeed([item for item, err in zip(batch, outcome) if err is None])
+        for item, err in zip(batch, outcome):
+            if err is not None:
+                self._fail([item], err)
 
     async def _to_spool(self, batch: list[_Item], cause: BaseException | None) -> None:
         if self._spool is None:
             self._fail(batch, cause or LedgerError("earlier rows are waiting and there is no spool"))
             return
         try:
-            await asyncio.to_thread(self._spool.append, [row for row, _ in batch])
+            await self._on_thread(self._spool.append, [row for row, _ in batch])
         except (OSError, ValueError) as exc:
             self._fail(batch, LedgerError(f"{cause}; the spool {self._spool.path} failed too: {exc}"))
             return
@@ -310,18 +287,10 @@ class Ledger:
 
     async def _replay(self) -> bool:
         """Move the spool's rows into the database in one transaction; True if the ledger is clear."""
-        rows = await asyncio.to_thread(self._spool.read) if self._spool is not None else []
-        db: aiosqlite.Connection | None = None
         try:
-            db = await self._current_db()
-            if rows:
-                await db.executemany(REPLAY_SQL, rows)
-            else:
-                await db.execute("PRAGMA user_version = user_version")  # a probe: can it write at all?
-            await db.commit()
+            rows = await self._on_thread(self._spool.read) if self._spool is not None else []
+            await self._on_thread(self.db.replay, rows)
         except Exception as exc:  # still refused: try again later
-            if db is not None:
-                await self._rollback(db)
             self._healthy = False
             log.debug("ledger %s: replay failed: %s", self._path, exc)
             return False
@@ -334,39 +303,12 @@ class Ledger:
             log.warning("ledger %s works again: %d spooled row(s) replayed", self._path, len(rows))
         if self._spool is not None:
             try:
-                await asyncio.to_thread(self._spool.clear)
+                await self._on_thread(self._spool.clear)
             except OSError as exc:
                 log.error("ledger %s: spool %s not cleared (%s); its rows will be replayed again, without "
                           "duplicates", self._path, self._spool.path, exc)
                 self._spooled = True
         return True
-
-    async def _write_one_by_one(self, db: aiosqlite.Connection, batch: list[_Item]) -> None:
-        good: list[_Item] = []
-        bad: list[tuple[_Item, Exception]] = []
-        try:
-            for item in batch:
-                try:
-                    await db.execute(INSERT_SQL, item[0])
-                    good.append(item)
-                except sqlite3.IntegrityError as exc:  # aborts the statement, not the transaction
-                    bad.append((item, exc))
-            await db.commit()
-        except Exception as exc:
-            await self._rollback(db)
-            self._fail(batch, exc)
-            return
-        self._succeed(good)
-        for item, exc in bad:
-            self._fail([item], exc)
-
-    async def _rollback(self, db: aiosqlite.Connection) -> None:
-        try:
-            await db.rollback()
-        except Exception as exc:
-            # Half a batch might sit in an open transaction and be committed with the next one,
-            # after its callers were told it failed. Stop instead: later records get LedgerError.
-            raise LedgerError(f"rollback failed, ledger writer stopping: {exc}") from exc
 
     def _succeed(self, batch: list[_Item]) -> None:
         if not batch:
@@ -399,14 +341,6 @@ class Ledger:
         self.stats["errors"] += len(pending)
         for _, fut in pending:
             _set_error(fut, LedgerError(message), None)
-
-
-def _file_identity(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def _set_error(fut: asyncio.Future[None], error: LedgerError, cause: BaseException | None) -> None:
