@@ -70,7 +70,9 @@ def record_row(rec: CallRecord) -> Row:
         rec.cached_tokens, rec.reasoning_tokens, rec.total_tokens, rec.usage_source,
         int(rec.priced), format(cost, "f"),
         int(rec.approximate), int(rec.lower_bound), rec.usage_note, rec.counted_prompt_tokens,
-        rec.counted_completion_tokens,
+        rec.counted_completion_tokens, rec.audio_prompt_tokens, rec.audio_completion_tokens, rec.service_tier,
+        rec.pricing_version, None if rec.original_cost_usd is None else format(rec.original_cost_usd, "f"),
+        rec.repriced_at,
     )  # fmt: skip
     # A value SQLite (or the spool) cannot take must fail this row alone, here, never the writer.
     if all(_storable(v) for v in row):

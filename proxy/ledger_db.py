@@ -29,6 +29,8 @@ COLUMNS: tuple[str, ...] = (
     "latency_ms", "ttfb_ms", "prompt_tokens", "completion_tokens", "cached_tokens",
     "reasoning_tokens", "total_tokens", "usage_source", "priced", "cost_usd",
     "approximate", "lower_bound", "usage_note", "counted_prompt_tokens", "counted_completion_tokens",
+    "audio_prompt_tokens", "audio_completion_tokens", "service_tier", "pricing_version", "original_cost_usd",
+    "repriced_at",
 )  # fmt: skip
 INSERT_SQL = "INSERT INTO calls ({}) VALUES ({})".format(
     ", ".join(f'"{c}"' for c in COLUMNS), ", ".join("?" * len(COLUMNS))

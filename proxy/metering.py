@@ -131,6 +131,7 @@ class MeteredCall:
         if meter.usage is not None and not self._meter_failed:
             rec.set_usage(meter.usage, "upstream")
             rec.cost_usd, rec.priced = self._prices.cost(rec.model, meter.usage)
+            rec.pricing_version = self._prices.version
             if counted is not None:  # sampled for accuracy: keep our count beside the provider's
                 rec.counted_prompt_tokens = counted.prompt.tokens if counted.prompt else None
                 rec.counted_completion_tokens = counted.completion.tokens if counted.completion else None
@@ -143,6 +144,7 @@ class MeteredCall:
             rec.set_usage(usage, "counted")
             rec.approximate, rec.lower_bound, rec.usage_note = counted.approximate, counted.lower_bound, counted.note()
             rec.cost_usd, rec.priced = self._prices.cost(rec.model, usage)
+            rec.pricing_version = self._prices.version
             return
         # Nothing to price: flag it unpriced only if its model has no price (a bare GET is not "unpriced").
         rec.priced = rec.model is None or self._prices.resolve(rec.model) is not None

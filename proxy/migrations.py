@@ -145,6 +145,29 @@ MIGRATIONS: tuple[Migration, ...] = (
             (CASE WHEN json_valid(tags) THEN json_extract(tags, '$.team') END), started_at);
         """,
     ),
+    Migration(
+        "pricing: the table version that priced a row, the service tier, audio tokens, re-pricing audit",
+        """
+        ALTER TABLE calls ADD COLUMN pricing_version TEXT;
+        ALTER TABLE calls ADD COLUMN service_tier TEXT;
+        ALTER TABLE calls ADD COLUMN audio_prompt_tokens INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE calls ADD COLUMN audio_completion_tokens INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE calls ADD COLUMN original_cost_usd TEXT;
+        ALTER TABLE calls ADD COLUMN repriced_at REAL;
+        CREATE TABLE IF NOT EXISTS reprice_runs (
+            id INTEGER PRIMARY KEY,
+            at REAL NOT NULL,
+            since REAL,
+            until REAL,
+            model TEXT,
+            pricing_version TEXT NOT NULL,
+            calls INTEGER NOT NULL,
+            changed INTEGER NOT NULL,
+            old_cost_usd TEXT NOT NULL,
+            new_cost_usd TEXT NOT NULL
+        );
+        """,
+    ),
 )
 
 

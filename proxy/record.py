@@ -26,6 +26,8 @@ class Usage:
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     total_tokens: int = 0
+    audio_prompt_tokens: int = 0  # subsets of prompt / completion, priced at audio rates when the table has them
+    audio_completion_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -63,6 +65,12 @@ class CallRecord:
     usage_note: str | None = None  # how a counted figure was made, what it left out
     counted_prompt_tokens: int | None = None  # our own count, kept beside the provider's when sampled
     counted_completion_tokens: int | None = None
+    audio_prompt_tokens: int = 0
+    audio_completion_tokens: int = 0
+    service_tier: str | None = None  # the tier that served the call (the response's), for tier prices
+    pricing_version: str | None = None  # the price table (content hash) that priced this row
+    original_cost_usd: Decimal | None = None  # set by a re-pricing: the cost first recorded
+    repriced_at: float | None = None
 
     def set_usage(self, usage: Usage, source: UsageSource) -> None:
         for f in dataclasses.fields(Usage):

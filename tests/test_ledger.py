@@ -293,7 +293,7 @@ def test_migrate_is_idempotent(tmp_path: Path) -> None:
         assert migrate(conn) == len(MIGRATIONS)
         columns = [row[1] for row in conn.execute("PRAGMA table_info(calls)")]
         assert columns[:3] == ["id", "request_id", "started_at"] and "cost_usd" in columns
-        assert columns[-1] == "counted_completion_tokens"
+        assert columns[-1] == "repriced_at"
         indexes = {row[1] for row in conn.execute("PRAGMA index_list(calls)")}
         assert {"calls_started_at", "calls_key_started_at", "calls_user_started_at"} <= indexes
         assert not conn.in_transaction
