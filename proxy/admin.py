@@ -19,21 +19,53 @@ from proxy.errors import error_response
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _auth_middleware(token: str | None) -> Any:
+def _guard(token: str | None) -> Callable[[Handler], Handler]:
+    """Wrap an admin handler in the bearer-token check.
+
+    A wrapper per handler rather than a middleware: an aiohttp sub-app with middlewares makes every
+    request of the parent app — every /v1 call — pass through an extra middleware layer."""
     expected = token.encode() if token else None
 
-    @web.middleware
-    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if expected is None:
-            return error_response(401, f"The admin API is disabled: set {ADMIN_TOKEN_ENV} to enable it",
-                                  "authentication_error", "admin_disabled")
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-            return error_response(401, "Invalid admin token: send 'Authorization: Bearer <"
-                                  f"{ADMIN_TOKEN_ENV}>'", "authentication_error", "invalid_admin_token")
-        return await handler(request)
+    def guard(handler: Handler) -> Handler:
+        async def check(request: web.Request) -> web.StreamResponse:
+            if expected is None:
+                return error_response(401, f"The admin API is disabled: set {ADMIN_TOKEN_ENV} to enable it",
+                                      "authentication_error", "admin_disabled")
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+                return error_response(401, "Invalid admin token: send 'Authorization: Bearer <"
+                                      f"{ADMIN_TOKEN_ENV}>'", "authentication_error", "invalid_admin_token")
+            return await handler(request)
 
-    return check
+        return check
+
+    return guard
+
+
+class GuardedRoutes:
+    """What route-adding functions get: `.router.add_get(path, handler)` and friends, every handler guarded."""
+
+    def __init__(self, app: web.Application, guard: Callable[[Handler], Handler]) -> None:
+        self.router = self
+        self._app, self._guard = app, guard
+
+    def add_route(self, method: str, path: str, handler: Handler) -> None:
+        self._app.router.add_route(method, path, self._guard(handler))
+
+    def add_get(self, path: str, handler: Handler) -> None:
+        self.add_route("GET", path, handler)
+
+    def add_post(self, path: str, handler: Handler) -> None:
+        self.add_route("POST", path, handler)
+
+    def add_put(self, path: str, handler: Handler) -> None:
+        self.add_route("PUT", path, handler)
+
+    def add_patch(self, path: str, handler: Handler) -> None:
+        self.add_route("PATCH", path, handler)
+
+    def add_delete(self, path: str, handler: Handler) -> None:
+        self.add_route("DELETE", path, handler)
 
 
 def _report_failed(exc: Exception) -> web.Response:
@@ -54,7 +86,7 @@ async def _in_thread(path: str, fn: Callable[..., dict[str, Any]], **kwargs: Any
 
 
 def make_admin_app(db: str, token: str | None,
-                   extra_routes: Callable[[web.Application], None] | None = None) -> web.Application:
+                   extra_routes: Callable[[GuardedRoutes], None] | None = None) -> web.Application:
     """The admin API over the ledger at `db`; mount it at /admin (on the proxy's port or its own).
 
     `extra_routes` adds routes (keys, budgets) before the catch-all 404.
@@ -107,11 +139,12 @@ def make_admin_app(db: str, token: str | None,
         return error_response(404, f"No admin route {request.method} {request.path}", "invalid_request_error",
                               "not_found")
 
-    admin = web.Application(middlewares=[_auth_middleware(token)])
-    admin.router.add_get("/usage", usage)
-    admin.router.add_get("/calls", calls)
-    admin.router.add_get("/accuracy", accuracy_view)
+    admin = web.Application()
+    routes = GuardedRoutes(admin, _guard(token))
+    routes.add_get("/usage", usage)
+    routes.add_get("/calls", calls)
+    routes.add_get("/accuracy", accuracy_view)
     if extra_routes is not None:
-        extra_routes(admin)
-    admin.router.add_route("*", "/{tail:.*}", not_found)
+        extra_routes(routes)
+    routes.add_route("*", "/{tail:.*}", not_found)
     return admin

@@ -85,7 +85,7 @@ async def _key_views(gate: Gate, keys: list[ManagedKey]) -> list[dict[str, Any]]
     return out
 
 
-def add_key_routes(admin: web.Application, gate_key: web.AppKey[Gate]) -> None:
+def add_key_routes(admin: Any, gate_key: web.AppKey[Gate]) -> None:
     """Add the routes above. Call it before the admin app's catch-all route (routes match in order)."""
 
     def store(request: web.Request) -> tuple[Gate, KeyStore]:
@@ -145,7 +145,7 @@ def add_key_routes(admin: web.Application, gate_key: web.AppKey[Gate]) -> None:
     _add_budget_routes(admin, gate_key)
 
 
-def _add_budget_routes(admin: web.Application, gate_key: web.AppKey[Gate]) -> None:
+def _add_budget_routes(admin: Any, gate_key: web.AppKey[Gate]) -> None:
     async def views(gate: Gate, entries: list[tuple[Subject, Any, str]]) -> list[dict[str, Any]]:
         states = await gate.budgets.states([(s, lim.budget_period, lim.budget_usd) for s, lim, _ in entries],
                                            time.time())

@@ -30,7 +30,17 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 def key_id_of(key: str) -> str:
     """The stored identity of an API key: the first 16 hex characters of its SHA-256."""
-    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    known = _KEY_IDS.get(key)
+    if known is None:
+        known = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        if len(_KEY_IDS) >= 4096:  # a team has few keys; a flood of distinct ones must not grow this
+            _KEY_IDS.clear()
+        _KEY_IDS[key] = known
+    return known
+
+
+_KEY_IDS: dict[str, str] = {}  # key -> key_id, in memory only (the process holds the keys anyway)
+_NOTHING: frozenset[str] = frozenset()
 
 
 def _forwardable(value: str) -> str:
@@ -95,9 +105,10 @@ def attribute(headers: CIMultiDictProxy[str], attr: CallRecord) -> None:
 
 def _filtered(headers: CIMultiDictProxy[str], drop: frozenset[str], drop_meter: bool,
               once: frozenset[str] = frozenset()) -> CIMultiDict[str]:
+    connection = headers.getall("Connection", ())
     connection_named = {
-        token.strip().lower() for value in headers.getall("Connection", ()) for token in value.split(",")
-    }
+        token.strip().lower() for value in connection for token in value.split(",")
+    } if connection else _NOTHING
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lower = name.lower()

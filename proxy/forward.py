@@ -133,14 +133,14 @@ async def _relay(request: web.Request, call: MeteredCall, upstream: aiohttp.Clie
             # Stream headers go out at once; a plain body's wait for its first chunk (an empty body would
             # otherwise be complete, for the client, before its row is committed).
             await _prepare(relay.response, request)
-        loop = asyncio.get_running_loop()
-        # One deadline for the whole body, moved on after every chunk: only a stall of `idle` seconds
-        # between two upstream chunks ends it (a slow client does not count against the upstream).
-        async with asyncio.timeout(idle) as stall:
-            async for chunk in upstream.content.iter_any():
-                await relay.chunk(chunk)
-                if idle is not None:
-                    stall.reschedule(loop.time() + idle)
+        async with asyncio.timeout(None) as deadline:
+            watch = _StallWatch(deadline, idle)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await relay.chunk(chunk)
+                    watch.last = watch.loop.time()
+            finally:
+                watch.cancel()
     except _ClientGone as exc:
         # Written to a client that went away: stop reading (closing drops the upstream call), record 499.
         upstream.close()
@@ -154,6 +154,32 @@ async def _relay(request: web.Request, call: MeteredCall, upstream: aiohttp.Clie
             raise
         return await relay.broken(exc)
     return await relay.end()
+
+
+class _StallWatch:
+    """Ends the body (TimeoutError) after `idle` seconds without an upstream chunk.
+
+    Each chunk only notes the time; one timer checks it every `idle` seconds and moves itself on, rather
+    than a deadline rescheduled on every chunk. The time spent writing to a slow client counts as activity:
+    a stall is the upstream's silence, not the client's."""
+
+    def __init__(self, deadline: asyncio.Timeout, idle: float | None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.last = self.loop.time()
+        self._deadline, self._idle = deadline, idle
+        self._timer = self.loop.call_at(self.last + idle, self._check) if idle is not None else None
+
+    def _check(self) -> None:
+        assert self._idle is not None
+        due = self.last + self._idle
+        if self.loop.time() >= due:
+            self._deadline.reschedule(self.loop.time())  # expire now: the body raises TimeoutError
+        else:
+            self._timer = self.loop.call_at(due, self._check)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 class _Relay:

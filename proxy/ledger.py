@@ -58,7 +58,8 @@ def record_row(rec: CallRecord) -> Row:
     if not isinstance(cost, Decimal) or not cost.is_finite():
         raise LedgerError(f"cost_usd must be a finite Decimal, got {type(cost).__name__} {cost!r}")
     try:
-        tags = json.dumps(rec.tags, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        tags = (json.dumps(rec.tags, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+                if rec.tags else "{}")
     except (TypeError, ValueError) as exc:
         raise LedgerError(f"tags are not a JSON object of strings: {exc}") from exc
     row = (
