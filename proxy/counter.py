@@ -17,7 +17,7 @@ from proxy.counting import (
     encoding_for,
     get_encoding,
     is_reasoning_model,
-    preload,
+    verify,
 )
 from proxy.record import Usage
 
@@ -29,8 +29,9 @@ class CountPolicy:
     reasoning_models: tuple[str, ...] = ()  # globs beyond the built-in OpenAI reasoning families
 
     def load(self) -> None:
-        """Load the encodings now (start-up): a missing or corrupt file must fail here, not in a request."""
-        preload()
+        """Check the encodings' files now (start-up): a missing or corrupt file must fail here, not in a
+        request. Each is built on first use, so a proxy that never counts keeps its memory."""
+        verify()
 
 
 @dataclass(frozen=True, slots=True)

@@ -190,3 +190,19 @@ def test_pathological_text_is_counted_not_crashed(text: str) -> None:
     # One million spaces make tiktoken's own regex panic (a BaseException); cut into segments it can't.
     count = count_text(get_encoding("o200k_base"), text)
     assert 0 < count < len(text)
+
+
+def test_verify_checks_files_without_building_encodings(tmp_path: Path) -> None:
+    import gzip as _gzip
+
+    from proxy.counting.encodings import EncodingStore as Store
+
+    good = Store()
+    good.verify()
+    assert good.files_read == 2 and not good._loaded  # checked, not built: no memory held
+    enc = good.get("o200k_base")
+    assert enc.encode_ordinary("hello world") == [24912, 2375]  # still encodes without the Python ranks dict
+    broken = tmp_path / "o200k_base.tiktoken.gz"
+    broken.write_bytes(_gzip.compress(b"not the real ranks\n"))
+    with pytest.raises(CountingError, match="SHA-256 mismatch"):
+        Store(tmp_path).verify(["o200k_base"])

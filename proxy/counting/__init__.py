@@ -33,6 +33,7 @@ from proxy.counting.encodings import (
     get_encoding,
     is_reasoning_model,
     preload,
+    verify,
 )
 from proxy.counting.images import data_url_image_size, image_size, image_tokens
 from proxy.counting.output import StreamOutput
@@ -49,5 +50,5 @@ __all__ = [
     "DEFAULT_ENCODING", "ENCODINGS", "CountingError", "EncodingStore", "StreamOutput", "TokenCount",
     "count_chat_prompt", "count_completion_prompt", "count_embedding_input", "count_request",
     "count_responses_input", "count_text", "data_url_image_size", "encoding_for", "get_encoding",
-    "image_size", "image_tokens", "is_reasoning_model", "preload",
+    "image_size", "image_tokens", "is_reasoning_model", "preload", "verify",
 ]
