@@ -42,6 +42,20 @@ def _error_message(obj: object) -> str | None:
     return None
 
 
+_MAX_TIER_CHARS = 32
+
+
+def _service_tier(obj: object) -> str | None:
+    """The `service_tier` a body, chunk or Responses event (under `response`) names; None if it names none."""
+    if not isinstance(obj, dict):
+        return None
+    tier = obj.get("service_tier")
+    if tier is None:
+        inner = obj.get("response")
+        tier = inner.get("service_tier") if isinstance(inner, dict) else None
+    return tier if isinstance(tier, str) and tier else None
+
+
 class Meter:
     """Base meter: no usage of its own; reads the model from the request and the message of error bodies."""
 
@@ -60,6 +74,7 @@ class Meter:
         self.stream = False
         self.body_user: str | None = None
         self.model: str | None = None
+        self.service_tier: str | None = None  # the tier the response says served the call (prices differ)
         self.usage: Usage | None = None
         self.usage_error: str | None = None
         self.error: str | None = None
@@ -174,6 +189,10 @@ class Meter:
         model = served_model(obj)
         if model is not None:
             self.model = storable(model)
+        tier = _service_tier(obj)
+        if tier is not None and tier != self.service_tier:
+            # The last said wins: a Responses stream opens with the requested tier, ends with the one used.
+            self.service_tier = storable(tier, _MAX_TIER_CHARS)
 
     def _take(self, obj: object) -> None:
         if self.extract is None:

@@ -12,7 +12,9 @@ Two naming schemes are read:
 Provider variants are normalised to OpenAI's rules (cached within prompt, reasoning within
 completion): DeepSeek's top-level ``prompt_cache_hit_tokens``, Azure DeepSeek's top-level
 ``reasoning_tokens`` with null details, and xAI's reasoning counted outside ``completion_tokens``.
-Counts this module has no field for (audio, cache writes, Groq timings, xAI cost ticks) are ignored.
+Audio tokens (``prompt_tokens_details.audio_tokens``, ``completion_tokens_details.audio_tokens``) are
+read as subsets of prompt and completion, like cached and reasoning tokens. Counts this module has no field
+for (cache writes, Groq timings, xAI cost ticks) are ignored.
 
 Exceptions::
 
@@ -61,6 +63,8 @@ def parse_usage(raw: object) -> Usage | None:
     completion_details = _details(raw, names.completion_details)
     cached = _first_count((prompt_details, "cached_tokens"), (raw, "prompt_cache_hit_tokens"))
     reasoning = _first_count((completion_details, "reasoning_tokens"), (raw, "reasoning_tokens"))
+    audio_prompt = _count(prompt_details, "audio_tokens")
+    audio_completion = _count(completion_details, "audio_tokens")
     reported_total = _count_or_none(raw, "total_tokens")
     total = prompt + completion if reported_total is None else reported_total
     if cached > prompt:
@@ -71,12 +75,18 @@ def parse_usage(raw: object) -> Usage | None:
         completion += reasoning
     if reasoning > completion:
         raise UnreadableUsage(f"reasoning tokens ({reasoning}) exceed completion tokens ({completion})")
+    if audio_prompt > prompt:
+        raise UnreadableUsage(f"audio prompt tokens ({audio_prompt}) exceed prompt tokens ({prompt})")
+    if audio_completion > completion:
+        raise UnreadableUsage(f"audio completion tokens ({audio_completion}) exceed completion tokens ({completion})")
     return Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
         cached_tokens=cached,
         reasoning_tokens=reasoning,
         total_tokens=total,
+        audio_prompt_tokens=audio_prompt,
+        audio_completion_tokens=audio_completion,
     )
 
 
