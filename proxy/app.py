@@ -15,24 +15,25 @@ import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from proxy.admin import make_admin_app
+from proxy.admin import GuardedRoutes, make_admin_app
 from proxy.admin_keys import add_key_routes, meter_usage
 from proxy.config import Settings, spool_path
 from proxy.counter import CountPolicy
 from proxy.errors import error_response
 from proxy.forward import forward
 from proxy.gate import Gate, open_gate
+from proxy.pricing_live import LivePrices, admin_routes as pricing_routes
 from proxy.ledger import Ledger
 from proxy.metering import MeteredCall
 from proxy.pricing import PriceTable
 
 SETTINGS = web.AppKey("settings", Settings)
 LEDGER = web.AppKey("ledger", Ledger)
-PRICES = web.AppKey("prices", PriceTable)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 TIMEOUT = web.AppKey("timeout", aiohttp.ClientTimeout)
 COUNTING = web.AppKey("counting", CountPolicy)
 GATE = web.AppKey("gate", Gate)
+LIVE = web.AppKey("live_prices", LivePrices)
 
 
 async def _proxy(request: web.Request) -> web.StreamResponse:
@@ -43,7 +44,8 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
         return error_response(503, "The usage ledger cannot record calls right now; the request was not "
                               "forwarded. Retry shortly.", "server_error", "ledger_unavailable",
                               headers={"Retry-After": "1"})
-    call = MeteredCall(request.method, request.path, request.headers, prices=app[PRICES], ledger=app[LEDGER],
+    # The table in force when the call starts prices it, even if an edit lands while it runs.
+    call = MeteredCall(request.method, request.path, request.headers, prices=app[LIVE].table, ledger=app[LEDGER],
                        inject_usage=settings.stream_usage == "inject", counting=app[COUNTING],
                        sample_rate=settings.accuracy_sample_rate)
     return await forward(request, call, session=app[SESSION], upstream=settings.upstream, gate=app[GATE],
@@ -92,14 +94,16 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
     app[TIMEOUT] = aiohttp.ClientTimeout(total=settings.total_timeout, connect=settings.connect_timeout)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        app[PRICES] = prices if prices is not None else PriceTable.load(settings.pricing)
+        table = prices if prices is not None else PriceTable.load(settings.pricing)
+        live = LivePrices(settings.pricing, table)
+        app[LIVE] = live
         ledger = Ledger(settings.db, spool_path=spool_path(settings),
                         busy_timeout_ms=int((settings.ledger_busy_timeout or 5.0) * 1000))
         await ledger.open()
         app[LEDGER] = ledger
         try:
             gate = await open_gate(
-                db_path=settings.db, managed=settings.keys == "managed", prices=app[PRICES],
+                db_path=settings.db, managed=settings.keys == "managed", prices=live,
                 counting=app[COUNTING], upstream_key=settings.upstream_api_key, limits=settings.limits,
                 reserve_max_tokens=settings.reserve_max_tokens, alert_webhook=settings.alert_webhook,
                 alert_thresholds=settings.alert_thresholds)
@@ -107,6 +111,7 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
             await ledger.close()
             raise
         app[GATE] = gate
+        live.start_watching()
         # Unlimited pool with keep-alive; aiohttp sets TCP_NODELAY on every connection itself.
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         # auto_decompress off: the client gets the upstream's compressed bytes; meters decode a copy.
@@ -117,6 +122,7 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
                 yield
             finally:
                 try:
+                    await live.stop()
                     await gate.close()
                 finally:
                     await ledger.close()
@@ -133,15 +139,20 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
 
 
 def _admin(settings: Settings) -> web.Application:
-    return make_admin_app(settings.db, settings.admin_token, lambda admin: add_key_routes(admin, GATE))
+    def extra(admin: GuardedRoutes) -> None:
+        add_key_routes(admin, GATE)
+        pricing_routes(admin, LIVE)
+
+    return make_admin_app(settings.db, settings.admin_token, extra)
 
 
-def make_admin_site(settings: Settings, gate: Gate) -> web.Application:
+def make_admin_site(settings: Settings, gate: Gate, live: LivePrices) -> web.Application:
     """The admin API alone, for `admin_host`:`admin_port` (e.g. localhost only, while the proxy faces a network).
 
     It shares the running proxy's gate, so key and budget changes apply to it at once."""
     app = web.Application()
     app[GATE] = gate
+    app[LIVE] = live
     app.add_subapp("/admin", _admin(settings))
     app.router.add_route("*", "/{tail:.*}", _not_found)
     return app

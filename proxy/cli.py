@@ -17,8 +17,9 @@ from typing import Sequence
 from aiohttp import web
 
 from proxy import accuracy, render, reports
-from proxy.app import GATE, counting_policy, make_admin_site, make_app
+from proxy.app import GATE, LIVE, counting_policy, make_admin_site, make_app
 from proxy.cli_keys import add_keys_parser, run_keys
+from proxy.reprice import add_reprice_parser, run_reprice
 from proxy.config import SETTINGS, ConfigError, Settings, load_settings
 from proxy.counting import CountingError
 from proxy.ledger import LedgerError
@@ -49,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--format", default="table", choices=["table", "json", "csv"])
 
     add_keys_parser(sub)
+    add_reprice_parser(sub)
 
     acc = sub.add_parser("accuracy", help="how far the proxy's token counts fall from the provider's, per model")
     acc.add_argument("--config", help="YAML config file, for its db setting")
@@ -73,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _accuracy(args)
     if args.command == "keys":
         return run_keys(args)
+    if args.command == "reprice":
+        return run_reprice(args)
     return _report(args)
 
 
@@ -101,8 +105,8 @@ async def _run(settings: Settings, prices: PriceTable) -> int:
         site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
         await site.start()
         if settings.admin_port is not None:
-            admin_runner = web.AppRunner(make_admin_site(settings, runner.app[GATE]), access_log=None,
-                                         handle_signals=False)
+            admin_runner = web.AppRunner(make_admin_site(settings, runner.app[GATE], runner.app[LIVE]),
+                                         access_log=None, handle_signals=False)
             await admin_runner.setup()
             await web.TCPSite(admin_runner, settings.admin_host, settings.admin_port).start()
             log.info("admin API on http://%s:%s/admin", settings.admin_host, settings.admin_port)
@@ -112,6 +116,7 @@ async def _run(settings: Settings, prices: PriceTable) -> int:
             log.warning("METERPROXY_ADMIN_TOKEN is not set: the admin API answers 401")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        runner.app[LIVE].install_sighup(loop)  # SIGHUP reloads the price table
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from decimal import Context, Decimal
+from decimal import Decimal
 from typing import Any, Callable, Mapping, MutableMapping
 
 from proxy.alerts import Alerts
@@ -29,8 +29,9 @@ from proxy.errors import error_body
 from proxy.keys import KeyStore, ManagedKey
 from proxy.limits import Limits, LimitStore, Subject
 from proxy.pricing import PriceTable
+from proxy.pricing_live import LivePrices
 from proxy.ratelimit import RateLimiter, RateRefusal, Ticket
-from proxy.record import CallRecord
+from proxy.record import CallRecord, Usage
 
 __all__ = ["Admission", "Gate", "Refusal", "open_gate", "upstream_key_from"]
 
@@ -39,8 +40,6 @@ UPSTREAM_KEY_ENV = "OPENAI_API_KEY"
 _INLINE_COUNT_BYTES = 16 * 1024  # bodies up to this are counted on the loop (well under a millisecond)
 _METERED_SUFFIXES = ("/chat/completions", "/completions", "/embeddings", "/responses")
 _OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
-_MONEY = Context(prec=60)
-_MILLION = Decimal(1_000_000)
 _ZERO = Decimal(0)
 _NO_RETRY = {"x-should-retry": "false"}  # openai SDKs would otherwise retry a 429 that cannot succeed
 
@@ -50,7 +49,7 @@ def upstream_key_from(configured: str | None, environ: Mapping[str, str]) -> str
     return environ.get(UPSTREAM_KEY_ENV) or configured or None
 
 
-async def open_gate(*, db_path: str, managed: bool, prices: PriceTable, counting: CountPolicy,
+async def open_gate(*, db_path: str, managed: bool, prices: PriceTable | LivePrices, counting: CountPolicy,
                     upstream_key: str | None = None, limits: Mapping[Subject, Limits] | None = None,
                     reserve_max_tokens: int = 4096, alert_webhook: str | None = None,
                     alert_thresholds: tuple[Decimal, ...] = (Decimal("0.8"), Decimal(1)),
@@ -142,7 +141,8 @@ class Admission:
 
 class Gate:
     def __init__(self, *, managed: bool, keys: KeyStore | None, limits: LimitStore, budgets: Budgets,
-                 rates: RateLimiter, prices: PriceTable, counting: CountPolicy, upstream_key: str | None = None,
+                 rates: RateLimiter, prices: PriceTable | LivePrices, counting: CountPolicy,
+                 upstream_key: str | None = None,
                  reserve_max_tokens: int = 4096, clock: Callable[[], float] = time.time) -> None:
         if managed and (keys is None or not upstream_key):
             raise ValueError(f"managed keys need a key store and the upstream key ({UPSTREAM_KEY_ENV})")
@@ -267,14 +267,20 @@ class Gate:
             log.exception("budgets: counting the prompt failed on %s", path)
             prompt = (body_size or 0) // 2
         asked, choices = output_limit(path, body)
-        price = self._prices.resolve(model)
+        # The live table when given one (prices edited while running), with the table's own rules: the tier
+        # the request asks for and a long-context price when the prompt is long. Output is priced as the
+        # dearer of plain and reasoning tokens.
+        table = getattr(self._prices, "table", self._prices)
         rate_tokens = prompt + (asked or 0) * choices
-        if price is None:
+        if table.resolve(model) is None:
             return rate_tokens, _ZERO  # unpriced: it costs 0 in the ledger, so it spends no budget
         output = (asked if asked is not None else self.reserve_max_tokens) * choices
-        total = _MONEY.add(_MONEY.multiply(prompt, price.input),
-                           _MONEY.multiply(output, max(price.output, price.reasoning)))
-        return rate_tokens, _MONEY.divide(total, _MILLION)
+        tier = body.get("service_tier")
+        tier = tier if isinstance(tier, str) else None
+        plain = Usage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output)
+        reasoned = Usage(prompt_tokens=prompt, completion_tokens=output, reasoning_tokens=output,
+                         total_tokens=prompt + output)
+        return rate_tokens, max(table.cost(model, plain, tier)[0], table.cost(model, reasoned, tier)[0])
 
 
 def output_limit(path: str, body: Mapping[str, object]) -> tuple[int | None, int]:

@@ -127,11 +127,12 @@ class MeteredCall:
         rec.latency_ms = (time.perf_counter() - self._t0) * 1000
         rec.stream = rec.stream or meter.stream
         rec.model = meter.model or rec.requested_model
+        rec.service_tier = meter.service_tier
         if meter.error and rec.error is None:
             rec.error = self._redact(meter.error)
         if meter.usage is not None and not self._meter_failed:
             rec.set_usage(meter.usage, "upstream")
-            rec.cost_usd, rec.priced = self._prices.cost(rec.model, meter.usage)
+            rec.cost_usd, rec.priced = self._prices.cost(rec.model, meter.usage, rec.service_tier)
             rec.pricing_version = self._prices.version
             if counted is not None:  # sampled for accuracy: keep our count beside the provider's
                 rec.counted_prompt_tokens = counted.prompt.tokens if counted.prompt else None
@@ -144,7 +145,7 @@ class MeteredCall:
             usage = counted.usage()
             rec.set_usage(usage, "counted")
             rec.approximate, rec.lower_bound, rec.usage_note = counted.approximate, counted.lower_bound, counted.note()
-            rec.cost_usd, rec.priced = self._prices.cost(rec.model, usage)
+            rec.cost_usd, rec.priced = self._prices.cost(rec.model, usage, rec.service_tier)
             rec.pricing_version = self._prices.version
             return
         # Nothing to price: flag it unpriced only if its model has no price (a bare GET is not "unpriced").
