@@ -121,3 +121,19 @@ def test_default_rate_samples_few(upstream: FakeUpstream, proxy: ProxyServer) ->
 @pytest.fixture(autouse=True)
 def _need_captures() -> None:
     capture(WEATHER)
+
+
+def test_accuracy_cli(upstream: FakeUpstream, start_proxy: Callable[..., ProxyServer]) -> None:
+    from tests.test_cli import run_cli
+
+    proxy = start_proxy(accuracy_sample_rate=1.0)
+    upstream.sse(capture(WEATHER), chunk_size=64)
+    request(proxy.url, body=json.dumps({"model": "gpt-4o", "stream": True, "messages": SF,
+                                        "stream_options": {"include_usage": True}}).encode())
+    as_json = json.loads(run_cli("accuracy", "--db", proxy.settings.db, "--format", "json").stdout)
+    (model,) = as_json["models"]
+    assert model["calls_sampled"] == 1 and model["prompt"]["worst_abs_error"] == 0
+    table = run_cli("accuracy", "--db", proxy.settings.db)
+    assert table.returncode == 0 and "gpt-4o-2024-08-06" in table.stdout
+    bad = run_cli("accuracy", "--db", proxy.settings.db, "--since", "whenever")
+    assert bad.returncode == 2 and "since" in bad.stderr
