@@ -16,6 +16,7 @@ CHAT_PATH = "/v1/chat/completions"
 # Per-request knobs of the fake upstream; proxies forward them like any other header.
 CHUNKS_HEADER = "X-Bench-Chunks"
 INTERVAL_HEADER = "X-Bench-Interval-Ms"
+STATUS_HEADER = "X-Bench-Status"  # the fake upstream answers this 4xx/5xx instead (an OpenAI error body)
 DEFAULT_CHUNKS = 100
 
 # Common English words: each is about one token with its leading space, so N words ~ N tokens.
@@ -78,6 +79,12 @@ def chat_response() -> bytes:
                                                 "rejected_prediction_tokens": 0}},
         "service_tier": "default", "system_fingerprint": "fp_bench00001",
     })
+
+
+def error_response(status: int) -> bytes:
+    """An OpenAI-shaped error body, as the upstream sends with a 4xx/5xx."""
+    return _dumps({"error": {"message": f"bench: the upstream was asked to answer {status}",
+                             "type": "invalid_request_error", "param": None, "code": f"bench_{status}"}})
 
 
 def _chunk(delta: dict[str, object], finish: str | None, with_usage_field: bool) -> bytes:

@@ -92,6 +92,14 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+def open_fds(pid: int) -> int | None:
+    """Open file descriptors of a process (entries of /proc/<pid>/fd), or None once it is gone."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
 def cpu_seconds(pid: int, tid: int | None = None) -> float | None:
     """User + system CPU seconds a process (or one of its threads: tid == pid is the main one) has used."""
     stat = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"

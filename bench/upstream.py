@@ -3,8 +3,9 @@
 `python -m bench.upstream --port P` answers POST /v1/chat/completions with a JSON completion carrying usage,
 or (for `"stream": true`) an SSE stream of `X-Bench-Chunks` chunks (default 100) spaced by
 `X-Bench-Interval-Ms` (default 0), with a usage chunk only when `stream_options.include_usage` is set, then
-`[DONE]`. Every response is prebuilt so the upstream costs as little CPU as the stack allows. It must never
-listen anywhere but the address it is given (127.0.0.1 by default).
+`[DONE]`; with `X-Bench-Status: N` it answers an OpenAI error body with status N instead. Every response
+is prebuilt so the upstream costs as little CPU as the stack allows. It must never listen anywhere but the
+address it is given (127.0.0.1 by default).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ def _chunks(count: int, include_usage: bool) -> tuple[bytes, ...]:
 
 async def _chat(request: web.Request) -> web.StreamResponse:
     body = await request.read()
+    status = request.headers.get(payloads.STATUS_HEADER)
+    if status is not None:  # an error asked for by the load (soak): nothing else is read
+        return web.Response(body=payloads.error_response(int(status)), status=int(status),
+                            content_type="application/json")
     try:
         obj = json.loads(body)  # a real upstream parses the request; so does this one
     except ValueError:
