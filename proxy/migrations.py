@@ -168,6 +168,74 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        "rollups: counters per hour, day and month bucket and dimension set, kept in step with calls",
+        # rollups.py maintains these (the ledger's after_insert hook) and reports read them; see there.
+        # rollup_dims gives each (key, model, user, operation, endpoint, status, team) an integer id, so
+        # the rollups' primary key is all integers and NOT NULL (a NULL user is a value, not "unknown").
+        # grain: 0 hour, 1 day, 2 month per dimension set; 3, 4, 5 the same buckets' totals (dim_id 0).
+        # rollup_state.covered_id is the calls.id up to which the rollups hold every row: -1 (rebuild
+        # needed) when calls already has rows, as here on an existing ledger; day and month rows are
+        # complete for the days before days_until; raw calls before pruned_before were deleted by
+        # retention (their rollups stay). rollup_dirty lists hours
+        # whose calls were changed after insertion (a re-pricing): the trigger needs no Python function,
+        # so any writer keeps the mark right, and reports read those hours from calls until rebuilt.
+        """
+        CREATE TABLE IF NOT EXISTS rollup_dims (
+            id INTEGER PRIMARY KEY,
+            key_id TEXT,
+            model TEXT,
+            "user" TEXT,
+            operation TEXT,
+            endpoint TEXT,
+            status INTEGER,
+            team  -- no type: kept exactly as json_extract gives it, as reports over calls see it
+        );
+        CREATE INDEX IF NOT EXISTS rollup_dims_all
+            ON rollup_dims (key_id, model, "user", operation, endpoint, status, team);
+        CREATE TABLE IF NOT EXISTS rollups (
+            grain INTEGER NOT NULL,
+            bucket INTEGER NOT NULL,
+            dim_id INTEGER NOT NULL,
+            calls INTEGER NOT NULL,
+            errors INTEGER NOT NULL,
+            unpriced_calls INTEGER NOT NULL,
+            prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            cached_tokens INTEGER NOT NULL,
+            reasoning_tokens INTEGER NOT NULL,
+            total_tokens INTEGER NOT NULL,
+            counted_calls INTEGER NOT NULL,
+            counted_tokens INTEGER NOT NULL,
+            cost_usd TEXT NOT NULL,
+            cost_pico INTEGER,
+            cost_exp INTEGER,
+            PRIMARY KEY (grain, bucket, dim_id)
+        ) WITHOUT ROWID;
+        CREATE TABLE IF NOT EXISTS rollup_dirty (hour INTEGER PRIMARY KEY);
+        CREATE TABLE IF NOT EXISTS rollup_state (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            covered_id INTEGER NOT NULL,
+            days_until INTEGER,
+            pruned_before INTEGER
+        );
+        INSERT OR IGNORE INTO rollup_state (id, covered_id, days_until, pruned_before)
+            VALUES (1, CASE WHEN EXISTS (SELECT 1 FROM calls) THEN -1 ELSE 0 END, NULL, NULL);
+        CREATE TRIGGER IF NOT EXISTS calls_rollup_dirty AFTER UPDATE ON calls
+            WHEN OLD.started_at IS NOT NEW.started_at OR OLD.key_id IS NOT NEW.key_id
+              OR OLD."user" IS NOT NEW."user" OR OLD.operation IS NOT NEW.operation
+              OR OLD.tags IS NOT NEW.tags OR OLD.endpoint IS NOT NEW.endpoint OR OLD.model IS NOT NEW.model
+              OR OLD.status IS NOT NEW.status OR OLD.prompt_tokens IS NOT NEW.prompt_tokens
+              OR OLD.completion_tokens IS NOT NEW.completion_tokens
+              OR OLD.cached_tokens IS NOT NEW.cached_tokens OR OLD.reasoning_tokens IS NOT NEW.reasoning_tokens
+              OR OLD.total_tokens IS NOT NEW.total_tokens OR OLD.usage_source IS NOT NEW.usage_source
+              OR OLD.priced IS NOT NEW.priced OR OLD.cost_usd IS NOT NEW.cost_usd
+            BEGIN
+                INSERT OR IGNORE INTO rollup_dirty (hour) VALUES (CAST(OLD.started_at AS INTEGER) / 3600 * 3600);
+                INSERT OR IGNORE INTO rollup_dirty (hour) VALUES (CAST(NEW.started_at AS INTEGER) / 3600 * 3600);
+            END;
+        """,
+    ),
 )
 
 

@@ -41,11 +41,13 @@ def to_csv(report: dict[str, Any]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*columns, *COUNTERS])
     for row in _labelled_rows(report, columns):
-        writer.writerow([_csv_cell(row.get(name)) for name in (*columns, *COUNTERS)])
+        writer.writerow([csv_cell(row.get(name)) for name in (*columns, *COUNTERS)])
     return out.getvalue()
 
 
-def _csv_cell(value: Any) -> str:
+def csv_cell(value: Any) -> str:
+    """A value as a CSV cell a spreadsheet will not run: text starting with = + - @ (after blanks) is
+    prefixed with a quote. Used by the reports' CSV and by `meterproxy export`."""
     text = "" if value is None else str(value)
     # A spreadsheet would run "=HYPERLINK(...)" from a user/tag header; a quote makes it text.
     return "'" + text if _FORMULA_START.match(text) else text

@@ -2,7 +2,9 @@
 
 Everything is synchronous sqlite3 on a read-only connection of its own; the admin API runs these
 functions in a thread. Money is summed exactly: `cost_usd` is decimal text and is added up by a
-Python aggregate of `Decimal`s, never by SQLite's float SUM.
+Python aggregate of `Decimal`s (or as integer picodollars from the rollups), never by SQLite's float SUM.
+Usage reports read the hour/day/month rollups where they can and `calls` for the rest
+(report_plan.py decides, report_sql.py queries); either way the answer is the same to the last digit.
 
 Errors:
     ReportError (ValueError)    a bad query parameter; `param` names it, the message is for the user
@@ -20,14 +22,17 @@ import os
 import re
 import sqlite3
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Context, Decimal, Inexact
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from proxy import report_plan, report_sql, rollups
 
 __all__ = [
     "COUNTERS", "GROUP_FIELDS", "GROUP_ROW_KEYS", "ReportDatabaseError", "ReportError",
-    "connect_readonly", "list_calls", "parse_time", "usage_report",
+    "connect_readonly", "list_calls", "parse_time", "parse_tz", "plan_segments", "usage_report",
 ]  # fmt: skip
 
 
@@ -43,32 +48,16 @@ class ReportDatabaseError(Exception):
     """The ledger cannot be read: missing, not SQLite, or not a meterproxy ledger."""
 
 
-# name -> SQL expression: the only column text that ever reaches SQL.
-_GROUPS: dict[str, str] = {
-    "key": "key_id", "model": "model", "user": '"user"', "session": "session",
-    "operation": "operation", "endpoint": "endpoint", "status": "status",
-    # Whole seconds, so that a bucket's edge agrees with the since/until comparison.
-    "hour": "strftime('%Y-%m-%dT%H:00Z', CAST(started_at AS INTEGER), 'unixepoch')",
-    "day": "strftime('%Y-%m-%d', CAST(started_at AS INTEGER), 'unixepoch')",
-    "month": "strftime('%Y-%m', CAST(started_at AS INTEGER), 'unixepoch')",
-}  # fmt: skip
 GROUP_ROW_KEYS = {"key": "key_id"}  # where a group's value sits in a row, when not under its own name
-GROUP_FIELDS: tuple[str, ...] = tuple(_GROUPS)
-_TAG_PREFIX = "tag:"
+GROUP_FIELDS: tuple[str, ...] = (*report_sql.RAW_COLUMNS, *report_plan.TIME_FIELDS)
+_TAG_PREFIX = report_sql.TAG_PREFIX
 _TAG_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 _TOKENS = ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "total_tokens")
-_COUNTER_SQL: dict[str, str] = {
-    "calls": "COUNT(*)",
-    "errors": "COALESCE(SUM(status NOT BETWEEN 200 AND 299), 0)",
-    "unpriced_calls": "COALESCE(SUM(priced = 0), 0)",
-    **{name: f"COALESCE(SUM({name}), 0)" for name in _TOKENS},
-    "cost_usd": "decimal_sum(cost_usd)",
-    # How much of the above the proxy counted itself rather than read from the provider.
-    "counted_calls": "COALESCE(SUM(usage_source = 'counted'), 0)",
-    "counted_tokens": "COALESCE(SUM(CASE WHEN usage_source = 'counted' THEN total_tokens ELSE 0 END), 0)",
-}
-COUNTERS: tuple[str, ...] = tuple(_COUNTER_SQL)
+# A report row's counters, in output order.
+COUNTERS: tuple[str, ...] = (
+    "calls", "errors", "unpriced_calls", *_TOKENS, "cost_usd", "counted_calls", "counted_tokens",
+)  # fmt: skip
 # list_calls output, in SELECT order; "ts" is started_at rendered.
 _CALL_FIELDS = (
     "request_id", "ts", "key_id", "key_hint", "user", "session", "operation", "tags", "method",
@@ -83,20 +72,6 @@ MAX_LIMIT = 1000
 
 # Enough digits for any sum of ledger costs; Inexact is trapped so a sum is exact or an error.
 _EXACT = Context(prec=200, traps=[Inexact])
-
-
-class _DecimalSum:
-    """SQLite aggregate: the exact sum of decimal strings, as a plain decimal string."""
-
-    def __init__(self) -> None:
-        self.total = Decimal(0)
-
-    def step(self, value: str | None) -> None:
-        if value is not None:
-            self.total = _EXACT.add(self.total, Decimal(value))
-
-    def finalize(self) -> str:
-        return format(self.total, "f")
 
 
 def connect_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
@@ -123,22 +98,24 @@ def connect_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
     if version < 1 or has_calls is None:
         conn.close()
         raise ReportDatabaseError(f"{os.fspath(path)} is not a meterproxy ledger")
-    conn.create_aggregate("decimal_sum", 1, _DecimalSum)  # type: ignore[arg-type]
+    rollups.register_functions(conn)
     return conn
 
 
-def parse_time(value: str, param: str) -> float:
-    """Unix seconds from ISO 8601 (a date, or a datetime; naive means UTC) or from unix seconds."""
+def parse_time(value: str, param: str, tz: str | None = None) -> float:
+    """Unix seconds from ISO 8601 (a date, or a datetime; naive means in `tz`, default UTC) or from unix
+    seconds."""
     if not isinstance(value, str) or not value.strip():
         raise ReportError(f"{param}: a time is required (ISO 8601 or unix seconds)", param)
     text = value.strip()
+    zone = parse_tz(tz) or UTC  # outside the try: a bad zone is its own error
     try:
         if re.fullmatch(r"\d+(\.\d+)?", text):
             seconds = float(text)  # all digits: unix seconds, even where ISO "basic" would fit
         else:
             moment = datetime.fromisoformat(text)
             if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=timezone.utc)
+                moment = moment.replace(tzinfo=zone)
             seconds = moment.timestamp()
     except (ValueError, OverflowError):
         seconds = math.nan
@@ -160,51 +137,97 @@ def usage_report(
     key: str | None = None,
     user: str | None = None,
     model: str | None = None,
+    tz: str | None = None,
+    use_rollups: bool = True,
 ) -> dict[str, Any]:
-    """Counters per group over calls started in [since, until); see the module docstring."""
+    """Counters per group over calls started in [since, until); see the module docstring.
+
+    `tz` (an IANA name; default UTC) sets where hour/day/week/month buckets begin. The answer comes from
+    rollups where they can give it and from `calls` otherwise (report_plan.py); `use_rollups=False`
+    reads `calls` only, which gives the same answer until retention has pruned calls."""
     groups = _parse_group_by(group_by)
+    zone = parse_tz(tz)
     _check_time(since, "since")
     _check_time(until, "until")
     if since is not None and until is not None and until <= since:
         raise ReportError("until: must be later than since", "until")
-
-    select: list[str] = []
-    params: list[Any] = []
-    for i, (name, _) in enumerate(groups):
-        if name.startswith(_TAG_PREFIX):
-            select.append(f"json_extract(tags, ?) AS g{i}")
-            params.append(f'$."{name[len(_TAG_PREFIX):]}"')
-        else:
-            select.append(f"{_GROUPS[name]} AS g{i}")
-    select.extend(_COUNTER_SQL.values())
-    where, where_params = where_sql(
-        ("started_at >= ?", since), ("started_at < ?", until),
-        ("key_id = ?", key), ('"user" = ?', user), ("model = ?", model),
-    )  # fmt: skip
-    sql = f"SELECT {', '.join(select)} FROM calls{where}"
-    if groups:
-        sql += " GROUP BY " + ", ".join(f"g{i}" for i in range(len(groups)))
-
-    width = len(groups)
-    rows = []
-    for found in conn.execute(sql, params + where_params):
-        if found[width] == 0:
+    filters = {"key": key, "user": user, "model": model}
+    # One read transaction: every query sees the same snapshot, so a batch committed meanwhile is
+    # counted in full or not at all, never in the rollups and in calls both.
+    own = not conn.in_transaction
+    if own:
+        conn.execute("BEGIN")
+    try:
+        state = rollups.read_state(conn) if use_rollups else rollups.State(False, False, None)
+        segments = plan_segments(conn, [name for name, _ in groups], since, until, zone, state)
+        sums: dict[tuple[Any, ...], list[Any]] = {}
+        for segment in segments:
+            for found in report_sql.run(conn, segment, groups, filters, utc=zone is None):
+                known = sums.get(found[0])
+                if known is None:
+                    sums[found[0]] = [list(found[1]), found[2]]
+                else:
+                    known[0] = [a + b for a, b in zip(known[0], found[1])]
+                    known[1] = _EXACT.add(known[1], found[2])
+    finally:
+        if own and conn.in_transaction:
+            conn.execute("ROLLBACK")
+    rows, costs = [], []
+    for values, (ints, cost) in sums.items():
+        if not ints[0]:
             continue  # no GROUP BY yields one all-zero row over an empty range
-        row = {out: found[i] for i, (_, out) in enumerate(groups)}
-        row.update(zip(COUNTERS, found[width:]))
-        rows.append(row)
-    costs = [Decimal(r["cost_usd"]) for r in rows]
+        row = {out: values[i] for i, (_, out) in enumerate(groups)}
+        counted = dict(zip(rollups.INT_COUNTERS, ints))
+        row.update((name, counted[name]) for name in COUNTERS if name != "cost_usd")
+        row["cost_usd"] = format(cost, "f")
+        rows.append({out: row[out] for out in (*(o for _, o in groups), *COUNTERS)})
+        costs.append(cost)
     # copy_negate, unlike unary minus, does not round to the context's 28 digits.
     order = sorted(
         range(len(rows)), key=lambda i: (costs[i].copy_negate(), *_sort_keys(rows[i], groups))
     )
-    return {
+    report: dict[str, Any] = {
         "since": None if since is None else iso_time(since),
         "until": None if until is None else iso_time(until),
         "group_by": [name for name, _ in groups],
+        "tz": "UTC" if zone is None else zone.key,
         "rows": [rows[i] for i in order],
-        "totals": _totals(rows, costs),
+        "totals": _totals(rows, [costs[i] for i in range(len(rows))]),
     }
+    pruned = state.pruned_before
+    if pruned is not None and (since is None or since < pruned):
+        report["pruned_before"] = iso_time(pruned)  # raw calls before it are gone; see report_plan.py
+    return report
+
+
+def plan_segments(conn: sqlite3.Connection, names: list[str], since: float | None, until: float | None,
+                  zone: ZoneInfo | None, state: rollups.State) -> list[report_plan.Segment]:
+    """The sources that answer a report (for tests and the benchmark: which path a report takes)."""
+    if not state.exists and (zone is None or not any(n in report_plan.TIME_FIELDS for n in names)):
+        return [report_plan.Segment("raw", since, until)]
+    extent = rollups.extent(conn) if state.exists else _calls_extent(conn)
+    dirty: list[int] = []
+    if state.exists and extent is not None:
+        dirty = rollups.dirty_hours(conn, extent[0] if since is None else since,
+                                    extent[1] if until is None else until)
+    return report_plan.plan(names=names, since=since, until=until, zone=zone, state=state, extent=extent,
+                            dirty=dirty)
+
+
+def _calls_extent(conn: sqlite3.Connection) -> tuple[int, int] | None:
+    lo, hi = conn.execute("SELECT (SELECT CAST(min(started_at) AS INTEGER) FROM calls), "
+                          "(SELECT CAST(max(started_at) AS INTEGER) + 1 FROM calls)").fetchone()
+    return None if lo is None else (lo, hi)
+
+
+def parse_tz(name: str | None) -> ZoneInfo | None:
+    """The IANA zone `name`; None (meaning UTC, labels ending in Z) for no name or "UTC"."""
+    if name is None or name.strip().upper() in ("", "UTC", "Z"):
+        return None
+    try:
+        return ZoneInfo(name.strip())
+    except (ValueError, ZoneInfoNotFoundError, OSError):
+        raise ReportError(f"tz: unknown time zone {name!r}; use an IANA name such as Europe/Berlin", "tz") from None
 
 
 def _parse_group_by(group_by: Sequence[str]) -> list[tuple[str, str]]:
@@ -224,7 +247,7 @@ def _parse_group_by(group_by: Sequence[str]) -> list[tuple[str, str]]:
                         "group_by",
                     )
                 groups[name] = name
-            elif name in _GROUPS:
+            elif name in GROUP_FIELDS:
                 groups[name] = GROUP_ROW_KEYS.get(name, name)
             else:
                 raise ReportError(
@@ -268,7 +291,7 @@ def _totals(rows: list[dict[str, Any]], costs: list[Decimal]) -> dict[str, Any]:
 
 
 def iso_time(ts: float) -> str:
-    moment = datetime.fromtimestamp(ts, timezone.utc)
+    moment = datetime.fromtimestamp(ts, UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from proxy import render, reports
+from proxy import render, reports, rollups
 from proxy.ledger import INSERT_SQL, Ledger, record_row
 from proxy.migrations import migrate
 from proxy.record import CallRecord
@@ -130,7 +130,8 @@ def test_every_group_field(
 
 def test_group_fields_are_all_covered() -> None:
     assert set(GROUP_FIELDS) == {
-        "key", "model", "user", "session", "operation", "endpoint", "status", "hour", "day", "month",
+        "key", "model", "user", "session", "operation", "endpoint", "status", "hour", "day", "week",
+        "month",
     }  # fmt: skip
 
 
@@ -527,3 +528,155 @@ def test_time_buckets_agree_with_the_range_at_a_fraction_before_the_edge(tmp_pat
     assert [(r["hour"], r["day"], r["month"]) for r in report["rows"]] == [
         ("2026-11-30T23:00Z", "2026-11-30", "2026-11")
     ]
+
+
+# -- rollups and raw calls give the same report ------------------------------------------------
+
+ZONES = [None, "Europe/Berlin", "Asia/Kolkata", "America/St_Johns", "Australia/Lord_Howe", "Pacific/Chatham"]
+GROUPINGS = [
+    [], ["key"], ["model", "user"], ["operation", "endpoint", "status"], ["tag:team"], ["hour"], ["day"],
+    ["week"], ["month"], ["key", "day"], ["month", "model"], ["hour", "day", "week", "month"],
+    ["session"], ["tag:env", "day"],
+]  # fmt: skip
+R0 = at("2026-01-27 00:00:00")  # 70 days over three month ends and Europe's and Australia's DST changes
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import asyncio
+    import random
+
+    from tests.test_rollups import random_call, write_through_ledger
+
+    rng = random.Random(42)
+    path = tmp_path_factory.mktemp("big") / "ledger.db"
+    calls = [random_call(rng, n, start=R0, span=70 * 86400) for n in range(4000)]
+    asyncio.run(write_through_ledger(path, calls, rng))
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        rollups.ensure(conn, until=R0 + 60 * 86400)  # days and months for the first 60 days
+        # A re-pricing changed a few calls after they were rolled up (in March): their hours are dirty.
+        conn.execute("UPDATE calls SET cost_usd = '7.25' WHERE id % 37 = 0 AND started_at >= ? AND started_at < ?",
+                     (R0 + 40 * 86400, R0 + 45 * 86400))
+        assert conn.execute("SELECT count(*) FROM rollup_dirty").fetchone()[0] > 3
+    finally:
+        conn.close()
+    return path
+
+
+def both_ways(conn: sqlite3.Connection, **kwargs: Any) -> dict[str, Any]:
+    fast = reports.usage_report(conn, **kwargs)
+    slow = reports.usage_report(conn, use_rollups=False, **kwargs)
+    assert fast == slow, (kwargs, fast["totals"], slow["totals"])
+    return fast
+
+
+@pytest.mark.parametrize("tz", ZONES)
+@pytest.mark.parametrize(
+    "span",
+    [(None, None), ("2026-02-01", "2026-03-01"), (R0 + 3.5 * 86400 + 1234.5, R0 + 25 * 86400 + 17)],
+)  # fmt: skip
+def test_rollups_and_calls_give_identical_reports(big: Path, tz: str | None, span: tuple[Any, Any]) -> None:
+    since, until = (reports.parse_time(v, "since", tz) if isinstance(v, str) else v for v in span)
+    conn = reports.connect_readonly(big)
+    try:
+        for group_by in GROUPINGS:
+            for filters in ({}, {"key": "k2", "model": "gpt-4o"}, {"user": ""}):
+                report = both_ways(conn, group_by=group_by, since=since, until=until, tz=tz, **filters)
+                assert report["totals"]["calls"] > 0
+    finally:
+        conn.close()
+
+
+def sources(conn: sqlite3.Connection, group_by: list[str], since: float | None, until: float | None,
+            tz: str | None = None) -> list[str]:
+    state = rollups.read_state(conn)
+    return [s.source for s in reports.plan_segments(conn, group_by, since, until, reports.parse_tz(tz), state)]
+
+
+def test_reports_do_read_the_rollups(big: Path) -> None:
+    conn = reports.connect_readonly(big)
+    try:
+        feb = (at("2026-02-01 00:00:00"), at("2026-03-01 00:00:00"))
+        assert sources(conn, ["key", "model"], *feb) == ["month"]
+        assert sources(conn, ["month", "user"], *feb) == ["month"]
+        assert sources(conn, ["day", "week"], *feb) == ["day"]
+        assert sources(conn, ["hour"], *feb) == ["hour"]
+        assert sources(conn, ["day"], *feb, tz="Europe/Berlin") == ["hour"]
+        assert sources(conn, ["day"], *feb, tz="Asia/Kolkata") == ["hour", "raw"] * 28 + ["hour"]  # 18:00Z
+        assert sources(conn, ["hour"], *feb, tz="Asia/Kolkata") == ["raw"]
+        assert sources(conn, ["session"], *feb) == ["raw"]
+        # The cut first hour, the rest of Feb 1st, then whole days.
+        assert sources(conn, ["key"], feb[0] + 0.5, feb[1]) == ["raw", "hour", "day"]
+        march = (at("2026-03-01 00:00:00"), at("2026-04-01 00:00:00"))
+        assert "raw" in sources(conn, ["key"], *march)  # the dirty hours
+        assert "hour" in sources(conn, ["key"], *march)  # after R0 + 60 days, no day rows yet
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("when", "tz", "labels"),
+    [
+        ("2026-11-23 12:00:00", None, ("2026-11-23T12:00Z", "2026-11-23", "2026-W48", "2026-11")),
+        ("2026-12-31 12:00:00", None, ("2026-12-31T12:00Z", "2026-12-31", "2026-W53", "2026-12")),
+        ("2027-01-03 23:59:59", None, ("2027-01-03T23:00Z", "2027-01-03", "2026-W53", "2027-01")),
+        ("2027-01-04 00:00:00", None, ("2027-01-04T00:00Z", "2027-01-04", "2027-W01", "2027-01")),
+        ("2024-12-30 08:00:00", None, ("2024-12-30T08:00Z", "2024-12-30", "2025-W01", "2024-12")),
+        ("2026-11-30 23:30:00", "Europe/Berlin",
+         ("2026-12-01T00:00+01:00", "2026-12-01", "2026-W49", "2026-12")),
+        ("2026-10-25 00:30:00", "Europe/Berlin",  # before the clocks go back: 02:30 summer time
+         ("2026-10-25T02:00+02:00", "2026-10-25", "2026-W43", "2026-10")),
+        ("2026-10-25 01:30:00", "Europe/Berlin",  # the same wall-clock hour again, in winter time
+         ("2026-10-25T02:00+01:00", "2026-10-25", "2026-W43", "2026-10")),
+        ("2026-11-22 18:45:00", "Asia/Kolkata", ("2026-11-23T00:00+05:30", "2026-11-23", "2026-W48", "2026-11")),
+        ("2026-11-22 18:15:00", "Asia/Kolkata", ("2026-11-22T23:00+05:30", "2026-11-22", "2026-W47", "2026-11")),
+        ("2026-11-23 03:00:00", "America/New_York",
+         ("2026-11-22T22:00-05:00", "2026-11-22", "2026-W47", "2026-11")),
+    ],
+)  # fmt: skip
+async def test_time_bucket_labels(tmp_path: Path, when: str, tz: str | None, labels: tuple[str, ...]) -> None:
+    path = tmp_path / "l.db"
+    ledger = Ledger(path)
+    ledger.db.after_insert.append(rollups.apply)
+    await ledger.open()
+    await ledger.record(call(1, when, cost_usd=Decimal("1")))
+    await ledger.close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    rollups.ensure(conn, until=at(when) + 86400 * 40)
+    conn.close()
+    conn = reports.connect_readonly(path)
+    try:
+        report = both_ways(conn, group_by=["hour", "day", "week", "month"], tz=tz)
+    finally:
+        conn.close()
+    assert [(r["hour"], r["day"], r["week"], r["month"]) for r in report["rows"]] == [labels]
+    assert report["tz"] == (tz or "UTC")
+
+
+def test_naive_times_are_read_in_the_report_zone() -> None:
+    assert reports.parse_time("2026-11-23", "since", "Europe/Berlin") == at("2026-11-22 23:00:00")
+    assert reports.parse_time("2026-07-01T00:00", "since", "Europe/Berlin") == at("2026-06-30 22:00:00")
+    assert reports.parse_time("2026-11-23T00:00Z", "since", "Europe/Berlin") == at("2026-11-23 00:00:00")
+    assert reports.parse_time("2026-11-23", "since", "UTC") == at("2026-11-23 00:00:00")
+
+
+@pytest.mark.parametrize("tz", ["Mars/Olympus", "../etc/passwd", "/etc/localtime", "Europe/", "a" * 300])
+def test_unknown_time_zone(db: sqlite3.Connection, tz: str) -> None:
+    with pytest.raises(ReportError) as caught:
+        reports.usage_report(db, group_by=["day"], tz=tz)
+    assert caught.value.param == "tz" and "unknown time zone" in str(caught.value)
+    with pytest.raises(ReportError):
+        reports.parse_time("2026-11-23", "since", tz)
+
+
+def test_a_report_reads_one_snapshot_and_leaves_a_callers_transaction_open(db: sqlite3.Connection) -> None:
+    assert not db.in_transaction
+    reports.usage_report(db, group_by=["key"])
+    assert not db.in_transaction  # its own read transaction is over
+    db.execute("BEGIN")
+    try:
+        reports.usage_report(db, group_by=["day"])
+        assert db.in_transaction  # the caller's is not ended for it
+    finally:
+        db.execute("ROLLBACK")

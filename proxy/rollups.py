@@ -1,0 +1,384 @@
+"""Rollups: the ledger's counters per hour, day and month, kept in step with `calls` for fast reports.
+
+A rollup row holds, for one time bucket (UTC hour, day or month start, unix seconds) and one dimension
+set (key_id, model, user, operation, endpoint, status, team = the `team` tag; grains hour/day/month +
+TOTALS hold each bucket's totals over all of them, for reports by time alone), the same counters a usage
+report sums: calls, errors, unpriced_calls, tokens, counted_calls / counted_tokens, and the cost. The cost
+is exact decimal text (`cost_usd`, the truth), plus the same sum in picodollars (`cost_pico`, 1e-12 USD)
+with the smallest exponent of the costs in it (`cost_exp`) whenever that is exact, so that reports can
+add costs in SQL integers and still print exactly what adding the decimals would.
+
+`apply` is the ledger's after_insert hook: it runs inside the batch's transaction, aggregates the batch
+in Python and upserts one row per touched (hour, dims) — and per (day, dims) and (month, dims) only for
+hours before `days_until`: day and month rows are rolled up from the hours once a day is over
+(`roll_days`, run by the maintenance task), which keeps the hot path at one upsert per group.
+`rebuild` recomputes hours from `calls` and days and months from hours (after a re-pricing, an import,
+an upgrade); both live in rollup_build.py. `rollup_state.covered_id` says up to which calls.id the
+rollups hold every row; reports trust the rollups only while it equals max(calls.id), so a row written
+without the hook (a script, another tool) makes them fall back to `calls` until `ensure`/`rebuild`
+runs. Hours before `pruned_before` (retention) exist only here.
+
+This module must never round a cost, never recompute an hour whose raw calls were pruned, and never
+commit or roll back: its callers own the transaction.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from decimal import Context, Decimal, Inexact
+from typing import Any
+
+from proxy.ledger_db import COLUMNS
+
+__all__ = [
+    "DAY", "DIMS", "GRAINS", "HOUR", "INT_COUNTERS", "MONTH", "SERIES", "TOTALS", "State", "after_reprice", "apply", "dim_ids",
+    "dirty_hours", "ensure", "exact_values", "extent", "from_pico", "make_current", "month_start", "next_month",
+    "pico", "pico_text", "read_state", "rebuild", "rebuild_dirty", "register_functions", "roll_days",
+]  # fmt: skip
+
+HOUR, DAY, MONTH = 0, 1, 2
+# A bucket's totals over every dimension set, for reports by time alone: their own grains (so that a range
+# of them is contiguous in the primary key), with dim_id SERIES (rollup_dims ids start at 1).
+TOTALS = 3  # grain + TOTALS
+SERIES = 0
+GRAINS = {"hour": HOUR, "day": DAY, "month": MONTH}
+DIMS = ("key_id", "model", "user", "operation", "endpoint", "status", "team")
+INT_COUNTERS = (
+    "calls", "errors", "unpriced_calls", "prompt_tokens", "completion_tokens", "cached_tokens",
+    "reasoning_tokens", "total_tokens", "counted_calls", "counted_tokens",
+)  # fmt: skip
+_EXACT = Context(prec=200, traps=[Inexact])
+_PICO_DIGITS = 12
+_PICO_LIMIT = 2**62  # well inside int64, so SQLite's integer sums of a few rows cannot overflow silently
+_COL = {name: COLUMNS.index(name) for name in (
+    "started_at", "key_id", "model", "user", "operation", "endpoint", "status", "tags", "prompt_tokens",
+    "completion_tokens", "cached_tokens", "reasoning_tokens", "total_tokens", "usage_source", "priced",
+    "cost_usd")}  # fmt: skip
+
+_DIM_SQL = " AND ".join(f'"{d}" IS ?' for d in DIMS)
+_DIM_COLUMNS = ", ".join(f'"{d}"' for d in DIMS)
+_P = "(cost_pico + excluded.cost_pico)"
+_FITS = f"typeof({_P}) = 'integer' AND {_P} < {_PICO_LIMIT}"
+_E = "min(cost_exp, excluded.cost_exp)"
+# The cost text of picodollars P with exponent E, in SQL: no Python call while both sides are whole
+# picodollars (the common case); mp_decimal_add only when one is not.
+_P_TEXT = (f"({_P} / {10**_PICO_DIGITS}) || CASE WHEN {_E} < 0 THEN '.' || "
+           f"substr(printf('%0{_PICO_DIGITS}d', {_P} % {10**_PICO_DIGITS}), 1, -{_E}) ELSE '' END")
+_UPSERT = f"""
+INSERT INTO rollups (grain, bucket, dim_id, {", ".join(INT_COUNTERS)}, cost_usd, cost_pico, cost_exp)
+VALUES ({", ".join("?" * (3 + len(INT_COUNTERS) + 3))})
+ON CONFLICT (grain, bucket, dim_id) DO UPDATE SET
+    {", ".join(f"{c} = {c} + excluded.{c}" for c in INT_COUNTERS)},
+    cost_usd = CASE WHEN {_FITS} THEN {_P_TEXT} ELSE mp_decimal_add(cost_usd, excluded.cost_usd) END,
+    cost_pico = CASE WHEN {_FITS} THEN {_P} END,
+    cost_exp = CASE WHEN {_FITS} THEN {_E} END
+"""
+
+
+# --- exact money helpers ---------------------------------------------------------------------------
+def _decimal_add(a: str | None, b: str | None) -> str:
+    total = _EXACT.add(Decimal(a or 0), Decimal(b or 0))
+    return format(total, "f")
+
+
+class _DecimalSum:
+    def __init__(self) -> None:
+        self.total = Decimal(0)
+
+    def step(self, value: str | None) -> None:
+        if value is not None:
+            self.total = _EXACT.add(self.total, Decimal(value))
+
+    def finalize(self) -> str:
+        return format(self.total, "f")
+
+
+def register_functions(conn: sqlite3.Connection) -> None:
+    """`mp_decimal_add(a, b)` and `decimal_sum(x)` on `conn`: exact decimal text arithmetic."""
+    conn.create_function("mp_decimal_add", 2, _decimal_add, deterministic=True)
+    conn.create_aggregate("decimal_sum", 1, _DecimalSum)  # type: ignore[arg-type]
+
+
+def _parse_plain(text: str) -> tuple[int, int] | None:
+    """(picodollars, exponent) of a plain non-negative decimal with at most 12 decimals, else None."""
+    whole, _, frac = text.partition(".")
+    if not whole.isdigit() or (frac and not frac.isdigit()) or len(frac) > _PICO_DIGITS:
+        return None
+    units = int(whole) * 10**_PICO_DIGITS + (int(frac) * 10 ** (_PICO_DIGITS - len(frac)) if frac else 0)
+    return (units, -len(frac)) if units < _PICO_LIMIT else None
+
+
+def pico(value: Decimal) -> tuple[int, int] | None:
+    """(picodollars, exponent) when `value` is exactly a whole, non-negative number of picodollars (below
+    2**62), else None."""
+    exponent = value.as_tuple().exponent
+    if not isinstance(exponent, int) or exponent < -_PICO_DIGITS or value.is_signed():
+        return None
+    units = int(value.scaleb(_PICO_DIGITS, _EXACT))
+    return (units, min(exponent, 0)) if abs(units) < _PICO_LIMIT else None
+
+
+def pico_text(units: int, exponent: int) -> str:
+    """format(from_pico(units, exponent), "f") for units >= 0, without Decimal arithmetic."""
+    whole, frac = divmod(units, 10**_PICO_DIGITS)
+    return f"{whole}.{f'{frac:0{_PICO_DIGITS}d}'[:-exponent]}" if exponent < 0 else str(whole)
+
+
+def from_pico(units: int, exponent: int) -> Decimal:
+    """The decimal that `units` picodollars print as when the smallest addend had `exponent`."""
+    return Decimal(units).scaleb(-_PICO_DIGITS, _EXACT).quantize(Decimal(1).scaleb(exponent), context=_EXACT)
+
+
+# --- time buckets ----------------------------------------------------------------------------------
+def month_start(ts: int) -> int:
+    y, m = time.gmtime(ts)[:2]
+    return calendar.timegm((y, m, 1, 0, 0, 0))
+
+
+def next_month(start: int) -> int:
+    y, m = time.gmtime(start)[:2]
+    return calendar.timegm((y + m // 12, m % 12 + 1, 1, 0, 0, 0))
+
+
+# --- the after_insert hook -------------------------------------------------------------------------
+class _Acc:
+    """One bucket's sums while a batch is aggregated: whole picodollars in integers, any other cost
+    exactly in `slow`. Their sum has the exponent adding every cost as a Decimal would give."""
+
+    __slots__ = ("exp", "ints", "pico", "slow")
+
+    def __init__(self) -> None:
+        self.ints = [0] * len(INT_COUNTERS)
+        self.pico = 0
+        self.exp = 0  # as decimal_sum, which starts from Decimal(0)
+        self.slow: Decimal | None = None
+
+    def add_cost(self, text: str) -> None:
+        parsed = _parse_plain(text)
+        if parsed is not None:
+            self.pico += parsed[0]
+            self.exp = min(self.exp, parsed[1])
+        else:
+            self.slow = _EXACT.add(self.slow if self.slow is not None else Decimal(0), Decimal(text))
+
+    def merge(self, other: _Acc) -> None:
+        self.ints = [a + b for a, b in zip(self.ints, other.ints)]
+        self.pico += other.pico
+        self.exp = min(self.exp, other.exp)
+        if other.slow is not None:
+            self.slow = _EXACT.add(self.slow if self.slow is not None else Decimal(0), other.slow)
+
+    def values(self) -> tuple[Any, ...]:
+        if self.slow is None and self.pico < _PICO_LIMIT:
+            return (*self.ints, pico_text(self.pico, self.exp), self.pico, self.exp)
+        total = _EXACT.add(from_pico(self.pico, self.exp), self.slow or Decimal(0))
+        return exact_values(self.ints, format(total, "f"))
+
+
+def _team(tags: str) -> Any:
+    if tags == "{}":
+        return None
+    value = json.loads(tags).get("team")
+    if value is None or isinstance(value, (str, int, float)):
+        return int(value) if isinstance(value, bool) else value  # as json_extract returns it
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _aggregate(rows: Iterable[Sequence[Any]]) -> dict[tuple[int, tuple[Any, ...]], _Acc]:
+    """Sums per (hour, dims) over the batch's rows."""
+    c = _COL
+    teams: dict[str, Any] = {}
+    out: dict[tuple[int, tuple[Any, ...]], _Acc] = {}
+    for row in rows:
+        tags = row[c["tags"]]
+        team = teams[tags] if tags in teams else teams.setdefault(tags, _team(tags))
+        status = row[c["status"]]
+        key = (int(row[c["started_at"]]) // 3600 * 3600,
+               (row[c["key_id"]], row[c["model"]], row[c["user"]], row[c["operation"]], row[c["endpoint"]],
+                status, team))  # fmt: skip
+        acc = out.get(key)
+        if acc is None:
+            acc = out[key] = _Acc()
+        counted = row[c["usage_source"]] == "counted"
+        total = row[c["total_tokens"]]
+        ints = acc.ints
+        ints[0] += 1
+        ints[1] += not 200 <= status <= 299
+        ints[2] += not row[c["priced"]]
+        ints[3] += row[c["prompt_tokens"]]
+        ints[4] += row[c["completion_tokens"]]
+        ints[5] += row[c["cached_tokens"]]
+        ints[6] += row[c["reasoning_tokens"]]
+        ints[7] += total
+        ints[8] += counted
+        ints[9] += total if counted else 0
+        acc.add_cost(row[c["cost_usd"]])
+    return out
+
+
+# id(conn) -> (the newest rollup_dims row when last seen, dims -> id). The newest row is checked before
+# each use: ids are never reused except after a rollback, and a rollback changes the newest row.
+_DIM_CACHE: dict[int, tuple[tuple[Any, ...] | None, dict[tuple[Any, ...], int]]] = {}
+_DIM_CACHE_MAX = 200_000
+
+
+def dim_ids(conn: sqlite3.Connection, dims: Iterable[tuple[Any, ...]]) -> dict[tuple[Any, ...], int]:
+    """The rollup_dims id of each dimension tuple (DIMS order), added where missing."""
+    newest = conn.execute(f"SELECT id, {_DIM_COLUMNS} FROM rollup_dims ORDER BY id DESC LIMIT 1").fetchone()
+    seen, ids = _DIM_CACHE.get(id(conn), (None, {}))
+    if seen != newest or len(ids) > _DIM_CACHE_MAX:
+        ids = {}
+    for d in dims:
+        if d in ids:
+            continue
+        found = conn.execute(f"SELECT id FROM rollup_dims WHERE {_DIM_SQL}", d).fetchone()
+        if found is None:
+            cur = conn.execute(f"INSERT INTO rollup_dims ({_DIM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", d)
+            newest = (cur.lastrowid, *d)
+            ids[d] = int(cur.lastrowid or 0)
+        else:
+            ids[d] = found[0]
+    if len(_DIM_CACHE) > 16:  # connections come and go in tests; the ledger keeps one
+        _DIM_CACHE.clear()
+    _DIM_CACHE[id(conn)] = (None if newest is None else tuple(newest), ids)
+    return ids
+
+
+def _upsert(conn: sqlite3.Connection, hours: dict[tuple[int, tuple[Any, ...]], _Acc],
+            days_until: int | None) -> None:
+    ids = dim_ids(conn, {dims for _, dims in hours})
+    rows = [(HOUR, hour, ids[dims], *acc.values()) for (hour, dims), acc in hours.items()]
+    summed: dict[tuple[int, int, int], _Acc] = {}  # series rows, and days and months of late hours
+    for (hour, dims), acc in hours.items():
+        keys = [(HOUR + TOTALS, hour, SERIES)]
+        if days_until is not None and hour < days_until:  # else its day is rolled up from the hours later
+            day = hour - hour % 86400
+            month = month_start(day)
+            keys += [(DAY, day, ids[dims]), (DAY + TOTALS, day, SERIES), (MONTH, month, ids[dims]),
+                     (MONTH + TOTALS, month, SERIES)]
+        for key in keys:
+            if key in summed:
+                summed[key].merge(acc)
+            else:
+                summed[key] = _copy(acc)
+    rows += [(*key, *acc.values()) for key, acc in summed.items()]
+    conn.executemany(_UPSERT, rows)
+
+
+def _copy(acc: _Acc) -> _Acc:
+    new = _Acc()
+    new.merge(acc)
+    return new
+
+
+def apply(conn: sqlite3.Connection, rows: list[Sequence[Any]]) -> None:
+    """The ledger's after_insert hook: add the batch's rows (COLUMNS order, just inserted) to the rollups.
+
+    Runs inside the batch's transaction; a failure here rolls the whole batch back."""
+    register_functions(conn)
+    covered, days_until = conn.execute("SELECT covered_id, days_until FROM rollup_state WHERE id = 1").fetchone()
+    if rows:
+        _upsert(conn, _aggregate(rows), days_until)
+    # The rows just inserted took ids max-n+1..max; anything else means rows arrived without this hook.
+    newest = conn.execute("SELECT coalesce(max(id), 0) FROM calls").fetchone()[0]
+    if covered >= 0 and covered + len(rows) == newest:
+        if rows:
+            conn.execute("UPDATE rollup_state SET covered_id = ? WHERE id = 1", (newest,))
+    elif covered != -1:
+        conn.execute("UPDATE rollup_state SET covered_id = -1 WHERE id = 1")
+
+
+# --- state ------------------------------------------------------------------------------------------
+class State:
+    """What reports need to know: may the rollups be trusted, up to where are day and month rows
+    complete, before when were raw calls pruned."""
+
+    __slots__ = ("current", "days_until", "exists", "pruned_before")
+
+    def __init__(self, exists: bool, current: bool, days_until: int | None = None,
+                 pruned_before: int | None = None) -> None:
+        self.exists, self.current = exists, current
+        self.days_until, self.pruned_before = days_until, pruned_before
+
+
+def read_state(conn: sqlite3.Connection) -> State:
+    try:
+        found = conn.execute("SELECT covered_id, days_until, pruned_before FROM rollup_state WHERE id = 1").fetchone()
+    except sqlite3.OperationalError:  # a ledger from before migration 5
+        return State(False, False)
+    if found is None:
+        return State(False, False)
+    newest = conn.execute("SELECT coalesce(max(id), 0) FROM calls").fetchone()[0]
+    return State(True, found[0] >= 0 and found[0] == newest, found[1], found[2])
+
+
+def dirty_hours(conn: sqlite3.Connection, lo: float, hi: float) -> list[int]:
+    """The hours overlapping [lo, hi) whose calls changed after they were rolled up, in order."""
+    found = conn.execute("SELECT hour FROM rollup_dirty WHERE hour > ? AND hour < ? ORDER BY hour", (lo - 3600, hi))
+    return [h for (h,) in found]
+
+
+def extent(conn: sqlite3.Connection) -> tuple[int, int] | None:
+    """[first hour, last hour + 1h) of everything in calls, hour rollups and dirty marks; None if empty."""
+    # One min or max per subquery: SQLite answers each from an index edge instead of a scan.
+    found = conn.execute(
+        "SELECT (SELECT CAST(min(started_at) AS INTEGER) FROM calls), (SELECT min(bucket) FROM rollups WHERE grain = 0),"
+        " (SELECT min(hour) FROM rollup_dirty), (SELECT CAST(max(started_at) AS INTEGER) FROM calls),"
+        " (SELECT max(bucket) FROM rollups WHERE grain = 0), (SELECT max(hour) FROM rollup_dirty)").fetchone()
+    lows, highs = [v for v in found[:3] if v is not None], [v for v in found[3:] if v is not None]
+    if not lows:
+        return None
+    return min(lows) // 3600 * 3600, max(highs) // 3600 * 3600 + 3600
+
+
+def exact_values(ints: Sequence[Any], cost: str) -> tuple[Any, ...]:
+    """A rollup row's counter values from its integer counters and exact cost text."""
+    exact = pico(Decimal(cost))
+    return (*ints, cost, *(exact if exact is not None else (None, None)))
+
+
+# --- rebuilding (rollup_build.py), here under the names the rest of the proxy uses ------------------
+def rebuild(conn: sqlite3.Connection, since: float | None = None, until: float | None = None) -> int:
+    """See rollup_build.rebuild."""
+    from proxy import rollup_build
+
+    return rollup_build.rebuild(conn, since, until)
+
+
+def roll_days(conn: sqlite3.Connection, until: float | None = None, max_days: int = 62) -> int:
+    """See rollup_build.roll_days."""
+    from proxy import rollup_build
+
+    return rollup_build.roll_days(conn, until, max_days)
+
+
+def rebuild_dirty(conn: sqlite3.Connection, max_hours: int | None = 24) -> int:
+    """See rollup_build.rebuild_dirty."""
+    from proxy import rollup_build
+
+    return rollup_build.rebuild_dirty(conn, max_hours)
+
+
+def after_reprice(conn: sqlite3.Connection, report: object = None) -> None:
+    """See rollup_build.after_reprice: pass it as `proxy.reprice.reprice(..., after=rollups.after_reprice)`."""
+    from proxy import rollup_build
+
+    rollup_build.after_reprice(conn, report)
+
+
+def ensure(conn: sqlite3.Connection, until: float | None = None) -> bool:
+    """See rollup_build.ensure."""
+    from proxy import rollup_build
+
+    return rollup_build.ensure(conn, until)
+
+
+def make_current(conn: sqlite3.Connection) -> bool:
+    """See rollup_build.make_current."""
+    from proxy import rollup_build
+
+    return rollup_build.make_current(conn)
