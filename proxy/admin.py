@@ -102,10 +102,11 @@ def make_admin_app(db: str, token: str | None,
             if fmt not in ("json", "csv"):
                 raise reports.ReportError("format must be json or csv", param="format")
             group_by = [g.strip() for g in q.get("group_by", "").split(",") if g.strip()]
-            since = reports.parse_time(q["since"], "since") if "since" in q else None
-            until = reports.parse_time(q["until"], "until") if "until" in q else None
+            since = reports.parse_time(q["since"], "since", q.get("tz")) if "since" in q else None
+            until = reports.parse_time(q["until"], "until", q.get("tz")) if "until" in q else None
             report = await _in_thread(db_path(request), reports.usage_report, group_by=group_by, since=since,
-                                      until=until, key=q.get("key"), user=q.get("user"), model=q.get("model"))
+                                      until=until, key=q.get("key"), user=q.get("user"), model=q.get("model"),
+                                      tz=q.get("tz"))
         except (reports.ReportError, reports.ReportDatabaseError) as exc:
             return _report_failed(exc)
         if fmt == "csv":

@@ -21,7 +21,10 @@ from proxy.config import Settings, spool_path
 from proxy.counter import CountPolicy
 from proxy.errors import error_response
 from proxy.forward import forward
+from proxy import rollups
 from proxy.gate import Gate, open_gate
+from proxy.metrics import Metrics
+from proxy.retention import RetentionTask
 from proxy.pricing_live import LivePrices, admin_routes as pricing_routes
 from proxy.ledger import Ledger
 from proxy.metering import MeteredCall
@@ -34,6 +37,7 @@ TIMEOUT = web.AppKey("timeout", aiohttp.ClientTimeout)
 COUNTING = web.AppKey("counting", CountPolicy)
 GATE = web.AppKey("gate", Gate)
 LIVE = web.AppKey("live_prices", LivePrices)
+METRICS = web.AppKey("metrics", Metrics)
 
 
 async def _proxy(request: web.Request) -> web.StreamResponse:
@@ -47,7 +51,7 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
     # The table in force when the call starts prices it, even if an edit lands while it runs.
     call = MeteredCall(request.method, request.path, request.headers, prices=app[LIVE].table, ledger=app[LEDGER],
                        inject_usage=settings.stream_usage == "inject", counting=app[COUNTING],
-                       sample_rate=settings.accuracy_sample_rate)
+                       sample_rate=settings.accuracy_sample_rate, metrics=app[METRICS])
     return await forward(request, call, session=app[SESSION], upstream=settings.upstream, gate=app[GATE],
                          timeout=app[TIMEOUT], first_byte=settings.first_byte_timeout,
                          idle=settings.idle_timeout)
@@ -88,6 +92,8 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
     _quiet_request_parser_logs()
     app = web.Application(client_max_size=settings.max_request_bytes)
     app[SETTINGS] = settings
+    metrics = Metrics(label_keys="key" in settings.metrics_labels, label_users="user" in settings.metrics_labels)
+    app[METRICS] = metrics
     app[COUNTING] = counting_policy(settings)
     # First byte and idle gaps are timed by the forwarder itself: aiohttp's sock_read would apply one
     # figure to both the wait for headers and the gaps between chunks.
@@ -99,7 +105,12 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
         app[LIVE] = live
         ledger = Ledger(settings.db, spool_path=spool_path(settings),
                         busy_timeout_ms=int((settings.ledger_busy_timeout or 5.0) * 1000))
+        ledger.db.after_insert.append(rollups.apply)  # rollups move with their rows, in the same transaction
+        ledger.db.on_open.append(rollups.ensure)  # a ledger written without rollups gets them before serving
+        ledger.on_commit = metrics.observe_commit
         await ledger.open()
+        metrics.queue_depth_from(lambda: ledger.queue_depth)
+        upkeep = RetentionTask(settings.db, settings.retention_days)
         app[LEDGER] = ledger
         try:
             gate = await open_gate(
@@ -112,6 +123,7 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
             raise
         app[GATE] = gate
         live.start_watching()
+        upkeep.start()
         # Unlimited pool with keep-alive; aiohttp sets TCP_NODELAY on every connection itself.
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         # auto_decompress off: the client gets the upstream's compressed bytes; meters decode a copy.
@@ -122,6 +134,7 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
                 yield
             finally:
                 try:
+                    await upkeep.stop()
                     await live.stop()
                     await gate.close()
                 finally:
@@ -129,6 +142,7 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
 
     app.cleanup_ctx.append(resources)
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/metrics", metrics.handler())
     app.router.add_get("/meter/usage", meter_usage(GATE))
     app.router.add_route("*", "/v1/{tail:.*}", _proxy)
     if settings.admin_port is None:

@@ -16,9 +16,10 @@ from typing import Sequence
 
 from aiohttp import web
 
-from proxy import accuracy, render, reports
+from proxy import accuracy, render, reports, rollups
 from proxy.app import GATE, LIVE, counting_policy, make_admin_site, make_app
 from proxy.cli_keys import add_keys_parser, run_keys
+from proxy.export import add_export_parser, run_export
 from proxy.reprice import add_reprice_parser, run_reprice
 from proxy.config import SETTINGS, ConfigError, Settings, load_settings
 from proxy.counting import CountingError
@@ -47,10 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--key", help="only this key_id")
     report.add_argument("--user", help="only this user")
     report.add_argument("--model", help="only this model")
+    report.add_argument("--tz", help="IANA time zone for day/week/month buckets (default UTC)")
     report.add_argument("--format", default="table", choices=["table", "json", "csv"])
 
     add_keys_parser(sub)
     add_reprice_parser(sub)
+    add_export_parser(sub)
 
     acc = sub.add_parser("accuracy", help="how far the proxy's token counts fall from the provider's, per model")
     acc.add_argument("--config", help="YAML config file, for its db setting")
@@ -76,7 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "keys":
         return run_keys(args)
     if args.command == "reprice":
-        return run_reprice(args)
+        return run_reprice(args, after=rollups.after_reprice)  # rebuild the rollup hours it changed
+    if args.command == "export":
+        return run_export(args)
     return _report(args)
 
 
@@ -155,12 +160,12 @@ def _report(args: argparse.Namespace) -> int:
     try:
         db = _db(args)
         group_by = [g.strip() for g in args.group_by.split(",") if g.strip()]
-        since = reports.parse_time(args.since, "since") if args.since else None
-        until = reports.parse_time(args.until, "until") if args.until else None
+        since = reports.parse_time(args.since, "since", args.tz) if args.since else None
+        until = reports.parse_time(args.until, "until", args.tz) if args.until else None
         conn = reports.connect_readonly(db)
         try:
             report = reports.usage_report(conn, group_by=group_by, since=since, until=until,
-                                          key=args.key, user=args.user, model=args.model)
+                                          key=args.key, user=args.user, model=args.model, tz=args.tz)
         finally:
             conn.close()
     except (ConfigError, reports.ReportError, reports.ReportDatabaseError) as exc:

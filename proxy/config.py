@@ -110,6 +110,20 @@ def _globs(value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _positive_days(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError("must be a number of days, more than 0")
+    return float(value)
+
+
+def _metric_labels(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not set(value) <= {"key", "user"}:
+        raise ValueError("must be a list of: key, user")
+    return tuple(value)
+
+
 @dataclass(frozen=True, slots=True)
 class Setting:
     name: str
@@ -174,6 +188,10 @@ SETTINGS: tuple[Setting, ...] = (
             lambda v: None if v is None else _url(v)),
     Setting("alert_thresholds", (Decimal("0.8"), Decimal(1)), "shares of a budget at which to alert, once per "
             "period and threshold", parse_thresholds),
+    Setting("retention_days", None, "days raw call rows are kept (rollups are kept for good); null: forever",
+            lambda v: None if v is None else _positive_days(v)),
+    Setting("metrics_labels", (), "extra labels on /metrics: any of key, user (each key or user is a new series)",
+            _metric_labels),
     Setting("stream_usage", "count",
             "a stream the client asked without usage: count its tokens (the request is never changed), or "
             "inject include_usage upstream and take out of the client's stream exactly what that added",
@@ -212,6 +230,8 @@ class Settings:
     reserve_max_tokens: int = 4096
     alert_webhook: str | None = None
     alert_thresholds: tuple[Decimal, ...] = (Decimal("0.8"), Decimal(1))
+    retention_days: float | None = None
+    metrics_labels: tuple[str, ...] = ()
     stream_usage: str = "count"
     admin_token: str | None = field(default=None, repr=False)  # from the environment only; never logged
 

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from typing import Any, Callable
@@ -124,6 +125,7 @@ class Ledger:
         self._inflight: list[_Item] = []
         self._opened = False
         self._closed = False
+        self.on_commit: Callable[[float, int], None] | None = None  # (seconds, rows) after each commit
         self.stats: dict[str, int] = dict.fromkeys(
             ("rows_committed", "batches", "last_batch_size", "max_batch_size", "errors", "spooled",
              "replayed"), 0
@@ -132,6 +134,10 @@ class Ledger:
     @property
     def path(self) -> str:
         return self._path
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
 
     @property
     def accepting(self) -> bool:
@@ -242,6 +248,7 @@ class Ledger:
             await self._to_spool(batch, None)
             return
         rows = [row for row, _ in batch]
+        started = time.perf_counter()
         try:
             await self._on_thread(self.db.insert, rows)
         except sqlite3.IntegrityError as exc:
@@ -256,6 +263,8 @@ class Ledger:
             await self._to_spool(batch, exc)
             return
         self._healthy = True
+        if self.on_commit is not None:
+            self.on_commit(time.perf_counter() - started, len(batch))
         self._succeed(batch)
 
     async def _write_one_by_one(self, batch: list[_Item]) -> None:

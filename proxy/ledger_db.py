@@ -44,6 +44,7 @@ class LedgerDB:
         self._conn: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None
         self.after_insert: list[AfterInsert] = []
+        self.on_open: list[Callable[[sqlite3.Connection], Any]] = []  # after migrations, before any batch
 
     def open(self) -> None:
         """Create or migrate the file and open the write connection (WAL, synchronous=FULL)."""
@@ -56,6 +57,8 @@ class LedgerDB:
                 raise sqlite3.DatabaseError(f"journal_mode is {mode!r}, WAL is required (is it a file?)")
             conn.execute("PRAGMA synchronous = FULL")
             migrate(conn)
+            for hook in self.on_open:
+                hook(conn)
             self._identity = file_identity(self.path)
         except BaseException:
             conn.close()

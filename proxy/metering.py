@@ -18,6 +18,7 @@ from multidict import CIMultiDictProxy
 from proxy.attribution import api_key, attribute
 from proxy.counter import CallCount, CountPolicy, count_call
 from proxy.gate import Admission, Refusal
+from proxy.metrics import Metrics
 from proxy.ledger import Ledger, LedgerError
 from proxy.meters import Meter, meter_for
 from proxy.pricing import PriceTable
@@ -31,7 +32,9 @@ class MeteredCall:
 
     def __init__(self, method: str, path: str, headers: CIMultiDictProxy[str], *,
                  prices: PriceTable, ledger: Ledger, inject_usage: bool = False,
-                 counting: CountPolicy | None = None, sample_rate: float = 0.0) -> None:
+                 counting: CountPolicy | None = None, sample_rate: float = 0.0,
+                 metrics: Metrics | None = None) -> None:
+        self._metrics = metrics
         self._prices = prices
         self._ledger = ledger
         self._counting = counting
@@ -210,5 +213,7 @@ class MeteredCall:
             return failed
 
     def _release(self) -> None:
+        if self._metrics is not None:
+            self._metrics.observe_call(self.record)
         if self._admission is not None:  # release the budget hold; the real cost is on the ledger now
             self._admission.settle(self.record.cost_usd, self.record.total_tokens)
