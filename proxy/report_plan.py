@@ -1,10 +1,11 @@
 """Which rows answer a usage report: hour/day/month rollups where they can, `calls` for the rest.
 
 A report's range is cut into segments, each read from one source:
-- rollups answer whole UTC hours (and whole UTC days and months, before `days_until`, when the time
-  buckets allow it) whose calls were not changed since (no `rollup_dirty` mark), for reports whose groups
-  and filters are all rollup dimensions (key, model, user, operation, endpoint, status, tag:team) or time
-  buckets, while the rollups are current;
+- rollups answer whole UTC hours, and whole UTC days and months (before `days_until`) that lie inside one
+  local bucket of the report's time groups (a Berlin month: every UTC day of it but the two edge days,
+  read by the hour), whose calls were not changed since (no `rollup_dirty` mark), for reports whose
+  groups and filters are all rollup dimensions (key, model, user, operation, endpoint, status, tag:team)
+  or time buckets, while the rollups are current; grouped by time alone, each bucket's totals rows;
 - `calls` answers the rest: the cut hours at a range's edges, dirty hours, hours that a time zone's day
   boundary cuts in two (a zone whose offset is not a whole number of hours at that instant: India's
   +05:30 cuts one hour a day; the hour bucket in such a zone is read from calls throughout), and every
@@ -27,7 +28,8 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Callable
+from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
 from proxy import rollups
@@ -167,11 +169,11 @@ def _decompose(a: float, b: float, offset: int, times: list[str], dirty: list[in
         bad = [h for h in dirty if ha <= h < hb]
         if exact and times and offset % 3600:
             bad = sorted({*bad, *_straddling(ha, hb, offset)})
-        day_ok = days_until is not None and offset == 0 and all(t in ("day", "week", "month") for t in times)
-        coarse_until = days_until if day_ok and days_until is not None else ha  # day rows exist before it
-        month_ok = all(t == "month" for t in times)
-        out += [Segment(src, lo, hi, offset, lossy)
-                for src, lo, hi in _walk(ha, hb, coarse_until, month_ok, bad)]
+        def whole(lo: int, hi: int) -> bool:  # [lo, hi) lies in one local bucket of every time field
+            return all(_local(lo, offset, t) == _local(hi - 1, offset, t) for t in times)
+
+        coarse_until = days_until if days_until is not None else ha  # day and month rows exist before it
+        out += [Segment(src, lo, hi, offset, lossy) for src, lo, hi in _walk(ha, hb, coarse_until, whole, bad)]
     if hb < b:
         out.append(Segment("raw", hb, b, offset, lossy))
     return out
@@ -188,20 +190,21 @@ def _straddling(ha: int, hb: int, offset: int) -> list[int]:
     return hours
 
 
-def _walk(ha: int, hb: int, coarse_until: int, month_ok: bool, bad: list[int]) -> list[tuple[str, int, int]]:
-    """Whole months, then whole days, then hours, as coarse as allowed and clean; bad hours raw.
-    Day and month rows are used only for days before `coarse_until`."""
+def _walk(ha: int, hb: int, coarse_until: int, whole: Callable[[int, int], bool],
+          bad: list[int]) -> list[tuple[str, int, int]]:
+    """UTC months, then UTC days, then hours, as coarse as allowed: a month or day row only before
+    `coarse_until`, when clean, and when it lies in one local bucket (`whole`); bad hours raw."""
     out: list[tuple[str, int, int]] = []
     t = ha
     limit = min(hb, coarse_until)
     while t < hb:
-        if month_ok and t == rollups.month_start(t):
+        if t == rollups.month_start(t):
             end = rollups.next_month(t)
-            if end <= limit and not _any(bad, t, end):
+            if end <= limit and whole(t, end) and not _any(bad, t, end):
                 out.append(("month", t, end))
                 t = end
                 continue
-        if t % 86400 == 0 and t + 86400 <= limit and not _any(bad, t, t + 86400):
+        if t % 86400 == 0 and t + 86400 <= limit and whole(t, t + 86400) and not _any(bad, t, t + 86400):
             out.append(("day", t, t + 86400))
             t += 86400
             continue
@@ -209,6 +212,19 @@ def _walk(ha: int, hb: int, coarse_until: int, month_ok: bool, bad: list[int]) -
         out += _hours(t, stop, bad)
         t = stop
     return out
+
+
+def _local(ts: int, offset: int, field: str) -> tuple[int, ...]:
+    """The local bucket of `field` holding unix second `ts` at UTC offset `offset` (as label_sql labels it)."""
+    moment = datetime.fromtimestamp(ts + offset, timezone.utc)
+    if field == "hour":
+        return moment.year, moment.month, moment.day, moment.hour
+    if field == "day":
+        return moment.year, moment.month, moment.day
+    if field == "week":
+        iso = moment.isocalendar()
+        return iso.year, iso.week
+    return moment.year, moment.month
 
 
 def _any(bad: list[int], lo: int, hi: int) -> bool:

@@ -21,9 +21,9 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from proxy import rollups
+from proxy.rollup_build import in_transaction
 
 __all__ = ["RetentionError", "RetentionTask", "prune"]
 
@@ -33,18 +33,6 @@ _HOUR = 3600
 
 class RetentionError(Exception):
     """The ledger cannot be pruned (no rollups to keep the counts)."""
-
-
-def _in_transaction(conn: sqlite3.Connection, work: Callable[[], Any]) -> Any:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        result = work()
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return result
 
 
 def prune(conn: sqlite3.Connection, older_than: float, batch_size: int = 5000,
@@ -58,10 +46,10 @@ def prune(conn: sqlite3.Connection, older_than: float, batch_size: int = 5000,
         raise RetentionError("the ledger has no rollups (schema older than migration 5); nothing pruned")
     if rollups.make_current(conn):
         log.warning("retention: rollups were not current (rows written without the proxy); rebuilt them")
-    _in_transaction(conn, lambda: _prepare(conn, cutoff))
+    in_transaction(conn, lambda: _prepare(conn, cutoff))
     deleted = 0
     while stop is None or not stop.is_set():
-        n = _in_transaction(conn, lambda: _delete_batch(conn, cutoff, batch_size))
+        n = in_transaction(conn, lambda: _delete_batch(conn, cutoff, batch_size))
         deleted += n
         if n < batch_size:
             break
@@ -157,12 +145,12 @@ class RetentionTask:
             now = self._clock()
             days = hours = 0
             while not self._stopping.is_set():  # one day, or one dirty hour, per transaction
-                n = _in_transaction(conn, lambda: rollups.roll_days(conn, now, max_days=1))
+                n = in_transaction(conn, lambda: rollups.roll_days(conn, now, max_days=1))
                 days += n
                 if not n:
                     break
             while not self._stopping.is_set():
-                n = _in_transaction(conn, lambda: rollups.rebuild_dirty(conn, max_hours=1))
+                n = in_transaction(conn, lambda: rollups.rebuild_dirty(conn, max_hours=1))
                 hours += n
                 if not n:
                     break

@@ -176,7 +176,7 @@ def make_current(conn: sqlite3.Connection) -> bool:
         rebuild(conn)
         return True
 
-    return bool(_in_transaction(conn, rebuild_if_stale))
+    return bool(in_transaction(conn, rebuild_if_stale))
 
 
 def ensure(conn: sqlite3.Connection, until: float | None = None) -> bool:
@@ -185,12 +185,13 @@ def ensure(conn: sqlite3.Connection, until: float | None = None) -> bool:
     measures it). Returns whether it rebuilt."""
     rebuilt = make_current(conn)
     if read_state(conn).exists:
-        while _in_transaction(conn, lambda: roll_days(conn, until, max_days=31)):
+        while in_transaction(conn, lambda: roll_days(conn, until, max_days=31)):
             pass
     return rebuilt
 
 
-def _in_transaction(conn: sqlite3.Connection, work: Callable[[], Any]) -> Any:
+def in_transaction(conn: sqlite3.Connection, work: Callable[[], Any]) -> Any:
+    """Run `work` in one IMMEDIATE transaction on an autocommit connection; roll back if it raises."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         result = work()

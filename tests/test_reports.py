@@ -605,6 +605,11 @@ def test_reports_do_read_the_rollups(big: Path) -> None:
         assert sources(conn, ["day"], *feb, tz="Europe/Berlin") == ["hour"]
         assert sources(conn, ["day"], *feb, tz="Asia/Kolkata") == ["hour", "raw"] * 28 + ["hour"]  # 18:00Z
         assert sources(conn, ["hour"], *feb, tz="Asia/Kolkata") == ["raw"]
+        # A local month is whole UTC days but for its two edges: day rows inside, hours at the edges.
+        berlin_feb = (reports.parse_time("2026-02-01", "since", "Europe/Berlin"),
+                      reports.parse_time("2026-03-01", "until", "Europe/Berlin"))
+        assert sources(conn, ["month", "key"], *berlin_feb, tz="Europe/Berlin") == ["hour", "day", "hour"]
+        assert sources(conn, ["week"], *berlin_feb, tz="Europe/Berlin")[:3] == ["hour", "day", "hour"]
         assert sources(conn, ["session"], *feb) == ["raw"]
         # The cut first hour, the rest of Feb 1st, then whole days.
         assert sources(conn, ["key"], feb[0] + 0.5, feb[1]) == ["raw", "hour", "day"]
