@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass
 from collections.abc import Callable
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 from proxy import rollups
@@ -216,7 +216,7 @@ def _walk(ha: int, hb: int, coarse_until: int, whole: Callable[[int, int], bool]
 
 def _local(ts: int, offset: int, field: str) -> tuple[int, ...]:
     """The local bucket of `field` holding unix second `ts` at UTC offset `offset` (as label_sql labels it)."""
-    moment = datetime.fromtimestamp(ts + offset, timezone.utc)
+    moment = datetime.fromtimestamp(ts + offset, UTC)
     if field == "hour":
         return moment.year, moment.month, moment.day, moment.hour
     if field == "day":
