@@ -142,7 +142,8 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
 
     app.cleanup_ctx.append(resources)
     app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/metrics", metrics.handler())
+    if settings.admin_port is None:  # else /metrics is served beside the admin API, on its own address
+        app.router.add_get("/metrics", metrics.handler())
     app.router.add_get("/meter/usage", meter_usage(GATE))
     app.router.add_route("*", "/v1/{tail:.*}", _proxy)
     if settings.admin_port is None:
@@ -160,13 +161,14 @@ def _admin(settings: Settings) -> web.Application:
     return make_admin_app(settings.db, settings.admin_token, extra)
 
 
-def make_admin_site(settings: Settings, gate: Gate, live: LivePrices) -> web.Application:
+def make_admin_site(settings: Settings, gate: Gate, live: LivePrices, metrics: Metrics) -> web.Application:
     """The admin API alone, for `admin_host`:`admin_port` (e.g. localhost only, while the proxy faces a network).
 
     It shares the running proxy's gate, so key and budget changes apply to it at once."""
     app = web.Application()
     app[GATE] = gate
     app[LIVE] = live
+    app.router.add_get("/metrics", metrics.handler())
     app.add_subapp("/admin", _admin(settings))
     app.router.add_route("*", "/{tail:.*}", _not_found)
     return app

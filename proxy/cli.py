@@ -17,7 +17,7 @@ from typing import Sequence
 from aiohttp import web
 
 from proxy import accuracy, render, reports, rollups
-from proxy.app import GATE, LIVE, counting_policy, make_admin_site, make_app
+from proxy.app import GATE, LIVE, METRICS, counting_policy, make_admin_site, make_app
 from proxy.cli_keys import add_keys_parser, run_keys
 from proxy.export import add_export_parser, run_export
 from proxy.reprice import add_reprice_parser, run_reprice
@@ -110,8 +110,9 @@ async def _run(settings: Settings, prices: PriceTable) -> int:
         site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
         await site.start()
         if settings.admin_port is not None:
-            admin_runner = web.AppRunner(make_admin_site(settings, runner.app[GATE], runner.app[LIVE]),
-                                         access_log=None, handle_signals=False)
+            admin_runner = web.AppRunner(
+                make_admin_site(settings, runner.app[GATE], runner.app[LIVE], runner.app[METRICS]),
+                access_log=None, handle_signals=False)
             await admin_runner.setup()
             await web.TCPSite(admin_runner, settings.admin_host, settings.admin_port).start()
             log.info("admin API on http://%s:%s/admin", settings.admin_host, settings.admin_port)

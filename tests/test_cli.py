@@ -164,6 +164,8 @@ def test_admin_api_on_its_own_address(tmp_path: Path) -> None:
                 assert proc.poll() is None and time.monotonic() < deadline
                 time.sleep(0.1)
         assert get(port, "/admin/usage") == 404  # not on the proxy's port
+        assert get(port, "/metrics") == 404  # metrics (models, costs) go with the admin API
+        assert get(admin_port, "/metrics") == 200
         assert get(port, "/healthz") == 200
     finally:
         proc.terminate()
