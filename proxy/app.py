@@ -7,28 +7,28 @@ else is a 404 in OpenAI's shape — nothing but `/v1/` ever reaches the upstream
 
 from __future__ import annotations
 
-from typing import AsyncIterator
-
 import logging
+from typing import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from proxy import rollups
 from proxy.admin import GuardedRoutes, make_admin_app
 from proxy.admin_keys import add_key_routes, meter_usage
 from proxy.config import Settings, spool_path
 from proxy.counter import CountPolicy
 from proxy.errors import error_response
 from proxy.forward import forward
-from proxy import rollups
 from proxy.gate import Gate, open_gate
-from proxy.metrics import Metrics
-from proxy.retention import RetentionTask
-from proxy.pricing_live import LivePrices, admin_routes as pricing_routes
 from proxy.ledger import Ledger
 from proxy.metering import MeteredCall
+from proxy.metrics import Metrics
 from proxy.pricing import PriceTable
+from proxy.pricing_live import LivePrices
+from proxy.pricing_live import admin_routes as pricing_routes
+from proxy.retention import RetentionTask
 
 SETTINGS = web.AppKey("settings", Settings)
 LEDGER = web.AppKey("ledger", Ledger)

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from proxy import accuracy, render, reports, rollups
 from proxy.app import GATE, LIVE, METRICS, counting_policy, make_admin_site, make_app
+from proxy.cli_args import add_ledger_args, add_range_args, ledger_path, time_range
 from proxy.cli_keys import add_keys_parser, run_keys
 from proxy.export import add_export_parser, run_export
 from proxy.reprice import add_reprice_parser, run_reprice
@@ -40,15 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     report = sub.add_parser("report", help="usage and cost from the ledger")
-    report.add_argument("--config", help="YAML config file, for its db setting")
-    report.add_argument("--db", help="ledger database (default: the config's db, else ./meterproxy.db)")
+    add_ledger_args(report)
     report.add_argument("--group-by", default="", help=f"comma list of: {', '.join(reports.GROUP_FIELDS)}, tag:<name>")
-    report.add_argument("--since", help="ISO 8601 or unix seconds (inclusive)")
-    report.add_argument("--until", help="ISO 8601 or unix seconds (exclusive)")
+    add_range_args(report, tz_help="IANA time zone for day/week/month buckets (default UTC)")
     report.add_argument("--key", help="only this key_id")
     report.add_argument("--user", help="only this user")
     report.add_argument("--model", help="only this model")
-    report.add_argument("--tz", help="IANA time zone for day/week/month buckets (default UTC)")
     report.add_argument("--format", default="table", choices=["table", "json", "csv"])
 
     add_keys_parser(sub)
@@ -56,10 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
 
     acc = sub.add_parser("accuracy", help="how far the proxy's token counts fall from the provider's, per model")
-    acc.add_argument("--config", help="YAML config file, for its db setting")
-    acc.add_argument("--db", help="ledger database (default: the config's db, else ./meterproxy.db)")
-    acc.add_argument("--since", help="ISO 8601 or unix seconds (inclusive)")
-    acc.add_argument("--until", help="ISO 8601 or unix seconds (exclusive)")
+    add_ledger_args(acc)
+    add_range_args(acc)
     acc.add_argument("--model", help="only this model")
     acc.add_argument("--format", default="table", choices=["table", "json"])
     return parser
@@ -135,15 +131,10 @@ async def _run(settings: Settings, prices: PriceTable) -> int:
 
 
 # --- report, accuracy -----------------------------------------------------------------------------
-def _db(args: argparse.Namespace) -> str:
-    return str(args.db or (load_settings(args.config).db if args.config else "./meterproxy.db"))
-
-
 def _accuracy(args: argparse.Namespace) -> int:
     try:
-        since = reports.parse_time(args.since, "since") if args.since else None
-        until = reports.parse_time(args.until, "until") if args.until else None
-        conn = reports.connect_readonly(_db(args))
+        since, until = time_range(args)
+        conn = reports.connect_readonly(ledger_path(args))
         try:
             result = accuracy.accuracy_report(conn, since=since, until=until, model=args.model)
         finally:
@@ -159,11 +150,9 @@ def _accuracy(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     try:
-        db = _db(args)
         group_by = [g.strip() for g in args.group_by.split(",") if g.strip()]
-        since = reports.parse_time(args.since, "since", args.tz) if args.since else None
-        until = reports.parse_time(args.until, "until", args.tz) if args.until else None
-        conn = reports.connect_readonly(db)
+        since, until = time_range(args)
+        conn = reports.connect_readonly(ledger_path(args))
         try:
             report = reports.usage_report(conn, group_by=group_by, since=since, until=until,
                                           key=args.key, user=args.user, model=args.model, tz=args.tz)

@@ -16,7 +16,8 @@ from decimal import Decimal
 from typing import Any
 
 from proxy.budgets import spend_since
-from proxy.config import ConfigError, load_settings
+from proxy.cli_args import add_ledger_args, ledger_path
+from proxy.config import ConfigError
 from proxy.controldb import ControlDB, ControlDBError
 from proxy.keys import (
     ManagedKey,
@@ -40,8 +41,7 @@ _TABLE = ("key_id", "user", "team", "name", "status", "budget_usd", "budget_peri
 def add_keys_parser(subparsers: Any) -> None:
     """Add `keys` and its subcommands to the `meterproxy` subparsers."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="YAML config file, for its db setting")
-    common.add_argument("--db", help="ledger database (default: the config's db, else ./meterproxy.db)")
+    add_ledger_args(common)
     common.add_argument("--format", default="table", choices=["table", "json"])
     keys = subparsers.add_parser("keys", help="managed keys: create, list, show, update, revoke")
     sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -94,7 +94,7 @@ def _fail(message: str) -> int:
 
 def run_keys(args: argparse.Namespace) -> int:
     try:
-        path = str(args.db or (load_settings(args.config).db if args.config else "./meterproxy.db"))
+        path = ledger_path(args)
         if args.keys_command != "create" and not os.path.isfile(path):
             return _fail(f"no ledger at {path}: file not found")
         fields = _fields(args) if args.keys_command in ("create", "update") else {}

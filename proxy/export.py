@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
 
+from proxy.cli_args import add_ledger_args, add_range_args
 from proxy import reports
 from proxy.render import csv_cell
 
@@ -91,11 +92,8 @@ def write_csv(calls: Iterator[dict[str, Any]], out: IO[str], names: list[str]) -
 def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "export", help="raw call rows as JSON Lines or spreadsheet-safe CSV, for billing systems")
-    parser.add_argument("--config", help="YAML config file, for its db setting")
-    parser.add_argument("--db", help="ledger database (default: the config's db, else ./meterproxy.db)")
-    parser.add_argument("--since", help="ISO 8601 or unix seconds (inclusive)")
-    parser.add_argument("--until", help="ISO 8601 or unix seconds (exclusive)")
-    parser.add_argument("--tz", help="IANA time zone for --since/--until without an offset (default UTC)")
+    add_ledger_args(parser)
+    add_range_args(parser, tz_help="IANA time zone for --since/--until without an offset (default UTC)")
     parser.add_argument("--key", help="only this key_id")
     parser.add_argument("--format", default="jsonl", choices=["jsonl", "csv"])
     parser.add_argument("--output", "-o", help="file to write (default: standard output)")
@@ -104,15 +102,12 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_export(args: argparse.Namespace) -> int:
     """Run `meterproxy export`; 0 on success, 2 with one line on stderr on any operator error."""
-    from proxy.config import (  # the CLI's own import; keeps this module light
-        ConfigError,
-        load_settings,
-    )
+    from proxy.cli_args import ledger_path, time_range  # the CLI's own imports; keep this module light
+    from proxy.config import ConfigError
 
     try:
-        db = args.db or (load_settings(args.config).db if args.config else "./meterproxy.db")
-        since = reports.parse_time(args.since, "since", args.tz) if args.since else None
-        until = reports.parse_time(args.until, "until", args.tz) if args.until else None
+        db = ledger_path(args)
+        since, until = time_range(args)
         if since is not None and until is not None and until <= since:
             raise reports.ReportError("until: must be later than since", "until")
         conn = reports.connect_readonly(db)

@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, Inexact, InvalidOperation
 from typing import Any
 
+from proxy.cli_args import add_ledger_args, add_range_args, ledger_path, time_range
 from proxy.config import SHIPPED_PRICING, ConfigError, load_settings
 from proxy.limits import iso
 from proxy.migrations import MigrationError, migrate
 from proxy.pricing import PriceTable, PricingError
 from proxy.record import Usage
-from proxy.reports import ReportError, parse_time
+from proxy.reports import ReportError
 
 __all__ = ["ModelChange", "RepriceError", "RepriceReport", "add_reprice_parser", "reprice", "run_reprice"]
 
@@ -209,11 +210,9 @@ def _audit(conn: sqlite3.Connection, report: RepriceReport) -> int:
 def add_reprice_parser(subparsers: Any) -> None:
     """Add `reprice` to the `meterproxy` subparsers."""
     cmd = subparsers.add_parser("reprice", help="recompute recorded calls' cost with the current price table")
-    cmd.add_argument("--config", help="YAML config file, for its db and pricing settings")
-    cmd.add_argument("--db", help="ledger database (default: the config's db, else ./meterproxy.db)")
+    add_ledger_args(cmd, config_help="YAML config file, for its db and pricing settings")
     cmd.add_argument("--pricing", help="price table (default: the config's pricing, else the shipped table)")
-    cmd.add_argument("--since", help="ISO 8601 or unix seconds (inclusive)")
-    cmd.add_argument("--until", help="ISO 8601 or unix seconds (exclusive)")
+    add_range_args(cmd)
     cmd.add_argument("--model", help="only calls of this model (a glob with * ? [ matches several)")
     cmd.add_argument("--dry-run", action="store_true", help="show what would change; write nothing")
     cmd.add_argument("--format", default="table", choices=["table", "json"])
@@ -224,11 +223,10 @@ def run_reprice(args: argparse.Namespace, after: AfterReprice | None = None) -> 
 
     `after` is handed to `reprice()` (e.g. the rollup rebuild)."""
     try:
-        settings = load_settings(args.config) if args.config else None
-        db = args.db or (settings.db if settings else "./meterproxy.db")
-        table = PriceTable.load(args.pricing or (settings.pricing if settings else SHIPPED_PRICING))
-        since = parse_time(args.since, "since") if args.since else None
-        until = parse_time(args.until, "until") if args.until else None
+        db = ledger_path(args)
+        pricing = args.pricing or (load_settings(args.config).pricing if args.config else SHIPPED_PRICING)
+        table = PriceTable.load(pricing)
+        since, until = time_range(args)
         report = _reprice_file(str(db), table, since, until, args.model, args.dry_run, after)
     except (ConfigError, PricingError, ReportError, RepriceError) as exc:
         print(f"meterproxy: {exc}", file=sys.stderr)
