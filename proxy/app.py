@@ -106,7 +106,7 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
         ledger = Ledger(settings.db, spool_path=spool_path(settings),
                         busy_timeout_ms=int((settings.ledger_busy_timeout or 5.0) * 1000))
         ledger.db.after_insert.append(rollups.apply)  # rollups move with their rows, in the same transaction
-        ledger.db.on_open.append(rollups.ensure)  # a ledger written without rollups gets them before serving
+        ledger.db.on_open.append(rollups.make_current)  # rows written without rollups: marked for the upkeep
         ledger.on_commit = metrics.observe_commit
         await ledger.open()
         metrics.queue_depth_from(lambda: ledger.queue_depth)

@@ -236,6 +236,18 @@ MIGRATIONS: tuple[Migration, ...] = (
             END;
         """,
     ),
+    Migration(
+        "rollup projections",
+        # Finished days get each dimension's own rows too (rollups.py, "Projections"). Rolling every
+        # day up again makes them: days_until goes back to NULL and the day and month rows go, so
+        # reports read hours until the proxy's upkeep (RetentionTask) has rolled the days up anew, a
+        # day per transaction (roll_days adds each day to its month: no month row may hold a day
+        # that is not rolled up).
+        """
+        UPDATE rollup_state SET days_until = NULL WHERE id = 1;
+        DELETE FROM rollups WHERE grain IN (1, 2, 4, 5);
+        """,
+    ),
 )
 
 

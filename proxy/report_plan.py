@@ -5,7 +5,8 @@ A report's range is cut into segments, each read from one source:
   local bucket of the report's time groups (a Berlin month: every UTC day of it but the two edge days,
   read by the hour), whose calls were not changed since (no `rollup_dirty` mark), for reports whose
   groups and filters are all rollup dimensions (key, model, user, operation, endpoint, status, tag:team)
-  or time buckets, while the rollups are current; grouped by time alone, each bucket's totals rows;
+  or time buckets, while the rollups are current; grouped by time alone, each bucket's totals rows; by
+  one dimension alone, that dimension's own rows where the segment is `projected` (before `days_until`);
 - `calls` answers the rest: the cut hours at a range's edges, dirty hours, hours that a time zone's day
   boundary cuts in two (a zone whose offset is not a whole number of hours at that instant: India's
   +05:30 cuts one hour a day; the hour bucket in such a zone is read from calls throughout), and every
@@ -54,6 +55,7 @@ class Segment:
     hi: float | None
     offset: int = 0
     lossy: bool = False  # rollups answering groups they do not hold (pruned period): those read null
+    projected: bool = False  # every bucket in it has each dimension's own rows (rollups.py, "Projections")
 
 
 def label_sql(field: str, seconds: str, offset: int, utc: bool) -> str:
@@ -173,7 +175,8 @@ def _decompose(a: float, b: float, offset: int, times: list[str], dirty: list[in
             return all(_local(lo, offset, t) == _local(hi - 1, offset, t) for t in times)
 
         coarse_until = days_until if days_until is not None else ha  # day and month rows exist before it
-        out += [Segment(src, lo, hi, offset, lossy) for src, lo, hi in _walk(ha, hb, coarse_until, whole, bad)]
+        out += [Segment(src, lo, hi, offset, lossy, src != "raw" and hi <= coarse_until)
+                for src, lo, hi in _walk(ha, hb, coarse_until, whole, bad)]
     if hb < b:
         out.append(Segment("raw", hb, b, offset, lossy))
     return out
@@ -251,8 +254,8 @@ def _merged(segments: list[Segment]) -> list[Segment]:
     for s in segments:
         last = out[-1] if out else None
         if (last is not None and last.source == s.source and last.offset == s.offset and last.lossy == s.lossy
-                and last.hi == s.lo):
-            out[-1] = Segment(s.source, last.lo, s.hi, s.offset, s.lossy)
+                and last.projected == s.projected and last.hi == s.lo):
+            out[-1] = Segment(s.source, last.lo, s.hi, s.offset, s.lossy, s.projected)
         else:
             out.append(s)
     return out

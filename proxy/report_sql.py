@@ -101,9 +101,16 @@ def _rollup_rows(conn: sqlite3.Connection, segment: Segment, groups: list[tuple[
                  filters: Mapping[str, str | None], utc: bool, cost_sql: str) -> list[tuple[Any, ...]]:
     dims = [f"{ROLLUP_GROUPS.get(name, 'NULL')} AS g{i}"  # NULL: a lossy segment's detail
             for i, (name, _) in enumerate(groups) if name not in TIME_FIELDS]
-    needs_dims = any(n in ROLLUP_GROUPS for n, _ in groups) or any(v is not None for v in filters.values())
-    # By time alone: each bucket's totals row; else every dimension set's row.
-    grain = rollups.GRAINS[segment.source] + (0 if needs_dims else rollups.TOTALS)
+    used = {ROLLUP_GROUPS[n][2:].strip('"') for n, _ in groups if n in ROLLUP_GROUPS}
+    used |= {_FILTERS[k].strip('"') for k, v in filters.items() if v is not None}
+    # By time alone: each bucket's totals row; by one dimension, its own rows where the segment has
+    # them; else every dimension set's row.
+    grain = rollups.GRAINS[segment.source]
+    needs_dims = bool(used)
+    if not used:
+        grain += rollups.TOTALS
+    elif len(used) == 1 and segment.projected:
+        grain = rollups.projected(grain, next(iter(used)))
     conditions = [("r.grain = ?", grain), ("r.bucket >= ?", segment.lo), ("r.bucket < ?", segment.hi),
                   *((f"d.{_FILTERS[k]}", v) for k, v in filters.items())]
     where, params = _where([(sql if sql.endswith("?") else f"{sql} = ?", v) for sql, v in conditions])

@@ -45,7 +45,11 @@ def prune(conn: sqlite3.Connection, older_than: float, batch_size: int = 5000,
     if not rollups.read_state(conn).exists:
         raise RetentionError("the ledger has no rollups (schema older than migration 5); nothing pruned")
     if rollups.make_current(conn):
-        log.warning("retention: rollups were not current (rows written without the proxy); rebuilt them")
+        log.warning("retention: rollups were not current (rows written without the proxy); rebuilding them")
+    # The dirty hours about to lose their raw rows, rebuilt a day's worth per transaction first.
+    while (stop is None or not stop.is_set()) and in_transaction(
+            conn, lambda: rollups.rebuild_dirty(conn, max_hours=24, before=cutoff)):
+        pass
     in_transaction(conn, lambda: _prepare(conn, cutoff))
     deleted = 0
     while stop is None or not stop.is_set():
@@ -61,8 +65,7 @@ def _prepare(conn: sqlite3.Connection, cutoff: int) -> None:
     pruned = rollups.read_state(conn).pruned_before
     if pruned is not None and pruned >= cutoff:
         return
-    for (hour,) in conn.execute("SELECT hour FROM rollup_dirty WHERE hour < ? ORDER BY hour", (cutoff,)).fetchall():
-        rollups.rebuild(conn, hour, hour + _HOUR)  # leaves hours before an earlier pruned_before alone
+    rollups.rebuild_dirty(conn, max_hours=None, before=cutoff)  # any marked since; leaves pruned hours alone
     conn.execute("DELETE FROM rollup_dirty WHERE hour < ?", (cutoff,))
     conn.execute("UPDATE rollup_state SET pruned_before = ? WHERE id = 1", (cutoff,))
 

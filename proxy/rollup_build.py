@@ -19,8 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 from proxy.rollups import (
-    DAY, HOUR, INT_COUNTERS, MONTH, SERIES, TOTALS, dim_ids, exact_values, extent, month_start, next_month, read_state,
-    register_functions,
+    ADD_BUCKET, DAY, DIMS, HOUR, INT_COUNTERS, MONTH, SERIES, SUM_COST, SUM_COST_SLOW, TOTALS, dim_ids, exact_values,
+    extent, month_start, next_month, projected, projection_dims, read_state, register_functions, summed_values,
 )  # fmt: skip
 
 __all__ = ["after_reprice", "ensure", "make_current", "rebuild", "rebuild_dirty", "roll_days"]
@@ -35,17 +35,37 @@ SELECT CAST(started_at AS INTEGER) / 3600 * 3600 AS h, key_id, model, "user", op
 FROM calls WHERE started_at >= ? AND started_at < ?
 GROUP BY h, key_id, model, "user", operation, endpoint, status, team
 """
+_INTS = ", ".join(f"SUM(r.{c})" for c in INT_COUNTERS)
 _REGROUP_SQL = f"""
-SELECT dim_id, {", ".join(f"SUM({c})" for c in INT_COUNTERS)}, decimal_sum(cost_usd)
-FROM rollups WHERE grain = ? AND bucket >= ? AND bucket < ? GROUP BY dim_id
+SELECT r.dim_id, {_INTS}, {{cost}}
+FROM rollups r WHERE r.grain = ? AND r.bucket >= ? AND r.bucket < ? GROUP BY r.dim_id
 """
 _SERIES_SQL = f"""
-SELECT bucket, {", ".join(f"SUM({c})" for c in INT_COUNTERS)}, decimal_sum(cost_usd)
-FROM rollups WHERE grain = 0 AND bucket >= ? AND bucket < ? GROUP BY bucket
+SELECT r.bucket, {_INTS}, {{cost}}
+FROM rollups r WHERE r.grain = 0 AND r.bucket >= ? AND r.bucket < ? GROUP BY r.bucket
 """  # fixed column names only
+# One dimension's own rows for each hour of a day, from the hours' full dimension sets.
+_PROJECT_SQL = f"""
+SELECT r.bucket, d."{{dim}}", {_INTS}, {{cost}}
+FROM rollups r CROSS JOIN rollup_dims d ON d.id = r.dim_id
+WHERE r.grain = {HOUR} AND r.bucket >= ? AND r.bucket < ? GROUP BY r.bucket, d."{{dim}}"
+"""  # {dim}: a name from DIMS only
 _INSERT = f"""INSERT INTO rollups (grain, bucket, dim_id, {", ".join(INT_COUNTERS)}, cost_usd, cost_pico, cost_exp)
 VALUES ({", ".join("?" * (3 + len(INT_COUNTERS) + 3))})"""
 _DAY = 86400
+
+
+def _sums(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...], keys: int,
+          **names: str) -> list[tuple[Any, ...]]:
+    """Rows of `sql` (a template with {cost}): `keys` leading group values, then the counter values."""
+    try:
+        found = conn.execute(sql.format(cost=SUM_COST, **names), params).fetchall()
+    except sqlite3.OperationalError as exc:
+        if "overflow" not in str(exc):
+            raise
+        found = conn.execute(sql.format(cost=SUM_COST_SLOW, **names), params).fetchall()
+    width = keys + len(INT_COUNTERS)
+    return [(*r[:keys], *summed_values(r[keys:width], *r[width:])) for r in found]
 
 
 def _state(conn: sqlite3.Connection) -> tuple[int | None, int | None]:
@@ -84,26 +104,64 @@ def _rebuild_hours(conn: sqlite3.Connection, lo: int, hi: int) -> int:
     conn.execute("DELETE FROM rollups WHERE grain IN (?, ?) AND bucket >= ? AND bucket < ?",
                  (HOUR, HOUR + TOTALS, lo, hi))
     conn.executemany(_INSERT, [(HOUR, r[0], ids[tuple(r[1:8])], *exact_values(r[8:18], r[18])) for r in found])
-    series = conn.execute(_SERIES_SQL, (lo, hi)).fetchall()
-    conn.executemany(_INSERT, [(HOUR + TOTALS, r[0], SERIES, *exact_values(r[1:11], r[11])) for r in series])
+    series = _sums(conn, _SERIES_SQL, (lo, hi), 1)
+    conn.executemany(_INSERT, [(HOUR + TOTALS, r[0], SERIES, *r[1:]) for r in series])
     return len(found)
 
 
-def _roll_up(conn: sqlite3.Connection, lo: int, hi: int) -> None:
-    """Day rows for the days in [lo, hi) (day-aligned lo) from their hours, then their months from days."""
+def _roll_up(conn: sqlite3.Connection, lo: int, hi: int, fresh: bool = False) -> None:
+    """Day rows for the days in [lo, hi) (day-aligned lo) from their hours, then their months from days.
+
+    `fresh`: the days are at or after `days_until`, so no month row holds them yet: each day's rows are
+    added to its month's instead of summing the whole month again."""
     days = range(lo, hi, _DAY)
     for day in days:
-        _regroup(conn, DAY, HOUR, day, day + _DAY)
-    for month in sorted({month_start(d) for d in days}):
-        _regroup(conn, MONTH, DAY, month, next_month(month))
+        _roll_day(conn, day)
+        if fresh:
+            month = month_start(day)
+            for into, of in _MONTH_FROM_DAY:
+                conn.execute(ADD_BUCKET, (into, month, of, day))
+    if not fresh:
+        for month in sorted({month_start(d) for d in days}):
+            _roll_month(conn, month)
 
 
-def _regroup(conn: sqlite3.Connection, grain: int, source: int, start: int, end: int) -> None:
-    """The `grain` rows of the bucket at `start` from the `source` rows in [start, end); totals too."""
-    for into, of in ((grain, source), (grain + TOTALS, source + TOTALS)):
-        conn.execute("DELETE FROM rollups WHERE grain = ? AND bucket = ?", (into, start))
-        found = conn.execute(_REGROUP_SQL, (of, start, end)).fetchall()
-        conn.executemany(_INSERT, [(into, start, r[0], *exact_values(r[1:11], r[11])) for r in found])
+def _roll_day(conn: sqlite3.Connection, day: int) -> None:
+    """A day's rows from its hours: its full dimension sets and totals, and every dimension's own rows for
+    each of its hours and for the day."""
+    end = day + _DAY
+    _regroup(conn, DAY, HOUR, day, end)
+    _regroup(conn, DAY + TOTALS, HOUR + TOTALS, day, end)
+    _project_hours(conn, day, end)
+    for dim in DIMS:
+        _regroup(conn, projected(DAY, dim), projected(HOUR, dim), day, end)
+
+
+def _project_hours(conn: sqlite3.Connection, lo: int, hi: int) -> None:
+    """Every dimension's own rows for the hours in [lo, hi), from their full dimension sets."""
+    for i, dim in enumerate(DIMS):
+        hour_grain = projected(HOUR, dim)
+        conn.execute("DELETE FROM rollups WHERE grain = ? AND bucket >= ? AND bucket < ?", (hour_grain, lo, hi))
+        found = _sums(conn, _PROJECT_SQL, (lo, hi), 2, dim=dim)
+        ids = dim_ids(conn, {projection_dims(i, r[1]) for r in found})
+        conn.executemany(_INSERT, [(hour_grain, r[0], ids[projection_dims(i, r[1])], *r[2:]) for r in found])
+
+
+_MONTH_FROM_DAY = ((MONTH, DAY), (MONTH + TOTALS, DAY + TOTALS),
+                   *((projected(MONTH, dim), projected(DAY, dim)) for dim in DIMS))
+
+
+def _roll_month(conn: sqlite3.Connection, month: int) -> None:
+    end = next_month(month)
+    for into, of in _MONTH_FROM_DAY:
+        _regroup(conn, into, of, month, end)
+
+
+def _regroup(conn: sqlite3.Connection, into: int, of: int, start: int, end: int) -> None:
+    """The `into` rows of the bucket at `start` from the `of` rows in [start, end), dimension set by set."""
+    conn.execute("DELETE FROM rollups WHERE grain = ? AND bucket = ?", (into, start))
+    found = _sums(conn, _REGROUP_SQL, (of, start, end), 1)
+    conn.executemany(_INSERT, [(into, start, *r) for r in found])
 
 
 def roll_days(conn: sqlite3.Connection, until: float | None = None, max_days: int = 62) -> int:
@@ -118,19 +176,24 @@ def roll_days(conn: sqlite3.Connection, until: float | None = None, max_days: in
         start = target if whole is None else min(target, whole[0] - whole[0] % _DAY)
     end = min(target, start + max_days * _DAY)
     if end > start:
-        _roll_up(conn, start, end)
+        _roll_up(conn, start, end, fresh=True)
     if days_until is None or end > days_until:
         conn.execute("UPDATE rollup_state SET days_until = ? WHERE id = 1", (max(start, end),))
     return max(0, (end - start) // _DAY)
 
 
-def rebuild_dirty(conn: sqlite3.Connection, max_hours: int | None = 24) -> int:
-    """Rebuild the hours marked dirty (oldest first, at most `max_hours`; None: all), then their days and
-    months once each. Returns how many hours."""
+def rebuild_dirty(conn: sqlite3.Connection, max_hours: int | None = 24, before: int | None = None) -> int:
+    """Rebuild the hours marked dirty (oldest first, at most `max_hours`, None: all; only those before
+    `before` if given), then the days and months they are in that have no dirty hour left (reports read
+    a day or month with a dirty hour from its hours, so it is rolled up once, when its last one is
+    rebuilt). Returns how many hours."""
     register_functions(conn)
-    sql, params = "SELECT hour FROM rollup_dirty ORDER BY hour", []
+    sql, params = "SELECT hour FROM rollup_dirty", []
+    if before is not None:
+        sql, params = sql + " WHERE hour < ?", [before]
+    sql += " ORDER BY hour"
     if max_hours is not None:
-        sql, params = sql + " LIMIT ?", [max_hours]
+        sql, params = sql + " LIMIT ?", [*params, max_hours]
     hours = [h for (h,) in conn.execute(sql, params)]
     if not hours:
         return 0
@@ -145,14 +208,22 @@ def rebuild_dirty(conn: sqlite3.Connection, max_hours: int | None = 24) -> int:
         lo = max(lo, pruned) if pruned is not None else lo
         if lo < hi:
             _rebuild_hours(conn, lo, hi)
+            if days_until is not None and lo < days_until:  # finished days' hours have their own rows too
+                _project_hours(conn, lo, min(hi, days_until))
+    conn.executemany("DELETE FROM rollup_dirty WHERE hour = ?", [(h,) for h in hours])
     if days_until is not None:
         days = sorted({h - h % _DAY for h in hours if h < days_until and (pruned is None or h >= pruned)})
-        for day in days:
-            _regroup(conn, DAY, HOUR, day, day + _DAY)
-        for month in sorted({month_start(d) for d in days}):
-            _regroup(conn, MONTH, DAY, month, next_month(month))
-    conn.executemany("DELETE FROM rollup_dirty WHERE hour = ?", [(h,) for h in hours])
+        clean = [d for d in days if not _has_dirty(conn, d, d + _DAY)]
+        for day in clean:
+            _roll_day(conn, day)
+        for month in sorted({month_start(d) for d in clean}):  # month rows hold the days before days_until
+            if not _has_dirty(conn, month, min(next_month(month), days_until)):
+                _roll_month(conn, month)
     return len(hours)
+
+
+def _has_dirty(conn: sqlite3.Connection, lo: int, hi: int) -> bool:
+    return conn.execute("SELECT 1 FROM rollup_dirty WHERE hour >= ? AND hour < ? LIMIT 1", (lo, hi)).fetchone() is not None
 
 
 def after_reprice(conn: sqlite3.Connection, report: object = None) -> None:
@@ -163,31 +234,54 @@ def after_reprice(conn: sqlite3.Connection, report: object = None) -> None:
 
 
 def make_current(conn: sqlite3.Connection) -> bool:
-    """A full rebuild, in one IMMEDIATE transaction, if the rollups are not current (rows written without
-    the hook, a ledger from before migration 5). Returns whether it rebuilt. `conn` must be in autocommit
-    mode (isolation_level=None)."""
+    """If the rollups are not current (rows written without the hook, a ledger from before migration 5),
+    mark every hour holding calls or rollups dirty and call the rollups current: reports read those
+    hours from `calls` (right, if slower) until `rebuild_dirty` has rebuilt them, an hour per
+    transaction, in the background (RetentionTask). One short IMMEDIATE transaction, whatever the
+    ledger's size. Returns whether it marked anything. `conn` must be in autocommit mode
+    (isolation_level=None)."""
     state = read_state(conn)
     if not state.exists or state.current:
         return False
 
-    def rebuild_if_stale() -> bool:
-        if read_state(conn).current:  # another process rebuilt it while we waited for the lock
+    def mark_if_stale() -> bool:
+        if read_state(conn).current:  # another process did it while we waited for the lock
             return False
-        rebuild(conn)
+        _, pruned = _state(conn)
+        hours = set(_hours_with_calls(conn, pruned or 0))
+        hours.update(h for (h,) in conn.execute("SELECT bucket FROM rollups WHERE grain = ? AND bucket >= ?",
+                                                (HOUR + TOTALS, pruned or 0)))
+        conn.executemany("INSERT OR IGNORE INTO rollup_dirty (hour) VALUES (?)", [(h,) for h in sorted(hours)])
+        newest = conn.execute("SELECT coalesce(max(id), 0) FROM calls").fetchone()[0]
+        conn.execute("UPDATE rollup_state SET covered_id = ? WHERE id = 1", (newest,))
         return True
 
-    return bool(in_transaction(conn, rebuild_if_stale))
+    return bool(in_transaction(conn, mark_if_stale))
+
+
+def _hours_with_calls(conn: sqlite3.Connection, since: int) -> list[int]:
+    """The hours from `since` on holding any call: one index seek each, not a scan of every call."""
+    hours, at = [], since
+    while True:
+        found = conn.execute("SELECT min(started_at) FROM calls WHERE started_at >= ?", (at,)).fetchone()[0]
+        if found is None:
+            return hours
+        hour = int(found) // 3600 * 3600
+        hours.append(hour)
+        at = hour + 3600
 
 
 def ensure(conn: sqlite3.Connection, until: float | None = None) -> bool:
-    """make_current, then roll every finished day up (a month of days per transaction). Run it before
-    the proxy takes traffic: a full rebuild of a large ledger takes a while (bench/report_scale.py
-    measures it). Returns whether it rebuilt."""
-    rebuilt = make_current(conn)
+    """make_current, then rebuild every dirty hour and roll every finished day up (a day or an hour per
+    transaction): what the proxy's RetentionTask does in the background, all at once (for tests, the
+    benchmark and tools). Returns whether make_current marked anything."""
+    marked = make_current(conn)
     if read_state(conn).exists:
-        while in_transaction(conn, lambda: roll_days(conn, until, max_days=31)):
+        while in_transaction(conn, lambda: roll_days(conn, until, max_days=1)):
             pass
-    return rebuilt
+        while in_transaction(conn, lambda: rebuild_dirty(conn, max_hours=24)):
+            pass
+    return marked
 
 
 def in_transaction(conn: sqlite3.Connection, work: Callable[[], Any]) -> Any:

@@ -13,7 +13,14 @@ in Python and upserts one row per touched (hour, dims) — and per (day, dims) a
 hours before `days_until`: day and month rows are rolled up from the hours once a day is over
 (`roll_days`, run by the maintenance task), which keeps the hot path at one upsert per group.
 `rebuild` recomputes hours from `calls` and days and months from hours (after a re-pricing, an import,
-an upgrade); both live in rollup_build.py. `rollup_state.covered_id` says up to which calls.id the
+an upgrade); both live in rollup_build.py.
+
+Projections: for the buckets of finished days (before `days_until`: hours, days, months) each dimension
+also has rows of its own, at grain `projected(grain, dim)`, summed over every other dimension. A report
+that groups or filters by one dimension alone (by model, by key per week, a key's daily totals) reads
+those: tens of rows per bucket where the full dimension sets are thousands. Their dim_id names a
+rollup_dims row holding that dimension's value and NULL for the others (`projection_dims`); only the
+projected column of it means anything. `rollup_state.covered_id` says up to which calls.id the
 rollups hold every row; reports trust the rollups only while it equals max(calls.id), so a row written
 without the hook (a script, another tool) makes them fall back to `calls` until `ensure`/`rebuild`
 runs. Hours before `pruned_before` (retention) exist only here.
@@ -35,9 +42,10 @@ from typing import Any
 from proxy.ledger_db import COLUMNS
 
 __all__ = [
-    "DAY", "DIMS", "GRAINS", "HOUR", "INT_COUNTERS", "MONTH", "SERIES", "TOTALS", "State", "after_reprice", "apply", "dim_ids",
-    "dirty_hours", "ensure", "exact_values", "extent", "from_pico", "make_current", "month_start", "next_month",
-    "pico", "pico_text", "read_state", "rebuild", "rebuild_dirty", "register_functions", "roll_days",
+    "ADD_BUCKET", "DAY", "DIMS", "GRAINS", "HOUR", "INT_COUNTERS", "MONTH", "PROJECTED", "SERIES", "SUM_COST",
+    "SUM_COST_SLOW", "TOTALS", "State", "after_reprice", "apply", "dim_ids", "dirty_hours", "ensure", "exact_values",
+    "extent", "from_pico", "make_current", "month_start", "next_month", "pico", "pico_text", "projected",
+    "projection_dims", "read_state", "rebuild", "rebuild_dirty", "register_functions", "roll_days", "summed_values",
 ]  # fmt: skip
 
 HOUR, DAY, MONTH = 0, 1, 2
@@ -47,6 +55,8 @@ TOTALS = 3  # grain + TOTALS
 SERIES = 0
 GRAINS = {"hour": HOUR, "day": DAY, "month": MONTH}
 DIMS = ("key_id", "model", "user", "operation", "endpoint", "status", "team")
+# One dimension's own rows (see the module docstring): grain + PROJECTED * (its index in DIMS + 1).
+PROJECTED = 10
 INT_COUNTERS = (
     "calls", "errors", "unpriced_calls", "prompt_tokens", "completion_tokens", "cached_tokens",
     "reasoning_tokens", "total_tokens", "counted_calls", "counted_tokens",
@@ -68,15 +78,30 @@ _E = "min(cost_exp, excluded.cost_exp)"
 # picodollars (the common case); mp_decimal_add only when one is not.
 _P_TEXT = (f"({_P} / {10**_PICO_DIGITS}) || CASE WHEN {_E} < 0 THEN '.' || "
            f"substr(printf('%0{_PICO_DIGITS}d', {_P} % {10**_PICO_DIGITS}), 1, -{_E}) ELSE '' END")
+_COUNTER_COLUMNS = f"{', '.join(INT_COUNTERS)}, cost_usd, cost_pico, cost_exp"
+_INTO = f"INSERT INTO rollups (grain, bucket, dim_id, {_COUNTER_COLUMNS})"
 _UPSERT = f"""
-INSERT INTO rollups (grain, bucket, dim_id, {", ".join(INT_COUNTERS)}, cost_usd, cost_pico, cost_exp)
-VALUES ({", ".join("?" * (3 + len(INT_COUNTERS) + 3))})
+{_INTO} VALUES ({", ".join("?" * (3 + len(INT_COUNTERS) + 3))})
 ON CONFLICT (grain, bucket, dim_id) DO UPDATE SET
     {", ".join(f"{c} = {c} + excluded.{c}" for c in INT_COUNTERS)},
     cost_usd = CASE WHEN {_FITS} THEN {_P_TEXT} ELSE mp_decimal_add(cost_usd, excluded.cost_usd) END,
     cost_pico = CASE WHEN {_FITS} THEN {_P} END,
     cost_exp = CASE WHEN {_FITS} THEN {_E} END
 """
+# Add the rows of one bucket (grain ?, bucket ?) into another bucket (grain ?, bucket ?), row by row.
+ADD_BUCKET = _UPSERT.replace(
+    f"VALUES ({', '.join('?' * (3 + len(INT_COUNTERS) + 3))})",
+    f"SELECT ?, ?, dim_id, {_COUNTER_COLUMNS} FROM rollups WHERE grain = ? AND bucket = ? ORDER BY dim_id")
+
+
+def projected(grain: int, dim: str) -> int:
+    """The grain of `dim`'s own rows for HOUR, DAY or MONTH."""
+    return grain + PROJECTED * (DIMS.index(dim) + 1)
+
+
+def projection_dims(index: int, value: Any) -> tuple[Any, ...]:
+    """The rollup_dims tuple naming value `value` of DIMS[index] alone."""
+    return tuple(value if i == index else None for i in range(len(DIMS)))
 
 
 # --- exact money helpers ---------------------------------------------------------------------------
@@ -250,9 +275,11 @@ def dim_ids(conn: sqlite3.Connection, dims: Iterable[tuple[Any, ...]]) -> dict[t
 
 def _upsert(conn: sqlite3.Connection, hours: dict[tuple[int, tuple[Any, ...]], _Acc],
             days_until: int | None) -> None:
-    ids = dim_ids(conn, {dims for _, dims in hours})
+    late = [(hour, dims) for hour, dims in hours if days_until is not None and hour < days_until]
+    ids = dim_ids(conn, {dims for _, dims in hours}
+                  | {projection_dims(i, v) for _, dims in late for i, v in enumerate(dims)})
     rows = [(HOUR, hour, ids[dims], *acc.values()) for (hour, dims), acc in hours.items()]
-    summed: dict[tuple[int, int, int], _Acc] = {}  # series rows, and days and months of late hours
+    summed: dict[tuple[int, int, int], _Acc] = {}  # series rows, and days, months and projections of late hours
     for (hour, dims), acc in hours.items():
         keys = [(HOUR + TOTALS, hour, SERIES)]
         if days_until is not None and hour < days_until:  # else its day is rolled up from the hours later
@@ -260,6 +287,10 @@ def _upsert(conn: sqlite3.Connection, hours: dict[tuple[int, tuple[Any, ...]], _
             month = month_start(day)
             keys += [(DAY, day, ids[dims]), (DAY + TOTALS, day, SERIES), (MONTH, month, ids[dims]),
                      (MONTH + TOTALS, month, SERIES)]
+            for i, value in enumerate(dims):
+                own = ids[projection_dims(i, value)]
+                step = PROJECTED * (i + 1)
+                keys += [(HOUR + step, hour, own), (DAY + step, day, own), (MONTH + step, month, own)]
         for key in keys:
             if key in summed:
                 summed[key].merge(acc)
@@ -335,6 +366,23 @@ def extent(conn: sqlite3.Connection) -> tuple[int, int] | None:
     return min(lows) // 3600 * 3600, max(highs) // 3600 * 3600 + 3600
 
 
+# The cost of a sum of rollup rows, in SQL over alias r: their picodollars and smallest exponent, and the
+# exact decimal sum of those without picodollars (SUM_COST_SLOW when the integer sum would overflow).
+SUM_COST = "SUM(r.cost_pico), MIN(r.cost_exp), decimal_sum(r.cost_usd) FILTER (WHERE r.cost_pico IS NULL)"
+SUM_COST_SLOW = "NULL, NULL, decimal_sum(r.cost_usd)"
+
+
+def summed_values(ints: Sequence[Any], units: int | None, exponent: int | None, slow: str | None) -> tuple[Any, ...]:
+    """A rollup row's counter values from SUM_COST's three figures: what exact_values gives for the
+    decimal sum of the summed rows' costs, without parsing any decimal in the common case."""
+    if slow is None and units is not None and exponent is not None and units < _PICO_LIMIT:
+        return (*ints, pico_text(units, exponent), units, exponent)
+    total = from_pico(units, exponent) if units is not None and exponent is not None else Decimal(0)
+    if slow is not None:
+        total = _EXACT.add(total, Decimal(slow))
+    return exact_values(ints, format(total, "f"))
+
+
 def exact_values(ints: Sequence[Any], cost: str) -> tuple[Any, ...]:
     """A rollup row's counter values from its integer counters and exact cost text."""
     exact = pico(Decimal(cost))
@@ -356,11 +404,11 @@ def roll_days(conn: sqlite3.Connection, until: float | None = None, max_days: in
     return rollup_build.roll_days(conn, until, max_days)
 
 
-def rebuild_dirty(conn: sqlite3.Connection, max_hours: int | None = 24) -> int:
+def rebuild_dirty(conn: sqlite3.Connection, max_hours: int | None = 24, before: int | None = None) -> int:
     """See rollup_build.rebuild_dirty."""
     from proxy import rollup_build
 
-    return rollup_build.rebuild_dirty(conn, max_hours)
+    return rollup_build.rebuild_dirty(conn, max_hours, before)
 
 
 def after_reprice(conn: sqlite3.Connection, report: object = None) -> None:

@@ -536,7 +536,7 @@ ZONES = [None, "Europe/Berlin", "Asia/Kolkata", "America/St_Johns", "Australia/L
 GROUPINGS = [
     [], ["key"], ["model", "user"], ["operation", "endpoint", "status"], ["tag:team"], ["hour"], ["day"],
     ["week"], ["month"], ["key", "day"], ["month", "model"], ["hour", "day", "week", "month"],
-    ["session"], ["tag:env", "day"],
+    ["session"], ["tag:env", "day"], ["week", "model"], ["hour", "tag:team"],
 ]  # fmt: skip
 R0 = at("2026-01-27 00:00:00")  # 70 days over three month ends and Europe's and Australia's DST changes
 
@@ -616,6 +616,11 @@ def test_reports_do_read_the_rollups(big: Path) -> None:
         march = (at("2026-03-01 00:00:00"), at("2026-04-01 00:00:00"))
         assert "raw" in sources(conn, ["key"], *march)  # the dirty hours
         assert "hour" in sources(conn, ["key"], *march)  # after R0 + 60 days, no day rows yet
+        # Finished days have each dimension's own rows; hours after days_until have only full sets.
+        state = rollups.read_state(conn)
+        plan = reports.plan_segments(conn, ["week", "model"], feb[0], march[1], None, state)
+        assert {(s.source, s.projected) for s in plan} >= {("day", True), ("hour", True), ("hour", False)}
+        assert all(s.projected == (s.source != "raw" and s.hi <= (state.days_until or 0)) for s in plan)
     finally:
         conn.close()
 

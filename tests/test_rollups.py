@@ -74,12 +74,16 @@ def expected_rollups(conn: sqlite3.Connection, days_until: int | None) -> dict[t
         day = hour - hour % DAY
         month = timegm((*time.gmtime(day)[:2], 1, 0, 0, 0))
         keys = [("hour", hour)]
-        if days_until is not None and day < days_until:
+        finished = days_until is not None and day < days_until
+        if finished:
             keys += [("day", day), ("month", month)]
         counted = source == "counted"
         add = [1, not 200 <= row[6] <= 299, not priced, p, c, ca, r, t, counted, t if counted else 0]
         for grain, bucket in keys:
-            for of in (dims, "*"):  # "*": the bucket's totals over every dimension set
+            # "*": the bucket's totals over every dimension set; ("own", dim, value): a dimension's own
+            # rows, for finished days only.
+            own = [("own", name, value) for name, value in zip(rollups.DIMS, dims)] if finished else []
+            for of in (dims, "*", *own):
                 acc = sums.setdefault((grain, bucket, of), [[0] * 10, Decimal(0)])
                 acc[0] = [a + b for a, b in zip(acc[0], add)]
                 acc[1] = EXACT.add(acc[1], Decimal(cost))
@@ -95,11 +99,18 @@ def actual_rollups(conn: sqlite3.Connection) -> dict[tuple[Any, ...], tuple[Any,
     for row in conn.execute(sql):
         grain, bucket, *rest = row
         dims, ints, (cost, pico, exp, dim_id) = tuple(rest[:7]), tuple(rest[7:17]), rest[17:]
-        if grain >= rollups.TOTALS:
+        if grain >= rollups.PROJECTED:
+            index = grain // rollups.PROJECTED - 1
+            assert dims == rollups.projection_dims(index, dims[index])  # the others are NULL
+            dims = ("own", rollups.DIMS[index], dims[index])
+            grain %= rollups.PROJECTED
+            assert grain in (rollups.HOUR, rollups.DAY, rollups.MONTH)
+        elif grain >= rollups.TOTALS:
             assert dim_id == rollups.SERIES
             dims = "*"
         if pico is not None:  # the integer form, when present, says exactly what the text says
             assert format(rollups.from_pico(pico, exp), "f") == cost
+        assert (names[grain], bucket, dims) not in out
         out[(names[grain], bucket, dims)] = (*ints, cost)
     return out
 
@@ -153,9 +164,12 @@ async def test_hook_keeps_every_rollup_equal_to_a_group_by_over_calls(tmp_path: 
         day_rows = conn.execute("SELECT count(*) FROM rollups WHERE grain = 1").fetchone()[0]
         month_rows = conn.execute("SELECT count(*) FROM rollups WHERE grain = 2").fetchone()[0]
         slow = conn.execute("SELECT count(*) FROM rollups WHERE cost_pico IS NULL").fetchone()[0]
+        own = {g % rollups.PROJECTED for (g,) in conn.execute(
+            "SELECT DISTINCT grain FROM rollups WHERE grain >= ?", (rollups.PROJECTED,))}
     finally:
         conn.close()
     assert day_rows and month_rows and slow  # every kind was exercised
+    assert own == {rollups.HOUR, rollups.DAY, rollups.MONTH}
 
 
 async def test_rebuild_gives_exactly_what_the_hook_gave(tmp_path: Path) -> None:
@@ -221,10 +235,16 @@ def test_an_existing_ledger_is_marked_for_a_rebuild_by_migration_5(tmp_path: Pat
             _apply(conn, number, migration)
         rng = random.Random(6)
         conn.executemany(INSERT_SQL, [record_row(random_call(rng, n)) for n in range(200)])
-        assert migrate(conn) == 5
+        assert migrate(conn) == len(MIGRATIONS)
         state = rollups.read_state(conn)
         assert state.exists and not state.current
-        rollups.ensure(conn, until=T0 + SPAN)
+        # At start-up: one short transaction marks the hours; nothing is built yet, reports read calls.
+        assert rollups.make_current(conn) is True
+        assert rollups.read_state(conn).current
+        assert conn.execute("SELECT count(*) FROM rollups").fetchone()[0] == 0
+        hours = conn.execute("SELECT count(DISTINCT CAST(started_at AS INTEGER) / 3600) FROM calls").fetchone()[0]
+        assert conn.execute("SELECT count(*) FROM rollup_dirty").fetchone()[0] == hours
+        rollups.ensure(conn, until=T0 + SPAN)  # what the upkeep does, an hour or a day per transaction
         assert rollups.read_state(conn).current
     finally:
         conn.close()
@@ -330,3 +350,35 @@ async def test_a_repricing_rebuilds_the_hours_it_changed_in_its_own_transaction(
     finally:
         conn.close()
     assert_exact(path)
+
+
+async def test_sums_beyond_the_integer_range_stay_exact(tmp_path: Path) -> None:
+    """Costs each within picodollars whose sums pass 2**63: SQLite's SUM fails, the decimal path takes over."""
+    from dataclasses import replace
+
+    from proxy import reports
+
+    rng = random.Random(14)
+    path = tmp_path / "ledger.db"
+    calls = [random_call(rng, n, span=2 * DAY) for n in range(300)]
+    calls = [replace(c, cost_usd=Decimal("4000000.000000000001"), model="big") if n % 15 == 0 else c
+             for n, c in enumerate(calls)]
+    await write_through_ledger(path, calls, rng)
+    conn = writer(path)
+    try:
+        rollups.ensure(conn, until=T0 + DAY)  # the second day is read by the hour: sums of fitting rows
+        assert rollups.read_state(conn).days_until == T0 + DAY
+        big = conn.execute(f"SELECT count(*) FROM rollups WHERE grain = {rollups.projected(rollups.DAY, 'model')} "
+                           "AND cost_pico IS NULL").fetchone()[0]
+        assert big  # the model's own day rows hold more than 2**62 picodollars
+    finally:
+        conn.close()
+    assert_exact(path)
+    conn = reports.connect_readonly(path)
+    try:
+        for group_by in ([], ["model"], ["day"], ["day", "model"], ["hour", "key"]):
+            fast = reports.usage_report(conn, group_by=group_by)
+            assert fast == reports.usage_report(conn, group_by=group_by, use_rollups=False)
+        assert Decimal(fast["totals"]["cost_usd"]) > 100 * 4_000_000
+    finally:
+        conn.close()
