@@ -5,10 +5,12 @@
 Builds a ledger in a temporary directory (on the disk of --dir; the file of 10M calls takes a few GB: the
 free space is checked first): the schema from proxy.migrations, rows generated in chunks and inserted with
 executemany, each chunk rolled up by `rollups.apply` (the ledger's own hook, with big batches), then days
-and months rolled up by `rollups.ensure`. It prints how long that took, then times `usage_report` for
-several group_bys over the whole range and over one month, through the rollups (median of 5 warm runs)
+and months rolled up a day per transaction, as the proxy's upkeep does. It prints how long that took and
+how long each day held the write lock, then times `usage_report` for several group_bys over the whole
+range and over one month (UTC, Europe/Berlin, Asia/Kolkata), through the rollups (median of 5 warm runs)
 and through a raw scan of `calls` (use_rollups=False), checks both answers are identical, and prints a
-table. The data: 92 days (three whole months), 60 keys in 12 teams, 400 users (8 per key), 14 models,
+table. --time-rebuild also times what rows written without the hook cost: every hour rebuilt, one per
+transaction. The data: 92 days (three whole months), 60 keys in 12 teams, 400 users (8 per key), 14 models,
 20 operations, a business-hours daily curve, 3.5% errors, 15% counted usage, exact costs.
 
 It must never touch a ledger it did not create, and never leave the temporary directory behind unless
@@ -32,6 +34,7 @@ from typing import Any
 from proxy import reports, rollups
 from proxy.ledger_db import COLUMNS, INSERT_SQL
 from proxy.migrations import migrate
+from proxy.rollup_build import in_transaction
 
 START = timegm((2026, 7, 1, 0, 0, 0))
 END = timegm((2026, 10, 1, 0, 0, 0))
@@ -48,7 +51,8 @@ MODELS = [
     ("llama-3.1-70b-instruct", "/v1/chat/completions", 0, 0), ("gpt-3.5-turbo", "/v1/completions", 500_000, 1_500_000),
 ]  # fmt: skip
 GROUPINGS = [[], ["key"], ["model"], ["user", "model"], ["tag:team", "operation"], ["day"], ["month", "key"],
-             ["week", "model"], ["hour"]]  # fmt: skip
+             ["week", "model"], ["hour"], ["day", "model"], ["hour", "model"]]  # fmt: skip
+ZONES = ("Europe/Berlin", "Asia/Kolkata")  # a whole-hour offset with DST, and a half-hour one
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the ledger (its path is printed)")
     p.add_argument("--raw-runs", type=int, default=1, help="runs of each raw-scan report (default 1)")
     p.add_argument("--time-rebuild", action="store_true",
-                   help="also time a full rollups.rebuild, what an upgraded ledger costs at first start")
+                   help="also time rebuilding every hour, as for rows written without the hook")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--ledger", help="measure this ledger, made by an earlier --keep run, instead of building one")
     return p
@@ -145,14 +149,45 @@ def build(path: Path, calls: int, seed: int) -> dict[str, float]:
             done += len(rows)
             print(f"  {done:,} calls ...", end="\r", file=sys.stderr)
         t = time.perf_counter()
-        rollups.ensure(conn, until=END)  # day and month rows
+        # Day and month rows, a day per transaction as the proxy's upkeep does (and as it does after an
+        # upgrade to migration 6): how long each holds the write lock matters as much as the total.
+        held = []
+        while True:
+            t1 = time.perf_counter()
+            if not in_transaction(conn, lambda: rollups.roll_days(conn, END, max_days=1)):
+                break
+            held.append(time.perf_counter() - t1)
         spent["roll_days"] = time.perf_counter() - t
         spent["total"] = time.perf_counter() - t0
+        spent["roll_day_median"], spent["roll_day_max"] = statistics.median(held), max(held)
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         conn.execute("ANALYZE")
     finally:
         conn.close()
     return spent
+
+
+def time_rebuild(path: Path) -> dict[str, float]:
+    """What a ledger written without the hook costs (a ledger from before migration 5, rows a script
+    wrote): make_current at start-up, then every hour rebuilt by the upkeep, one per transaction."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA cache_size = -1000000")
+        conn.execute("UPDATE rollup_state SET covered_id = -1")
+        t = time.perf_counter()
+        rollups.make_current(conn)
+        out = {"make_current": time.perf_counter() - t}
+        held = []
+        t = time.perf_counter()
+        while True:
+            t1 = time.perf_counter()
+            if not in_transaction(conn, lambda: rollups.rebuild_dirty(conn, max_hours=1)):
+                break
+            held.append(time.perf_counter() - t1)
+        out.update(hours=len(held), total=time.perf_counter() - t, median=statistics.median(held), max=max(held))
+        return out
+    finally:
+        conn.close()
 
 
 def _time(fn: Any, runs: int) -> tuple[float, Any]:
@@ -169,8 +204,12 @@ def measure(path: Path, raw_runs: int) -> list[dict[str, Any]]:
     results = []
     try:
         state = rollups.read_state(conn)
-        for label, since, until, tz in (("3 months", None, None, None), ("August", *MONTH, None),
-                                        ("August, Berlin", *MONTH, "Europe/Berlin")):
+        ranges: list[tuple[str, float | None, float | None, str | None]] = [
+            ("3 months", None, None, None), ("August", *MONTH, None)]
+        for zone in ZONES:  # August there: local midnight to local midnight
+            ranges.append((f"August, {zone.split('/')[1]}", reports.parse_time("2026-08-01", "since", zone),
+                           reports.parse_time("2026-09-01", "until", zone), zone))
+        for label, since, until, tz in ranges:
             for group_by in GROUPINGS:
                 args = {"group_by": group_by, "since": since, "until": until, "tz": tz}
                 plan = reports.plan_segments(conn, group_by, since, until, reports.parse_tz(tz), state)
@@ -223,18 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"building {args.calls:,} calls in {path} ({free / 1e9:.0f} GB free)", file=sys.stderr)
         spent = build(path, args.calls, args.seed)
         sizes = _sizes(path)
-        rebuild_s = None
-        if args.time_rebuild:
-            conn = sqlite3.connect(path, isolation_level=None)
-            conn.execute("PRAGMA cache_size = -1000000")
-            t = time.perf_counter()
-            conn.execute("BEGIN IMMEDIATE")
-            rollups.rebuild(conn)
-            conn.execute("COMMIT")
-            rebuild_s = time.perf_counter() - t
-            conn.close()
+        rebuild = time_rebuild(path) if args.time_rebuild else None
         results = measure(path, args.raw_runs)
-        _print(spent, sizes, rebuild_s, results)
+        _print(spent, sizes, rebuild, results)
     finally:
         if args.keep:
             print(f"kept: {path}", file=sys.stderr)
@@ -243,14 +273,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _print(spent: dict[str, float], sizes: dict[str, int], rebuild_s: float | None,
+def _print(spent: dict[str, float], sizes: dict[str, int], rebuild: dict[str, float] | None,
            results: list[dict[str, Any]]) -> None:
     print(f"\nLedger: {sizes['calls']:,} calls, {sizes['file_bytes'] / 1e9:.2f} GB; rollups: "
           f"{sizes['hour_rows']:,} hour rows, {sizes['day_rows']:,} day rows, {sizes['month_rows']:,} month rows, "
           f"{sizes['dims']:,} dimension sets")
     if spent:
-        print("Build: " + ", ".join(f"{k} {v:.1f} s" for k, v in spent.items())
-              + (f"; a full rollups.rebuild {rebuild_s:.1f} s" if rebuild_s is not None else ""))
+        print("Build: " + ", ".join(f"{k} {v:.1f} s" for k, v in spent.items() if not k.startswith("roll_day_"))
+              + f"; rolling a day up held the write lock {spent['roll_day_median'] * 1000:.0f} ms (median), "
+              f"{spent['roll_day_max'] * 1000:.0f} ms (max)")
+    if rebuild:
+        print(f"Rows written without the hook: make_current {rebuild['make_current'] * 1000:.0f} ms, then "
+              f"{rebuild['hours']:,.0f} hours rebuilt in {rebuild['total']:.1f} s, each transaction "
+              f"{rebuild['median'] * 1000:.0f} ms (median), {rebuild['max'] * 1000:.0f} ms (max)")
     print("\n| range | group_by | read from | rows | rollups ms (median of 5) | raw scan ms | speed-up |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
