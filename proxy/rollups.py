@@ -297,7 +297,15 @@ def _upsert(conn: sqlite3.Connection, hours: dict[tuple[int, tuple[Any, ...]], _
             else:
                 summed[key] = _copy(acc)
     rows += [(*key, *acc.values()) for key, acc in summed.items()]
-    conn.executemany(_UPSERT, rows)
+    try:
+        conn.executemany(_UPSERT, rows)
+    except sqlite3.OperationalError as exc:
+        # Registered only when missing: registering a function makes SQLite prepare every statement of
+        # the connection again, which cost more than the rest of a one-row batch.
+        if "no such function" not in str(exc):
+            raise
+        register_functions(conn)
+        conn.executemany(_UPSERT, rows)
 
 
 def _copy(acc: _Acc) -> _Acc:
@@ -310,7 +318,6 @@ def apply(conn: sqlite3.Connection, rows: list[Sequence[Any]]) -> None:
     """The ledger's after_insert hook: add the batch's rows (COLUMNS order, just inserted) to the rollups.
 
     Runs inside the batch's transaction; a failure here rolls the whole batch back."""
-    register_functions(conn)
     covered, days_until = conn.execute("SELECT covered_id, days_until FROM rollup_state WHERE id = 1").fetchone()
     if rows:
         _upsert(conn, _aggregate(rows), days_until)

@@ -382,3 +382,26 @@ async def test_sums_beyond_the_integer_range_stay_exact(tmp_path: Path) -> None:
         assert Decimal(fast["totals"]["cost_usd"]) > 100 * 4_000_000
     finally:
         conn.close()
+
+
+def test_the_hook_registers_its_sql_functions_once_per_connection(tmp_path: Path) -> None:
+    """Registering a function makes SQLite prepare every statement again: once per batch, that cost more
+    than the rest of a one-row batch."""
+    registered: list[str] = []
+
+    class Counting(sqlite3.Connection):
+        def create_function(self, name: str, *args: Any, **kwargs: Any) -> None:
+            registered.append(name)
+            super().create_function(name, *args, **kwargs)
+
+    conn = sqlite3.connect(tmp_path / "l.db", isolation_level=None, factory=Counting)
+    try:
+        migrate(conn)
+        rng = random.Random(15)
+        for n in range(20):
+            rows = [record_row(random_call(rng, n))]
+            in_tx(conn, lambda c, r: (c.executemany(INSERT_SQL, r), rollups.apply(c, r)), rows)
+        assert registered == ["mp_decimal_add"]
+    finally:
+        conn.close()
+    assert_exact(tmp_path / "l.db")
