@@ -38,10 +38,10 @@ from proxy import rollups
 __all__ = ["ROLLUP_GROUPS", "TIME_FIELDS", "Segment", "label_sql", "offset_spans", "plan"]
 
 TIME_FIELDS = ("hour", "day", "week", "month")
-# Group name -> the rollup_dims column it reads.
+# Group name -> the rollup dimension (rollups.DIMS) it reads.
 ROLLUP_GROUPS = {
-    "key": "d.key_id", "model": "d.model", "user": 'd."user"', "operation": "d.operation",
-    "endpoint": "d.endpoint", "status": "d.status", "tag:team": "d.team",
+    "key": "key_id", "model": "model", "user": "user", "operation": "operation", "endpoint": "endpoint",
+    "status": "status", "tag:team": "team",
 }  # fmt: skip
 _PROBE_STEP = 43200  # zones change offset at most a few times a year; never twice within 12 hours
 

@@ -24,7 +24,7 @@ RAW_COLUMNS = {
     "key": "key_id", "model": "model", "user": '"user"', "session": "session", "operation": "operation",
     "endpoint": "endpoint", "status": "status",
 }  # fmt: skip
-_FILTERS = {"key": "key_id", "user": '"user"', "model": "model"}
+_FILTERS = {"key": "key_id", "user": "user", "model": "model"}  # filter -> its column (a rollup dimension too)
 _RAW_COUNTERS = ", ".join((
     "COUNT(*)", "COALESCE(SUM(status NOT BETWEEN 200 AND 299), 0)", "COALESCE(SUM(priced = 0), 0)",
     *(f"COALESCE(SUM({c}), 0)" for c in ("prompt_tokens", "completion_tokens", "cached_tokens",
@@ -90,7 +90,7 @@ def _raw(conn: sqlite3.Connection, segment: Segment, groups: list[tuple[str, str
         else:
             select.append(f"{RAW_COLUMNS[name]} AS g{i}")
     where, where_params = _where([("started_at >= ?", segment.lo), ("started_at < ?", segment.hi),
-                                  *((f"{_FILTERS[k]} = ?", v) for k, v in filters.items())])
+                                  *((f'"{_FILTERS[k]}" = ?', v) for k, v in filters.items())])
     sql = f"SELECT {', '.join([*select, _RAW_COUNTERS])} FROM calls{where}{_group_by(groups)}"
     width = len(groups)
     for row in conn.execute(sql, params + where_params):
@@ -99,10 +99,11 @@ def _raw(conn: sqlite3.Connection, segment: Segment, groups: list[tuple[str, str
 
 def _rollup_rows(conn: sqlite3.Connection, segment: Segment, groups: list[tuple[str, str]],
                  filters: Mapping[str, str | None], utc: bool, cost_sql: str) -> list[tuple[Any, ...]]:
-    dims = [f"{ROLLUP_GROUPS.get(name, 'NULL')} AS g{i}"  # NULL: a lossy segment's detail
+    # NULL: a lossy segment's detail (a group the rollups do not hold).
+    dims = [(f'd."{ROLLUP_GROUPS[name]}"' if name in ROLLUP_GROUPS else "NULL") + f" AS g{i}"
             for i, (name, _) in enumerate(groups) if name not in TIME_FIELDS]
-    used = {ROLLUP_GROUPS[n][2:].strip('"') for n, _ in groups if n in ROLLUP_GROUPS}
-    used |= {_FILTERS[k].strip('"') for k, v in filters.items() if v is not None}
+    used = {ROLLUP_GROUPS[n] for n, _ in groups if n in ROLLUP_GROUPS}
+    used |= {_FILTERS[k] for k, v in filters.items() if v is not None}
     # By time alone: each bucket's totals row; by one dimension, its own rows where the segment has
     # them; else every dimension set's row.
     grain = rollups.GRAINS[segment.source]
@@ -112,7 +113,7 @@ def _rollup_rows(conn: sqlite3.Connection, segment: Segment, groups: list[tuple[
     elif len(used) == 1 and segment.projected:
         grain = rollups.projected(grain, next(iter(used)))
     conditions = [("r.grain = ?", grain), ("r.bucket >= ?", segment.lo), ("r.bucket < ?", segment.hi),
-                  *((f"d.{_FILTERS[k]}", v) for k, v in filters.items())]
+                  *((f'd."{_FILTERS[k]}"', v) for k, v in filters.items())]
     where, params = _where([(sql if sql.endswith("?") else f"{sql} = ?", v) for sql, v in conditions])
     # CROSS JOIN keeps the rollups' time range as the outer loop, whatever the filters.
     source = "rollups r CROSS JOIN rollup_dims d ON d.id = r.dim_id" if needs_dims else "rollups r"

@@ -50,6 +50,8 @@ def prune(conn: sqlite3.Connection, older_than: float, batch_size: int = 5000,
     while (stop is None or not stop.is_set()) and in_transaction(
             conn, lambda: rollups.rebuild_dirty(conn, max_hours=24, before=cutoff)):
         pass
+    if stop is not None and stop.is_set():
+        return 0
     in_transaction(conn, lambda: _prepare(conn, cutoff))
     deleted = 0
     while stop is None or not stop.is_set():

@@ -87,6 +87,23 @@ async def test_prune_deletes_whole_hours_in_batches_and_reports_still_answer(tmp
     assert report(path, group_by=["day"], tz="Asia/Kolkata")["totals"] == kolkata["totals"]
 
 
+async def test_a_stopped_prune_leaves_everything_as_it_was(tmp_path: Path) -> None:
+    import threading
+
+    path = await build(tmp_path, n=500)
+    conn = writer(path)
+    try:
+        conn.execute("UPDATE calls SET cost_usd = '1' WHERE id % 7 = 0")  # dirty hours before the cutoff
+        stop = threading.Event()
+        stop.set()
+        assert retention.prune(conn, CUTOFF, stop=stop) == 0
+        assert rollups.read_state(conn).pruned_before is None
+        assert conn.execute("SELECT count(*) FROM calls").fetchone()[0] == 500
+        assert conn.execute("SELECT count(*) FROM rollup_dirty").fetchone()[0] > 0
+    finally:
+        conn.close()
+
+
 async def test_pruned_period_answers_from_rollups_for_whole_hours(tmp_path: Path) -> None:
     path = await build(tmp_path)
     span = {"since": T0 + 2 * DAY + 3600, "until": float(HOUR_CUT)}
