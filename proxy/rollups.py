@@ -36,10 +36,14 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
-from decimal import Context, Decimal, Inexact
+from decimal import Decimal
 from typing import Any
 
 from proxy.ledger_db import COLUMNS
+from proxy.picodollars import (
+    _EXACT, _PICO_DIGITS, _PICO_LIMIT, SUM_COST, SUM_COST_SLOW, _parse_plain, exact_values, from_pico, pico, pico_text,
+    register_functions, summed_values,
+)  # fmt: skip
 
 __all__ = [
     "ADD_BUCKET", "DAY", "DIMS", "GRAINS", "HOUR", "INT_COUNTERS", "MONTH", "PROJECTED", "SERIES", "SUM_COST",
@@ -61,9 +65,6 @@ INT_COUNTERS = (
     "calls", "errors", "unpriced_calls", "prompt_tokens", "completion_tokens", "cached_tokens",
     "reasoning_tokens", "total_tokens", "counted_calls", "counted_tokens",
 )  # fmt: skip
-_EXACT = Context(prec=200, traps=[Inexact])
-_PICO_DIGITS = 12
-_PICO_LIMIT = 2**62  # well inside int64, so SQLite's integer sums of a few rows cannot overflow silently
 _COL = {name: COLUMNS.index(name) for name in (
     "started_at", "key_id", "model", "user", "operation", "endpoint", "status", "tags", "prompt_tokens",
     "completion_tokens", "cached_tokens", "reasoning_tokens", "total_tokens", "usage_source", "priced",
@@ -102,60 +103,6 @@ def projected(grain: int, dim: str) -> int:
 def projection_dims(index: int, value: Any) -> tuple[Any, ...]:
     """The rollup_dims tuple naming value `value` of DIMS[index] alone."""
     return tuple(value if i == index else None for i in range(len(DIMS)))
-
-
-# --- exact money helpers ---------------------------------------------------------------------------
-def _decimal_add(a: str | None, b: str | None) -> str:
-    total = _EXACT.add(Decimal(a or 0), Decimal(b or 0))
-    return format(total, "f")
-
-
-class _DecimalSum:
-    def __init__(self) -> None:
-        self.total = Decimal(0)
-
-    def step(self, value: str | None) -> None:
-        if value is not None:
-            self.total = _EXACT.add(self.total, Decimal(value))
-
-    def finalize(self) -> str:
-        return format(self.total, "f")
-
-
-def register_functions(conn: sqlite3.Connection) -> None:
-    """`mp_decimal_add(a, b)` and `decimal_sum(x)` on `conn`: exact decimal text arithmetic."""
-    conn.create_function("mp_decimal_add", 2, _decimal_add, deterministic=True)
-    conn.create_aggregate("decimal_sum", 1, _DecimalSum)  # type: ignore[arg-type]
-
-
-def _parse_plain(text: str) -> tuple[int, int] | None:
-    """(picodollars, exponent) of a plain non-negative decimal with at most 12 decimals, else None."""
-    whole, _, frac = text.partition(".")
-    if not whole.isdigit() or (frac and not frac.isdigit()) or len(frac) > _PICO_DIGITS:
-        return None
-    units = int(whole) * 10**_PICO_DIGITS + (int(frac) * 10 ** (_PICO_DIGITS - len(frac)) if frac else 0)
-    return (units, -len(frac)) if units < _PICO_LIMIT else None
-
-
-def pico(value: Decimal) -> tuple[int, int] | None:
-    """(picodollars, exponent) when `value` is exactly a whole, non-negative number of picodollars (below
-    2**62), else None."""
-    exponent = value.as_tuple().exponent
-    if not isinstance(exponent, int) or exponent < -_PICO_DIGITS or value.is_signed():
-        return None
-    units = int(value.scaleb(_PICO_DIGITS, _EXACT))
-    return (units, min(exponent, 0)) if abs(units) < _PICO_LIMIT else None
-
-
-def pico_text(units: int, exponent: int) -> str:
-    """format(from_pico(units, exponent), "f") for units >= 0, without Decimal arithmetic."""
-    whole, frac = divmod(units, 10**_PICO_DIGITS)
-    return f"{whole}.{f'{frac:0{_PICO_DIGITS}d}'[:-exponent]}" if exponent < 0 else str(whole)
-
-
-def from_pico(units: int, exponent: int) -> Decimal:
-    """The decimal that `units` picodollars print as when the smallest addend had `exponent`."""
-    return Decimal(units).scaleb(-_PICO_DIGITS, _EXACT).quantize(Decimal(1).scaleb(exponent), context=_EXACT)
 
 
 # --- time buckets ----------------------------------------------------------------------------------
@@ -371,29 +318,6 @@ def extent(conn: sqlite3.Connection) -> tuple[int, int] | None:
     if not lows:
         return None
     return min(lows) // 3600 * 3600, max(highs) // 3600 * 3600 + 3600
-
-
-# The cost of a sum of rollup rows, in SQL over alias r: their picodollars and smallest exponent, and the
-# exact decimal sum of those without picodollars (SUM_COST_SLOW when the integer sum would overflow).
-SUM_COST = "SUM(r.cost_pico), MIN(r.cost_exp), decimal_sum(r.cost_usd) FILTER (WHERE r.cost_pico IS NULL)"
-SUM_COST_SLOW = "NULL, NULL, decimal_sum(r.cost_usd)"
-
-
-def summed_values(ints: Sequence[Any], units: int | None, exponent: int | None, slow: str | None) -> tuple[Any, ...]:
-    """A rollup row's counter values from SUM_COST's three figures: what exact_values gives for the
-    decimal sum of the summed rows' costs, without parsing any decimal in the common case."""
-    if slow is None and units is not None and exponent is not None and units < _PICO_LIMIT:
-        return (*ints, pico_text(units, exponent), units, exponent)
-    total = from_pico(units, exponent) if units is not None and exponent is not None else Decimal(0)
-    if slow is not None:
-        total = _EXACT.add(total, Decimal(slow))
-    return exact_values(ints, format(total, "f"))
-
-
-def exact_values(ints: Sequence[Any], cost: str) -> tuple[Any, ...]:
-    """A rollup row's counter values from its integer counters and exact cost text."""
-    exact = pico(Decimal(cost))
-    return (*ints, cost, *(exact if exact is not None else (None, None)))
 
 
 # --- rebuilding (rollup_build.py), here under the names the rest of the proxy uses ------------------

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from proxy import rollups
+from proxy import picodollars, rollups
 from proxy.ledger import INSERT_SQL, Ledger, LedgerError, record_row
 from proxy.ledger_db import LedgerDB
 from proxy.migrations import MIGRATIONS, _apply, migrate
@@ -321,7 +321,7 @@ def test_a_changed_call_marks_its_hours_dirty_and_rebuild_dirty_clears_them(tmp_
     ],
 )  # fmt: skip
 def test_picodollars(text: str, expected: tuple[int, int] | None) -> None:
-    assert rollups._parse_plain(text) == expected
+    assert picodollars._parse_plain(text) == expected
     value = Decimal(text)
     exact = rollups.pico(value)
     if expected is not None:
