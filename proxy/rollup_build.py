@@ -1,10 +1,12 @@
-"""Recomputing rollups: hours from `calls`, days from hours, months from days.
+"""Recomputing rollups: hours from `calls`, days from hours (with each dimension's own rows), months from days.
 
-`rebuild(conn, since, until)` after anything that changed calls behind the hook's back (a re-pricing, an
-import, rows written by another tool, an upgrade to migration 5); `roll_days` once a day is over, so day
-and month rows exist for reports over long ranges while the hot path upserts hours only; `ensure` at
-start-up; `rebuild_dirty` for hours a re-pricing marked. The caller owns the transaction (except in
-`ensure`, which takes its own).
+`roll_days` once a day is over, so day and month rows exist for reports over long ranges while the hot
+path upserts hours only; `make_current` at start-up marks the hours of rows written behind the hook's
+back (another tool, a ledger from before rollups) dirty, in one short transaction; `rebuild_dirty`
+rebuilds dirty hours (those, or a re-pricing's), a few per transaction, and rolls a day or month up again
+once its last dirty hour is done; `rebuild(conn, since, until)` recomputes a range at once. The proxy's
+upkeep (retention.RetentionTask) runs them in the background; `ensure` runs them all, for tools and
+tests. The caller owns the transaction (except in `make_current` and `ensure`, which take their own).
 
 This module must never recompute an hour before `pruned_before` (its raw calls are gone; the rollup is
 all that is left), and never round a cost.

@@ -12,18 +12,19 @@ add costs in SQL integers and still print exactly what adding the decimals would
 in Python and upserts one row per touched (hour, dims) — and per (day, dims) and (month, dims) only for
 hours before `days_until`: day and month rows are rolled up from the hours once a day is over
 (`roll_days`, run by the maintenance task), which keeps the hot path at one upsert per group.
-`rebuild` recomputes hours from `calls` and days and months from hours (after a re-pricing, an import,
-an upgrade); both live in rollup_build.py.
+`rebuild` recomputes hours from `calls` and days and months from hours (after a re-pricing, an import);
+both live in rollup_build.py. `rollup_state.covered_id` says up to which calls.id the rollups hold every
+row; reports trust the rollups only while it equals max(calls.id). Rows written without the hook (a
+script, another tool, a ledger from before rollups) break that until `make_current` (at start-up) marks
+every hour holding calls dirty: reports read dirty hours from `calls`, and the upkeep rebuilds them an
+hour per transaction (`rebuild_dirty`). Hours before `pruned_before` (retention) exist only here.
 
 Projections: for the buckets of finished days (before `days_until`: hours, days, months) each dimension
 also has rows of its own, at grain `projected(grain, dim)`, summed over every other dimension. A report
 that groups or filters by one dimension alone (by model, by key per week, a key's daily totals) reads
 those: tens of rows per bucket where the full dimension sets are thousands. Their dim_id names a
 rollup_dims row holding that dimension's value and NULL for the others (`projection_dims`); only the
-projected column of it means anything. `rollup_state.covered_id` says up to which calls.id the
-rollups hold every row; reports trust the rollups only while it equals max(calls.id), so a row written
-without the hook (a script, another tool) makes them fall back to `calls` until `ensure`/`rebuild`
-runs. Hours before `pruned_before` (retention) exist only here.
+projected column of it means anything.
 
 This module must never round a cost, never recompute an hour whose raw calls were pruned, and never
 commit or roll back: its callers own the transaction.
