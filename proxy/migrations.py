@@ -243,7 +243,10 @@ MIGRATIONS: tuple[Migration, ...] = (
         # reports read hours until the proxy's upkeep (RetentionTask) has rolled the days up anew, a
         # day per transaction (roll_days adds each day to its month: no month row may hold a day
         # that is not rolled up).
+        # projected_until: the hours before it have their own rows (made a few hours per transaction
+        # ahead of rolling their day up, so that no transaction holds the write lock for long).
         """
+        ALTER TABLE rollup_state ADD COLUMN projected_until INTEGER;
         UPDATE rollup_state SET days_until = NULL WHERE id = 1;
         DELETE FROM rollups WHERE grain IN (1, 2, 4, 5);
         """,

@@ -6,7 +6,8 @@ A report's range is cut into segments, each read from one source:
   read by the hour), whose calls were not changed since (no `rollup_dirty` mark), for reports whose
   groups and filters are all rollup dimensions (key, model, user, operation, endpoint, status, tag:team)
   or time buckets, while the rollups are current; grouped by time alone, each bucket's totals rows; by
-  one dimension alone, that dimension's own rows where the segment is `projected` (before `days_until`);
+  one dimension alone, that dimension's own rows where the segment is `projected` (before
+  `projected_until`);
 - `calls` answers the rest: the cut hours at a range's edges, dirty hours, hours that a time zone's day
   boundary cuts in two (a zone whose offset is not a whole number of hours at that instant: India's
   +05:30 cuts one hour a day; the hour bucket in such a zone is read from calls throughout), and every
@@ -129,20 +130,20 @@ def plan(*, names: list[str], since: float | None, until: float | None, zone: Zo
     out: list[Segment] = []
     if before:
         assert pruned is not None
-        out += _region(lo, min(hi, pruned), zoned, times, [], state.days_until, lossy=not dims_ok, exact=False)
+        out += _region(lo, min(hi, pruned), zoned, times, [], state, lossy=not dims_ok, exact=False)
         lo = max(lo, pruned)
     if after:
-        out += _region(lo, hi, zoned, times, dirty, state.days_until, lossy=False, exact=True)
+        out += _region(lo, hi, zoned, times, dirty, state, lossy=False, exact=True)
     elif until is None or lo < until:
         out += _raw(lo, until, zoned, extent)
     return _merged(out)
 
 
 def _region(lo: float, hi: float, zone: ZoneInfo | None, times: list[str], dirty: list[int],
-            days_until: int | None, lossy: bool, exact: bool) -> list[Segment]:
+            state: rollups.State, lossy: bool, exact: bool) -> list[Segment]:
     out: list[Segment] = []
     for a, b, offset in offset_spans(zone, lo, hi) if lo < hi else []:
-        out += _decompose(a, b, offset, times, dirty, days_until, lossy, exact)
+        out += _decompose(a, b, offset, times, dirty, state, lossy, exact)
     return out
 
 
@@ -157,7 +158,7 @@ def _raw(since: float | None, until: float | None, zone: ZoneInfo | None,
     return [Segment("raw", a, b, off) for a, b, off in offset_spans(zone, lo, hi)] if lo < hi else []
 
 
-def _decompose(a: float, b: float, offset: int, times: list[str], dirty: list[int], days_until: int | None,
+def _decompose(a: float, b: float, offset: int, times: list[str], dirty: list[int], state: rollups.State,
                lossy: bool, exact: bool) -> list[Segment]:
     """[a, b) of one offset as rollup runs and raw parts. Not `exact` (the pruned period, no raw calls
     left): an hour a local boundary cuts counts whole in the local bucket where it starts."""
@@ -174,8 +175,10 @@ def _decompose(a: float, b: float, offset: int, times: list[str], dirty: list[in
         def whole(lo: int, hi: int) -> bool:  # [lo, hi) lies in one local bucket of every time field
             return all(_local(lo, offset, t) == _local(hi - 1, offset, t) for t in times)
 
-        coarse_until = days_until if days_until is not None else ha  # day and month rows exist before it
-        out += [Segment(src, lo, hi, offset, lossy, src != "raw" and hi <= coarse_until)
+        # Day and month rows exist before days_until, each dimension's own rows before projected_until.
+        coarse_until = state.days_until if state.days_until is not None else ha
+        own_until = state.projected_until if state.projected_until is not None else ha
+        out += [Segment(src, lo, hi, offset, lossy, src != "raw" and hi <= own_until)
                 for src, lo, hi in _walk(ha, hb, coarse_until, whole, bad)]
     if hb < b:
         out.append(Segment("raw", hb, b, offset, lossy))

@@ -149,7 +149,11 @@ class RetentionTask:
                 return {"days_rolled": 0, "dirty_rebuilt": 0, "pruned": 0}
             now = self._clock()
             days = hours = 0
-            while not self._stopping.is_set():  # one day, or one dirty hour, per transaction
+            # Six hours' own rows, one day, or one dirty hour per transaction: none holds the lock long.
+            while not self._stopping.is_set() and in_transaction(
+                    conn, lambda: rollups.project_hours(conn, now, max_hours=6)):
+                pass
+            while not self._stopping.is_set():
                 n = in_transaction(conn, lambda: rollups.roll_days(conn, now, max_days=1))
                 days += n
                 if not n:

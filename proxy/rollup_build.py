@@ -25,7 +25,7 @@ from proxy.rollups import (
     extent, month_start, next_month, projected, projection_dims, read_state, register_functions, summed_values,
 )  # fmt: skip
 
-__all__ = ["after_reprice", "ensure", "make_current", "rebuild", "rebuild_dirty", "roll_days"]
+__all__ = ["after_reprice", "ensure", "make_current", "project_hours", "rebuild", "rebuild_dirty", "roll_days"]
 
 _HOUR_SQL = """
 SELECT CAST(started_at AS INTEGER) / 3600 * 3600 AS h, key_id, model, "user", operation, endpoint, status,
@@ -70,9 +70,17 @@ def _sums(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...], keys: int
     return [(*r[:keys], *summed_values(r[keys:width], *r[width:])) for r in found]
 
 
-def _state(conn: sqlite3.Connection) -> tuple[int | None, int | None]:
-    days_until, pruned = conn.execute("SELECT days_until, pruned_before FROM rollup_state WHERE id = 1").fetchone()
-    return days_until, pruned
+def _state(conn: sqlite3.Connection) -> tuple[int | None, int | None, int | None]:
+    """days_until, pruned_before, projected_until."""
+    days_until, pruned, projected_until = conn.execute(
+        "SELECT days_until, pruned_before, projected_until FROM rollup_state WHERE id = 1").fetchone()
+    return days_until, pruned, projected_until
+
+
+def _first_day(conn: sqlite3.Connection, target: int) -> int:
+    """The first day with data, or `target` if it is earlier or there is none."""
+    whole = extent(conn)
+    return target if whole is None else min(target, whole[0] - whole[0] % _DAY)
 
 
 def rebuild(conn: sqlite3.Connection, since: float | None = None, until: float | None = None) -> int:
@@ -80,7 +88,7 @@ def rebuild(conn: sqlite3.Connection, since: float | None = None, until: float |
     hours before `pruned_before` are left alone. With no bounds everything is rebuilt and the rollups are
     marked current (covered_id = max(calls.id)). Returns the hour rows written."""
     register_functions(conn)
-    days_until, pruned = _state(conn)
+    days_until, pruned, projected_until = _state(conn)
     lo = int(since) // 3600 * 3600 if since is not None else None
     hi = math.ceil(until / 3600) * 3600 if until is not None else None
     whole = extent(conn) if lo is None or hi is None else None
@@ -91,6 +99,8 @@ def rebuild(conn: sqlite3.Connection, since: float | None = None, until: float |
         lo = max(lo, pruned) if pruned is not None else lo
         if lo < hi:
             written = _rebuild_hours(conn, lo, hi)
+            if projected_until is not None and lo < projected_until:
+                _project_hours(conn, lo, min(hi, projected_until))
             if days_until is not None and lo < days_until:
                 _roll_up(conn, lo - lo % _DAY, min(hi, days_until))
             conn.execute("DELETE FROM rollup_dirty WHERE hour >= ? AND hour < ?", (lo, hi))
@@ -130,11 +140,10 @@ def _roll_up(conn: sqlite3.Connection, lo: int, hi: int, fresh: bool = False) ->
 
 def _roll_day(conn: sqlite3.Connection, day: int) -> None:
     """A day's rows from its hours: its full dimension sets and totals, and every dimension's own rows for
-    each of its hours and for the day."""
+    the day from its hours' own rows (which must be there)."""
     end = day + _DAY
     _regroup(conn, DAY, HOUR, day, end)
     _regroup(conn, DAY + TOTALS, HOUR + TOTALS, day, end)
-    _project_hours(conn, day, end)
     for dim in DIMS:
         _regroup(conn, projected(DAY, dim), projected(HOUR, dim), day, end)
 
@@ -166,18 +175,35 @@ def _regroup(conn: sqlite3.Connection, into: int, of: int, start: int, end: int)
     conn.executemany(_INSERT, [(into, start, *r) for r in found])
 
 
+def project_hours(conn: sqlite3.Connection, until: float | None = None, max_hours: int = 24) -> int:
+    """Give the hours after `projected_until` of the days that ended by `until` (default: now), at most
+    `max_hours` of them, each dimension's own rows, and move `projected_until` on: the costly part of
+    rolling a day up, done a few hours per transaction ahead of it. Returns the hours done."""
+    register_functions(conn)
+    _, _, projected_until = _state(conn)
+    target = int(time.time() if until is None else until) // _DAY * _DAY
+    start = projected_until if projected_until is not None else _first_day(conn, target)
+    end = min(target, start + max_hours * 3600)
+    if end > start:
+        _project_hours(conn, start, end)
+    if projected_until is None or end > projected_until:
+        conn.execute("UPDATE rollup_state SET projected_until = ? WHERE id = 1", (max(start, end),))
+    return max(0, (end - start) // 3600)
+
+
 def roll_days(conn: sqlite3.Connection, until: float | None = None, max_days: int = 62) -> int:
     """Roll up the days after `days_until` that end by `until` (default: now), at most `max_days` of them,
-    into day and month rows, and move `days_until` on. Returns the days rolled up."""
+    into day and month rows, and move `days_until` on; hours `project_hours` has not reached yet get
+    their own rows first. Returns the days rolled up."""
     register_functions(conn)
-    days_until, _ = _state(conn)
+    days_until, _, projected_until = _state(conn)
     target = int(time.time() if until is None else until) // _DAY * _DAY
-    start = days_until
-    if start is None:  # never rolled up: from the first day with data
-        whole = extent(conn)
-        start = target if whole is None else min(target, whole[0] - whole[0] % _DAY)
+    start = days_until if days_until is not None else _first_day(conn, target)
     end = min(target, start + max_days * _DAY)
     if end > start:
+        if projected_until is None or projected_until < end:
+            _project_hours(conn, start if projected_until is None else max(start, projected_until), end)
+            conn.execute("UPDATE rollup_state SET projected_until = ? WHERE id = 1", (end,))
         _roll_up(conn, start, end, fresh=True)
     if days_until is None or end > days_until:
         conn.execute("UPDATE rollup_state SET days_until = ? WHERE id = 1", (max(start, end),))
@@ -199,7 +225,7 @@ def rebuild_dirty(conn: sqlite3.Connection, max_hours: int | None = 24, before: 
     hours = [h for (h,) in conn.execute(sql, params)]
     if not hours:
         return 0
-    days_until, pruned = _state(conn)
+    days_until, pruned, projected_until = _state(conn)
     runs: list[list[int]] = []
     for hour in hours:  # contiguous hours as one recomputation each
         if runs and runs[-1][1] == hour:
@@ -210,8 +236,8 @@ def rebuild_dirty(conn: sqlite3.Connection, max_hours: int | None = 24, before: 
         lo = max(lo, pruned) if pruned is not None else lo
         if lo < hi:
             _rebuild_hours(conn, lo, hi)
-            if days_until is not None and lo < days_until:  # finished days' hours have their own rows too
-                _project_hours(conn, lo, min(hi, days_until))
+            if projected_until is not None and lo < projected_until:  # those hours have their own rows too
+                _project_hours(conn, lo, min(hi, projected_until))
     conn.executemany("DELETE FROM rollup_dirty WHERE hour = ?", [(h,) for h in hours])
     if days_until is not None:
         days = sorted({h - h % _DAY for h in hours if h < days_until and (pruned is None or h >= pruned)})
@@ -249,7 +275,7 @@ def make_current(conn: sqlite3.Connection) -> bool:
     def mark_if_stale() -> bool:
         if read_state(conn).current:  # another process did it while we waited for the lock
             return False
-        _, pruned = _state(conn)
+        _, pruned, _ = _state(conn)
         hours = set(_hours_with_calls(conn, pruned or 0))
         hours.update(h for (h,) in conn.execute("SELECT bucket FROM rollups WHERE grain = ? AND bucket >= ?",
                                                 (HOUR + TOTALS, pruned or 0)))

@@ -49,7 +49,7 @@ from proxy.picodollars import (
 __all__ = [
     "ADD_BUCKET", "DAY", "DIMS", "GRAINS", "HOUR", "INT_COUNTERS", "MONTH", "PROJECTED", "SERIES", "SUM_COST",
     "SUM_COST_SLOW", "TOTALS", "State", "after_reprice", "apply", "dim_ids", "dirty_hours", "ensure", "exact_values",
-    "extent", "from_pico", "make_current", "month_start", "next_month", "pico", "pico_text", "projected",
+    "extent", "from_pico", "make_current", "month_start", "next_month", "pico", "pico_text", "project_hours", "projected",
     "projection_dims", "read_state", "rebuild", "rebuild_dirty", "register_functions", "roll_days", "summed_values",
 ]  # fmt: skip
 
@@ -222,23 +222,28 @@ def dim_ids(conn: sqlite3.Connection, dims: Iterable[tuple[Any, ...]]) -> dict[t
 
 
 def _upsert(conn: sqlite3.Connection, hours: dict[tuple[int, tuple[Any, ...]], _Acc],
-            days_until: int | None) -> None:
-    late = [(hour, dims) for hour, dims in hours if days_until is not None and hour < days_until]
+            days_until: int | None, projected_until: int | None) -> None:
+    late = [(hour, dims) for hour, dims in hours if projected_until is not None and hour < projected_until]
     ids = dim_ids(conn, {dims for _, dims in hours}
                   | {projection_dims(i, v) for _, dims in late for i, v in enumerate(dims)})
     rows = [(HOUR, hour, ids[dims], *acc.values()) for (hour, dims), acc in hours.items()]
     summed: dict[tuple[int, int, int], _Acc] = {}  # series rows, and days, months and projections of late hours
     for (hour, dims), acc in hours.items():
         keys = [(HOUR + TOTALS, hour, SERIES)]
-        if days_until is not None and hour < days_until:  # else its day is rolled up from the hours later
+        # Else the hours' own rows are made, and their day rolled up, from the hours later.
+        rolled = days_until is not None and hour < days_until
+        if projected_until is not None and hour < projected_until:
             day = hour - hour % 86400
             month = month_start(day)
-            keys += [(DAY, day, ids[dims]), (DAY + TOTALS, day, SERIES), (MONTH, month, ids[dims]),
-                     (MONTH + TOTALS, month, SERIES)]
+            if rolled:
+                keys += [(DAY, day, ids[dims]), (DAY + TOTALS, day, SERIES), (MONTH, month, ids[dims]),
+                         (MONTH + TOTALS, month, SERIES)]
             for i, value in enumerate(dims):
                 own = ids[projection_dims(i, value)]
                 step = PROJECTED * (i + 1)
-                keys += [(HOUR + step, hour, own), (DAY + step, day, own), (MONTH + step, month, own)]
+                keys.append((HOUR + step, hour, own))
+                if rolled:
+                    keys += [(DAY + step, day, own), (MONTH + step, month, own)]
         for key in keys:
             if key in summed:
                 summed[key].merge(acc)
@@ -266,9 +271,10 @@ def apply(conn: sqlite3.Connection, rows: list[Sequence[Any]]) -> None:
     """The ledger's after_insert hook: add the batch's rows (COLUMNS order, just inserted) to the rollups.
 
     Runs inside the batch's transaction; a failure here rolls the whole batch back."""
-    covered, days_until = conn.execute("SELECT covered_id, days_until FROM rollup_state WHERE id = 1").fetchone()
+    covered, days_until, projected_until = conn.execute(
+        "SELECT covered_id, days_until, projected_until FROM rollup_state WHERE id = 1").fetchone()
     if rows:
-        _upsert(conn, _aggregate(rows), days_until)
+        _upsert(conn, _aggregate(rows), days_until, projected_until)
     # The rows just inserted took ids max-n+1..max; anything else means rows arrived without this hook.
     newest = conn.execute("SELECT coalesce(max(id), 0) FROM calls").fetchone()[0]
     if covered >= 0 and covered + len(rows) == newest:
@@ -281,25 +287,30 @@ def apply(conn: sqlite3.Connection, rows: list[Sequence[Any]]) -> None:
 # --- state ------------------------------------------------------------------------------------------
 class State:
     """What reports need to know: may the rollups be trusted, up to where are day and month rows
-    complete, before when were raw calls pruned."""
+    complete, up to where do hours have each dimension's own rows, before when were raw calls pruned."""
 
-    __slots__ = ("current", "days_until", "exists", "pruned_before")
+    __slots__ = ("current", "days_until", "exists", "projected_until", "pruned_before")
 
     def __init__(self, exists: bool, current: bool, days_until: int | None = None,
-                 pruned_before: int | None = None) -> None:
+                 pruned_before: int | None = None, projected_until: int | None = None) -> None:
         self.exists, self.current = exists, current
-        self.days_until, self.pruned_before = days_until, pruned_before
+        self.days_until, self.pruned_before, self.projected_until = days_until, pruned_before, projected_until
 
 
 def read_state(conn: sqlite3.Connection) -> State:
     try:
-        found = conn.execute("SELECT covered_id, days_until, pruned_before FROM rollup_state WHERE id = 1").fetchone()
-    except sqlite3.OperationalError:  # a ledger from before migration 5
-        return State(False, False)
+        found = conn.execute("SELECT covered_id, days_until, pruned_before, projected_until FROM rollup_state "
+                             "WHERE id = 1").fetchone()
+    except sqlite3.OperationalError:
+        try:  # a ledger from before migration 6, read without migrating it: no dimension's own rows
+            found = conn.execute("SELECT covered_id, days_until, pruned_before, NULL FROM rollup_state "
+                                 "WHERE id = 1").fetchone()
+        except sqlite3.OperationalError:  # a ledger from before migration 5
+            return State(False, False)
     if found is None:
         return State(False, False)
     newest = conn.execute("SELECT coalesce(max(id), 0) FROM calls").fetchone()[0]
-    return State(True, found[0] >= 0 and found[0] == newest, found[1], found[2])
+    return State(True, found[0] >= 0 and found[0] == newest, found[1], found[2], found[3])
 
 
 def dirty_hours(conn: sqlite3.Connection, lo: float, hi: float) -> list[int]:
@@ -334,6 +345,13 @@ def roll_days(conn: sqlite3.Connection, until: float | None = None, max_days: in
     from proxy import rollup_build
 
     return rollup_build.roll_days(conn, until, max_days)
+
+
+def project_hours(conn: sqlite3.Connection, until: float | None = None, max_hours: int = 24) -> int:
+    """See rollup_build.project_hours."""
+    from proxy import rollup_build
+
+    return rollup_build.project_hours(conn, until, max_hours)
 
 
 def rebuild_dirty(conn: sqlite3.Connection, max_hours: int | None = 24, before: int | None = None) -> int:

@@ -180,7 +180,7 @@ async def test_failed_batch_raises_for_its_callers_and_the_writer_goes_on(ledger
         assert all("no such table" in str(r) for r in results)
         assert ledger.stats["errors"] == 3
 
-        for migration in MIGRATIONS:  # put the table back
+        for migration in MIGRATIONS[:5]:  # put the table back (with its columns, indexes and trigger)
             other.executescript(migration.sql)
         await ledger.record(make_record(10))
     finally:

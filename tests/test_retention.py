@@ -147,7 +147,7 @@ async def test_dirty_hours_are_rebuilt_before_their_calls_go(tmp_path: Path) -> 
     try:
         conn.execute("UPDATE calls SET cost_usd = '3.5' WHERE id % 5 = 0 AND started_at < ?", (HOUR_CUT,))
         assert conn.execute("SELECT count(*) FROM rollup_dirty").fetchone()[0] > 0
-        expected = expected_rollups(conn, rollups.read_state(conn).days_until)
+        expected = expected_rollups(conn, rollups.read_state(conn).days_until, rollups.read_state(conn).projected_until)
         retention.prune(conn, CUTOFF)
         assert actual_rollups(conn) == expected
         assert conn.execute("SELECT count(*) FROM rollup_dirty").fetchone()[0] == 0
@@ -162,7 +162,7 @@ async def test_rows_written_without_the_hook_are_rolled_up_before_pruning(tmp_pa
     try:
         conn.executemany(INSERT_SQL, [record_row(random_call(rng, n)) for n in range(10_000, 10_100)])
         assert not rollups.read_state(conn).current
-        expected = expected_rollups(conn, rollups.read_state(conn).days_until)
+        expected = expected_rollups(conn, rollups.read_state(conn).days_until, rollups.read_state(conn).projected_until)
         retention.prune(conn, CUTOFF)
         # The hours losing their calls were rebuilt first; later ones wait, marked, for the upkeep.
         left = [h for (h,) in conn.execute("SELECT hour FROM rollup_dirty")]

@@ -98,11 +98,43 @@ def test_late_calls_for_finished_days_reach_their_own_rows_too(ledger: Path, tmp
     same_reports(path, "Europe/Berlin")
 
 
+def test_hours_given_their_own_rows_ahead_of_their_day_stay_exact(ledger: Path, tmp_path: Path) -> None:
+    """project_hours runs ahead of roll_days (a few hours per transaction); calls arriving late for those
+    hours reach their own rows through the hook, and rolling the day up later uses them."""
+    import asyncio
+
+    path = copy(ledger, tmp_path)
+    conn = writer(path)
+    try:
+        assert in_transaction(conn, lambda: rollups.project_hours(conn, T0 + 33 * DAY, max_hours=30)) == 30
+        assert in_transaction(conn, lambda: rollups.project_hours(conn, T0 + 33 * DAY, max_hours=100)) == 42
+        assert in_transaction(conn, lambda: rollups.project_hours(conn, T0 + 33 * DAY)) == 0
+        state = rollups.read_state(conn)
+        assert (state.days_until, state.projected_until) == (T0 + 30 * DAY, T0 + 33 * DAY)
+    finally:
+        conn.close()
+    assert_exact(path)
+    rng = random.Random(25)
+    asyncio.run(write_through_ledger(path, [random_call(rng, n, start=T0 + 29 * DAY, span=5 * DAY)
+                                            for n in range(7000, 7300)], rng))
+    assert_exact(path)
+    same_reports(path, None, T0 + 30 * DAY, T0 + 33 * DAY, groupings=[["model"], ["hour", "key"]], filters_list=[{}])
+    conn = writer(path)
+    try:
+        assert in_transaction(conn, lambda: rollups.roll_days(conn, T0 + 34 * DAY)) == 4
+        assert rollups.read_state(conn).projected_until == T0 + 34 * DAY
+    finally:
+        conn.close()
+    assert_exact(path)
+    same_reports(path, "Europe/Berlin")
+
+
 def as_version_5(path: Path) -> None:
     """What a ledger rolled up before migration 6 holds: day and month rows, no dimension's own rows."""
     conn = writer(path)
     try:
         conn.execute("DELETE FROM rollups WHERE grain >= ?", (rollups.PROJECTED,))
+        conn.execute("ALTER TABLE rollup_state DROP COLUMN projected_until")
         conn.execute("PRAGMA user_version = 5")
     finally:
         conn.close()
@@ -112,6 +144,7 @@ def test_upgrading_to_migration_6_reads_hours_until_the_days_are_rolled_up_again
                                                                                  tmp_path: Path) -> None:
     path = copy(ledger, tmp_path)
     as_version_5(path)
+    same_reports(path, "Europe/Berlin")  # read as it is (reports never migrate): day rows, no own rows
     conn = writer(path)
     try:
         assert migrate(conn) == len(MIGRATIONS)

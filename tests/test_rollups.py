@@ -62,8 +62,12 @@ async def write_through_ledger(path: Path, calls: list[CallRecord], rng: random.
         await ledger.close()
 
 
-def expected_rollups(conn: sqlite3.Connection, days_until: int | None) -> dict[tuple[Any, ...], tuple[Any, ...]]:
-    """Rollups computed in Python from every call row, independently of rollups.py."""
+def expected_rollups(conn: sqlite3.Connection, days_until: int | None,
+                     projected_until: int | None = None) -> dict[tuple[Any, ...], tuple[Any, ...]]:
+    """Rollups computed in Python from every call row, independently of rollups.py: day and month rows
+    before `days_until`, each dimension's own rows for hours before `projected_until` (default: the same)
+    and for those days and months."""
+    own_until = days_until if projected_until is None else projected_until
     sums: dict[tuple[Any, ...], list[Any]] = {}
     sql = ('SELECT started_at, key_id, model, "user", operation, endpoint, status, tags, priced, usage_source, '
            "prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, total_tokens, cost_usd FROM calls")
@@ -74,15 +78,15 @@ def expected_rollups(conn: sqlite3.Connection, days_until: int | None) -> dict[t
         day = hour - hour % DAY
         month = timegm((*time.gmtime(day)[:2], 1, 0, 0, 0))
         keys = [("hour", hour)]
-        finished = days_until is not None and day < days_until
-        if finished:
+        if days_until is not None and day < days_until:
             keys += [("day", day), ("month", month)]
         counted = source == "counted"
         add = [1, not 200 <= row[6] <= 299, not priced, p, c, ca, r, t, counted, t if counted else 0]
         for grain, bucket in keys:
             # "*": the bucket's totals over every dimension set; ("own", dim, value): a dimension's own
-            # rows, for finished days only.
-            own = [("own", name, value) for name, value in zip(rollups.DIMS, dims)] if finished else []
+            # rows, for hours before own_until and the days and months before days_until.
+            has_own = own_until is not None and (hour < own_until if grain == "hour" else True)
+            own = [("own", name, value) for name, value in zip(rollups.DIMS, dims)] if has_own else []
             for of in (dims, "*", *own):
                 acc = sums.setdefault((grain, bucket, of), [[0] * 10, Decimal(0)])
                 acc[0] = [a + b for a, b in zip(acc[0], add)]
@@ -120,7 +124,7 @@ def assert_exact(path: Path) -> None:
     try:
         state = rollups.read_state(conn)
         assert state.current
-        expected = expected_rollups(conn, state.days_until)
+        expected = expected_rollups(conn, state.days_until, state.projected_until)
         actual = actual_rollups(conn)
         assert actual.keys() == expected.keys()
         wrong = {k: (actual[k], expected[k]) for k in expected if actual[k] != expected[k]}
