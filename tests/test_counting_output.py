@@ -7,14 +7,13 @@ read at test time); their final usage chunk is what the counts are checked again
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from proxy.counting import StreamOutput, count_text, get_encoding
+from tests.conftest import CAPTURES as STREAMS
 
-STREAMS = Path("/work/shared/reference/streams/openai-python")
 O200K = get_encoding("o200k_base")
 
 

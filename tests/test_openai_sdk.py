@@ -9,11 +9,10 @@ from typing import Callable, Iterator
 import openai
 import pytest
 
-from tests.conftest import SHARED
+from tests.conftest import CAPTURES
 from tests.support import FakeUpstream, ProxyServer
 from tests.test_metering import KEY, KEY_ID, chunk, sse
 
-CAPTURES = SHARED / "reference" / "streams" / "openai-python"
 WEATHER = "e2aad469b71d1d4894ff833ea147020a9d875eb7ce644a0ff355581690a4cbfd.sse"  # 14 / 30 / 44
 MESSAGES = [{"role": "user", "content": "What's the weather like in SF?"}]
 

@@ -12,8 +12,8 @@ import pytest
 
 from proxy.sse import SSEDecoder, SSEEvent
 from proxy.usage import chat_usage, responses_usage, served_model
+from tests.conftest import CAPTURES
 
-CAPTURES = Path("/work/shared/reference/streams/openai-python")
 needs_captures = pytest.mark.skipif(
     not CAPTURES.is_dir(), reason=f"real openai-python captures not found at {CAPTURES}"
 )
