@@ -21,6 +21,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from proxy import rollups
 from proxy.rollup_build import in_transaction
@@ -35,10 +36,27 @@ class RetentionError(Exception):
     """The ledger cannot be pruned (no rollups to keep the counts)."""
 
 
+def paced(conn: sqlite3.Connection, work: Callable[[], Any], stop: threading.Event | None = None,
+          gap: float = 0.0) -> Any:
+    """`work()` in one IMMEDIATE transaction, then a pause as long as the transaction held the lock (at
+    least `gap` seconds; cut short by `stop`). Back to back, maintenance transactions starve the ledger
+    writer: its busy handler retries every 100 ms at most, lands inside the next transaction each time,
+    and gives up after busy_timeout (seen: 5 s waits and spooled rows while a 10M-call ledger upgraded)."""
+    started = time.monotonic()
+    result = in_transaction(conn, work)
+    if gap > 0:
+        wait = max(gap, time.monotonic() - started)
+        if stop is not None:
+            stop.wait(wait)
+        else:
+            time.sleep(wait)
+    return result
+
+
 def prune(conn: sqlite3.Connection, older_than: float, batch_size: int = 5000,
-          stop: threading.Event | None = None) -> int:
+          stop: threading.Event | None = None, gap: float = 0.0) -> int:
     """Delete calls started before the hour `older_than` falls in; returns how many. `conn` must be in
-    autocommit mode (isolation_level=None): each batch is its own transaction."""
+    autocommit mode (isolation_level=None): each batch is its own transaction, `paced` by `gap`."""
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     cutoff = int(older_than) // _HOUR * _HOUR
@@ -47,15 +65,15 @@ def prune(conn: sqlite3.Connection, older_than: float, batch_size: int = 5000,
     if rollups.make_current(conn):
         log.warning("retention: rollups were not current (rows written without the proxy); rebuilding them")
     # The dirty hours about to lose their raw rows, rebuilt a day's worth per transaction first.
-    while (stop is None or not stop.is_set()) and in_transaction(
-            conn, lambda: rollups.rebuild_dirty(conn, max_hours=24, before=cutoff)):
+    while (stop is None or not stop.is_set()) and paced(
+            conn, lambda: rollups.rebuild_dirty(conn, max_hours=24, before=cutoff), stop, gap):
         pass
     if stop is not None and stop.is_set():
         return 0
     in_transaction(conn, lambda: _prepare(conn, cutoff))
     deleted = 0
     while stop is None or not stop.is_set():
-        n = in_transaction(conn, lambda: _delete_batch(conn, cutoff, batch_size))
+        n = paced(conn, lambda: _delete_batch(conn, cutoff, batch_size), stop, gap)
         deleted += n
         if n < batch_size:
             break
@@ -92,7 +110,7 @@ class RetentionTask:
 
     def __init__(self, db_path: str, retention_days: float | None, *, interval: float = 3600.0,
                  batch_size: int = 5000, busy_timeout_ms: int = 5000,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, gap: float = 0.1) -> None:
         if retention_days is not None and not retention_days > 0:
             raise ValueError("retention_days must be more than 0")
         self._path = db_path
@@ -101,6 +119,7 @@ class RetentionTask:
         self._batch = batch_size
         self._busy_ms = busy_timeout_ms
         self._clock = clock
+        self._gap = gap  # the least pause between two of its transactions (see `paced`)
         self._task: asyncio.Task[None] | None = None
         self._stopping = threading.Event()
         self._wake: asyncio.Event | None = None
@@ -149,23 +168,24 @@ class RetentionTask:
                 return {"days_rolled": 0, "dirty_rebuilt": 0, "pruned": 0}
             now = self._clock()
             days = hours = 0
-            # Six hours' own rows, one day, or one dirty hour per transaction: none holds the lock long.
-            while not self._stopping.is_set() and in_transaction(
-                    conn, lambda: rollups.project_hours(conn, now, max_hours=6)):
+            # Six hours' own rows, one day, or one dirty hour per transaction, each followed by a pause
+            # as long: none holds the lock long, and the ledger writer gets its turns.
+            stop, gap = self._stopping, self._gap
+            while not stop.is_set() and paced(conn, lambda: rollups.project_hours(conn, now, max_hours=6), stop, gap):
                 pass
-            while not self._stopping.is_set():
-                n = in_transaction(conn, lambda: rollups.roll_days(conn, now, max_days=1))
+            while not stop.is_set():
+                n = paced(conn, lambda: rollups.roll_days(conn, now, max_days=1), stop, gap)
                 days += n
                 if not n:
                     break
-            while not self._stopping.is_set():
-                n = in_transaction(conn, lambda: rollups.rebuild_dirty(conn, max_hours=1))
+            while not stop.is_set():
+                n = paced(conn, lambda: rollups.rebuild_dirty(conn, max_hours=1), stop, gap)
                 hours += n
                 if not n:
                     break
             pruned = 0
-            if self._days is not None and not self._stopping.is_set():
-                pruned = prune(conn, now - self._days * 86400, self._batch, self._stopping)
+            if self._days is not None and not stop.is_set():
+                pruned = prune(conn, now - self._days * 86400, self._batch, stop, gap)
             return {"days_rolled": days, "dirty_rebuilt": hours, "pruned": pruned}
         finally:
             conn.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +211,8 @@ async def test_retention_task_rolls_days_up_prunes_and_stops(tmp_path: Path) -> 
     conn.execute("UPDATE calls SET cost_usd = '2' WHERE id = 7")  # a dirty hour for the task to rebuild
     conn.close()
     now = CUTOFF + 5 * DAY
-    task = retention.RetentionTask(str(path), retention_days=5, interval=3600, batch_size=200, clock=lambda: now)
+    task = retention.RetentionTask(str(path), retention_days=5, interval=3600, batch_size=200, clock=lambda: now,
+                                   gap=0)
     task.start()
     for _ in range(200):
         if task.runs:
@@ -239,7 +241,7 @@ def assert_exact_after_prune(path: Path) -> None:
 
 async def test_retention_task_without_retention_keeps_every_call(tmp_path: Path) -> None:
     path = await build(tmp_path, n=200)
-    task = retention.RetentionTask(str(path), retention_days=None, interval=0.01)
+    task = retention.RetentionTask(str(path), retention_days=None, interval=0.01, gap=0)
     task.start()
     for _ in range(200):
         if task.runs >= 2:
@@ -247,6 +249,49 @@ async def test_retention_task_without_retention_keeps_every_call(tmp_path: Path)
         await asyncio.sleep(0.02)
     await task.stop()
     assert task.runs >= 2 and task.last["pruned"] == 0
+    assert_exact(path)
+
+
+async def test_the_upkeep_leaves_the_ledger_writer_its_turns(tmp_path: Path) -> None:
+    """Many short upkeep transactions (each hour's own rows, each day rolled up) while another connection
+    writes with a short busy timeout: paced, the writer is never refused. (With gap=0, back to back, it
+    was refused in every one of 7 runs: its busy handler's retries landed inside the next transaction.)"""
+    import threading
+
+    path = await build(tmp_path, n=300)
+    conn = writer(path)
+    conn.execute("UPDATE rollup_state SET days_until = NULL, projected_until = NULL")
+    conn.execute("DELETE FROM rollups WHERE grain NOT IN (0, 3)")
+    conn.close()
+    task = retention.RetentionTask(str(path), retention_days=None, clock=lambda: T0 + 25 * DAY, gap=0.02)
+    refused: list[str] = []
+    wrote = 0
+    done = threading.Event()
+
+    def write() -> None:
+        nonlocal wrote
+        other = sqlite3.connect(path, timeout=0.25, isolation_level=None)
+        try:
+            while not done.is_set():
+                try:
+                    other.execute("BEGIN IMMEDIATE")
+                    other.execute("COMMIT")
+                    wrote += 1
+                except sqlite3.OperationalError as exc:
+                    refused.append(str(exc))
+                time.sleep(0.005)
+        finally:
+            other.close()
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    try:
+        result = await task.run_once()
+    finally:
+        done.set()
+        thread.join()
+    assert result["days_rolled"] == 25
+    assert wrote > 20 and refused == []
     assert_exact(path)
 
 
