@@ -5,8 +5,10 @@ bounded batches (one short transaction each, so the ledger writer is never held 
 sure the rollups hold every one of them. It moves `rollup_state.pruned_before` to that hour: reports then
 answer the pruned period from the rollups (report_plan.py says which groups lose their detail there).
 
-`RetentionTask` is the asyncio task the proxy runs (at start, then hourly): it rolls finished days up into
-day and month rows, rebuilds hours a re-pricing marked dirty, then prunes when `retention_days` is set.
+`RetentionTask` is the asyncio task the proxy runs (at start, then hourly): it rebuilds hours marked dirty
+(a re-pricing, rows written without the hook), gives finished hours each dimension's own rows, rolls
+finished days up into day and month rows, then prunes when `retention_days` is set; every transaction is
+`paced`, so the ledger writer is never starved.
 Its blocking work runs in a thread on a connection of its own; stop() lets the current batch finish.
 
 This module must never delete a call the rollups do not hold, never delete part of an hour, and never
@@ -168,19 +170,20 @@ class RetentionTask:
                 return {"days_rolled": 0, "dirty_rebuilt": 0, "pruned": 0}
             now = self._clock()
             days = hours = 0
-            # Six hours' own rows, one day, or one dirty hour per transaction, each followed by a pause
-            # as long: none holds the lock long, and the ledger writer gets its turns.
+            # One dirty hour, six hours' own rows, or one day per transaction, each followed by a pause
+            # as long: none holds the lock long, and the ledger writer gets its turns. Dirty hours first:
+            # own rows and days made from them before they are rebuilt would be made again.
             stop, gap = self._stopping, self._gap
+            while not stop.is_set():
+                n = paced(conn, lambda: rollups.rebuild_dirty(conn, max_hours=1), stop, gap)
+                hours += n
+                if not n:
+                    break
             while not stop.is_set() and paced(conn, lambda: rollups.project_hours(conn, now, max_hours=6), stop, gap):
                 pass
             while not stop.is_set():
                 n = paced(conn, lambda: rollups.roll_days(conn, now, max_days=1), stop, gap)
                 days += n
-                if not n:
-                    break
-            while not stop.is_set():
-                n = paced(conn, lambda: rollups.rebuild_dirty(conn, max_hours=1), stop, gap)
-                hours += n
                 if not n:
                     break
             pruned = 0
