@@ -8,6 +8,7 @@ else is a 404 in OpenAI's shape — nothing but `/v1/` ever reaches the upstream
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import AsyncIterator
 
 import aiohttp
@@ -87,6 +88,13 @@ def _quiet_request_parser_logs() -> None:
         server_log.addFilter(_NoRequestLines())
 
 
+def _mark_stale_rollups(conn: sqlite3.Connection) -> None:
+    if rollups.make_current(conn):
+        logging.getLogger("meterproxy").warning(
+            "ledger has calls written without rollups (another tool, or an older meterproxy): their hours are "
+            "marked for rebuilding in the background; until then reports read them from the calls (slower)")
+
+
 def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Application:
     """Build the app. `prices` may be given already loaded (the CLI loads it first to fail early)."""
     _quiet_request_parser_logs()
@@ -106,7 +114,7 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
         ledger = Ledger(settings.db, spool_path=spool_path(settings),
                         busy_timeout_ms=int((settings.ledger_busy_timeout or 5.0) * 1000))
         ledger.db.after_insert.append(rollups.apply)  # rollups move with their rows, in the same transaction
-        ledger.db.on_open.append(rollups.make_current)  # rows written without rollups: marked for the upkeep
+        ledger.db.on_open.append(_mark_stale_rollups)  # rows written without rollups: marked for the upkeep
         ledger.on_commit = metrics.observe_commit
         await ledger.open()
         metrics.queue_depth_from(lambda: ledger.queue_depth)

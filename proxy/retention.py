@@ -155,6 +155,8 @@ class RetentionTask:
                 result = await self.run_once()
                 if result["pruned"]:
                     log.info("retention: %d call row(s) older than %s days pruned", result["pruned"], self._days)
+                if result["dirty_rebuilt"]:
+                    log.info("rollups: %d hour(s) rebuilt from calls", result["dirty_rebuilt"])
             except Exception:  # the next run tries again; a maintenance failure never stops the proxy
                 log.exception("retention: maintenance of %s failed", self._path)
             try:

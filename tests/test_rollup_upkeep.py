@@ -199,3 +199,37 @@ def test_rows_written_without_the_hook_are_marked_not_rebuilt_at_once(ledger: Pa
     finally:
         conn.close()
     assert_exact(path)
+
+
+def test_the_proxy_starts_on_a_stale_ledger_at_once_and_says_so(
+        ledger: Path, tmp_path: Path, start_proxy: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Rows written without the hook: the proxy marks their hours (no rebuild before serving), logs it, and
+    its upkeep rebuilds them in the background; reports are right all along."""
+    import time
+
+    path = copy(ledger, tmp_path)
+    rng = random.Random(26)
+    conn = writer(path)
+    try:
+        conn.executemany(INSERT_SQL, [record_row(random_call(rng, n)) for n in range(9500, 9600)])
+    finally:
+        conn.close()
+    with caplog.at_level("WARNING", logger="meterproxy"):
+        start_proxy(db=str(path))
+    assert any("written without rollups" in r.getMessage() for r in caplog.records)
+    def dirty() -> int:
+        conn = writer(path)
+        try:
+            return int(conn.execute("SELECT count(*) FROM rollup_dirty").fetchone()[0])
+        finally:
+            conn.close()
+
+    marked = dirty()
+    assert marked > 500  # every hour holding a call (40 days of them), none rebuilt before serving
+    same_reports(path, None, groupings=[["model"], ["day", "key"]], filters_list=[{}])
+    for _ in range(100):  # the upkeep works through them in the background, paced
+        if dirty() < marked - 10:
+            break
+        time.sleep(0.1)
+    assert dirty() < marked - 10
+    same_reports(path, "Europe/Berlin", groupings=[["model"], ["day", "key"]], filters_list=[{}])
