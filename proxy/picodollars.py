@@ -17,17 +17,17 @@ from decimal import Context, Decimal, Inexact
 from typing import Any
 
 __all__ = [
-    "SUM_COST", "SUM_COST_SLOW", "exact_values", "from_pico", "pico", "pico_text", "register_functions",
-    "summed_values",
+    "EXACT", "PICO_DIGITS", "PICO_LIMIT", "SUM_COST", "SUM_COST_SLOW", "exact_values", "from_pico", "parse_plain",
+    "pico", "pico_text", "register_functions", "summed_values",
 ]  # fmt: skip
 
-_EXACT = Context(prec=200, traps=[Inexact])
-_PICO_DIGITS = 12
-_PICO_LIMIT = 2**62  # well inside int64, so SQLite's integer sums of a few rows cannot overflow silently
+EXACT = Context(prec=200, traps=[Inexact])
+PICO_DIGITS = 12
+PICO_LIMIT = 2**62  # well inside int64, so SQLite's integer sums of a few rows cannot overflow silently
 
 
 def _decimal_add(a: str | None, b: str | None) -> str:
-    total = _EXACT.add(Decimal(a or 0), Decimal(b or 0))
+    total = EXACT.add(Decimal(a or 0), Decimal(b or 0))
     return format(total, "f")
 
 
@@ -37,7 +37,7 @@ class _DecimalSum:
 
     def step(self, value: str | None) -> None:
         if value is not None:
-            self.total = _EXACT.add(self.total, Decimal(value))
+            self.total = EXACT.add(self.total, Decimal(value))
 
     def finalize(self) -> str:
         return format(self.total, "f")
@@ -49,34 +49,34 @@ def register_functions(conn: sqlite3.Connection) -> None:
     conn.create_aggregate("decimal_sum", 1, _DecimalSum)  # type: ignore[arg-type]
 
 
-def _parse_plain(text: str) -> tuple[int, int] | None:
+def parse_plain(text: str) -> tuple[int, int] | None:
     """(picodollars, exponent) of a plain non-negative decimal with at most 12 decimals, else None."""
     whole, _, frac = text.partition(".")
-    if not whole.isdigit() or (frac and not frac.isdigit()) or len(frac) > _PICO_DIGITS:
+    if not whole.isdigit() or (frac and not frac.isdigit()) or len(frac) > PICO_DIGITS:
         return None
-    units = int(whole) * 10**_PICO_DIGITS + (int(frac) * 10 ** (_PICO_DIGITS - len(frac)) if frac else 0)
-    return (units, -len(frac)) if units < _PICO_LIMIT else None
+    units = int(whole) * 10**PICO_DIGITS + (int(frac) * 10 ** (PICO_DIGITS - len(frac)) if frac else 0)
+    return (units, -len(frac)) if units < PICO_LIMIT else None
 
 
 def pico(value: Decimal) -> tuple[int, int] | None:
     """(picodollars, exponent) when `value` is exactly a whole, non-negative number of picodollars (below
     2**62), else None."""
     exponent = value.as_tuple().exponent
-    if not isinstance(exponent, int) or exponent < -_PICO_DIGITS or value.is_signed():
+    if not isinstance(exponent, int) or exponent < -PICO_DIGITS or value.is_signed():
         return None
-    units = int(value.scaleb(_PICO_DIGITS, _EXACT))
-    return (units, min(exponent, 0)) if abs(units) < _PICO_LIMIT else None
+    units = int(value.scaleb(PICO_DIGITS, EXACT))
+    return (units, min(exponent, 0)) if abs(units) < PICO_LIMIT else None
 
 
 def pico_text(units: int, exponent: int) -> str:
     """format(from_pico(units, exponent), "f") for units >= 0, without Decimal arithmetic."""
-    whole, frac = divmod(units, 10**_PICO_DIGITS)
-    return f"{whole}.{f'{frac:0{_PICO_DIGITS}d}'[:-exponent]}" if exponent < 0 else str(whole)
+    whole, frac = divmod(units, 10**PICO_DIGITS)
+    return f"{whole}.{f'{frac:0{PICO_DIGITS}d}'[:-exponent]}" if exponent < 0 else str(whole)
 
 
 def from_pico(units: int, exponent: int) -> Decimal:
     """The decimal that `units` picodollars print as when the smallest addend had `exponent`."""
-    return Decimal(units).scaleb(-_PICO_DIGITS, _EXACT).quantize(Decimal(1).scaleb(exponent), context=_EXACT)
+    return Decimal(units).scaleb(-PICO_DIGITS, EXACT).quantize(Decimal(1).scaleb(exponent), context=EXACT)
 
 
 # The cost of a sum of rollup rows, in SQL over alias r: their picodollars and smallest exponent, and the
@@ -88,11 +88,11 @@ SUM_COST_SLOW = "NULL, NULL, decimal_sum(r.cost_usd)"
 def summed_values(ints: Sequence[Any], units: int | None, exponent: int | None, slow: str | None) -> tuple[Any, ...]:
     """A rollup row's counter values from SUM_COST's three figures: what exact_values gives for the
     decimal sum of the summed rows' costs, without parsing any decimal in the common case."""
-    if slow is None and units is not None and exponent is not None and units < _PICO_LIMIT:
+    if slow is None and units is not None and exponent is not None and units < PICO_LIMIT:
         return (*ints, pico_text(units, exponent), units, exponent)
     total = from_pico(units, exponent) if units is not None and exponent is not None else Decimal(0)
     if slow is not None:
-        total = _EXACT.add(total, Decimal(slow))
+        total = EXACT.add(total, Decimal(slow))
     return exact_values(ints, format(total, "f"))
 
 

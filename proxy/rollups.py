@@ -19,12 +19,13 @@ script, another tool, a ledger from before rollups) break that until `make_curre
 every hour holding calls dirty: reports read dirty hours from `calls`, and the upkeep rebuilds them an
 hour per transaction (`rebuild_dirty`). Hours before `pruned_before` (retention) exist only here.
 
-Projections: for the buckets of finished days (before `days_until`: hours, days, months) each dimension
-also has rows of its own, at grain `projected(grain, dim)`, summed over every other dimension. A report
-that groups or filters by one dimension alone (by model, by key per week, a key's daily totals) reads
-those: tens of rows per bucket where the full dimension sets are thousands. Their dim_id names a
-rollup_dims row holding that dimension's value and NULL for the others (`projection_dims`); only the
-projected column of it means anything.
+Projections: for finished hours (before `projected_until`, made a few hours per transaction by
+`project_hours`) and for rolled-up days and months (before `days_until`) each dimension also has rows of
+its own, at grain `projected(grain, dim)`, summed over every other dimension. A report that groups or
+filters by one dimension alone (by model, by key per week, a key's daily totals) reads those: tens of rows
+per bucket where the full dimension sets are thousands. Their dim_id names a rollup_dims row holding that
+dimension's value and NULL for the others (`projection_dims`); only the projected column of it means
+anything.
 
 This module must never round a cost, never recompute an hour whose raw calls were pruned, and never
 commit or roll back: its callers own the transaction.
@@ -42,7 +43,7 @@ from typing import Any
 
 from proxy.ledger_db import COLUMNS
 from proxy.picodollars import (
-    _EXACT, _PICO_DIGITS, _PICO_LIMIT, SUM_COST, SUM_COST_SLOW, _parse_plain, exact_values, from_pico, pico, pico_text,
+    EXACT, PICO_DIGITS, PICO_LIMIT, SUM_COST, SUM_COST_SLOW, exact_values, from_pico, parse_plain, pico, pico_text,
     register_functions, summed_values,
 )  # fmt: skip
 
@@ -74,12 +75,12 @@ _COL = {name: COLUMNS.index(name) for name in (
 _DIM_SQL = " AND ".join(f'"{d}" IS ?' for d in DIMS)
 _DIM_COLUMNS = ", ".join(f'"{d}"' for d in DIMS)
 _P = "(cost_pico + excluded.cost_pico)"
-_FITS = f"typeof({_P}) = 'integer' AND {_P} < {_PICO_LIMIT}"
+_FITS = f"typeof({_P}) = 'integer' AND {_P} < {PICO_LIMIT}"
 _E = "min(cost_exp, excluded.cost_exp)"
 # The cost text of picodollars P with exponent E, in SQL: no Python call while both sides are whole
 # picodollars (the common case); mp_decimal_add only when one is not.
-_P_TEXT = (f"({_P} / {10**_PICO_DIGITS}) || CASE WHEN {_E} < 0 THEN '.' || "
-           f"substr(printf('%0{_PICO_DIGITS}d', {_P} % {10**_PICO_DIGITS}), 1, -{_E}) ELSE '' END")
+_P_TEXT = (f"({_P} / {10**PICO_DIGITS}) || CASE WHEN {_E} < 0 THEN '.' || "
+           f"substr(printf('%0{PICO_DIGITS}d', {_P} % {10**PICO_DIGITS}), 1, -{_E}) ELSE '' END")
 _COUNTER_COLUMNS = f"{', '.join(INT_COUNTERS)}, cost_usd, cost_pico, cost_exp"
 _INTO = f"INSERT INTO rollups (grain, bucket, dim_id, {_COUNTER_COLUMNS})"
 _UPSERT = f"""
@@ -131,24 +132,24 @@ class _Acc:
         self.slow: Decimal | None = None
 
     def add_cost(self, text: str) -> None:
-        parsed = _parse_plain(text)
+        parsed = parse_plain(text)
         if parsed is not None:
             self.pico += parsed[0]
             self.exp = min(self.exp, parsed[1])
         else:
-            self.slow = _EXACT.add(self.slow if self.slow is not None else Decimal(0), Decimal(text))
+            self.slow = EXACT.add(self.slow if self.slow is not None else Decimal(0), Decimal(text))
 
     def merge(self, other: _Acc) -> None:
         self.ints = [a + b for a, b in zip(self.ints, other.ints)]
         self.pico += other.pico
         self.exp = min(self.exp, other.exp)
         if other.slow is not None:
-            self.slow = _EXACT.add(self.slow if self.slow is not None else Decimal(0), other.slow)
+            self.slow = EXACT.add(self.slow if self.slow is not None else Decimal(0), other.slow)
 
     def values(self) -> tuple[Any, ...]:
-        if self.slow is None and self.pico < _PICO_LIMIT:
+        if self.slow is None and self.pico < PICO_LIMIT:
             return (*self.ints, pico_text(self.pico, self.exp), self.pico, self.exp)
-        total = _EXACT.add(from_pico(self.pico, self.exp), self.slow or Decimal(0))
+        total = EXACT.add(from_pico(self.pico, self.exp), self.slow or Decimal(0))
         return exact_values(self.ints, format(total, "f"))
 
 

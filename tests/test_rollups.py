@@ -325,7 +325,7 @@ def test_a_changed_call_marks_its_hours_dirty_and_rebuild_dirty_clears_them(tmp_
     ],
 )  # fmt: skip
 def test_picodollars(text: str, expected: tuple[int, int] | None) -> None:
-    assert picodollars._parse_plain(text) == expected
+    assert picodollars.parse_plain(text) == expected
     value = Decimal(text)
     exact = rollups.pico(value)
     if expected is not None:
