@@ -17,6 +17,7 @@ import yaml
 from yarl import URL
 
 from proxy.limits import Limits, Subject, parse_limits_setting, parse_thresholds
+from proxy.routes import RouteError, parse_routes
 
 SHIPPED_PRICING = Path(__file__).resolve().parent / "pricing.yaml"
 
@@ -124,6 +125,15 @@ def _metric_labels(value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _route_list(value: object) -> tuple[str, ...]:
+    if value is None or value == []:
+        return ()
+    try:
+        return parse_routes(value, "unmetered_routes")
+    except RouteError as exc:
+        raise ValueError(str(exc)) from None
+
+
 @dataclass(frozen=True, slots=True)
 class Setting:
     name: str
@@ -182,8 +192,10 @@ SETTINGS: tuple[Setting, ...] = (
             "environment wins)", _optional_text),
     Setting("limits", {}, "budgets and rate limits for passthrough subjects: {key|user|team: {name: "
             "{budget_usd, budget_period: day|month|total, rpm, tpm}}}", parse_limits_setting),
-    Setting("reserve_max_tokens", 4096, "completion tokens a budget reserves for a call that sets no "
-            "max_tokens / max_completion_tokens", _size),
+    Setting("reserve_max_tokens", 4096, "output tokens a budget or tpm limit reserves for a call that sets no "
+            "output limit, when its model has no max_output in the price table", _size),
+    Setting("unmetered_routes", (), "routes allowed under a budget or tpm limit although the proxy cannot meter "
+            "them (they reserve nothing), e.g. ['GET /v1/files', 'POST /v1/files']", _route_list),
     Setting("alert_webhook", None, "URL that gets a JSON POST when spend crosses an alert threshold",
             lambda v: None if v is None else _url(v)),
     Setting("alert_thresholds", (Decimal("0.8"), Decimal(1)), "shares of a budget at which to alert, once per "
@@ -228,6 +240,7 @@ class Settings:
     upstream_api_key: str | None = field(default=None, repr=False)
     limits: dict[Subject, Limits] = field(default_factory=dict)
     reserve_max_tokens: int = 4096
+    unmetered_routes: tuple[str, ...] = ()
     alert_webhook: str | None = None
     alert_thresholds: tuple[Decimal, ...] = (Decimal("0.8"), Decimal(1))
     retention_days: float | None = None

@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.attribution import client_headers, upstream_headers
+from proxy.attribution import client_headers, identity_problem, upstream_headers
 from proxy.decoding import Identity, decoder_for
 from proxy.edits import StreamEditor
 from proxy.errors import error_response
 from proxy.gate import Gate, Refusal
 from proxy.metering import MeteredCall
+from proxy.routes import canonical_problem, method_problem
 
 log = logging.getLogger("meterproxy")
 
@@ -30,11 +31,46 @@ log = logging.getLogger("meterproxy")
 _SKIP_AUTO = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
 
 
-def _has_dot_segment(raw_path: str) -> bool:
-    # Such a path could leave the upstream's base path once the upstream (or a CDN) normalises it.
-    if "." not in raw_path and "%" not in raw_path:
-        return False
-    return any(segment in (".", "..") for segment in unquote(raw_path).split("/"))
+def _request_problem(request: web.Request, body_size: int) -> tuple[int, str, str] | None:
+    """(status, message, code) when the request must not be forwarded as sent; None when it may.
+
+    The route metered must be the route served: a path the upstream (or a CDN) could normalise into
+    another route, a method the route does not take, or credentials that could bill another key than the
+    one attributed are refused before anything is forwarded."""
+    problem = canonical_problem(request.rel_url.raw_path)
+    if problem is not None:
+        return 400, f"The path is not canonical: {problem}; it was not forwarded", "invalid_path"
+    wrong = method_problem(request.method, request.path, body_size)
+    if wrong is not None:
+        status, why = wrong
+        return status, f"Method not allowed: {why}", "method_not_allowed"
+    ambiguous = identity_problem(request.headers)
+    if ambiguous is not None:
+        return 400, f"Ambiguous credentials: {ambiguous}", "ambiguous_credentials"
+    return None
+
+
+_DECODABLE = frozenset({"gzip", "x-gzip", "deflate", "br", "identity"})
+
+
+def _decodable_encodings(headers: CIMultiDict[str]) -> None:
+    """Ask the upstream only for codings the meter can decode (proxy.decoding): a body in any other
+    (zstd, say) would pass unread and unmetered. The client still gets the upstream's bytes as sent."""
+    values = headers.popall("Accept-Encoding", [])
+    if not values:
+        return
+    kept, wildcard = [], False
+    for value in values:
+        for item in value.split(","):
+            coding = item.split(";", 1)[0].strip().lower()
+            if coding in _DECODABLE:
+                kept.append(item.strip())
+            elif coding == "*" and not item.replace(" ", "").lower().endswith(";q=0"):
+                wildcard = True
+    if wildcard:
+        named = {item.split(";", 1)[0].strip().lower() for item in kept}
+        kept += [c for c in ("gzip", "deflate", "br") if c not in named]
+    headers["Accept-Encoding"] = ", ".join(kept) if kept else "identity"
 
 
 def _is_timeout(exc: BaseException) -> bool:
@@ -80,18 +116,20 @@ async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.C
     # The target is always the configured upstream plus the request's path and query, in the client's
     # encoding. rel_url, not raw_path: an absolute URL in the request line must not leak into the path.
     rel = request.rel_url
-    if _has_dot_segment(rel.raw_path):
-        message = "Paths with '.' or '..' segments are not forwarded"
-        call.on_failure(400, message)
+    problem = _request_problem(request, len(body))
+    if problem is not None:
+        status, message, code = problem
+        call.on_failure(status, message)
         await call.finish()
-        return error_response(400, message, "invalid_request_error", "invalid_path")
+        return error_response(status, message, "invalid_request_error", code)
     query = rel.raw_query_string
     target = URL(upstream + rel.raw_path + (f"?{query}" if query else ""), encoded=True)
     headers = upstream_headers(request.headers)
+    _decodable_encodings(headers)
     if gate is not None:
         # Managed keys, rate limits and budgets: decided before anything is forwarded.
         admission = await gate.admit(request.headers, call.meter.request, request.path, method=request.method,
-                                     body_size=len(body), record=call.record)
+                                     body_size=len(body), record=call.record, raw=body)
         if isinstance(admission, Refusal):
             call.refused(admission)
             await call.finish()

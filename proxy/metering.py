@@ -80,21 +80,24 @@ class MeteredCall:
     def admitted(self, admission: Admission) -> None:
         """The gate let the call through; in managed mode the key names the user and team, not the headers."""
         self._admission = admission
-        self._attribute(admission.key_id, admission.user, admission.team)
+        self._attribute(admission.key_id, admission.user, admission.team, admission.managed)
 
     def refused(self, refusal: Refusal) -> None:
         """The gate refused the call (bad key, rate limit, budget): recorded as such, never forwarded."""
-        self._attribute(refusal.key_id, refusal.user, refusal.team)
+        self._attribute(refusal.key_id, refusal.user, refusal.team, refusal.managed)
         self.on_failure(refusal.status, f"{refusal.code}: {refusal.message}")
 
-    def _attribute(self, key_id: str | None, user: str | None, team: str | None) -> None:
+    def _attribute(self, key_id: str | None, user: str | None, team: str | None, managed: bool = False) -> None:
+        """Managed: the key names the subject, whatever X-Meter-User / X-Meter-Team or the body said."""
         rec = self.record
-        if key_id is not None:
+        if key_id is not None or managed:
             rec.key_id = key_id
-        if user is not None:
+        if user is not None or managed:
             rec.user = user
         if team is not None:
             rec.tags["team"] = team
+        elif managed:
+            rec.tags.pop("team", None)
 
     def on_response_headers(self, status: int, content_type: str) -> None:
         self.record.status = status
@@ -151,8 +154,11 @@ class MeteredCall:
             rec.cost_usd, rec.priced = self._prices.cost(rec.model, usage, rec.service_tier)
             rec.pricing_version = self._prices.version
             return
-        # Nothing to price: flag it unpriced only if its model has no price (a bare GET is not "unpriced").
+        # Nothing to price: flag it unpriced only if its model has no price (a bare GET is not "unpriced"),
+        # or if its endpoint bills by usage and the usage could not be read.
         rec.priced = rec.model is None or self._prices.resolve(rec.model) is not None
+        if meter.unpriced_without_usage and meter.succeeded:
+            rec.priced = False
 
     def _wants_count(self) -> bool:
         """Count when the upstream spent tokens but reported none, and for a sample of those it reported."""

@@ -251,6 +251,15 @@ MIGRATIONS: tuple[Migration, ...] = (
         DELETE FROM rollups WHERE grain IN (1, 2, 4, 5);
         """,
     ),
+    Migration(
+        "managed keys: the routes a key may call, and its own OpenAI-Organization and OpenAI-Project",
+        # routes: a JSON list of route specs (proxy.routes); NULL: the default inference routes.
+        """
+        ALTER TABLE api_keys ADD COLUMN routes TEXT;
+        ALTER TABLE api_keys ADD COLUMN organization TEXT;
+        ALTER TABLE api_keys ADD COLUMN project TEXT;
+        """,
+    ),
 )
 
 

@@ -59,15 +59,18 @@ class ModelPrice:
     reasoning: Decimal
     audio_input: Decimal = None  # type: ignore[assignment]  # None: the text price, filled in below
     audio_output: Decimal = None  # type: ignore[assignment]
+    image_input: Decimal = None  # type: ignore[assignment]
+    image_output: Decimal = None  # type: ignore[assignment]
     long_context: ModelPrice | None = None
     above: int = 0
     tiers: tuple[tuple[str, ModelPrice], ...] = ()
+    max_output: int | None = None  # output tokens one choice of one call can reach at most (budgets reserve it)
 
     def __post_init__(self) -> None:
-        if self.audio_input is None:
-            object.__setattr__(self, "audio_input", self.input)
-        if self.audio_output is None:
-            object.__setattr__(self, "audio_output", self.output)
+        for media, text in (("audio_input", "input"), ("audio_output", "output"), ("image_input", "input"),
+                            ("image_output", "output")):
+            if getattr(self, media) is None:
+                object.__setattr__(self, media, getattr(self, text))
 
     def tier(self, name: str) -> ModelPrice | None:
         for tier, price in self.tiers:
@@ -79,8 +82,8 @@ class ModelPrice:
         """(highest prompt price, highest completion price) over every set: a call's worst case."""
         sets = [self, *(p for _, p in self.tiers)]
         sets += [p.long_context for p in sets if p.long_context is not None]
-        return (max(max(p.input, p.cached_input, p.audio_input) for p in sets),
-                max(max(p.output, p.reasoning, p.audio_output) for p in sets))
+        return (max(max(p.input, p.cached_input, p.audio_input, p.image_input) for p in sets),
+                max(max(p.output, p.reasoning, p.audio_output, p.image_output) for p in sets))
 
 
 class Quote(NamedTuple):
@@ -246,14 +249,20 @@ def _price(p: ModelPrice, usage: Usage, prompt: int) -> Decimal:
     reasoning = min(max(usage.reasoning_tokens, 0), completion)
     add, mul = _EXACT.add, _EXACT.multiply
     audio_in, audio_out = usage.audio_prompt_tokens, usage.audio_completion_tokens
+    image_in, image_out = usage.image_prompt_tokens, usage.image_completion_tokens
+    total = _ZERO
     if audio_in > 0 or audio_out > 0:  # rare: keep the common case to the four text terms
         audio_in = min(max(audio_in, 0), prompt - cached)
         audio_out = min(max(audio_out, 0), completion - reasoning)
         total = add(mul(audio_in, p.audio_input), mul(audio_out, p.audio_output))
         prompt -= audio_in
         completion -= audio_out
-    else:
-        total = _ZERO
+    if image_in > 0 or image_out > 0:
+        image_in = min(max(image_in, 0), prompt - cached)
+        image_out = min(max(image_out, 0), completion - reasoning)
+        total = add(total, add(mul(image_in, p.image_input), mul(image_out, p.image_output)))
+        prompt -= image_in
+        completion -= image_out
     total = add(total, add(add(mul(prompt - cached, p.input), mul(cached, p.cached_input)),
                            add(mul(completion - reasoning, p.output), mul(reasoning, p.reasoning))))
     usd = _EXACT.divide(total, _MILLION)
@@ -277,13 +286,14 @@ def _model_price(name: str, e: Entry) -> ModelPrice:
             long_layers = [e.rates, e.long_rates, t.rates]
         tiers.append((tier, _set(name, [e.rates, t.rates], long_layers, t.above or e.above)))
     long = [e.rates, e.long_rates] if e.long_rates is not None else None
-    return _set(name, [e.rates], long, e.above, tuple(tiers))
+    return _set(name, [e.rates], long, e.above, tuple(tiers), e.max_output)
 
 
 def _set(name: str, layers: list[dict[str, Decimal]], long_layers: list[dict[str, Decimal]] | None,
-         above: int, tiers: tuple[tuple[str, ModelPrice], ...] = ()) -> ModelPrice:
+         above: int, tiers: tuple[tuple[str, ModelPrice], ...] = (), max_output: int | None = None) -> ModelPrice:
     long = ModelPrice(name=name, **_filled(long_layers)) if long_layers is not None else None
-    return ModelPrice(name=name, **_filled(layers), long_context=long, above=above if long else 0, tiers=tiers)
+    return ModelPrice(name=name, **_filled(layers), long_context=long, above=above if long else 0, tiers=tiers,
+                      max_output=max_output)
 
 
 def _filled(layers: list[dict[str, Decimal]]) -> dict[str, Decimal]:
@@ -293,7 +303,8 @@ def _filled(layers: list[dict[str, Decimal]]) -> dict[str, Decimal]:
     given, out = merged["input"], merged.get("output", _ZERO)
     return {"input": given, "cached_input": merged.get("cached_input", given), "output": out,
             "reasoning": merged.get("reasoning", out), "audio_input": merged.get("audio_input", given),
-            "audio_output": merged.get("audio_output", out)}
+            "audio_output": merged.get("audio_output", out), "image_input": merged.get("image_input", given),
+            "image_output": merged.get("image_output", out)}
 
 
 def _describe(p: ModelPrice, show: Callable[[Decimal], str]) -> dict[str, Any]:
@@ -302,6 +313,8 @@ def _describe(p: ModelPrice, show: Callable[[Decimal], str]) -> dict[str, Any]:
         view["long_context"] = {"above": p.above, **{k: show(getattr(p.long_context, k)) for k in RATES}}
     if p.tiers:
         view["tiers"] = {tier: _describe(t, show) for tier, t in p.tiers}
+    if p.max_output is not None:
+        view["max_output"] = p.max_output
     return view
 
 
