@@ -341,9 +341,8 @@ class Gate:
         except Exception:  # a counting bug must not stop the call; a generous guess stands in
             log.exception("budgets: counting the prompt failed on %s", path)
             prompt = body_size or 0
-        asked, choices = output_limit(path, body)
-        if asked is None:
-            asked = entry.max_output if entry is not None and entry.max_output else self.reserve_max_tokens
+        most = entry.max_output if entry is not None and entry.max_output else self.reserve_max_tokens
+        asked, choices = output_limit(path, body, most)
         output = asked * choices
         rate_tokens = prompt + output
         if entry is None:
@@ -411,12 +410,12 @@ def duplicate_key(raw: bytes) -> str | None:
     return None
 
 
-def output_limit(path: str, body: Mapping[str, object]) -> tuple[int | None, int]:
-    """(the output tokens a request allows per choice, None if it sets no usable limit; its choices).
+def output_limit(path: str, body: Mapping[str, object], most: int) -> tuple[int, int]:
+    """(the output tokens a request may produce per choice, its number of choices).
 
     Every field an upstream may honour is read, as a JSON number or a numeric string, and the largest
-    wins. A field that is set but is not a positive number counts as no limit: an upstream may ignore it
-    and produce the model's maximum."""
+    wins. Without one, or with one that is set but is not a positive number (an upstream may ignore it),
+    the model's own maximum `most` is among them."""
     if path.endswith("/embeddings"):
         return 0, 1
     limits, unusable = [], False
@@ -429,7 +428,9 @@ def output_limit(path: str, body: Mapping[str, object]) -> tuple[int | None, int
         else:
             limits.append(value)
     choices = max((v for f in _CHOICE_FIELDS if (v := _count(body.get(f))) is not None), default=1)
-    return (None if unusable or not limits else max(limits)), choices
+    if unusable or not limits:
+        limits.append(most)
+    return max(limits), choices
 
 
 def _count(value: object) -> int | None:

@@ -128,7 +128,7 @@ def _routes(value: object) -> tuple[str, ...]:
     try:
         return parse_routes(value)
     except RouteError as exc:
-        raise FieldError(str(exc), "routes") from None
+        raise FieldError(f"routes: {exc}", "routes") from None
 
 
 _POLICIES: dict[tuple[str, ...], RoutePolicy] = {}
