@@ -119,6 +119,9 @@ async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.C
     problem = _request_problem(request, len(body))
     if problem is not None:
         status, message, code = problem
+        if gate is not None and gate.managed:  # no key was checked: the client's X-Meter-* name no one
+            call.record.user = None
+            call.record.tags.pop("team", None)
         call.on_failure(status, message)
         await call.finish()
         return error_response(status, message, "invalid_request_error", code)

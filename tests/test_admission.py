@@ -169,6 +169,11 @@ def test_a_client_cannot_move_managed_spend_by_header(start_proxy: Callable[...,
         sdk(proxy, mallory).chat.completions.create(model="gpt-4o", messages=HI, extra_headers=headers)
     refused = proxy.rows()[-1]
     assert refused["status"] == 429 and refused["user"] == "alice" and "team" not in json.loads(refused["tags"])
+    status, _ = raw_exchange(proxy.url, b"/v1//chat/completions",
+                             b"Authorization: Bearer " + key.encode() + b"\r\nX-Meter-User: mallory\r\n"
+                             b"X-Meter-Team: victims\r\n")
+    refused = proxy.rows()[-1]
+    assert status == 400 and refused["user"] is None and "team" not in json.loads(refused["tags"])
 
 
 # --- a budget cannot be talked past ---------------------------------------------------------------
