@@ -232,6 +232,19 @@ def test_image_generation_is_metered_and_priced(upstream: FakeUpstream, proxy: P
     assert Decimal(row["cost_usd"]) == expected
 
 
+def test_a_streamed_image_generation_is_metered(upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    partial = {"type": "image_generation.partial_image", "b64_json": "aGk=", "partial_image_index": 0}
+    done = {"type": "image_generation.completed", "b64_json": "aGk=", "usage": IMAGE_USAGE}
+    body = (f"event: image_generation.partial_image\ndata: {json.dumps(partial)}\n\n"
+            f"event: image_generation.completed\ndata: {json.dumps(done)}\n\n").encode()
+    upstream.sse(body, chunk_size=40)
+    status, _, got = request(proxy.url, path="/v1/images/generations",
+                             body=b'{"model": "gpt-image-1", "prompt": "a red square", "stream": true}')
+    assert status == 200 and got == body
+    row = proxy.rows()[-1]
+    assert (row["stream"], row["prompt_tokens"], row["completion_tokens"], row["priced"]) == (1, 50, 4160, 1)
+
+
 def test_an_image_generation_without_usage_is_flagged_unpriced(upstream: FakeUpstream, proxy: ProxyServer) -> None:
     upstream.json({"created": 1, "data": [{"url": "https://example.invalid/x.png"}]})
     sdk(proxy, "sk-img").images.generate(model="gpt-image-1", prompt="a red square")
