@@ -66,8 +66,14 @@ class RouteError(ValueError):
     """A route spec that cannot be used; the message is for the user."""
 
 
+# The common case, decided by one match: lowercase segments of plain characters (no '%', ';', '\\').
+_PLAIN = re.compile(r"/v1(?:/[a-z0-9_.~:@!$&'()*+,=-]+)+")
+
+
 def canonical_problem(raw_path: str) -> str | None:
     """Why `raw_path` (as sent, still percent-encoded) is not canonical, or None if it is."""
+    if _PLAIN.fullmatch(raw_path) and "/." not in raw_path:
+        return None
     if not raw_path.startswith("/v1/"):
         return "the path must start with /v1/"
     if any(c in raw_path for c in ";\\") or any(ord(c) < 0x21 or ord(c) == 0x7F for c in raw_path):
@@ -135,7 +141,7 @@ def parse_routes(value: object, param: str = "routes") -> tuple[str, ...]:
 class RoutePolicy:
     """A set of route specs, matched against (method, path)."""
 
-    __slots__ = ("_rules", "specs")
+    __slots__ = ("_known", "_rules", "specs")
 
     def __init__(self, specs: Iterable[str]) -> None:
         expanded: list[str] = []
@@ -143,10 +149,18 @@ class RoutePolicy:
             expanded.extend(DEFAULT_ROUTES if spec == "default" else (spec,))
         self.specs = tuple(expanded)
         self._rules = [_parse_one(spec) for spec in self.specs]
+        self._known: dict[tuple[str, str], bool] = {}  # answers for recent (method, path); emptied when full
 
     def allows(self, method: str, path: str) -> bool:
-        segments = path.split("/")[1:]
-        return any(_matches(rule, method, segments) for rule in self._rules)
+        known = self._known.get((method, path))
+        if known is None:
+            segments = path.split("/")[1:]
+            known = any(_matches(rule, method, segments) for rule in self._rules)
+            if len(path) <= 256:
+                if len(self._known) >= 1024:
+                    self._known.clear()
+                self._known[(method, path)] = known
+        return known
 
     def __repr__(self) -> str:
         return f"RoutePolicy({len(self.specs)} routes)"
