@@ -341,7 +341,7 @@ class Gate:
         except Exception:  # a counting bug must not stop the call; a generous guess stands in
             log.exception("budgets: counting the prompt failed on %s", path)
             prompt = body_size or 0
-        most = entry.max_output if entry is not None and entry.max_output else self.reserve_max_tokens
+        most = entry.max_output if entry is not None and entry.max_output is not None else self.reserve_max_tokens
         asked, choices = output_limit(path, body, most)
         output = asked * choices
         rate_tokens = prompt + output
@@ -359,10 +359,14 @@ class Gate:
         if media:
             usages.append(Usage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output,
                                 **{f"{media}_prompt_tokens": prompt, f"{media}_completion_tokens": output}))
+        if media == "audio" and entry.audio_minute is not None:
+            # Billed per minute (whisper-1): no audio format OpenAI takes is below 100 bytes a second.
+            usages.append(Usage(audio_seconds=Decimal(body_size or 0) / _MIN_AUDIO_BYTES_PER_SECOND))
         return rate_tokens, max(table.cost(model, usage, tier)[0] for usage in usages)
 
 
 _MEDIA = {"/v1/images/generations": "image", "/v1/audio/transcriptions": "audio"}
+_MIN_AUDIO_BYTES_PER_SECOND = 100  # mp3 and Opus, the leanest formats accepted, need 750 or more
 
 
 def _media_of(path: str) -> str | None:

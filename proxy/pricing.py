@@ -65,6 +65,7 @@ class ModelPrice:
     above: int = 0
     tiers: tuple[tuple[str, ModelPrice], ...] = ()
     max_output: int | None = None  # output tokens one choice of one call can reach at most (budgets reserve it)
+    audio_minute: Decimal | None = None  # USD per minute of audio; None: usage in seconds is unpriced
 
     def __post_init__(self) -> None:
         for media, text in (("audio_input", "input"), ("audio_output", "output"), ("image_input", "input"),
@@ -193,6 +194,8 @@ class PriceTable:
         entry = self.resolve(model)  # quote()'s choice, without building a Quote: this is the hot path
         if entry is None:
             return _ZERO, False
+        if usage.audio_seconds is not None:
+            return _per_minute(entry, usage)
         price = entry
         if service_tier not in STANDARD_TIERS:
             price = entry.tier(service_tier) or entry  # type: ignore[arg-type]
@@ -206,6 +209,9 @@ class PriceTable:
         entry = self.resolve(model)
         if entry is None:
             return _UNPRICED
+        if usage.audio_seconds is not None:
+            cost, priced = _per_minute(entry, usage)
+            return Quote(cost, priced, entry.name if priced else None)
         price, tier, fallback = entry, None, False
         if service_tier not in STANDARD_TIERS:
             found = entry.tier(service_tier)  # type: ignore[arg-type]  # not None: None is standard
@@ -238,6 +244,15 @@ class PriceTable:
 
     def __repr__(self) -> str:
         return f"PriceTable(source={self.source!r}, version={self.version!r}, models={len(self._exact)})"
+
+
+def _per_minute(entry: ModelPrice, usage: Usage) -> tuple[Decimal, bool]:
+    """Usage in seconds of audio: priced per minute when the entry says how, else unpriced (never free)."""
+    if entry.audio_minute is None:
+        return _ZERO, False
+    seconds = max(usage.audio_seconds or _ZERO, _ZERO)
+    usd = _EXACT.divide(_EXACT.multiply(seconds, entry.audio_minute), Decimal(60))
+    return (plain(usd.normalize(_EXACT)) if usd else _ZERO), True
 
 
 def _price(p: ModelPrice, usage: Usage, prompt: int) -> Decimal:
@@ -286,14 +301,15 @@ def _model_price(name: str, e: Entry) -> ModelPrice:
             long_layers = [e.rates, e.long_rates, t.rates]
         tiers.append((tier, _set(name, [e.rates, t.rates], long_layers, t.above or e.above)))
     long = [e.rates, e.long_rates] if e.long_rates is not None else None
-    return _set(name, [e.rates], long, e.above, tuple(tiers), e.max_output)
+    return _set(name, [e.rates], long, e.above, tuple(tiers), e.max_output, e.audio_minute)
 
 
 def _set(name: str, layers: list[dict[str, Decimal]], long_layers: list[dict[str, Decimal]] | None,
-         above: int, tiers: tuple[tuple[str, ModelPrice], ...] = (), max_output: int | None = None) -> ModelPrice:
+         above: int, tiers: tuple[tuple[str, ModelPrice], ...] = (), max_output: int | None = None,
+         audio_minute: Decimal | None = None) -> ModelPrice:
     long = ModelPrice(name=name, **_filled(long_layers)) if long_layers is not None else None
     return ModelPrice(name=name, **_filled(layers), long_context=long, above=above if long else 0, tiers=tiers,
-                      max_output=max_output)
+                      max_output=max_output, audio_minute=audio_minute)
 
 
 def _filled(layers: list[dict[str, Decimal]]) -> dict[str, Decimal]:
@@ -315,6 +331,8 @@ def _describe(p: ModelPrice, show: Callable[[Decimal], str]) -> dict[str, Any]:
         view["tiers"] = {tier: _describe(t, show) for tier, t in p.tiers}
     if p.max_output is not None:
         view["max_output"] = p.max_output
+    if p.audio_minute is not None:
+        view["audio_minute"] = show(p.audio_minute)
     return view
 
 

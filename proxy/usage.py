@@ -24,6 +24,7 @@ Exceptions::
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any, NamedTuple
 
 from proxy.record import Usage
@@ -133,21 +134,19 @@ def image_usage(obj: object) -> Usage | None:
                  image_completion_tokens=image_out)
 
 
-class SecondsUsage(UnreadableUsage):
-    """usage reported as seconds of audio (``type: duration``), not tokens"""
-
-
 def transcription_usage(obj: object) -> Usage | None:
     """Usage of an audio transcription (gpt-4o-transcribe): ``{"type": "tokens", "input_tokens",
     "input_token_details": {"audio_tokens", "text_tokens"}, "output_tokens", "total_tokens"}``, in the body or
-    in a stream's ``transcript.text.done`` event. ``{"type": "duration", "seconds"}`` is not tokens:
-    `SecondsUsage`."""
+    in a stream's ``transcript.text.done`` event; or ``{"type": "duration", "seconds"}`` (whisper-1), read
+    into `audio_seconds` with no tokens."""
     if not isinstance(obj, dict) or obj.get("usage") is None:
         return None
     raw = obj["usage"]
     if isinstance(raw, dict) and raw.get("type") == "duration":
-        raise SecondsUsage(f"usage is {raw.get('seconds')!r} seconds of audio, not tokens; the proxy prices "
-                           "tokens only")
+        seconds = raw.get("seconds")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= 10**7:
+            raise UnreadableUsage(f"duration usage has seconds {str(seconds)[:40]!r}, not a number of seconds")
+        return Usage(audio_seconds=Decimal(str(seconds)))
     base = parse_usage(raw)
     assert base is not None and isinstance(raw, dict)
     details = _details(raw, "input_token_details") or _details(raw, "input_tokens_details")

@@ -6,6 +6,7 @@ import http.client
 import io
 import json
 import socket
+import sqlite3
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable
@@ -15,6 +16,7 @@ import pytest
 
 from proxy.limits import Limits, Subject
 from proxy.pricing import PriceTable
+from proxy.reprice import reprice
 from tests.support import ADMIN_TOKEN, FakeUpstream, ProxyServer, Reply, gzipped
 from tests.test_forwarding import request
 from tests.test_keys import cli
@@ -265,10 +267,26 @@ def test_transcription_is_metered_and_priced(upstream: FakeUpstream, proxy: Prox
     expected = (20 * Decimal("2.50") + 120 * Decimal(6) + 45 * Decimal(10)) / 1_000_000
     assert Decimal(row["cost_usd"]) == expected
     upstream.json({"text": "hello", "usage": {"type": "duration", "seconds": 3}})
-    audio.seek(0)
-    sdk(proxy, "sk-audio").audio.transcriptions.create(model="gpt-4o-transcribe", file=audio)
-    row = proxy.rows()[-1]
-    assert row["priced"] == 0 and "seconds" in row["error"]  # seconds are not priced: flagged, never free
+    for model, cost, priced in (("whisper-1", "0.0003", 1), ("gpt-4o-transcribe", "0.0003", 1),
+                                ("gpt-4o", "0", 0)):  # gpt-4o has no per-minute price: flagged, never free
+        audio.seek(0)
+        sdk(proxy, "sk-audio").audio.transcriptions.create(model=model, file=audio)
+        row = proxy.rows()[-1]
+        assert (row["model"], row["cost_usd"], row["priced"], row["prompt_tokens"]) == (model, cost, priced, 0)
+
+
+def test_a_per_minute_call_keeps_its_cost_when_repriced(upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    upstream.json({"text": "hello", "usage": {"type": "duration", "seconds": 30}})
+    audio = io.BytesIO(b"RIFF" + b"\0" * 400)
+    audio.name = "a.wav"
+    sdk(proxy, "sk-audio").audio.transcriptions.create(model="whisper-1", file=audio)
+    assert proxy.rows()[-1]["cost_usd"] == "0.003"
+    conn = sqlite3.connect(proxy.settings.db, isolation_level=None)
+    try:  # the ledger keeps no seconds: re-pricing from its (zero) tokens must not make the call free
+        report = reprice(conn, PriceTable.load(Path(__file__).resolve().parents[1] / "config" / "pricing.yaml"))
+    finally:
+        conn.close()
+    assert report.changed == 0 and proxy.rows()[-1]["cost_usd"] == "0.003"
 
 
 def test_a_transcription_reserves_against_a_budget(start_proxy: Callable[..., ProxyServer],
@@ -290,6 +308,13 @@ def test_a_transcription_reserves_against_a_budget(start_proxy: Callable[..., Pr
     with pytest.raises(openai.RateLimitError) as err:
         client.audio.transcriptions.create(model="gpt-4o-transcribe", file=big)
     assert err.value.code == "budget_exceeded" and len(upstream.seen) == 1
+    # whisper-1 bills minutes: 2 MB could be 20,000 seconds (no accepted format is under 100 bytes a second).
+    big.seek(0)
+    with pytest.raises(openai.RateLimitError):
+        client.audio.transcriptions.create(model="whisper-1", file=big)
+    small.seek(0)
+    client.audio.transcriptions.create(model="whisper-1", file=small)
+    assert len(upstream.seen) == 2
 
 
 @pytest.mark.parametrize("target", [
