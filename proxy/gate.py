@@ -131,8 +131,12 @@ class Admission:
             upstream_headers.pop("Authorization", None)
         else:
             upstream_headers["Authorization"] = f"Bearer {self.authorization}"
+        popall = getattr(upstream_headers, "popall", None)  # a multidict: every copy, not the first only
         for name in ACCOUNT_HEADERS:
-            upstream_headers.pop(name, None)
+            if popall is not None:
+                popall(name, None)
+            else:
+                upstream_headers.pop(name, None)
         if self.key is not None and self.key.organization:
             upstream_headers["OpenAI-Organization"] = self.key.organization
         if self.key is not None and self.key.project:

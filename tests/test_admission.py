@@ -141,8 +141,13 @@ def test_account_headers_are_the_key_s_own(start_proxy: Callable[..., ProxyServe
     evil = {"OpenAI-Organization": "org-someone-else", "OpenAI-Project": "proj_other"}
     sdk(proxy, plain).chat.completions.create(model="gpt-4o", messages=HI, extra_headers=evil)
     sdk(proxy, scoped).chat.completions.create(model="gpt-4o", messages=HI, extra_headers=evil)
-    first, second = upstream.seen
-    assert not {"openai-organization", "openai-project"} & {k.lower() for k, _ in first.header_items}
+    twice = b"OpenAI-Organization: org-a\r\nopenai-organization: org-b\r\nOpenAI-Project: p1\r\nOpenAI-Project: p2\r\n"
+    body = json.dumps({"model": "gpt-4o", "messages": HI}).encode()
+    assert raw_exchange(proxy.url, b"/v1/chat/completions", b"Authorization: Bearer " + plain.encode() + b"\r\n"
+                        + twice, body)[0] == 200
+    first, second, third = upstream.seen
+    for seen in (first, third):
+        assert not {"openai-organization", "openai-project"} & {k.lower() for k, _ in seen.header_items}
     sent = [(k.lower(), v) for k, v in second.header_items if k.lower().startswith("openai-")]
     assert sorted(sent) == [("openai-organization", "org-acme"), ("openai-project", "proj_search")]
 
