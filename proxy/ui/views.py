@@ -46,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 STATIC = HERE / "static"
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'")
-_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",
             "X-Frame-Options": "DENY", "Cache-Control": "no-store"}
 _MAX_FIELD = 4096  # no form field is longer
 REFRESH_SECONDS = 30  # the overview reloads itself this often while open
