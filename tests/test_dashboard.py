@@ -176,7 +176,6 @@ def test_overview_equals_the_api_and_every_page_renders(proxy: ProxyServer, upst
     assert HOSTILE in top  # shown as text: the script did not run (Watched.check: no dialog)
     assert page.locator("#top-user img").count() == 0
     assert [r["user"] for r in users] == [line.split("\t")[0] for line in top.splitlines()[1:]]
-    shot(page, "overview")
 
     page.click("text=user")  # the chart stacked by user
     assert page.url.endswith("?by=user")
@@ -191,7 +190,6 @@ def test_overview_equals_the_api_and_every_page_renders(proxy: ProxyServer, upst
     _, _, api_csv = request(proxy.url, method="GET", path="/admin/usage?group_by=user,model&format=csv", body=None,
                             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
     assert shown_csv == api_csv.decode()
-    shot(page, "usage")
 
     page.goto(proxy.url + "/admin/ui/calls?usage_source=counted")
     assert page.locator("#calls-table tr").count() == 2
@@ -202,7 +200,6 @@ def test_overview_equals_the_api_and_every_page_renders(proxy: ProxyServer, upst
     page.goto(proxy.url + "/admin/ui/calls")
     assert page.locator("#calls-table tr").count() == 5
     assert "unpriced" in page.inner_text("#calls-table")
-    shot(page, "calls")
 
     page.goto(proxy.url + "/admin/ui/pricing")
     assert page.inner_text("#pricing-version") == admin(proxy, "/pricing")["version"]
@@ -251,9 +248,9 @@ def test_a_key_created_in_the_ui_works_and_is_refused_once_revoked(start_proxy: 
     (budget,) = admin(proxy, "/budgets")["budgets"]
     assert budget["budget_usd"] == "0.005" and page.get_attribute("#budgets-table td.n .usd", "title") == \
         budget["spent_usd"]
-    shot(page, "budgets")
     page.goto(proxy.url + "/admin/ui/")
     assert "team ml" in page.inner_text("#near")  # spent passes 80% of its budget
+    shot(page, "overview-managed")
 
     page.goto(proxy.url + "/admin/ui/keys")
     page.click(f"#key-{row['key_id']} button.revoke")
@@ -310,3 +307,87 @@ def test_a_key_holder_sees_only_their_own_key(start_proxy: Callable[..., ProxySe
     w.errors.clear()
     page.goto(proxy.url + "/meter/ui/")
     assert page.url.endswith("/meter/ui/login")  # the ended session is gone
+
+
+def _seed(db: str, days: int, per_day: int) -> None:
+    """A month of varied calls (60 keys in 12 teams, 400 users, 14 models; bench.report_scale's generator)
+    for the `days` whole UTC days before today, written with their rollups as the proxy's writer does."""
+    import random
+    import sqlite3
+
+    from bench.report_scale import _rows, _World
+    from proxy import rollups
+    from proxy.ledger_db import INSERT_SQL
+    from proxy.migrations import migrate
+
+    rng = random.Random(7)
+    world = _World(rng)
+    today = int(period_of("day", time.time())[0])
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        migrate(conn)
+        for d in range(days, 0, -1):
+            rows = _rows(world, rng, per_day, (days - d) * per_day, today - d * 86400)
+            conn.execute("BEGIN")
+            conn.executemany(INSERT_SQL, rows)
+            rollups.apply(conn, rows)
+            conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def test_a_busy_month_equals_the_api(start_proxy: Callable[..., ProxyServer], upstream: FakeUpstream,
+                                     open_page: Callable[[], Watched], tmp_path: Path) -> None:
+    db = str(tmp_path / "busy.db")
+    _seed(db, 29, 120)
+    proxy = start_proxy(db=db)
+    client = sdk(proxy, "sk-today-0003")
+    chat(upstream, client, "gpt-4o", "alice")
+    client.close()
+    now = time.time()
+    since = f"{period_of('month', now)[0]:.0f}"
+    teams = admin(proxy, f"/usage?group_by=tag:team&since={period_of('day', now)[0] - 29 * 86400:.0f}")["rows"]
+    spent = teams[0]["cost_usd"]
+    status, _, raw = request(proxy.url, method="PUT", path=f"/admin/budgets/team/{teams[0]['tag:team']}",
+                             body=json.dumps({"budget_usd": str(round(float(spent) * 1.1, 2) + 0.01),
+                                              "budget_period": "total"}).encode(),
+                             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert status == 200, raw
+
+    w = open_page()
+    page = w.page
+    log_in(w, proxy)
+    month = admin(proxy, f"/usage?since={since}")["totals"]
+    assert page.get_attribute("#month-cost .usd", "title") == month["cost_usd"]
+    assert page.inner_text("#month-calls") == f"{month['calls']:,}"
+    assert page.inner_text("#counted-calls") == f"{month['counted_calls']:,}"
+    for label, field in (("model", "model"), ("key", "key"), ("user", "user"), ("team", "tag:team")):
+        rows = admin(proxy, f"/usage?group_by={field}&since={since}")["rows"][:5]
+        shown = page.locator(f"#top-{label} .usd").evaluate_all("els => els.map(e => e.title)")
+        assert shown == [r["cost_usd"] for r in rows], label
+    # 30 days of columns; each day's stack totals the API's figure for that day.
+    trend = admin(proxy, f"/usage?group_by=day&since={period_of('day', now)[0] - 29 * 86400:.0f}")["rows"]
+    titles = page.locator("svg.chart rect[pointer-events=none] title").all_text_contents()
+    assert len(titles) == 30
+    by_day = {t.split(" total: ")[0]: t.split(" total: ")[1].removesuffix(" USD") for t in titles}
+    assert {r["day"]: r["cost_usd"] for r in trend} == {d: v for d, v in by_day.items() if v != "0"}
+    assert f"team {teams[0]['tag:team']}" in page.inner_text("#near")
+    shot(page, "overview")
+    page.click("h2 >> text=user")  # stacked by user: the top users' own days, the rest as "other"
+    assert page.url.endswith("?by=user")
+    titles = page.locator("svg.chart rect[pointer-events=none] title").all_text_contents()
+    assert {t.split(" total: ")[0]: t.split(" total: ")[1].removesuffix(" USD") for t in titles} == by_day
+    top_user = admin(proxy, f"/usage?group_by=user&since={period_of('day', now)[0] - 29 * 86400:.0f}")["rows"][0]
+    days = admin(proxy, f"/usage?group_by=day&user={top_user['user']}&since={period_of('day', now)[0] - 29 * 86400:.0f}")
+    bars = page.locator(f"svg.chart rect:not([pointer-events]) title").all_text_contents()
+    mine = {b.split(" ")[0]: b.split(": ")[1].removesuffix(" USD") for b in bars if f" {top_user['user']}: " in b}
+    assert mine == {r["day"]: r["cost_usd"] for r in days["rows"]}
+    assert any(" other (" in b for b in bars)
+    page.goto(proxy.url + "/admin/ui/usage?group_by=tag:team,model&since=" + since)
+    assert page.inner_text("#total-cost_usd") == admin(proxy, f"/usage?group_by=tag:team,model&since={since}")[
+        "totals"]["cost_usd"]
+    shot(page, "usage")
+    page.goto(proxy.url + "/admin/ui/budgets")
+    shot(page, "budgets")
+    page.goto(proxy.url + "/admin/ui/calls")
+    shot(page, "calls")

@@ -39,7 +39,7 @@ from proxy.pricing_live import LivePrices, Outcome
 from proxy.ui import data, svg
 from proxy.ui.session import Session, Signer
 
-__all__ = ["CSP", "make_meter_ui", "make_ui", "mount"]
+__all__ = ["CSP", "make_meter_ui", "make_ui", "mount", "overview_page"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 HERE = Path(__file__).resolve().parent
@@ -181,6 +181,16 @@ NAV = (("overview", "./", "Overview"), ("usage", "usage", "Usage"), ("calls", "c
        ("accuracy", "accuracy", "Accuracy"))
 
 
+def overview_page(view: dict[str, Any], near: list[dict[str, Any]], csrf: str, base: str = "/admin/ui/",
+                  managed: bool = False) -> web.Response:
+    """The overview's HTML from data.overview's figures and the budgets near their limit (bench/ui_scale.py
+    times this with the query)."""
+    chart = svg.stacked(view["trend"]["labels"], view["trend"]["series"])
+    legend = [(name, svg.PALETTE[i % len(svg.PALETTE)]) for i, (name, _) in enumerate(view["trend"]["series"])]
+    return _page("overview.html", nav=NAV, active="overview", csrf=csrf, base=base, managed=managed, v=view,
+                 chart=chart, legend=legend, dims=list(data.DIMENSIONS), near=near, refresh=REFRESH_SECONDS)
+
+
 def make_ui(settings: Settings, gate_key: web.AppKey[Gate], live_key: web.AppKey[LivePrices]) -> web.Application:
     """The dashboard; mount it at /admin/ui (before the admin API's /admin)."""
     app = web.Application()
@@ -233,11 +243,7 @@ def make_ui(settings: Settings, gate_key: web.AppKey[Gate], live_key: web.AppKey
             view = await _in_thread(db, data.overview, time.time(), dim)
         except reports.ReportDatabaseError as exc:
             return page("error.html", request, session, "overview", 503, message=str(exc))
-        near = await _near_limits(gate)
-        chart = svg.stacked(view["trend"]["labels"], view["trend"]["series"])
-        legend = [(name, svg.PALETTE[i % len(svg.PALETTE)]) for i, (name, _) in enumerate(view["trend"]["series"])]
-        return page("overview.html", request, session, "overview", v=view, chart=chart, legend=legend,
-                    dims=list(data.DIMENSIONS), near=near, refresh=REFRESH_SECONDS)
+        return overview_page(view, await _near_limits(gate), session.csrf, base, settings.keys == "managed")
 
     async def _near_limits(gate: Gate) -> list[dict[str, Any]]:
         """Budgets (of subjects and managed keys) at 80% or more of their limit, fullest first."""
