@@ -4,7 +4,7 @@
 
 Builds a ledger with bench.report_scale's builder (92 days, July to September 2026; --calls rows) in a
 temporary directory, or reads one a `report_scale --keep` run kept (--ledger; opened read-only and immutable,
-never written). Then times what GET /admin/ui/ does for a moment inside the ledger's data (2026-09-20 12:00 UTC:
+never written). Then times what GET /admin/ui/ does at the ledger's last minute (2026-09-30 23:59 UTC:
 today, this month, the 30-day trend stacked by model and by user, the top keys, users, models and teams):
 `proxy.ui.data.overview` on a read-only connection, then the page's HTML (`views.overview_page`: template and
 SVG). Prints the median and the slowest of --runs warm runs, after one cold run. The budgets-near-their-limit
@@ -22,15 +22,14 @@ import statistics
 import sys
 import tempfile
 import time
-from calendar import timegm
 from pathlib import Path
 
-from bench.report_scale import BYTES_PER_CALL, build
+from bench.report_scale import BYTES_PER_CALL, END, build
 from proxy import rollups
 from proxy.ui import data
 from proxy.ui.views import overview_page
 
-NOW = timegm((2026, 9, 20, 12, 0, 0))
+NOW = END - 60  # the ledger's last minute: "today" is its last day, "this month" its last month
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"built {args.calls:,} calls in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     try:
         (calls,) = _connect(path).execute("SELECT COUNT(*) FROM calls").fetchone()
-        print(f"Overview of {path} ({calls:,} calls, {path.stat().st_size / 1e9:.2f} GB), now = 2026-09-20 12:00 "
+        print(f"Overview of {path} ({calls:,} calls, {path.stat().st_size / 1e9:.2f} GB), now = 2026-09-30 23:59 "
               f"UTC, {args.runs} warm runs after one cold:")
         print("| overview | cold ms | median ms | slowest ms |\n|---|---|---|---|")
         for what, cold, median, worst in measure(path, args.runs):

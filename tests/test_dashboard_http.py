@@ -208,3 +208,26 @@ def test_admin_calls_filters_and_one_call(proxy: ProxyServer, upstream: FakeUpst
     status, _, raw = request(proxy.url, method="GET", path="/admin/calls/no-such-call", body=None,
                              headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
     assert status == 404 and json.loads(raw)["error"]["code"] == "call_not_found"
+
+
+def test_accuracy_page_shows_the_apis_figures(start_proxy: Callable[..., ProxyServer],
+                                              upstream: FakeUpstream) -> None:
+    proxy = start_proxy(accuracy_sample_rate=1.0)
+    upstream.json({"id": "x", "object": "chat.completion", "model": "gpt-4o", "usage": USAGE,
+                   "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi there, friend"},
+                                "finish_reason": "stop"}]})
+    request(proxy.url)
+    status, _, raw = request(proxy.url, method="GET", path="/admin/accuracy", body=None,
+                             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    (model,) = json.loads(raw)["models"]
+    cookie, _ = log_in(proxy)
+    status, _, page = fetch(proxy, "GET", "/admin/ui/accuracy", cookie=cookie)
+    row = page.split("<td>gpt-4o</td>", 1)[1].split("</tr>", 1)[0]
+    cells = [c.split(">", 1)[1] for c in row.split("</td>") if ">" in c]
+    expected = [str(model["calls_sampled"])]
+    for side in ("prompt", "completion"):
+        s = model[side]
+        expected += ["—" if v is None else str(v) for v in (s["mean_error"], s["mean_abs_error"],
+                                                             s["worst_abs_error"])]
+        expected.append("—" if s["mean_abs_error_pct"] is None else f"{s['mean_abs_error_pct']}%")
+    assert cells == expected

@@ -71,8 +71,8 @@ def count(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else ("—" if value is None else str(value))
 
 
-def share(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.1f}%"
+def share(value: float | Decimal | None) -> str:
+    return "—" if value is None else f"{100 * float(value):.1f}%"
 
 
 _env.globals.update(usd=usd, count=count, share=share, urlencode=urlencode)
@@ -389,7 +389,7 @@ def make_ui(settings: Settings, gate_key: web.AppKey[Gate], live_key: web.AppKey
             b["bar"] = svg.meter(Decimal(b["spent_usd"]), Decimal(b["reserved_usd"]),
                                  None if b["budget_usd"] is None else Decimal(b["budget_usd"]))
         return page("budgets.html", request, session, "budgets", status=status, budgets=found, error=error,
-                    kinds=KINDS)
+                    kinds=KINDS, thresholds=settings.alert_thresholds, webhook=settings.alert_webhook is not None)
 
     async def set_budget(request: web.Request, session: Session, form: dict[str, str]) -> web.StreamResponse:
         gate = request.config_dict[gate_key]
