@@ -22,7 +22,6 @@ import openai
 import pytest
 
 from proxy.limits import period_of
-from proxy.reports import iso_time
 from tests.support import ADMIN_TOKEN, FakeUpstream, ProxyServer
 from tests.test_forwarding import request
 
@@ -238,6 +237,8 @@ def test_a_key_created_in_the_ui_works_and_is_refused_once_revoked(start_proxy: 
     page.reload()
     assert page.get_attribute(f"#key-{row['key_id']} .usd", "title") == row["spent_usd"]
     assert HOSTILE in page.inner_text("#keys-table")
+    page.click("text=Create a key")
+    shot(page, "keys")
 
     page.goto(proxy.url + "/admin/ui/budgets")
     page.select_option("#set-budget select[name=kind]", "team")
@@ -256,7 +257,6 @@ def test_a_key_created_in_the_ui_works_and_is_refused_once_revoked(start_proxy: 
     page.click(f"#key-{row['key_id']} button.revoke")
     page.wait_for_url(proxy.url + "/admin/ui/keys")
     assert page.inner_text(f"#key-{row['key_id']} .status") == "revoked"
-    shot(page, "keys")
     with pytest.raises(openai.AuthenticationError):
         chat(upstream, client, "gpt-4o")
     client.close()
@@ -379,7 +379,7 @@ def test_a_busy_month_equals_the_api(start_proxy: Callable[..., ProxyServer], up
     assert {t.split(" total: ")[0]: t.split(" total: ")[1].removesuffix(" USD") for t in titles} == by_day
     top_user = admin(proxy, f"/usage?group_by=user&since={period_of('day', now)[0] - 29 * 86400:.0f}")["rows"][0]
     days = admin(proxy, f"/usage?group_by=day&user={top_user['user']}&since={period_of('day', now)[0] - 29 * 86400:.0f}")
-    bars = page.locator(f"svg.chart rect:not([pointer-events]) title").all_text_contents()
+    bars = page.locator("svg.chart rect:not([pointer-events]) title").all_text_contents()
     mine = {b.split(" ")[0]: b.split(": ")[1].removesuffix(" USD") for b in bars if f" {top_user['user']}: " in b}
     assert mine == {r["day"]: r["cost_usd"] for r in days["rows"]}
     assert any(" other (" in b for b in bars)

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import http.client
 import json
-import time
 from http.cookies import SimpleCookie
 from typing import Any, Callable
 from urllib.parse import urlencode
 
-import pytest
 
 from proxy.ui.session import Signer
 from proxy.ui.views import CSP

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import os
+import json
 import secrets
 import time
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -25,7 +25,7 @@ from urllib.parse import urlencode, urlsplit
 
 import jinja2
 from aiohttp import web
-from markupsafe import Markup, escape
+from markupsafe import Markup
 
 from proxy import accuracy, render, reports
 from proxy.admin_keys import budget_views, key_views, meter_report
@@ -75,7 +75,12 @@ def share(value: float | Decimal | None) -> str:
     return "—" if value is None else f"{100 * float(value):.1f}%"
 
 
-_env.globals.update(usd=usd, count=count, share=share, urlencode=urlencode)
+def field(value: Any) -> str:
+    """A row's value as the API's JSON spells it (null, true, {"team": ...}); text as it is."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+_env.globals.update(usd=usd, count=count, share=share, urlencode=urlencode, field=field)
 
 
 def _page(template: str, status: int = 200, **context: Any) -> web.Response:
