@@ -143,6 +143,8 @@ def test_state_changes_need_the_csrf_token_and_this_origin(start_proxy: Callable
     status, _, page = fetch(proxy, "POST", "/admin/ui/keys", {"user": "eve", "rpm": "lots", "csrf": csrf},
                            cookie=cookie)
     assert status == 400 and "rpm must be a whole number" in page
+    status, _, body = fetch(proxy, "POST", "/admin/ui/keys", {"user": "eve" * 30_000, "csrf": csrf}, cookie=cookie)
+    assert status == 400 and "at most 65536 bytes" in json.loads(body)["error"]["message"]
 
 
 def test_bad_filters_are_clear_messages(proxy: ProxyServer) -> None:

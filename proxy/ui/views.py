@@ -49,6 +49,7 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self';
 _HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",
             "X-Frame-Options": "DENY", "Cache-Control": "no-store"}
 _MAX_FIELD = 4096  # no form field is longer
+_MAX_FORM = 65536  # nor any form
 REFRESH_SECONDS = 30  # the overview reloads itself this often while open
 
 _env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
@@ -102,6 +103,9 @@ def _same_origin(request: web.Request) -> bool:
 
 
 async def _form(request: web.Request) -> dict[str, str]:
+    """A posted form's text fields; a form without a length or over _MAX_FORM bytes is not read at all."""
+    if request.content_length is None or request.content_length > _MAX_FORM:
+        raise FieldError(f"a form of at most {_MAX_FORM} bytes, sent with its Content-Length, is expected", None)
     form = await request.post()
     out = {}
     for name, value in form.items():
