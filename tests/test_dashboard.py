@@ -251,7 +251,6 @@ def test_a_key_created_in_the_ui_works_and_is_refused_once_revoked(start_proxy: 
         budget["spent_usd"]
     page.goto(proxy.url + "/admin/ui/")
     assert "team ml" in page.inner_text("#near")  # spent passes 80% of its budget
-    shot(page, "overview-managed")
 
     page.goto(proxy.url + "/admin/ui/keys")
     page.click(f"#key-{row['key_id']} button.revoke")
