@@ -18,6 +18,7 @@ import hmac
 import json
 import secrets
 import time
+from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -34,7 +35,7 @@ from proxy.config import ADMIN_TOKEN_ENV, Settings
 from proxy.errors import error_response
 from proxy.gate import Gate, Refusal
 from proxy.keys import parse_key_fields
-from proxy.limits import KINDS, FieldError, Limits, Subject, parse_limits
+from proxy.limits import KINDS, FieldError, Limits, Subject, parse_limits, period_of
 from proxy.pricing_live import LivePrices, Outcome
 from proxy.ui import data, svg
 from proxy.ui.session import Session, Signer
@@ -582,7 +583,9 @@ def make_meter_ui(settings: Settings, gate_key: web.AppKey[Gate]) -> web.Applica
         except reports.ReportDatabaseError as exc:
             return _page("error.html", 503, nav=(), active="", csrf=session.csrf, base=base, managed=False,
                          message=str(exc))
-        days = sorted({r["day"] for r in view["rows"]})
+        start = period_of("month", now)[0]  # every day of the month so far, as on the overview
+        days = [datetime.fromtimestamp(start + i * 86400, UTC).strftime("%Y-%m-%d")
+                for i in range(int((period_of("day", now)[0] - start) // 86400) + 1)]
         models = sorted({str(r["model"]) for r in view["rows"]})
         series = [(m, [sum((Decimal(r["cost_usd"]) for r in view["rows"] if r["day"] == d and str(r["model"]) == m),
                            Decimal(0)) for d in days]) for m in models]
