@@ -239,6 +239,14 @@ def test_a_key_created_in_the_ui_works_and_is_refused_once_revoked(start_proxy: 
     assert HOSTILE in page.inner_text("#keys-table")
     page.click("text=Create a key")
     shot(page, "keys")
+    row_form = f"#key-{row['key_id']} form:not(:has(.revoke))"
+    page.fill(f"{row_form} input[name=budget_usd]", "0.75")
+    page.fill(f"{row_form} input[name=rpm]", "12")
+    page.click(f"{row_form} button")
+    page.wait_for_url(proxy.url + "/admin/ui/keys")
+    (changed,) = admin(proxy, "/keys")["keys"]
+    assert (changed["budget_usd"], changed["rpm"]) == ("0.75", 12)
+    assert page.get_attribute(f"#key-{row['key_id']} td:nth-child(7) .usd", "title") == changed["left_usd"]
 
     page.goto(proxy.url + "/admin/ui/budgets")
     page.select_option("#set-budget select[name=kind]", "team")
@@ -251,6 +259,10 @@ def test_a_key_created_in_the_ui_works_and_is_refused_once_revoked(start_proxy: 
         budget["spent_usd"]
     page.goto(proxy.url + "/admin/ui/")
     assert "team ml" in page.inner_text("#near")  # spent passes 80% of its budget
+    page.goto(proxy.url + "/admin/ui/budgets")
+    page.click("#budgets-table button.danger")
+    page.wait_for_url(proxy.url + "/admin/ui/budgets")
+    assert admin(proxy, "/budgets")["budgets"] == [] and "no budgets" in page.inner_text("#budgets-table")
 
     page.goto(proxy.url + "/admin/ui/keys")
     page.click(f"#key-{row['key_id']} button.revoke")
@@ -359,6 +371,7 @@ def test_a_busy_month_equals_the_api(start_proxy: Callable[..., ProxyServer], up
     month = admin(proxy, f"/usage?since={since}")["totals"]
     assert page.get_attribute("#month-cost .usd", "title") == month["cost_usd"]
     assert page.inner_text("#month-calls") == f"{month['calls']:,}"
+    assert page.get_attribute("meta[http-equiv=refresh]", "content") == "30"  # it reloads itself while open
     assert page.inner_text("#counted-calls") == f"{month['counted_calls']:,}"
     for label, field in (("model", "model"), ("key", "key"), ("user", "user"), ("team", "tag:team")):
         rows = admin(proxy, f"/usage?group_by={field}&since={since}")["rows"][:5]
@@ -390,3 +403,10 @@ def test_a_busy_month_equals_the_api(start_proxy: Callable[..., ProxyServer], up
     shot(page, "budgets")
     page.goto(proxy.url + "/admin/ui/calls")
     shot(page, "calls")
+    first = page.locator("#calls-table a").first.inner_text()
+    assert page.locator("#calls-table tr").count() == 51  # 50 a page, newest first
+    page.click("#older")
+    assert "before=" in page.url and page.locator("#calls-table a").first.inner_text() <= first
+    newest = admin(proxy, "/calls?limit=50")
+    assert page.locator("#calls-table a").first.get_attribute("href").endswith(
+        admin(proxy, f"/calls?limit=1&before={newest['next']}")["calls"][0]["request_id"])

@@ -3,6 +3,7 @@ call filters the Calls page uses."""
 
 from __future__ import annotations
 
+import html
 import http.client
 import json
 from http.cookies import SimpleCookie
@@ -231,3 +232,23 @@ def test_accuracy_page_shows_the_apis_figures(start_proxy: Callable[..., ProxySe
                                                              s["worst_abs_error"])]
         expected.append("—" if s["mean_abs_error_pct"] is None else f"{s['mean_abs_error_pct']}%")
     assert cells == expected
+
+
+def test_pricing_page_shows_a_refused_edit_and_why(start_proxy: Callable[..., ProxyServer], tmp_path: Any) -> None:
+    from proxy.config import SHIPPED_PRICING
+
+    table = tmp_path / "pricing.yaml"
+    table.write_text(SHIPPED_PRICING.read_text())
+    proxy = start_proxy(pricing=str(table))
+    cookie, csrf = log_in(proxy)
+    status, _, page = fetch(proxy, "GET", "/admin/ui/pricing", cookie=cookie)
+    assert status == 200 and "No edit has been refused" in page
+    table.write_text("models: [this is not a table\n")
+    status, _, page = fetch(proxy, "POST", "/admin/ui/pricing/reload", {"csrf": csrf}, cookie=cookie)
+    assert status == 400 and "pricing edit refused" in page
+    status, _, raw = request(proxy.url, method="GET", path="/admin/pricing", body=None,
+                             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    error = json.loads(raw)["error"]
+    status, _, page = fetch(proxy, "GET", "/admin/ui/pricing", cookie=cookie)
+    refused = page.split('id="refused">', 1)[1].split("</p>", 1)[0]
+    assert error["at"] in refused and error["message"] in html.unescape(refused)
