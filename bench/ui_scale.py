@@ -27,7 +27,7 @@ from pathlib import Path
 from bench.report_scale import BYTES_PER_CALL, END, build
 from proxy import rollups
 from proxy.ui import data
-from proxy.ui.views import overview_page
+from proxy.ui.dashboard import overview_page
 
 NOW = END - 60  # the ledger's last minute: "today" is its last day, "this month" its last month
 

@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 
 
 from proxy.ui.session import Signer
-from proxy.ui.views import CSP
+from proxy.ui.pages import CSP
 from tests.support import ADMIN_TOKEN, FakeUpstream, ProxyServer
 from tests.test_forwarding import request
 
