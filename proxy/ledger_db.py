@@ -16,7 +16,7 @@ import os
 import sqlite3
 from typing import Any, Callable
 
-from .migrations import migrate
+from .migrations import create_private, migrate
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class LedgerDB:
 
     def open(self) -> None:
         """Create or migrate the file and open the write connection (WAL, synchronous=FULL)."""
+        create_private(self.path)
         conn = sqlite3.connect(self.path, timeout=self._busy_timeout_ms / 1000, isolation_level=None,
                                check_same_thread=False)
         try:
