@@ -54,6 +54,10 @@ class _ClientGone(Exception):
     """Writing to the client failed: it disconnected."""
 
 
+class _Unrecorded(Exception):
+    """The call's row could be neither committed nor spooled: the response must not complete."""
+
+
 async def _send(response: web.StreamResponse, data: bytes) -> None:
     try:
         await response.write(data)
@@ -122,7 +126,13 @@ async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.C
         await call.finish()
         return error_response(status, message, "upstream_error", code)
     async with upstream_resp:
-        return await _relay(request, call, upstream_resp, idle)
+        try:
+            return await _relay(request, call, upstream_resp, idle)
+        except _Unrecorded as exc:
+            # Never a success the ledger did not see: the held end is not sent, the connection is broken off.
+            upstream_resp.close()
+            _abort(request)
+            return exc.args[0]
 
 
 async def _relay(request: web.Request, call: MeteredCall, upstream: aiohttp.ClientResponse,
@@ -281,6 +291,8 @@ class _Relay:
     async def _commit(self) -> None:
         self.call.on_end()
         await self.call.finish()
+        if self.call.recorded is False:
+            raise _Unrecorded(self.response)
         self.committed = True
 
     async def end(self) -> web.StreamResponse:

@@ -121,20 +121,27 @@ class LedgerDB:
             raise
         return outcome
 
-    def replay(self, rows: list[Row]) -> None:
+    def replay(self, rows: list[Row], busy_timeout_ms: int | None = None) -> None:
         """Spooled rows, skipping those already committed (a replay repeated after a crash); with none, a
-        probe that the database takes writes at all."""
-        if rows:
-            self._transaction(rows, skip_present=True)
-            return
+        probe that the database takes writes at all. `busy_timeout_ms`: how long this attempt waits for a
+        lock held elsewhere (the writer retries it later, rather than hold up the rows behind it)."""
         conn = self._current()
-        conn.execute("BEGIN IMMEDIATE")
+        if busy_timeout_ms is not None:
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         try:
-            conn.execute("PRAGMA user_version = user_version")
-            conn.execute("COMMIT")
-        except BaseException:
-            _rollback(conn)
-            raise
+            if rows:
+                self._transaction(rows, skip_present=True)
+                return
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("PRAGMA user_version = user_version")
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+        finally:
+            if busy_timeout_ms is not None and self._conn is not None:
+                self._conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
 
 
 def _absent(conn: sqlite3.Connection, rows: list[Row]) -> list[Row]:

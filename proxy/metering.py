@@ -52,7 +52,12 @@ class MeteredCall:
         self.secrets = Secrets([(api_key(headers), f"...{self.record.key_hint or ''}")])
         self._meter_failed = False
         self._finished = False
+        self.recorded: bool | None = None  # after finish(): the row was committed or spooled
         self._admission: Admission | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
 
     def _safe(self, hook: Callable[..., Any], *args: Any) -> Any:
         if self._meter_failed:
@@ -204,7 +209,9 @@ class MeteredCall:
         try:
             # The ledger's own future, shielded: no task per call on this, the common path.
             await asyncio.shield(self._submit())
+            self.recorded = True
         except LedgerError as exc:
+            self.recorded = False
             log.error("ledger: call %s not recorded: %s", self.record.request_id, exc)
         finally:
             self._release()
@@ -215,7 +222,9 @@ class MeteredCall:
         self._redact()
         try:
             await self._submit()
+            self.recorded = True
         except LedgerError as exc:
+            self.recorded = False
             log.error("ledger: call %s not recorded: %s", self.record.request_id, exc)
         finally:
             self._release()

@@ -264,19 +264,22 @@ def create_private(path: str) -> None:
     exists; an existing one that others may read is named in a warning, and left as its owner made it.
 
     Before SQLite creates it: SQLite gives the -wal and -shm files it makes the database file's mode, so
-    this one mode covers all three. Raises OSError (a directory that does not exist, say)."""
+    this one mode covers all three. A path it cannot create is left to SQLite, whose error names it."""
     if path == ":memory:" or path.startswith("file:"):
         return
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         try:
-            mode = stat.S_IMODE(os.stat(path).st_mode)
+            st = os.stat(path)
         except OSError:
             return
-        if mode & 0o077:
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISREG(st.st_mode) and mode & 0o077:
             log.warning("ledger %s is readable by others (mode %o): its -wal and -shm files will be too; "
                         "chmod 600 it", path, mode)
+        return
+    except OSError:
         return
     try:
         os.fchmod(fd, 0o600)
