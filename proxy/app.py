@@ -54,6 +54,7 @@ class InFlight:
 
     async def cut_off(self, call: MeteredCall) -> None:
         if call.finished:
+            await call.wait_done()
             return
         self.cut += 1
         call.on_end()
@@ -61,7 +62,8 @@ class InFlight:
         await call.finish()
 
     async def close(self) -> None:
-        """Before the ledger closes: record whatever is still under way (a handler that never got to)."""
+        """Before the ledger closes: record whatever is still under way, and wait for the rows still being
+        counted or handed over (a handler aiohttp stopped waiting for)."""
         for call in list(self.calls):
             await self.cut_off(call)
         if self.cut:

@@ -53,6 +53,7 @@ class MeteredCall:
         self._meter_failed = False
         self._finished = False
         self.recorded: bool | None = None  # after finish(): the row was committed or spooled
+        self._done: asyncio.Event | None = None  # set once finish() has handed the row over (or failed to)
         self._admission: Admission | None = None
 
     @property
@@ -201,6 +202,7 @@ class MeteredCall:
         if self._finished:
             return
         self._finished = True
+        self._done = asyncio.Event()
         if self._wants_count():
             await asyncio.shield(self._count_and_commit())
             return
@@ -237,7 +239,14 @@ class MeteredCall:
             failed.set_exception(exc)
             return failed
 
+    async def wait_done(self) -> None:
+        """Until finish(), begun, is over: the row committed, spooled or refused (a shutdown waits on it)."""
+        if self._done is not None:
+            await self._done.wait()
+
     def _release(self) -> None:
+        if self._done is not None:
+            self._done.set()
         if self._metrics is not None:
             self._metrics.observe_call(self.record)
         if self._admission is not None:  # release the budget hold; the real cost is on the ledger now
