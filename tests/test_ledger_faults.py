@@ -190,6 +190,7 @@ def test_disk_full_with_the_spool_on_the_same_disk_uses_its_reserve(
     assert "on the same file system" in caplog.text  # said at start
     spool, reserve = Path(db + ".spool.jsonl"), Path(db + ".spool.jsonl.reserve")
     assert reserve.stat().st_size == 256 * 1024 and reserve.stat().st_blocks * 512 >= 256 * 1024  # not sparse
+    assert mode_of(reserve) == 0o600
     upstream.json({"model": "gpt-4o", "usage": USAGE})
     assert call(proxy, 0)[0] == 200
     filler = mount.fill()
