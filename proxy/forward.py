@@ -240,7 +240,8 @@ class _Relay:
                 self.response.headers.popall("Content-Length", None)
             if not data:
                 return
-        await _prepare(self.response, self.request)
+        if not self.response.prepared:
+            await _prepare(self.response, self.request)
         await _send(self.response, data)
 
     async def chunk(self, chunk: bytes) -> None:
