@@ -105,12 +105,23 @@ class KeyMask:
     def _partial(self, buf: bytes | bytearray) -> int:
         """Length of the longest tail of `buf` that is a proper start of some key."""
         n = len(buf)
-        for i in range(max(0, n - self._longest + 1), n):
-            if buf[i] in self._firsts:
-                tail = bytes(buf[i:])
-                if any(len(k) > len(tail) and k.startswith(tail) for k in self._keys):
-                    return n - i
+        window = max(0, n - self._longest + 1)
+        starts = sorted(i for first in self._firsts for i in _positions(buf, first, window))
+        for i in starts:  # the longest tail first
+            tail = bytes(buf[i:])
+            if any(len(k) > len(tail) and k.startswith(tail) for k in self._keys):
+                return n - i
         return 0
+
+
+def _positions(buf: bytes | bytearray, byte: int, start: int) -> list[int]:
+    """Where `byte` occurs in buf[start:] (a search in C, not a loop over every byte)."""
+    found = []
+    at = buf.find(byte, start)
+    while at >= 0:
+        found.append(at)
+        at = buf.find(byte, at + 1)
+    return found
 
 
 class BodyGuard:
@@ -138,10 +149,6 @@ class BodyGuard:
         # tail could start a key
         self.mode = "pass"  # "pass", "decoded" (switched), "cut"
         self.switched = False
-
-    @property
-    def found(self) -> bool:
-        return self._mask.found or self._seen.found
 
     def decoded(self, data: bytes) -> None:
         if self.compressed:
