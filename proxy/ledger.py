@@ -288,7 +288,7 @@ class Ledger:
         if await self._replay() or self._storing or self._spool is None:
             return
         try:
-            room = await self._on_thread(self._spool.reserve)
+            room = await self._on_thread(self._spool.has_room)
         except OSError:
             room = False
         if room:

@@ -29,6 +29,7 @@ Row = tuple[Any, ...]
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+_ROOM_WITHOUT_RESERVE = 1024 * 1024  # free bytes that count as room again when no reserve is kept
 
 
 class Spool:
@@ -66,6 +67,13 @@ class Spool:
         finally:
             os.close(fd)
         return True
+
+    def has_room(self) -> bool:
+        """Whether an append would find room now: the reserve made again, or (without one) some free space."""
+        if self.reserve_bytes > 0:
+            return self.reserve()
+        st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+        return st.f_bavail * st.f_frsize >= _ROOM_WITHOUT_RESERVE
 
     def release_reserve(self) -> bool:
         """Delete the reserve, giving its room to the spool; False if there was none."""
