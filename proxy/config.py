@@ -159,7 +159,8 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds a response body may stall between two chunks; then the call ends as broken off", _seconds),
     Setting("total_timeout", None, "seconds a whole upstream call may take; null: no limit", _seconds),
     Setting("shutdown_grace", 30.0,
-            "on SIGTERM: seconds in-flight calls get to finish (no new ones are accepted), then the ledger is "
+            "on SIGTERM: seconds in-flight calls get to finish (no new ones are accepted); those still running "
+            "are then cut off and recorded (status 499, 'proxy shut down', tokens counted so far), the ledger is "
             "flushed and the process exits 0", _seconds),
     Setting("max_request_bytes", 32 * 1024 * 1024, "largest request body accepted; larger gets 413", _size),
     Setting("on_ledger_error", "spool",
