@@ -95,6 +95,20 @@ def test_sse_error_event_split_inside_the_key(start_proxy: Callable[..., ProxySe
     assert_nowhere(proxy, all_logs, got)
 
 
+def test_plain_body_split_inside_the_key(start_proxy: Callable[..., ProxyServer], upstream: FakeUpstream,
+                                         all_logs: pytest.LogCaptureFixture) -> None:
+    proxy, key = managed(start_proxy)
+    body = json.dumps({"model": "gpt-4o", "usage": USAGE, "echo": f"sent with {REAL}"}).encode()
+    at = body.index(REAL.encode())
+    upstream.reply(Reply(headers={"Content-Type": "application/json"}, chunks=split(body, at=[at + 5, at + 30]),
+                         content_length=True, pause=0.05))
+    status, headers, got = call(proxy, key)
+    assert status == 200 and headers["Content-Length"] == str(len(body))
+    assert got == body.replace(REAL.encode(), b"*" * len(REAL))
+    assert proxy.rows()[-1]["total_tokens"] == 15
+    assert_nowhere(proxy, all_logs, got)
+
+
 @pytest.mark.parametrize("kind", ["json", "sse"])
 def test_gzip_body_echoing_the_real_key_goes_out_decoded(kind: str, start_proxy: Callable[..., ProxyServer],
                                                         upstream: FakeUpstream,
