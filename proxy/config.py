@@ -80,6 +80,12 @@ def _size(value: object) -> int:
     return value
 
 
+def _size0(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("must be a whole number of bytes (0 for none)")
+    return value
+
+
 def _choice(*allowed: str) -> Callable[[object], str]:
     def parse(value: object) -> str:
         if value not in allowed:
@@ -171,7 +177,8 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds a response body may stall between two chunks; then the call ends as broken off", _seconds),
     Setting("total_timeout", None, "seconds a whole upstream call may take; null: no limit", _seconds),
     Setting("shutdown_grace", 30.0,
-            "on SIGTERM: seconds in-flight calls get to finish (no new ones are accepted), then the ledger is "
+            "on SIGTERM: seconds in-flight calls get to finish (no new ones are accepted); those still running "
+            "are then cut off and recorded (status 499, 'proxy shut down', tokens counted so far), the ledger is "
             "flushed and the process exits 0", _seconds),
     Setting("max_request_bytes", 32 * 1024 * 1024, "largest request body accepted; larger gets 413", _size),
     Setting("on_ledger_error", "spool",
@@ -180,6 +187,9 @@ SETTINGS: tuple[Setting, ...] = (
             "already under way are spooled either way)", _choice("spool", "reject")),
     Setting("spool", None, "path of the spool file; null: the db path plus '.spool.jsonl' (best on another "
             "disk than the db)", _optional_text),
+    Setting("spool_reserve", 8 * 1024 * 1024,
+            "bytes of disk held beside the spool (<spool>.reserve) and released to it when the disk fills, so "
+            "that a full disk shared with the db still leaves the spool room; 0: none", _size0),
     Setting("ledger_busy_timeout", 5.0, "seconds a write waits for a database locked by another process",
             _seconds),
     Setting("accuracy_sample_rate", 0.01,
@@ -240,6 +250,7 @@ class Settings:
     shutdown_grace: float | None = 30.0
     on_ledger_error: str = "spool"
     spool: str | None = None
+    spool_reserve: int = 8 * 1024 * 1024
     ledger_busy_timeout: float | None = 5.0
     accuracy_sample_rate: float = 0.01
     count_encoding: str = "o200k_base"

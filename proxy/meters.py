@@ -22,6 +22,8 @@ from proxy.sse import SSEDecoder, SSEEvent
 from proxy.forms import form_fields
 from proxy.usage import UnreadableUsage, chat_usage, image_usage, responses_usage, served_model, transcription_usage
 
+# A stored error message is cut to this, after the keys are taken out of it (metering.py): a meter keeps the
+# whole message (at most MAX_ERROR_BODY) so that a key across the cut is never stored in part.
 MAX_ERROR_CHARS = 1000
 # Error bodies are read for their message; a huge one is cut rather than held whole.
 MAX_ERROR_BODY = 64 * 1024
@@ -37,9 +39,9 @@ def _error_message(obj: object) -> str | None:
     err = obj.get("error")
     if isinstance(err, dict):
         msg = err.get("message")
-        return storable(str(msg), MAX_ERROR_CHARS) if msg else json.dumps(err)[:MAX_ERROR_CHARS]
+        return storable(str(msg), MAX_ERROR_BODY) if msg else json.dumps(err)[:MAX_ERROR_BODY]
     if isinstance(err, str) and err:
-        return storable(err, MAX_ERROR_CHARS)
+        return storable(err, MAX_ERROR_BODY)
     return None
 
 
@@ -175,7 +177,7 @@ class Meter:
         except _UNPARSABLE:
             obj = None
         if self._status >= 400:
-            self.error = _error_message(obj) or body[:MAX_ERROR_CHARS].decode("utf-8", "replace")
+            self.error = _error_message(obj) or body[:MAX_ERROR_BODY].decode("utf-8", "replace")
             return
         if obj is None:
             self.usage_error = "response body is not JSON; usage not read"
