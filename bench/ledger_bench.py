@@ -21,8 +21,8 @@ from decimal import Decimal
 from pathlib import Path
 
 from bench.stats import summary
-from proxy.ledger import Ledger
-from proxy.record import CallRecord, Usage
+from proxy.ledger.writer import Ledger
+from proxy.core.record import CallRecord, Usage
 
 
 def _record(i: int) -> CallRecord:

@@ -32,10 +32,11 @@ from calendar import timegm
 from pathlib import Path
 from typing import Any
 
-from proxy import reports, rollups
-from proxy.ledger_db import COLUMNS, INSERT_SQL
-from proxy.migrations import migrate
-from proxy.rollup_build import in_transaction
+from proxy.reports import queries as reports
+from proxy.ledger import rollups
+from proxy.ledger.db import COLUMNS, INSERT_SQL
+from proxy.ledger.migrations import migrate
+from proxy.ledger.rollup_build import in_transaction
 
 START = timegm((2026, 7, 1, 0, 0, 0))
 END = timegm((2026, 10, 1, 0, 0, 0))

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from bench.report_scale import BYTES_PER_CALL, END, build
-from proxy import rollups
+from proxy.ledger import rollups
 from proxy.ui import data
 from proxy.ui.dashboard import overview_page
 

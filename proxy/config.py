@@ -16,10 +16,10 @@ from typing import Any, Callable, Mapping
 import yaml
 from yarl import URL
 
-from proxy.limits import Limits, Subject, parse_limits_setting, parse_thresholds
-from proxy.routes import RouteError, parse_routes
+from proxy.control.limits import Limits, Subject, parse_limits_setting, parse_thresholds
+from proxy.forwarding.routes import RouteError, parse_routes
 
-SHIPPED_PRICING = Path(__file__).resolve().parent / "pricing.yaml"
+SHIPPED_PRICING = Path(__file__).resolve().parent / "pricing" / "pricing.yaml"
 
 
 class ConfigError(Exception):

@@ -31,7 +31,7 @@ def test_metrics_endpoint_counts_calls_tokens_and_cost(upstream: FakeUpstream, p
 
 
 def test_reports_from_rollups_equal_the_raw_scan(upstream: FakeUpstream, proxy: ProxyServer) -> None:
-    from proxy import reports
+    from proxy.reports import queries as reports
 
     traffic(proxy, upstream, n=5)
     conn = reports.connect_readonly(proxy.settings.db)

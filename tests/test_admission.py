@@ -14,9 +14,9 @@ from typing import Any, Callable
 import openai
 import pytest
 
-from proxy.limits import Limits, Subject
-from proxy.pricing import PriceTable
-from proxy.reprice import reprice
+from proxy.control.limits import Limits, Subject
+from proxy.pricing.table import PriceTable
+from proxy.ledger.reprice import reprice
 from tests.support import ADMIN_TOKEN, FakeUpstream, ProxyServer, Reply, gzipped
 from tests.test_forwarding import request
 from tests.test_keys import cli

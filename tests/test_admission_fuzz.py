@@ -14,14 +14,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.counter import CountPolicy
-from proxy.gate import Gate, output_limit
-from proxy.budgets import Budgets
-from proxy.limits import Limits, Subject
-from proxy.meters import meter_for
-from proxy.pricing import PriceTable
-from proxy.ratelimit import RateLimiter
-from proxy.routes import METERED_POLICY, canonical_problem
+from proxy.counting.counter import CountPolicy
+from proxy.control.gate import Gate, output_limit
+from proxy.control.budgets import Budgets
+from proxy.control.limits import Limits, Subject
+from proxy.metering.meters import meter_for
+from proxy.pricing.table import PriceTable
+from proxy.control.ratelimit import RateLimiter
+from proxy.forwarding.routes import METERED_POLICY, canonical_problem
 from tests.support import FakeUpstream, ProxyServer
 from tests.test_admission import raw_exchange
 

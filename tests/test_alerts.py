@@ -12,11 +12,11 @@ from typing import Any, AsyncIterator, Callable
 import pytest
 from aiohttp import web
 
-from proxy.alerts import Alerts
-from proxy.budgets import Budgets, Reservation
-from proxy.controldb import ControlDB
-from proxy.ledger import Ledger
-from proxy.limits import Limits, Subject
+from proxy.control.alerts import Alerts
+from proxy.control.budgets import Budgets, Reservation
+from proxy.control.db import ControlDB
+from proxy.ledger.writer import Ledger
+from proxy.control.limits import Limits, Subject
 
 SHARES = (Decimal("0.8"), Decimal("1.0"))
 ALICE = Subject("user", "alice")

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import openai
 import pytest
 
-from proxy.limits import period_of
+from proxy.control.limits import period_of
 from tests.support import ADMIN_TOKEN, FakeUpstream, ProxyServer
 from tests.test_forwarding import request
 
@@ -327,9 +327,9 @@ def _seed(db: str, days: int, per_day: int) -> None:
     import sqlite3
 
     from bench.report_scale import _rows, _World
-    from proxy import rollups
-    from proxy.ledger_db import INSERT_SQL
-    from proxy.migrations import migrate
+    from proxy.ledger import rollups
+    from proxy.ledger.db import INSERT_SQL
+    from proxy.ledger.migrations import migrate
 
     rng = random.Random(7)
     world = _World(rng)

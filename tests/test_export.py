@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import export
+from proxy.reports import export
 from tests.test_reports import at, call, write_calls
 
 CALLS = [

@@ -15,13 +15,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.counter import CountPolicy, count_call
+from proxy.counting.counter import CountPolicy, count_call
 from proxy.counting import StreamOutput
-from proxy.edits import Edit, StreamEditor, drop, strip_usage_null
-from proxy.meters import meter_for
-from proxy.record import Usage
-from proxy.sse import SSEDecoder, SSEEvent
-from proxy.usage import (
+from proxy.forwarding.edits import Edit, StreamEditor, drop, strip_usage_null
+from proxy.metering.meters import meter_for
+from proxy.core.record import Usage
+from proxy.metering.sse import SSEDecoder, SSEEvent
+from proxy.metering.usage import (
     UnreadableUsage,
     chat_usage,
     parse_usage,

@@ -11,17 +11,17 @@ from typing import Any, AsyncIterator, Callable
 import pytest
 from multidict import CIMultiDict
 
-from proxy.budgets import Budgets
-from proxy.controldb import ControlDB
-from proxy.counter import CountPolicy
+from proxy.control.budgets import Budgets
+from proxy.control.db import ControlDB
+from proxy.counting.counter import CountPolicy
 from proxy.counting import count_request, get_encoding
-from proxy.gate import Admission, Gate, Refusal, open_gate
-from proxy.keys import parse_key_fields
-from proxy.ledger import Ledger
-from proxy.limits import Limits, LimitStore, Subject
-from proxy.pricing import PriceTable
-from proxy.ratelimit import RateLimiter
-from proxy.record import CallRecord
+from proxy.control.gate import Admission, Gate, Refusal, open_gate
+from proxy.control.keys import parse_key_fields
+from proxy.ledger.writer import Ledger
+from proxy.control.limits import Limits, LimitStore, Subject
+from proxy.pricing.table import PriceTable
+from proxy.control.ratelimit import RateLimiter
+from proxy.core.record import CallRecord
 
 UPSTREAM_KEY = "sk-real-upstream-key-1234"
 PRICES = PriceTable.from_mapping({"models": {

@@ -14,11 +14,11 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from proxy.attribution import key_id_of
-from proxy.cli_keys import add_keys_parser, run_keys
-from proxy.controldb import ControlDB
-from proxy.keys import KeyStore, parse_key_fields
-from proxy.limits import FieldError
+from proxy.core.attribution import key_id_of
+from proxy.cli.keys import add_keys_parser, run_keys
+from proxy.control.db import ControlDB
+from proxy.control.keys import KeyStore, parse_key_fields
+from proxy.control.limits import FieldError
 
 
 @pytest.fixture

@@ -16,10 +16,10 @@ from typing import AsyncIterator
 
 import pytest
 
-from proxy.budgets import TEAM_SQL, BudgetRefusal, Budgets, Reservation
-from proxy.controldb import ControlDB
-from proxy.ledger import Ledger
-from proxy.limits import (
+from proxy.control.budgets import TEAM_SQL, BudgetRefusal, Budgets, Reservation
+from proxy.control.db import ControlDB
+from proxy.ledger.writer import Ledger
+from proxy.control.limits import (
     Limits,
     LimitStore,
     Subject,
@@ -27,8 +27,8 @@ from proxy.limits import (
     parse_thresholds,
     period_of,
 )
-from proxy.migrations import migrate
-from proxy.record import CallRecord
+from proxy.ledger.migrations import migrate
+from proxy.core.record import CallRecord
 
 
 def ts(text: str) -> float:

@@ -11,7 +11,7 @@ import aiohttp
 import openai
 import pytest
 
-from proxy.limits import Limits, Subject
+from proxy.control.limits import Limits, Subject
 from tests.support import ADMIN_TOKEN, FakeUpstream, ProxyServer, Reply
 from tests.test_forwarding import request
 

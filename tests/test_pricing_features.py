@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from proxy.meters import ChatMeter, ResponsesMeter
-from proxy.pricing import PriceTable, PricingError, Quote
-from proxy.record import Usage
-from proxy.usage import UnreadableUsage, parse_usage
+from proxy.metering.meters import ChatMeter, ResponsesMeter
+from proxy.pricing.table import PriceTable, PricingError, Quote
+from proxy.core.record import Usage
+from proxy.metering.usage import UnreadableUsage, parse_usage
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "pricing.yaml"
 

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from proxy.admin import make_admin_app
-from proxy.pricing_live import LivePrices, admin_routes
-from proxy.record import Usage
+from proxy.admin.routes import make_admin_app
+from proxy.pricing.live import LivePrices, admin_routes
+from proxy.core.record import Usage
 
 LIVE = web.AppKey("live_prices", LivePrices)
 TOKEN = "admin-secret"

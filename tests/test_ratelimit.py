@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.limits import Subject
-from proxy.ratelimit import RateLimiter, RateRefusal, Ticket, format_duration
+from proxy.control.limits import Subject
+from proxy.control.ratelimit import RateLimiter, RateRefusal, Ticket, format_duration
 
 KEY = Subject("key", "k1")
 USER = Subject("user", "alice")

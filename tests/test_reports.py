@@ -12,11 +12,13 @@ from typing import Any
 
 import pytest
 
-from proxy import render, reports, rollups
-from proxy.ledger import INSERT_SQL, Ledger, record_row
-from proxy.migrations import migrate
-from proxy.record import CallRecord
-from proxy.reports import COUNTERS, GROUP_FIELDS, ReportDatabaseError, ReportError
+from proxy.reports import render
+from proxy.reports import queries as reports
+from proxy.ledger import rollups
+from proxy.ledger.writer import INSERT_SQL, Ledger, record_row
+from proxy.ledger.migrations import migrate
+from proxy.core.record import CallRecord
+from proxy.reports.queries import COUNTERS, GROUP_FIELDS, ReportDatabaseError, ReportError
 
 
 def at(text: str) -> float:

@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 
-from proxy import picodollars, rollups
-from proxy.ledger import INSERT_SQL, Ledger, LedgerError, record_row
-from proxy.ledger_db import LedgerDB
-from proxy.migrations import MIGRATIONS, _apply, migrate
-from proxy.record import CallRecord
+from proxy.ledger import picodollars
+from proxy.ledger import rollups
+from proxy.ledger.writer import INSERT_SQL, Ledger, LedgerError, record_row
+from proxy.ledger.db import LedgerDB
+from proxy.ledger.migrations import MIGRATIONS, _apply, migrate
+from proxy.core.record import CallRecord
 
 T0 = float(timegm((2026, 1, 27, 0, 0, 0)))  # a span over two month ends
 SPAN = 40 * 86400
@@ -335,8 +336,8 @@ def test_picodollars(text: str, expected: tuple[int, int] | None) -> None:
 
 
 async def test_a_repricing_rebuilds_the_hours_it_changed_in_its_own_transaction(tmp_path: Path) -> None:
-    from proxy.pricing import PriceTable
-    from proxy.reprice import reprice
+    from proxy.pricing.table import PriceTable
+    from proxy.ledger.reprice import reprice
 
     rng = random.Random(10)
     path = tmp_path / "ledger.db"
@@ -360,7 +361,7 @@ async def test_sums_beyond_the_integer_range_stay_exact(tmp_path: Path) -> None:
     """Costs each within picodollars whose sums pass 2**63: SQLite's SUM fails, the decimal path takes over."""
     from dataclasses import replace
 
-    from proxy import reports
+    from proxy.reports import queries as reports
 
     rng = random.Random(14)
     path = tmp_path / "ledger.db"

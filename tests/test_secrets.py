@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import pytest
 
-from proxy.redact import BodyGuard, KeyMask, Secrets
+from proxy.forwarding.redact import BodyGuard, KeyMask, Secrets
 from tests.support import ADMIN_TOKEN, FakeUpstream, ProxyServer, Reply, gzipped, split
 from tests.test_forwarding import request
 from tests.test_hostile import exchange, log_text

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.sse import SSEDecoder, SSEEvent
-from proxy.usage import chat_usage, responses_usage, served_model
+from proxy.metering.sse import SSEDecoder, SSEEvent
+from proxy.metering.usage import chat_usage, responses_usage, served_model
 from tests.conftest import CAPTURES
 
 needs_captures = pytest.mark.skipif(

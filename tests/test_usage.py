@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from proxy.record import Usage
-from proxy.usage import UnreadableUsage, chat_usage, parse_usage, responses_usage, served_model
+from proxy.core.record import Usage
+from proxy.metering.usage import UnreadableUsage, chat_usage, parse_usage, responses_usage, served_model
 
 
 def chunk(**fields: Any) -> dict[str, Any]:

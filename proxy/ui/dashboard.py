@@ -18,14 +18,16 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from proxy import accuracy, render, reports
-from proxy.admin_keys import budget_views, key_views
+from proxy.reports import accuracy
+from proxy.reports import render
+from proxy.reports import queries as reports
+from proxy.admin.keys import budget_views, key_views
 from proxy.config import ADMIN_TOKEN_ENV, Settings
-from proxy.errors import error_response
-from proxy.gate import Gate
-from proxy.keys import parse_key_fields
-from proxy.limits import KINDS, FieldError, Subject, parse_limits
-from proxy.pricing_live import LivePrices, Outcome
+from proxy.core.errors import error_response
+from proxy.control.gate import Gate
+from proxy.control.keys import parse_key_fields
+from proxy.control.limits import KINDS, FieldError, Subject, parse_limits
+from proxy.pricing.live import LivePrices, Outcome
 from proxy.ui import data, svg
 from proxy.ui.pages import (
     HEADERS, clean, guarded, in_thread, page, read_form, redirect, refused, same_origin, secret_of, static_routes,

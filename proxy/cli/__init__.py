@@ -1,0 +1,1 @@
+"""The meterproxy command line: every subcommand; argparse lives only here."""

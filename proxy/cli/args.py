@@ -1,0 +1,43 @@
+"""Command-line options the ledger-reading commands share (report, accuracy, export, reprice, keys).
+
+One place for how a command finds the ledger (`--db`, else the config file's `db`, else the default) and how
+it reads a time range, so every command says and does the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from proxy.config import Settings, load_settings
+from proxy.reports.queries import parse_time
+
+_DEFAULT_DB = Settings().db
+
+
+def add_ledger_args(parser: argparse.ArgumentParser, config_help: str = "YAML config file, for its db setting"
+                    ) -> None:
+    parser.add_argument("--config", help=config_help)
+    parser.add_argument("--db", help=f"ledger database (default: the config's db, else {_DEFAULT_DB})")
+
+
+def ledger_path(args: argparse.Namespace) -> str:
+    """--db, else the config's db, else the default. Raises ConfigError for a bad config file."""
+    if args.db:
+        return str(args.db)
+    return load_settings(args.config).db if args.config else _DEFAULT_DB
+
+
+def add_range_args(parser: argparse.ArgumentParser, tz_help: str | None = None) -> None:
+    """--since and --until; and --tz when the command reads times in a zone."""
+    parser.add_argument("--since", help="ISO 8601 or unix seconds (inclusive)")
+    parser.add_argument("--until", help="ISO 8601 or unix seconds (exclusive)")
+    if tz_help is not None:
+        parser.add_argument("--tz", help=tz_help)
+
+
+def time_range(args: argparse.Namespace) -> tuple[float | None, float | None]:
+    """The parsed --since/--until (naive times read in --tz when the command has it). Raises ReportError."""
+    tz = getattr(args, "tz", None)
+    since = parse_time(args.since, "since", tz) if args.since else None
+    until = parse_time(args.until, "until", tz) if args.until else None
+    return since, until

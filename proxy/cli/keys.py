@@ -1,0 +1,178 @@
+"""`meterproxy keys create|list|show|update|revoke`: managed keys, on the database file directly.
+
+Works whether or not a proxy is running on the same file: a running proxy notices the change within a
+second (ControlDB's change counter). `create` prints the new key once; nothing can show it again.
+Every operator mistake ends with one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from decimal import Decimal
+from typing import Any
+
+from proxy.control.budgets import spend_since
+from proxy.cli.args import add_ledger_args, ledger_path
+from proxy.config import ConfigError
+from proxy.control.db import ControlDB, ControlDBError
+from proxy.control.keys import (
+    ManagedKey,
+    create_key,
+    get_key,
+    list_keys,
+    parse_key_fields,
+    revoke_key,
+    update_key,
+)
+from proxy.control.limits import PERIODS, FieldError, Subject, iso, period_of
+from proxy.ledger.read import ReportDatabaseError, connect_readonly
+
+__all__ = ["add_keys_parser", "run_keys"]
+
+_CLEAR = "none"  # an option given as "none" clears the field
+_TABLE = ("key_id", "user", "team", "name", "status", "budget_usd", "budget_period", "spent_usd", "left_usd",
+          "rpm", "tpm", "expires_at", "models", "routes")
+
+
+def add_keys_parser(subparsers: Any) -> None:
+    """Add `keys` and its subcommands to the `meterproxy` subparsers."""
+    common = argparse.ArgumentParser(add_help=False)
+    add_ledger_args(common)
+    common.add_argument("--format", default="table", choices=["table", "json"])
+    keys = subparsers.add_parser("keys", help="managed keys: create, list, show, update, revoke")
+    sub = keys.add_subparsers(dest="keys_command", required=True)
+
+    create = sub.add_parser("create", parents=[common], help="issue a key (printed once)")
+    create.add_argument("--user", required=True, help="the user the key's calls are attributed to")
+    _field_options(create)
+    update = sub.add_parser("update", parents=[common], help=f"change a key's fields ('{_CLEAR}' clears one)")
+    update.add_argument("key_id")
+    update.add_argument("--user", help="the user the key's calls are attributed to")
+    _field_options(update)
+    listing = sub.add_parser("list", parents=[common], help="keys with spend so far and budget left")
+    listing.add_argument("--user", help="only this user's keys")
+    listing.add_argument("--team", help="only this team's keys")
+    listing.add_argument("--active", action="store_true", help="leave out revoked keys")
+    show = sub.add_parser("show", parents=[common], help="one key")
+    show.add_argument("key_id")
+    revoke = sub.add_parser("revoke", parents=[common], help="revoke a key (its calls stay in the ledger)")
+    revoke.add_argument("key_id")
+
+
+def _field_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--team", help="team, for team budgets and reports")
+    parser.add_argument("--name", help="a label for the key")
+    parser.add_argument("--budget-usd", help="budget in USD (a decimal, e.g. 25.50)")
+    parser.add_argument("--budget-period", choices=PERIODS, help="day, month (UTC calendar month) or total")
+    parser.add_argument("--expires", help="expiry: ISO 8601 (2026-12-31T00:00:00Z) or unix seconds")
+    parser.add_argument("--model", action="append", help="an allowed model or glob (repeat; 'none': any model)")
+    parser.add_argument("--rpm", help="requests per minute")
+    parser.add_argument("--tpm", help="tokens per minute")
+    parser.add_argument("--route", action="append",
+                        help="a route the key may call, e.g. 'POST /v1/files' or 'default' for the default "
+                             "inference routes (repeat; 'none': the default routes only)")
+    parser.add_argument("--organization", help="OpenAI-Organization to send upstream for this key")
+    parser.add_argument("--project", help="OpenAI-Project to send upstream for this key")
+
+
+def _fields(args: argparse.Namespace) -> dict[str, Any]:
+    raw: dict[str, Any] = {}
+    for option, field in (("user", "user"), ("team", "team"), ("name", "name"), ("budget_usd", "budget_usd"),
+                          ("budget_period", "budget_period"), ("expires", "expires_at"), ("rpm", "rpm"),
+                          ("tpm", "tpm"), ("organization", "organization"), ("project", "project")):
+        value = getattr(args, option, None)
+        if value is not None:
+            raw[field] = None if value == _CLEAR else value
+    if args.model:
+        raw["models"] = None if args.model == [_CLEAR] else args.model
+    if args.route:
+        raw["routes"] = None if args.route == [_CLEAR] else args.route
+    return parse_key_fields(raw, creating=args.keys_command == "create")
+
+
+def _fail(message: str) -> int:
+    print(f"meterproxy: {message}", file=sys.stderr)
+    return 2
+
+
+def run_keys(args: argparse.Namespace) -> int:
+    try:
+        path = ledger_path(args)
+        if args.keys_command != "create" and not os.path.isfile(path):
+            return _fail(f"no ledger at {path}: file not found")
+        fields = _fields(args) if args.keys_command in ("create", "update") else {}
+        db = ControlDB(path)
+        db.open_sync()
+        try:
+            return _run(db, args, fields)
+        finally:
+            db.close_sync()
+    except (ConfigError, ControlDBError, FieldError, ReportDatabaseError) as exc:
+        return _fail(str(exc))
+
+
+def _run(db: ControlDB, args: argparse.Namespace, fields: dict[str, Any]) -> int:
+    command = args.keys_command
+    if command == "create":
+        key, record = db.write_sync(lambda conn: create_key(conn, fields))
+        view = _views(db.path, [record])[0]
+        if args.format == "json":
+            print(json.dumps({"key": key, **view}, indent=2))
+        else:
+            print(f"key:    {key}\nkey_id: {record.key_id}\n(the key is shown this once: store it now)")
+        return 0
+    if command == "list":
+        found = db.read_sync(lambda conn: list_keys(conn, user=args.user, team=args.team,
+                                                    include_revoked=not args.active))
+        _print(_views(db.path, found), args.format)
+        return 0
+    key_id = args.key_id
+    if command == "show":
+        found_key = db.read_sync(lambda conn: get_key(conn, key_id))
+    elif command == "update":
+        found_key = db.write_sync(lambda conn: update_key(conn, key_id, fields))
+    else:
+        found_key = db.write_sync(lambda conn: revoke_key(conn, key_id))
+    if found_key is None:
+        return _fail(f"no key {key_id!r}")
+    _print(_views(db.path, [found_key]), args.format, single=True)
+    return 0
+
+
+def _views(path: str, keys: list[ManagedKey]) -> list[dict[str, Any]]:
+    now = time.time()
+    conn = connect_readonly(path)
+    try:
+        views = []
+        for key in keys:
+            start, _ = period_of(key.budget_period, now)
+            spent = spend_since(conn, Subject("key", key.key_id), start)
+            left = None if key.budget_usd is None else max(key.budget_usd - spent, Decimal(0))
+            views.append({**key.public(now), "period_start": iso(start), "spent_usd": format(spent, "f"),
+                          "left_usd": None if left is None else format(left, "f")})
+        return views
+    finally:
+        conn.close()
+
+
+def _print(views: list[dict[str, Any]], fmt: str, single: bool = False) -> None:
+    if fmt == "json":
+        print(json.dumps(views[0] if single else views, indent=2))
+        return
+    cells = [[_cell(v.get(col)) for col in _TABLE] for v in views]
+    widths = [max([len(col), *(len(row[i]) for row in cells)]) for i, col in enumerate(_TABLE)]
+    print("  ".join(col.ljust(w) for col, w in zip(_TABLE, widths)).rstrip())
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)

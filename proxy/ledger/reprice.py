@@ -1,0 +1,288 @@
+"""Re-pricing history: recompute the cost of recorded calls from their stored token counts.
+
+`reprice()` prices each call in range again with the given table (model, prompt, completion, cached,
+reasoning and audio tokens, service tier, exactly as at record time) and, in one transaction, updates the
+rows whose cost or priced flag changes: `cost_usd`, `priced`, `pricing_version`, `repriced_at`, and
+`original_cost_usd` — set the first time only, so the cost first recorded survives any number of
+re-pricings. Every run that writes leaves a `reprice_runs` row (the audit trail). The common case: a
+model that had no price when its calls were made.
+
+This module must never change a token count or anything but those five columns, never round a cost
+(sums are exact decimals), and never write anything in a dry run.
+
+    RepriceError (Exception)   the ledger cannot be re-priced (busy, not a ledger, bad option)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, Inexact, InvalidOperation
+from typing import Any
+
+from proxy.cli.args import add_ledger_args, add_range_args, ledger_path, time_range
+from proxy.config import SHIPPED_PRICING, ConfigError, load_settings
+from proxy.core.times import iso
+from proxy.ledger.migrations import MigrationError, migrate
+from proxy.pricing.table import PriceTable, PricingError
+from proxy.core.record import Usage
+from proxy.reports.queries import ReportError
+
+__all__ = ["ModelChange", "RepriceError", "RepriceReport", "add_reprice_parser", "reprice", "run_reprice"]
+
+_EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN, traps=[Inexact, InvalidOperation])
+_ZERO = Decimal(0)
+_TRANSCRIPTIONS = "/v1/audio/transcriptions"
+_PAGE = 5000  # rows read per query: memory stays flat over a ledger of any size
+_GLOB_CHARS = frozenset("*?[")
+_COLUMNS = ("id, started_at, model, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, "
+            "audio_prompt_tokens, audio_completion_tokens, total_tokens, service_tier, usage_source, "
+            "cost_usd, priced, endpoint")
+_UPDATE = ("UPDATE calls SET cost_usd = ?, priced = ?, pricing_version = ?, repriced_at = ?, "
+           "original_cost_usd = COALESCE(original_cost_usd, ?) WHERE id = ?")
+
+
+class RepriceError(Exception):
+    """The ledger cannot be re-priced; the message says why in one line."""
+
+
+@dataclass(slots=True)
+class ModelChange:
+    """What changed for one model (the row's `model`; None when the call named none)."""
+
+    model: str | None
+    calls: int = 0  # calls whose cost or priced flag changed
+    old_cost: Decimal = _ZERO  # their total cost before
+    new_cost: Decimal = _ZERO  # and after
+    newly_priced: int = 0  # of them, calls that were unpriced and now have a price
+    newly_unpriced: int = 0  # calls whose model lost its price
+
+    def as_json(self) -> dict[str, Any]:
+        return {"model": self.model, "calls": self.calls, "old_cost_usd": format(self.old_cost, "f"),
+                "new_cost_usd": format(self.new_cost, "f"), "newly_priced": self.newly_priced,
+                "newly_unpriced": self.newly_unpriced}
+
+
+@dataclass(slots=True)
+class RepriceReport:
+    pricing_version: str
+    since: float | None
+    until: float | None
+    model: str | None
+    dry_run: bool
+    at: float  # when it ran (the rows' repriced_at)
+    calls: int = 0  # calls in range (and of the model)
+    changed: int = 0
+    old_cost: Decimal = _ZERO  # over the changed calls
+    new_cost: Decimal = _ZERO
+    first_changed_at: float | None = None  # started_at range of the changed calls: rollups to rebuild
+    last_changed_at: float | None = None
+    run_id: int | None = None  # its reprice_runs row; None in a dry run
+    by_model: dict[str | None, ModelChange] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"pricing_version": self.pricing_version, "since": iso(self.since), "until": iso(self.until),
+                "model": self.model, "dry_run": self.dry_run, "at": iso(self.at), "calls": self.calls,
+                "changed": self.changed, "old_cost_usd": format(self.old_cost, "f"),
+                "new_cost_usd": format(self.new_cost, "f"), "first_changed_at": self.first_changed_at,
+                "last_changed_at": self.last_changed_at, "run_id": self.run_id,
+                "models": [c.as_json() for c in self.models()]}
+
+    def models(self) -> list[ModelChange]:
+        return sorted(self.by_model.values(), key=lambda c: (c.model is None, c.model or ""))
+
+
+AfterReprice = Callable[[sqlite3.Connection, RepriceReport], None]
+
+
+def reprice(conn: sqlite3.Connection, table: PriceTable, *, since: float | None = None,
+            until: float | None = None, model: str | None = None, dry_run: bool = False,
+            after: AfterReprice | None = None, now: float | None = None) -> RepriceReport:
+    """Re-price the calls with `since` <= started_at < `until` (of `model`: a name, or a glob with * ? [).
+
+    One transaction, taken with the write lock up front (BEGIN IMMEDIATE), so the rows read are the rows
+    written. `after(conn, report)` runs inside it once the rows are updated (e.g. to rebuild rollups over
+    the report's changed range; `first_changed_at` is None when nothing changed) and commits or fails
+    with them. A run that writes is audited in
+    `reprice_runs`, including one that found nothing to change; a dry run writes nothing.
+    """
+    if conn.in_transaction:
+        raise RepriceError("the connection is already in a transaction")
+    report = RepriceReport(table.version, since, until, model, dry_run, time.time() if now is None else now)
+    where, params = _filters(since, until, model)
+    try:
+        conn.execute("BEGIN" if dry_run else "BEGIN IMMEDIATE")
+        try:
+            _run(conn, table, report, where, params)
+            if not dry_run:
+                report.run_id = _audit(conn, report)
+                if after is not None:
+                    after(conn, report)
+            conn.execute("ROLLBACK" if dry_run else "COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    except sqlite3.Error as exc:
+        raise RepriceError(f"cannot re-price the ledger: {exc}") from exc
+    return report
+
+
+def _filters(since: float | None, until: float | None, model: str | None) -> tuple[str, list[Any]]:
+    clauses, params = ["id > ?"], []
+    if since is not None:
+        clauses.append("started_at >= ?")
+        params.append(since)
+    if until is not None:
+        clauses.append("started_at < ?")
+        params.append(until)
+    if model is not None:
+        clauses.append("model GLOB ?" if _GLOB_CHARS & set(model) else "model = ?")
+        params.append(model)
+    return " AND ".join(clauses), params
+
+
+def _run(conn: sqlite3.Connection, table: PriceTable, report: RepriceReport, where: str,
+         params: list[Any]) -> None:
+    sql = f"SELECT {_COLUMNS} FROM calls WHERE {where} ORDER BY id LIMIT {_PAGE}"
+    last = 0
+    stamp = (table.version, report.at)
+    while True:
+        rows = conn.execute(sql, [last, *params]).fetchall()
+        if not rows:
+            return
+        last = rows[-1][0]
+        report.calls += len(rows)
+        updates = [u for u in (_reprice_row(row, table, report) for row in rows) if u is not None]
+        if updates and not report.dry_run:
+            conn.executemany(_UPDATE, [(cost, priced, *stamp, old, row_id) for cost, priced, old, row_id in updates])
+
+
+def _reprice_row(row: tuple[Any, ...], table: PriceTable,
+                 report: RepriceReport) -> tuple[str, int, str, int] | None:
+    (row_id, started_at, model, prompt, completion, cached, reasoning, audio_in, audio_out, total, tier,
+     source, old_text, old_priced, endpoint) = row
+    if source == "upstream" and endpoint == _TRANSCRIPTIONS and not (prompt or completion or total):
+        # Usage in seconds of audio (whisper-1): the ledger does not keep the seconds, so it keeps its cost.
+        return None
+    if source == "none":
+        # No usage was read: nothing to charge. Like the proxy, the row is unpriced only if its model is.
+        cost, priced = _ZERO, model is None or table.resolve(model) is not None
+    else:
+        usage = Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached,
+                      reasoning_tokens=reasoning, total_tokens=total, audio_prompt_tokens=audio_in or 0,
+                      audio_completion_tokens=audio_out or 0)
+        cost, priced = table.cost(model, usage, tier)
+    old = Decimal(old_text)
+    if cost == old and bool(old_priced) == priced:
+        return None
+    change = report.by_model.get(model)
+    if change is None:
+        change = report.by_model[model] = ModelChange(model)
+    add = _EXACT.add
+    change.calls += 1
+    change.old_cost, change.new_cost = add(change.old_cost, old), add(change.new_cost, cost)
+    change.newly_priced += int(priced and not old_priced)
+    change.newly_unpriced += int(bool(old_priced) and not priced)
+    report.changed += 1
+    report.old_cost, report.new_cost = add(report.old_cost, old), add(report.new_cost, cost)
+    if report.first_changed_at is None or started_at < report.first_changed_at:
+        report.first_changed_at = started_at
+    if report.last_changed_at is None or started_at > report.last_changed_at:
+        report.last_changed_at = started_at
+    return format(cost, "f"), int(priced), old_text, row_id
+
+
+def _audit(conn: sqlite3.Connection, report: RepriceReport) -> int:
+    cursor = conn.execute(
+        "INSERT INTO reprice_runs (at, since, until, model, pricing_version, calls, changed, old_cost_usd, "
+        "new_cost_usd) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (report.at, report.since, report.until, report.model, report.pricing_version, report.calls,
+         report.changed, format(report.old_cost, "f"), format(report.new_cost, "f")))
+    return int(cursor.lastrowid or 0)
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+
+def add_reprice_parser(subparsers: Any) -> None:
+    """Add `reprice` to the `meterproxy` subparsers."""
+    cmd = subparsers.add_parser("reprice", help="recompute recorded calls' cost with the current price table")
+    add_ledger_args(cmd, config_help="YAML config file, for its db and pricing settings")
+    cmd.add_argument("--pricing", help="price table (default: the config's pricing, else the shipped table)")
+    add_range_args(cmd)
+    cmd.add_argument("--model", help="only calls of this model (a glob with * ? [ matches several)")
+    cmd.add_argument("--dry-run", action="store_true", help="show what would change; write nothing")
+    cmd.add_argument("--format", default="table", choices=["table", "json"])
+
+
+def run_reprice(args: argparse.Namespace, after: AfterReprice | None = None) -> int:
+    """Run `meterproxy reprice`; 0 when done, 2 with one line on stderr when it cannot be.
+
+    `after` is handed to `reprice()` (e.g. the rollup rebuild)."""
+    try:
+        db = ledger_path(args)
+        pricing = args.pricing or (load_settings(args.config).pricing if args.config else SHIPPED_PRICING)
+        table = PriceTable.load(pricing)
+        since, until = time_range(args)
+        report = _reprice_file(str(db), table, since, until, args.model, args.dry_run, after)
+    except (ConfigError, PricingError, ReportError, RepriceError) as exc:
+        print(f"meterproxy: {exc}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        print(json.dumps({"pricing": table.source, **report.as_json()}, indent=2))
+    else:
+        sys.stdout.write(render_report(report, table.source))
+    return 0
+
+
+def _reprice_file(db: str, table: PriceTable, since: float | None, until: float | None, model: str | None,
+                  dry_run: bool, after: AfterReprice | None) -> RepriceReport:
+    if not os.path.isfile(db):
+        raise RepriceError(f"no ledger at {db}: file not found")
+    try:
+        conn = sqlite3.connect(db, timeout=30.0, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise RepriceError(f"cannot open ledger {db}: {exc}") from exc
+    try:
+        if not dry_run:
+            migrate(conn)  # a ledger from before migration 4 gains the columns re-pricing writes
+        elif conn.execute("PRAGMA user_version").fetchone()[0] < 4:
+            raise RepriceError(f"{db}: ledger schema is older than this meterproxy; run it once without --dry-run")
+        return reprice(conn, table, since=since, until=until, model=model, dry_run=dry_run, after=after)
+    except (MigrationError, sqlite3.Error) as exc:
+        raise RepriceError(f"cannot re-price {db}: {exc}") from exc
+    finally:
+        conn.close()
+
+
+def render_report(report: RepriceReport, source: str) -> str:
+    """The command's table: one line per model whose calls changed, then the totals."""
+    head = (f"pricing {source} (version {report.pricing_version})"
+            f"{' — dry run: nothing written' if report.dry_run else ''}\n"
+            f"calls in range: {report.calls}; changed: {report.changed}")
+    if report.first_changed_at is not None:
+        head += f" (started {iso(report.first_changed_at)} .. {iso(report.last_changed_at)})"
+    lines = [head + "\n"]
+    if report.changed:
+        rows = [(c.model or "(none)", str(c.calls), format(c.old_cost, "f"), format(c.new_cost, "f"),
+                 str(c.newly_priced)) for c in report.models()]
+        rows.append(("total", str(report.changed), format(report.old_cost, "f"), format(report.new_cost, "f"),
+                     str(sum(c.newly_priced for c in report.by_model.values()))))
+        header = ("model", "calls", "old_cost_usd", "new_cost_usd", "newly_priced")
+        widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+        for r in (header, *rows):
+            cells = [r[0].ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(r[1:], widths[1:]))]
+            lines.append("  ".join(cells).rstrip() + "\n")
+    lost = sum(c.newly_unpriced for c in report.by_model.values())
+    if lost:
+        lines.append(f"warning: {lost} calls lost their price: their models are not in this table\n")
+    if report.run_id is not None:
+        lines.append(f"recorded as re-pricing run {report.run_id}\n")
+    return "".join(lines)

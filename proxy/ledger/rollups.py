@@ -1,0 +1,383 @@
+"""Rollups: the ledger's counters per hour, day and month, kept in step with `calls` for fast reports.
+
+A rollup row holds, for one time bucket (UTC hour, day or month start, unix seconds) and one dimension
+set (key_id, model, user, operation, endpoint, status, team = the `team` tag; grains hour/day/month +
+TOTALS hold each bucket's totals over all of them, for reports by time alone), the same counters a usage
+report sums: calls, errors, unpriced_calls, tokens, counted_calls / counted_tokens, and the cost. The cost
+is exact decimal text (`cost_usd`, the truth), plus the same sum in picodollars (`cost_pico`, 1e-12 USD)
+with the smallest exponent of the costs in it (`cost_exp`) whenever that is exact, so that reports can
+add costs in SQL integers and still print exactly what adding the decimals would.
+
+`apply` is the ledger's after_insert hook: it runs inside the batch's transaction, aggregates the batch
+in Python and upserts one row per touched (hour, dims) — and per (day, dims) and (month, dims) only for
+hours before `days_until`: day and month rows are rolled up from the hours once a day is over
+(`roll_days`, run by the maintenance task), which keeps the hot path at one upsert per group.
+`rebuild` recomputes hours from `calls` and days and months from hours (after a re-pricing, an import);
+both live in rollup_build.py. `rollup_state.covered_id` says up to which calls.id the rollups hold every
+row; reports trust the rollups only while it equals max(calls.id). Rows written without the hook (a
+script, another tool, a ledger from before rollups) break that until `make_current` (at start-up) marks
+every hour holding calls dirty: reports read dirty hours from `calls`, and the upkeep rebuilds them an
+hour per transaction (`rebuild_dirty`). Hours before `pruned_before` (retention) exist only here.
+
+Projections: for finished hours (before `projected_until`, made a few hours per transaction by
+`project_hours`) and for rolled-up days and months (before `days_until`) each dimension also has rows of
+its own, at grain `projected(grain, dim)`, summed over every other dimension. A report that groups or
+filters by one dimension alone (by model, by key per week, a key's daily totals) reads those: tens of rows
+per bucket where the full dimension sets are thousands. Their dim_id names a rollup_dims row holding that
+dimension's value and NULL for the others (`projection_dims`); only the projected column of it means
+anything.
+
+This module must never round a cost, never recompute an hour whose raw calls were pruned, and never
+commit or roll back: its callers own the transaction.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from decimal import Decimal
+from typing import Any
+
+from proxy.ledger.db import COLUMNS
+from proxy.ledger.picodollars import (
+    EXACT, PICO_DIGITS, PICO_LIMIT, SUM_COST, SUM_COST_SLOW, exact_values, from_pico, parse_plain, pico, pico_text,
+    register_functions, summed_values,
+)  # fmt: skip
+
+__all__ = [
+    "ADD_BUCKET", "DAY", "DIMS", "GRAINS", "HOUR", "INT_COUNTERS", "MONTH", "PROJECTED", "SERIES", "SUM_COST",
+    "SUM_COST_SLOW", "TOTALS", "State", "after_reprice", "apply", "dim_ids", "dirty_hours", "ensure", "exact_values",
+    "extent", "from_pico", "make_current", "month_start", "next_month", "pico", "pico_text", "project_hours", "projected",
+    "projection_dims", "read_state", "rebuild", "rebuild_dirty", "register_functions", "roll_days", "summed_values",
+]  # fmt: skip
+
+HOUR, DAY, MONTH = 0, 1, 2
+# A bucket's totals over every dimension set, for reports by time alone: their own grains (so that a range
+# of them is contiguous in the primary key), with dim_id SERIES (rollup_dims ids start at 1).
+TOTALS = 3  # grain + TOTALS
+SERIES = 0
+GRAINS = {"hour": HOUR, "day": DAY, "month": MONTH}
+DIMS = ("key_id", "model", "user", "operation", "endpoint", "status", "team")
+# One dimension's own rows (see the module docstring): grain + PROJECTED * (its index in DIMS + 1).
+PROJECTED = 10
+INT_COUNTERS = (
+    "calls", "errors", "unpriced_calls", "prompt_tokens", "completion_tokens", "cached_tokens",
+    "reasoning_tokens", "total_tokens", "counted_calls", "counted_tokens",
+)  # fmt: skip
+_COL = {name: COLUMNS.index(name) for name in (
+    "started_at", "key_id", "model", "user", "operation", "endpoint", "status", "tags", "prompt_tokens",
+    "completion_tokens", "cached_tokens", "reasoning_tokens", "total_tokens", "usage_source", "priced",
+    "cost_usd")}  # fmt: skip
+
+_DIM_SQL = " AND ".join(f'"{d}" IS ?' for d in DIMS)
+_DIM_COLUMNS = ", ".join(f'"{d}"' for d in DIMS)
+_P = "(cost_pico + excluded.cost_pico)"
+_FITS = f"typeof({_P}) = 'integer' AND {_P} < {PICO_LIMIT}"
+_E = "min(cost_exp, excluded.cost_exp)"
+# The cost text of picodollars P with exponent E, in SQL: no Python call while both sides are whole
+# picodollars (the common case); mp_decimal_add only when one is not.
+_P_TEXT = (f"({_P} / {10**PICO_DIGITS}) || CASE WHEN {_E} < 0 THEN '.' || "
+           f"substr(printf('%0{PICO_DIGITS}d', {_P} % {10**PICO_DIGITS}), 1, -{_E}) ELSE '' END")
+_COUNTER_COLUMNS = f"{', '.join(INT_COUNTERS)}, cost_usd, cost_pico, cost_exp"
+_INTO = f"INSERT INTO rollups (grain, bucket, dim_id, {_COUNTER_COLUMNS})"
+_UPSERT = f"""
+{_INTO} VALUES ({", ".join("?" * (3 + len(INT_COUNTERS) + 3))})
+ON CONFLICT (grain, bucket, dim_id) DO UPDATE SET
+    {", ".join(f"{c} = {c} + excluded.{c}" for c in INT_COUNTERS)},
+    cost_usd = CASE WHEN {_FITS} THEN {_P_TEXT} ELSE mp_decimal_add(cost_usd, excluded.cost_usd) END,
+    cost_pico = CASE WHEN {_FITS} THEN {_P} END,
+    cost_exp = CASE WHEN {_FITS} THEN {_E} END
+"""
+# Add the rows of one bucket (grain ?, bucket ?) into another bucket (grain ?, bucket ?), row by row.
+ADD_BUCKET = _UPSERT.replace(
+    f"VALUES ({', '.join('?' * (3 + len(INT_COUNTERS) + 3))})",
+    f"SELECT ?, ?, dim_id, {_COUNTER_COLUMNS} FROM rollups WHERE grain = ? AND bucket = ? ORDER BY dim_id")
+
+
+def projected(grain: int, dim: str) -> int:
+    """The grain of `dim`'s own rows for HOUR, DAY or MONTH."""
+    return grain + PROJECTED * (DIMS.index(dim) + 1)
+
+
+def projection_dims(index: int, value: Any) -> tuple[Any, ...]:
+    """The rollup_dims tuple naming value `value` of DIMS[index] alone."""
+    return tuple(value if i == index else None for i in range(len(DIMS)))
+
+
+# --- time buckets ----------------------------------------------------------------------------------
+def month_start(ts: int) -> int:
+    y, m = time.gmtime(ts)[:2]
+    return calendar.timegm((y, m, 1, 0, 0, 0))
+
+
+def next_month(start: int) -> int:
+    y, m = time.gmtime(start)[:2]
+    return calendar.timegm((y + m // 12, m % 12 + 1, 1, 0, 0, 0))
+
+
+# --- the after_insert hook -------------------------------------------------------------------------
+class _Acc:
+    """One bucket's sums while a batch is aggregated: whole picodollars in integers, any other cost
+    exactly in `slow`. Their sum has the exponent adding every cost as a Decimal would give."""
+
+    __slots__ = ("exp", "ints", "pico", "slow")
+
+    def __init__(self) -> None:
+        self.ints = [0] * len(INT_COUNTERS)
+        self.pico = 0
+        self.exp = 0  # as decimal_sum, which starts from Decimal(0)
+        self.slow: Decimal | None = None
+
+    def add_cost(self, text: str) -> None:
+        parsed = parse_plain(text)
+        if parsed is not None:
+            self.pico += parsed[0]
+            self.exp = min(self.exp, parsed[1])
+        else:
+            self.slow = EXACT.add(self.slow if self.slow is not None else Decimal(0), Decimal(text))
+
+    def merge(self, other: _Acc) -> None:
+        self.ints = [a + b for a, b in zip(self.ints, other.ints)]
+        self.pico += other.pico
+        self.exp = min(self.exp, other.exp)
+        if other.slow is not None:
+            self.slow = EXACT.add(self.slow if self.slow is not None else Decimal(0), other.slow)
+
+    def values(self) -> tuple[Any, ...]:
+        if self.slow is None and self.pico < PICO_LIMIT:
+            return (*self.ints, pico_text(self.pico, self.exp), self.pico, self.exp)
+        total = EXACT.add(from_pico(self.pico, self.exp), self.slow or Decimal(0))
+        return exact_values(self.ints, format(total, "f"))
+
+
+def _team(tags: str) -> Any:
+    if tags == "{}":
+        return None
+    value = json.loads(tags).get("team")
+    if value is None or isinstance(value, (str, int, float)):
+        return int(value) if isinstance(value, bool) else value  # as json_extract returns it
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _aggregate(rows: Iterable[Sequence[Any]]) -> dict[tuple[int, tuple[Any, ...]], _Acc]:
+    """Sums per (hour, dims) over the batch's rows."""
+    c = _COL
+    teams: dict[str, Any] = {}
+    out: dict[tuple[int, tuple[Any, ...]], _Acc] = {}
+    for row in rows:
+        tags = row[c["tags"]]
+        team = teams[tags] if tags in teams else teams.setdefault(tags, _team(tags))
+        status = row[c["status"]]
+        key = (int(row[c["started_at"]]) // 3600 * 3600,
+               (row[c["key_id"]], row[c["model"]], row[c["user"]], row[c["operation"]], row[c["endpoint"]],
+                status, team))  # fmt: skip
+        acc = out.get(key)
+        if acc is None:
+            acc = out[key] = _Acc()
+        counted = row[c["usage_source"]] == "counted"
+        total = row[c["total_tokens"]]
+        ints = acc.ints
+        ints[0] += 1
+        ints[1] += not 200 <= status <= 299
+        ints[2] += not row[c["priced"]]
+        ints[3] += row[c["prompt_tokens"]]
+        ints[4] += row[c["completion_tokens"]]
+        ints[5] += row[c["cached_tokens"]]
+        ints[6] += row[c["reasoning_tokens"]]
+        ints[7] += total
+        ints[8] += counted
+        ints[9] += total if counted else 0
+        acc.add_cost(row[c["cost_usd"]])
+    return out
+
+
+# id(conn) -> (the newest rollup_dims row when last seen, dims -> id). The newest row is checked before
+# each use: ids are never reused except after a rollback, and a rollback changes the newest row.
+_DIM_CACHE: dict[int, tuple[tuple[Any, ...] | None, dict[tuple[Any, ...], int]]] = {}
+_DIM_CACHE_MAX = 200_000
+
+
+def dim_ids(conn: sqlite3.Connection, dims: Iterable[tuple[Any, ...]]) -> dict[tuple[Any, ...], int]:
+    """The rollup_dims id of each dimension tuple (DIMS order), added where missing."""
+    newest = conn.execute(f"SELECT id, {_DIM_COLUMNS} FROM rollup_dims ORDER BY id DESC LIMIT 1").fetchone()
+    seen, ids = _DIM_CACHE.get(id(conn), (None, {}))
+    if seen != newest or len(ids) > _DIM_CACHE_MAX:
+        ids = {}
+    for d in dims:
+        if d in ids:
+            continue
+        found = conn.execute(f"SELECT id FROM rollup_dims WHERE {_DIM_SQL}", d).fetchone()
+        if found is None:
+            cur = conn.execute(f"INSERT INTO rollup_dims ({_DIM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", d)
+            newest = (cur.lastrowid, *d)
+            ids[d] = int(cur.lastrowid or 0)
+        else:
+            ids[d] = found[0]
+    if len(_DIM_CACHE) > 16:  # connections come and go in tests; the ledger keeps one
+        _DIM_CACHE.clear()
+    _DIM_CACHE[id(conn)] = (None if newest is None else tuple(newest), ids)
+    return ids
+
+
+def _upsert(conn: sqlite3.Connection, hours: dict[tuple[int, tuple[Any, ...]], _Acc],
+            days_until: int | None, projected_until: int | None) -> None:
+    late = [(hour, dims) for hour, dims in hours if projected_until is not None and hour < projected_until]
+    ids = dim_ids(conn, {dims for _, dims in hours}
+                  | {projection_dims(i, v) for _, dims in late for i, v in enumerate(dims)})
+    rows = [(HOUR, hour, ids[dims], *acc.values()) for (hour, dims), acc in hours.items()]
+    summed: dict[tuple[int, int, int], _Acc] = {}  # series rows, and days, months and projections of late hours
+    for (hour, dims), acc in hours.items():
+        keys = [(HOUR + TOTALS, hour, SERIES)]
+        # Else the hours' own rows are made, and their day rolled up, from the hours later.
+        rolled = days_until is not None and hour < days_until
+        if projected_until is not None and hour < projected_until:
+            day = hour - hour % 86400
+            month = month_start(day)
+            if rolled:
+                keys += [(DAY, day, ids[dims]), (DAY + TOTALS, day, SERIES), (MONTH, month, ids[dims]),
+                         (MONTH + TOTALS, month, SERIES)]
+            for i, value in enumerate(dims):
+                own = ids[projection_dims(i, value)]
+                step = PROJECTED * (i + 1)
+                keys.append((HOUR + step, hour, own))
+                if rolled:
+                    keys += [(DAY + step, day, own), (MONTH + step, month, own)]
+        for key in keys:
+            if key in summed:
+                summed[key].merge(acc)
+            else:
+                summed[key] = _copy(acc)
+    rows += [(*key, *acc.values()) for key, acc in summed.items()]
+    try:
+        conn.executemany(_UPSERT, rows)
+    except sqlite3.OperationalError as exc:
+        # Registered only when missing: registering a function makes SQLite prepare every statement of
+        # the connection again, which cost more than the rest of a one-row batch.
+        if "no such function" not in str(exc):
+            raise
+        register_functions(conn)
+        conn.executemany(_UPSERT, rows)
+
+
+def _copy(acc: _Acc) -> _Acc:
+    new = _Acc()
+    new.merge(acc)
+    return new
+
+
+def apply(conn: sqlite3.Connection, rows: list[Sequence[Any]]) -> None:
+    """The ledger's after_insert hook: add the batch's rows (COLUMNS order, just inserted) to the rollups.
+
+    Runs inside the batch's transaction; a failure here rolls the whole batch back."""
+    covered, days_until, projected_until = conn.execute(
+        "SELECT covered_id, days_until, projected_until FROM rollup_state WHERE id = 1").fetchone()
+    if rows:
+        _upsert(conn, _aggregate(rows), days_until, projected_until)
+    # The rows just inserted took ids max-n+1..max; anything else means rows arrived without this hook.
+    newest = conn.execute("SELECT coalesce(max(id), 0) FROM calls").fetchone()[0]
+    if covered >= 0 and covered + len(rows) == newest:
+        if rows:
+            conn.execute("UPDATE rollup_state SET covered_id = ? WHERE id = 1", (newest,))
+    elif covered != -1:
+        conn.execute("UPDATE rollup_state SET covered_id = -1 WHERE id = 1")
+
+
+# --- state ------------------------------------------------------------------------------------------
+class State:
+    """What reports need to know: may the rollups be trusted, up to where are day and month rows
+    complete, up to where do hours have each dimension's own rows, before when were raw calls pruned."""
+
+    __slots__ = ("current", "days_until", "exists", "projected_until", "pruned_before")
+
+    def __init__(self, exists: bool, current: bool, days_until: int | None = None,
+                 pruned_before: int | None = None, projected_until: int | None = None) -> None:
+        self.exists, self.current = exists, current
+        self.days_until, self.pruned_before, self.projected_until = days_until, pruned_before, projected_until
+
+
+def read_state(conn: sqlite3.Connection) -> State:
+    try:
+        found = conn.execute("SELECT covered_id, days_until, pruned_before, projected_until FROM rollup_state "
+                             "WHERE id = 1").fetchone()
+    except sqlite3.OperationalError:
+        try:  # a ledger from before migration 6, read without migrating it: no dimension's own rows
+            found = conn.execute("SELECT covered_id, days_until, pruned_before, NULL FROM rollup_state "
+                                 "WHERE id = 1").fetchone()
+        except sqlite3.OperationalError:  # a ledger from before migration 5
+            return State(False, False)
+    if found is None:
+        return State(False, False)
+    newest = conn.execute("SELECT coalesce(max(id), 0) FROM calls").fetchone()[0]
+    return State(True, found[0] >= 0 and found[0] == newest, found[1], found[2], found[3])
+
+
+def dirty_hours(conn: sqlite3.Connection, lo: float, hi: float) -> list[int]:
+    """The hours overlapping [lo, hi) whose calls changed after they were rolled up, in order."""
+    found = conn.execute("SELECT hour FROM rollup_dirty WHERE hour > ? AND hour < ? ORDER BY hour", (lo - 3600, hi))
+    return [h for (h,) in found]
+
+
+def extent(conn: sqlite3.Connection) -> tuple[int, int] | None:
+    """[first hour, last hour + 1h) of everything in calls, hour rollups and dirty marks; None if empty."""
+    # One min or max per subquery: SQLite answers each from an index edge instead of a scan.
+    found = conn.execute(
+        "SELECT (SELECT CAST(min(started_at) AS INTEGER) FROM calls), (SELECT min(bucket) FROM rollups WHERE grain = 0),"
+        " (SELECT min(hour) FROM rollup_dirty), (SELECT CAST(max(started_at) AS INTEGER) FROM calls),"
+        " (SELECT max(bucket) FROM rollups WHERE grain = 0), (SELECT max(hour) FROM rollup_dirty)").fetchone()
+    lows, highs = [v for v in found[:3] if v is not None], [v for v in found[3:] if v is not None]
+    if not lows:
+        return None
+    return min(lows) // 3600 * 3600, max(highs) // 3600 * 3600 + 3600
+
+
+# --- rebuilding (rollup_build.py), here under the names the rest of the proxy uses ------------------
+def rebuild(conn: sqlite3.Connection, since: float | None = None, until: float | None = None) -> int:
+    """See rollup_build.rebuild."""
+    from proxy.ledger import rollup_build
+
+    return rollup_build.rebuild(conn, since, until)
+
+
+def roll_days(conn: sqlite3.Connection, until: float | None = None, max_days: int = 62) -> int:
+    """See rollup_build.roll_days."""
+    from proxy.ledger import rollup_build
+
+    return rollup_build.roll_days(conn, until, max_days)
+
+
+def project_hours(conn: sqlite3.Connection, until: float | None = None, max_hours: int = 24) -> int:
+    """See rollup_build.project_hours."""
+    from proxy.ledger import rollup_build
+
+    return rollup_build.project_hours(conn, until, max_hours)
+
+
+def rebuild_dirty(conn: sqlite3.Connection, max_hours: int | None = 24, before: int | None = None) -> int:
+    """See rollup_build.rebuild_dirty."""
+    from proxy.ledger import rollup_build
+
+    return rollup_build.rebuild_dirty(conn, max_hours, before)
+
+
+def after_reprice(conn: sqlite3.Connection, report: object = None) -> None:
+    """See rollup_build.after_reprice: pass it as `proxy.reprice.reprice(..., after=rollups.after_reprice)`."""
+    from proxy.ledger import rollup_build
+
+    rollup_build.after_reprice(conn, report)
+
+
+def ensure(conn: sqlite3.Connection, until: float | None = None) -> bool:
+    """See rollup_build.ensure."""
+    from proxy.ledger import rollup_build
+
+    return rollup_build.ensure(conn, until)
+
+
+def make_current(conn: sqlite3.Connection) -> bool:
+    """See rollup_build.make_current."""
+    from proxy.ledger import rollup_build
+
+    return rollup_build.make_current(conn)

@@ -1,0 +1,437 @@
+"""The ledger writer: the one owner of the SQLite write connection, with group commit.
+
+Callers hand `Ledger.record()` a `CallRecord` and get control back only once the transaction holding
+that row has committed (synchronous=FULL: it is on disk). A single writer task takes every row queued
+while the previous commit ran and writes them in one transaction, so N concurrent callers cost about
+one fsync rather than N. The transaction itself runs on one dedicated thread (ledger_db.py), in one call
+per batch: plain sqlite3 rather than aiosqlite, whose two round trips per batch (insert, commit) woke
+the event loop twice.
+
+When the database refuses a batch (locked, disk full, read-only, its file deleted), the rows go to the
+spool (spool.py): an fsynced JSON Lines file. record() then returns as for a commit — the row is durable —
+and the ledger is not `accepting` until the writer has replayed the spool into the database, in order,
+which it tries every `retry_interval` seconds, in the background: while rows wait in the spool, new rows
+join them there directly (so the database receives them in the order they came, and no batch waits for a
+locked database's busy timeout), and a replay attempt waits at most a moment for a lock. A row that could
+be neither committed nor spooled raises LedgerError to its caller, and the ledger is not `storing` until
+the database or the spool takes rows again (probed every `retry_interval`). A database file deleted or
+replaced under the proxy is noticed before the next batch and opened anew, and after each commit: a batch
+that may have gone into the deleted file is written again into the new one.
+
+Errors:
+    LedgerError       the ledger cannot be opened, or a row was neither committed nor spooled
+
+This module must never store or log anything that is not in the record, never let one failed commit
+stop later rows, and never leave a caller waiting on a writer that has died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+from typing import Any, Callable
+
+from proxy.ledger.db import COLUMNS, INSERT_SQL, LedgerDB
+from proxy.core.record import CallRecord
+from proxy.ledger.spool import Spool
+
+__all__ = ["COLUMNS", "INSERT_SQL", "Ledger", "LedgerError", "record_row"]
+
+log = logging.getLogger(__name__)
+
+_BUSY_TIMEOUT_MS = 5000
+_REPLAY_BUSY_MS = 50  # a replay attempt's wait for a lock held elsewhere: it is retried, rows are not held up
+_STOP = object()  # queued by close(): everything ahead of it is written, then the writer ends
+
+Row = tuple[Any, ...]
+_Item = tuple[Row, "asyncio.Future[None]"]
+
+
+class LedgerError(Exception):
+    """The ledger could not be opened, or a record was not committed."""
+
+
+def record_row(rec: CallRecord) -> Row:
+    """The `calls` row for a record, in `COLUMNS` order."""
+    cost = rec.cost_usd
+    # A float here would be stored rounded; a NaN would poison every sum over it.
+    if not isinstance(cost, Decimal) or not cost.is_finite():
+        raise LedgerError(f"cost_usd must be a finite Decimal, got {type(cost).__name__} {cost!r}")
+    try:
+        tags = (json.dumps(rec.tags, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+                if rec.tags else "{}")
+    except (TypeError, ValueError) as exc:
+        raise LedgerError(f"tags are not a JSON object of strings: {exc}") from exc
+    row = (
+        rec.request_id, rec.started_at, rec.ended_at, rec.key_id, rec.key_hint, rec.user,
+        rec.session, rec.operation,
+        tags,
+        rec.method, rec.endpoint, rec.requested_model, rec.model, int(rec.stream), rec.status,
+        rec.error, rec.latency_ms, rec.ttfb_ms, rec.prompt_tokens, rec.completion_tokens,
+        rec.cached_tokens, rec.reasoning_tokens, rec.total_tokens, rec.usage_source,
+        int(rec.priced), format(cost, "f"),
+        int(rec.approximate), int(rec.lower_bound), rec.usage_note, rec.counted_prompt_tokens,
+        rec.counted_completion_tokens, rec.audio_prompt_tokens, rec.audio_completion_tokens, rec.service_tier,
+        rec.pricing_version, None if rec.original_cost_usd is None else format(rec.original_cost_usd, "f"),
+        rec.repriced_at,
+    )  # fmt: skip
+    # A value SQLite (or the spool) cannot take must fail this row alone, here, never the writer.
+    if all(_storable(v) for v in row):
+        return row
+    for value in row:
+        if isinstance(value, int) and not -_INT64 <= value < _INT64:
+            raise LedgerError(f"a number in the row is out of SQLite's range: {value:.3e}")
+    return tuple(v.encode("utf-8", "replace").decode() if isinstance(v, str) else v for v in row)
+
+
+_INT64 = 2**63
+
+
+def _storable(value: object) -> bool:
+    if isinstance(value, str):
+        if value.isascii():
+            return True
+        try:
+            value.encode()
+        except UnicodeEncodeError:  # a lone surrogate, from a header or an escape in JSON
+            return False
+        return True
+    return not isinstance(value, int) or -_INT64 <= value < _INT64
+
+
+class Ledger:
+    """Appends `CallRecord`s to the SQLite ledger at `path`; see the module docstring.
+
+    `stats` counts: rows_committed, batches (committed transactions), last_batch_size,
+    max_batch_size, errors (records whose record() raised because their write failed), spooled, replayed.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, max_batch: int = 2000,
+                 spool_path: str | os.PathLike[str] | None = None, busy_timeout_ms: int = _BUSY_TIMEOUT_MS,
+                 retry_interval: float = 1.0, spool_reserve_bytes: int = 0) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self._path = os.fspath(path)
+        self._max_batch = max_batch
+        self._spool = Spool(spool_path, spool_reserve_bytes) if spool_path is not None else None
+        self._retry_interval = retry_interval
+        self._replay_busy_ms = min(busy_timeout_ms, _REPLAY_BUSY_MS)
+        self._next_retry = 0.0
+        self._spooled = False  # rows wait in the spool: new rows join them there, in order
+        self._healthy = True
+        self._storing = True  # False: the last row was neither committed nor spooled
+        self.db = LedgerDB(self._path, busy_timeout_ms)  # its methods run on the writer thread only
+        self._thread: ThreadPoolExecutor | None = None
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._inflight: list[_Item] = []
+        self._opened = False
+        self._closed = False
+        self.on_commit: Callable[[float, int], None] | None = None  # (seconds, rows) after each commit
+        self.stats: dict[str, int] = dict.fromkeys(
+            ("rows_committed", "batches", "last_batch_size", "max_batch_size", "errors", "spooled",
+             "replayed"), 0
+        )
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def accepting(self) -> bool:
+        """The database takes rows now: nothing waits in the spool and the last write worked."""
+        return self._healthy and not self._spooled
+
+    @property
+    def storing(self) -> bool:
+        """A row can be stored now, in the database or the spool: False after one could be stored in neither,
+        until the background retry finds that the database or the spool takes rows again."""
+        return self._storing
+
+    async def _on_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a blocking ledger call on the writer thread: one hop, one wake-up of the loop."""
+        assert self._thread is not None
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def open(self) -> None:
+        if self._opened or self._closed:
+            raise LedgerError(f"ledger {self._path} was already opened")
+        self._opened = True
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="ledger-writer")
+        try:
+            await self._on_thread(self.db.open)
+        except Exception as exc:  # sqlite3.Error, OSError, MigrationError: all mean "unusable path"
+            self._thread.shutdown(wait=False)
+            self._thread = None
+            raise LedgerError(f"cannot open ledger {self._path}: {exc}") from exc
+        if self._spool is not None:
+            self._spooled = await self._on_thread(self._spool.has_rows)  # left by an earlier run
+            await self._prepare_spool()
+        self._writer = asyncio.create_task(self._run(), name=f"ledger writer {self._path}")
+
+    async def _prepare_spool(self) -> None:
+        spool = self._spool
+        assert spool is not None
+        try:
+            if not await self._on_thread(spool.reserve):
+                log.warning("ledger %s: no room for the spool's reserve of %d bytes (%s): a full disk may leave "
+                            "the spool no room either", self._path, spool.reserve_bytes, spool.reserve_path)
+        except OSError as exc:
+            log.warning("ledger %s: cannot make the spool's reserve %s: %s", self._path, spool.reserve_path, exc)
+        if _same_file_system(self._path, spool.path):
+            log.warning("ledger %s: the spool %s is on the same file system: a full disk fills both (%s); "
+                        "set `spool` to a path on another disk", self._path, spool.path,
+                        f"a reserve of {spool.reserve_bytes} bytes is kept for it" if spool.reserve_bytes
+                        else "and no reserve is kept for it")
+
+    async def record(self, rec: CallRecord) -> None:
+        """Write one row; return once it is committed (or spooled). Raises LedgerError if it was neither."""
+        await self.submit(rec)
+
+    def submit(self, rec: CallRecord) -> asyncio.Future[None]:
+        """Queue one row; the future resolves once it is committed (or spooled). Cheaper than record() on a
+        hot path: no coroutine, and the caller may shield the future itself."""
+        if self._closed or self._writer is None:
+            raise LedgerError(f"ledger {self._path} is not open")
+        if self._writer.done():
+            raise LedgerError(f"ledger {self._path} writer has stopped; the row was not written")
+        row = record_row(rec)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((row, fut))
+        return fut
+
+    async def close(self) -> None:
+        """Commit everything queued so far, stop the writer and close the connection."""
+        if self._closed:
+            return
+        self._closed = True
+        writer = self._writer
+        try:
+            if writer is not None and not writer.done():
+                self._queue.put_nowait(_STOP)
+                await asyncio.wait([writer])  # unlike `await writer`, never cancels it
+        finally:
+            if writer is not None:
+                if not writer.done():
+                    writer.cancel()  # close() itself was cancelled: do not leave the task behind
+                    await asyncio.wait([writer])
+                if not writer.cancelled():
+                    writer.exception()  # a death was already reported to its callers
+            if self._thread is not None:
+                try:
+                    await self._on_thread(self.db.close)
+                finally:
+                    self._thread.shutdown(wait=False)
+                    self._thread = None
+
+    @property
+    def _troubled(self) -> bool:
+        return self._spooled or not self._healthy or not self._storing
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            stopping = False
+            while not stopping:
+                if self._troubled:
+                    wait = max(0.0, self._next_retry - loop.time())
+                    try:
+                        item = await asyncio.wait_for(self._queue.get(), wait)
+                    except asyncio.TimeoutError:
+                        await self._retry()
+                        continue
+                else:
+                    item = await self._queue.get()
+                batch, stopping = self._take_batch(item)
+                if batch:
+                    self._inflight = batch
+                    await self._write(batch)
+                    self._inflight = []
+                if self._troubled and loop.time() >= self._next_retry:
+                    await self._retry()  # rows keep coming: retry between batches all the same
+            if self._spooled:
+                await self._replay(final=True)  # a last try on the way out; what stays is replayed at next start
+        except BaseException as exc:
+            reason = "was cancelled" if isinstance(exc, asyncio.CancelledError) else f"died: {exc}"
+            self._fail_all(f"ledger {self._path} writer {reason}; the row may not be written")
+            raise
+
+    def _take_batch(self, first: Any) -> tuple[list[_Item], bool]:
+        """`first` plus every row already queued, up to max_batch; and whether close() was seen."""
+        batch: list[_Item] = []
+        item = first
+        while True:
+            if item is _STOP:
+                return batch, True
+            batch.append(item)
+            if len(batch) >= self._max_batch:
+                return batch, False
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return batch, False
+
+    async def _retry(self) -> None:
+        """The background retry: replay the spool (or probe the database); if neither that nor the spool
+        works, see whether the spool has room again."""
+        self._next_retry = asyncio.get_running_loop().time() + self._retry_interval
+        if await self._replay() or self._storing or self._spool is None:
+            return
+        try:
+            room = await self._on_thread(self._spool.has_room)
+        except OSError:
+            room = False
+        if room:
+            log.warning("ledger %s: the spool %s has room again; calls are taken again", self._path,
+                        self._spool.path)
+            self._storing = True
+
+    async def _write(self, batch: list[_Item]) -> None:
+        if self._spooled:  # the background retry replays: no batch waits for a database that refuses
+            await self._to_spool(batch, None)
+            return
+        rows = [row for row, _ in batch]
+        started = time.perf_counter()
+        try:
+            await self._on_thread(self.db.insert, rows)
+        except sqlite3.IntegrityError as exc:
+            if len(batch) == 1:
+                self._fail(batch, exc)
+            else:
+                # One bad row (say a repeated request_id) must not cost its neighbours their rows.
+                await self._write_one_by_one(batch)
+            return
+        except Exception as exc:  # locked, full, read-only, I/O: the rows go to the spool
+            self._healthy = False
+            self._next_retry = asyncio.get_running_loop().time() + self._retry_interval
+            await self._to_spool(batch, exc)
+            return
+        self._healthy = self._storing = True
+        if self.on_commit is not None:
+            self.on_commit(time.perf_counter() - started, len(batch))
+        self._succeed(batch)
+
+    async def _write_one_by_one(self, batch: list[_Item]) -> None:
+        try:
+            outcome = await self._on_thread(self.db.insert_each, [row for row, _ in batch])
+        except Exception as exc:
+            self._healthy = False
+            await self._to_spool(batch, exc)
+            return
+        self._succeed([item for item, err in zip(batch, outcome) if err is None])
+        for item, err in zip(batch, outcome):
+            if err is not None:
+                self._fail([item], err)
+
+    async def _to_spool(self, batch: list[_Item], cause: BaseException | None) -> None:
+        if self._spool is None:
+            self._fail(batch, cause or LedgerError("earlier rows are waiting and there is no spool"))
+            return
+        try:
+            await self._on_thread(self._spool.append, [row for row, _ in batch])
+        except (OSError, ValueError) as exc:
+            if self._storing:
+                log.error("ledger %s: a row could be neither committed (%s) nor spooled to %s (%s): calls are "
+                          "refused with 503 until one of them takes rows again", self._path, cause,
+                          self._spool.path, exc)
+            self._storing = False
+            self._fail(batch, LedgerError(f"{cause}; the spool {self._spool.path} failed too: {exc}"))
+            return
+        self._storing = True
+        if not self._spooled:
+            log.error("ledger %s refused a write (%s); rows go to the spool %s until it works again",
+                      self._path, cause, self._spool.path)
+        self._spooled = True
+        self.stats["spooled"] += len(batch)
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_result(None)  # durable in the spool
+
+    async def _replay(self, final: bool = False) -> bool:
+        """Move the spool's rows into the database in one transaction; True if the ledger is clear."""
+        try:
+            rows = await self._on_thread(self._spool.read) if self._spool is not None else []
+            await self._on_thread(self.db.replay, rows, None if final else self._replay_busy_ms)
+        except Exception as exc:  # still refused: try again later
+            self._healthy = False
+            log.debug("ledger %s: replay failed: %s", self._path, exc)
+            return False
+        # Accepting again from here; the spool's rows are in the database, so clearing it may lag (and a
+        # crash before it is cleared only means a harmless, idempotent replay at the next start).
+        self._spooled = False
+        self._healthy = self._storing = True
+        self.stats["replayed"] += len(rows)
+        if rows:
+            log.warning("ledger %s works again: %d spooled row(s) replayed", self._path, len(rows))
+        if self._spool is not None:
+            try:
+                await self._on_thread(self._spool.clear)
+            except OSError as exc:
+                log.error("ledger %s: spool %s not cleared (%s); its rows will be replayed again, without "
+                          "duplicates", self._path, self._spool.path, exc)
+                self._spooled = True
+            try:
+                await self._on_thread(self._spool.reserve)  # made again if a full disk took it
+            except OSError:
+                pass
+        return True
+
+    def _succeed(self, batch: list[_Item]) -> None:
+        if not batch:
+            return
+        stats = self.stats
+        stats["rows_committed"] += len(batch)
+        stats["batches"] += 1
+        stats["last_batch_size"] = len(batch)
+        stats["max_batch_size"] = max(stats["max_batch_size"], len(batch))
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_result(None)
+
+    def _fail(self, batch: list[_Item], cause: BaseException) -> None:
+        log.warning("ledger %s: %d row(s) not written: %s", self._path, len(batch), cause)
+        self.stats["errors"] += len(batch)
+        for _, fut in batch:
+            _set_error(fut, LedgerError(f"ledger write to {self._path} failed: {cause}"), cause)
+
+    def _fail_all(self, message: str) -> None:
+        pending = self._inflight
+        self._inflight = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if item is not _STOP:
+                pending.append(item)
+        self.stats["errors"] += len(pending)
+        for _, fut in pending:
+            _set_error(fut, LedgerError(message), None)
+
+
+def _same_file_system(a: str, b: str) -> bool:
+    try:
+        return os.stat(os.path.dirname(os.path.abspath(a))).st_dev == os.stat(
+            os.path.dirname(os.path.abspath(b))).st_dev
+    except OSError:
+        return False
+
+
+def _set_error(fut: asyncio.Future[None], error: LedgerError, cause: BaseException | None) -> None:
+    if fut.done():  # the caller was cancelled and is no longer waiting
+        return
+    error.__cause__ = cause
+    fut.set_exception(error)
+    # Mark it retrieved: if the caller is cancelled between now and its wake-up, asyncio would
+    # otherwise log "exception was never retrieved" for an error nobody can act on.
+    fut.exception()

@@ -1,0 +1,259 @@
+"""One metered call: ties a request's attribution, its endpoint meter, pricing and the ledger together.
+
+The forwarder reports what happens to the HTTP exchange; this turns it into a `CallRecord` and commits it.
+A meter that raises is logged and ignored (mitmproxy's safecall): metering must never break a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import os
+import time
+from typing import Any, Callable
+
+from multidict import CIMultiDictProxy
+
+from proxy.core.attribution import api_key, attribute
+from proxy.counting.counter import CallCount, CountPolicy, count_call
+from proxy.control.gate import Admission, Refusal
+from proxy.metering.metrics import Metrics
+from proxy.ledger.writer import Ledger, LedgerError
+from proxy.metering.meters import MAX_ERROR_CHARS, Meter, meter_for
+from proxy.pricing.table import PriceTable
+from proxy.core.record import CallRecord
+from proxy.forwarding.redact import Secrets
+
+log = logging.getLogger("meterproxy")
+# What stands in the ledger where the upstream echoed the real key (managed mode): not even its last digits.
+UPSTREAM_KEY_MARK = "[upstream key]"
+
+
+class MeteredCall:
+    """Observer of one forwarded call. The forwarder calls the on_* hooks, then `await finish()`."""
+
+    def __init__(self, method: str, path: str, headers: CIMultiDictProxy[str], *,
+                 prices: PriceTable, ledger: Ledger, inject_usage: bool = False,
+                 counting: CountPolicy | None = None, sample_rate: float = 0.0,
+                 metrics: Metrics | None = None) -> None:
+        self._metrics = metrics
+        self._prices = prices
+        self._ledger = ledger
+        self._counting = counting
+        self._sample_rate = sample_rate
+        self._t0 = time.perf_counter()
+        self.meter: Meter = meter_for(method, path, inject_usage)
+        # 128 random bits, as uuid4 has, at a twentieth of its cost.
+        self.record = CallRecord(request_id=os.urandom(16).hex(), started_at=time.time(), method=method,
+                                 endpoint=path)
+        attribute(headers, self.record)
+        # Held in memory for this call only, to take every key it holds out of anything the upstream echoes.
+        self.secrets = Secrets([(api_key(headers), f"...{self.record.key_hint or ''}")])
+        self._meter_failed = False
+        self._finished = False
+        self.recorded: bool | None = None  # after finish(): the row was committed or spooled
+        self._done: asyncio.Event | None = None  # set once finish() has handed the row over (or failed to)
+        self._admission: Admission | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def _safe(self, hook: Callable[..., Any], *args: Any) -> Any:
+        if self._meter_failed:
+            return None
+        try:
+            return hook(*args)
+        except Exception:  # a meter bug must not break the call; the row says usage was not read
+            self._meter_failed = True
+            log.exception("meter %s failed on %s", type(self.meter).__name__, self.record.endpoint)
+            return None
+
+    # --- hooks called by the forwarder -------------------------------------------------------
+    def on_request(self, body: bytes, content_type: str) -> bytes:
+        """Read the request; returns the body to forward (the client's, unless include_usage is injected)."""
+        replaced = self._safe(self.meter.on_request, body, content_type)
+        rec, meter = self.record, self.meter
+        rec.requested_model = meter.requested_model
+        rec.stream = meter.stream
+        if rec.user is None:
+            rec.user = meter.body_user[:256] if meter.body_user else None
+        return replaced if replaced is not None else body
+
+    @property
+    def edits_stream(self) -> bool:
+        """The response stream must pass through the meter's edits (include_usage was injected)."""
+        return self.meter.inject and not self._meter_failed
+
+    def admitted(self, admission: Admission) -> None:
+        """The gate let the call through; in managed mode the key names the user and team, not the headers."""
+        self._admission = admission
+        self._attribute(admission.key_id, admission.user, admission.team, admission.managed)
+        # Managed mode: the upstream gets the real key, so the upstream may echo that one.
+        self.secrets.add(admission.authorization, UPSTREAM_KEY_MARK)
+
+    def refused(self, refusal: Refusal) -> None:
+        """The gate refused the call (bad key, rate limit, budget): recorded as such, never forwarded."""
+        self._attribute(refusal.key_id, refusal.user, refusal.team, refusal.managed)
+        self.on_failure(refusal.status, f"{refusal.code}: {refusal.message}")
+
+    def _attribute(self, key_id: str | None, user: str | None, team: str | None, managed: bool = False) -> None:
+        """Managed: the key names the subject, whatever X-Meter-User / X-Meter-Team or the body said."""
+        rec = self.record
+        if key_id is not None or managed:
+            rec.key_id = key_id
+        if user is not None or managed:
+            rec.user = user
+        if team is not None:
+            rec.tags["team"] = team
+        elif managed:
+            rec.tags.pop("team", None)
+
+    def on_response_headers(self, status: int, content_type: str) -> None:
+        self.record.status = status
+        self._safe(self.meter.on_response_headers, status, content_type)
+
+    def on_first_byte(self) -> None:
+        self.record.ttfb_ms = (time.perf_counter() - self._t0) * 1000
+
+    def on_chunk(self, data: bytes) -> int | None:
+        """Feed a decoded copy of body bytes; returns the stream offset to hold back from, if any."""
+        self._safe(self.meter.on_chunk, data)
+        return self.meter.hold_from
+
+    def on_end(self) -> None:
+        self._safe(self.meter.on_end)
+
+    def on_failure(self, status: int | None, message: str) -> None:
+        """The exchange failed: upstream unreachable, timed out, broke off, or the client went away."""
+        if status is not None:
+            self.record.status = status
+        self.record.error = message if self.record.error is None else f"{self.record.error}; {message}"
+
+    @property
+    def upstream_key(self) -> str | None:
+        """The real key sent upstream in managed mode (to keep out of the client's bytes), else None."""
+        return self._admission.authorization if self._admission is not None else None
+
+    # --- the end -----------------------------------------------------------------------------
+    def _redact(self) -> None:
+        """Every text the upstream may have written into the row, without a key, then cut to size."""
+        rec, secrets = self.record, self.secrets
+        if secrets:
+            rec.error = secrets.redact(rec.error, MAX_ERROR_CHARS)
+            rec.model = secrets.redact(rec.model)
+            rec.service_tier = secrets.redact(rec.service_tier)
+        elif rec.error is not None:
+            rec.error = rec.error[:MAX_ERROR_CHARS]
+
+    def _settle(self, counted: CallCount | None) -> None:
+        rec, meter = self.record, self.meter
+        rec.ended_at = time.time()
+        rec.latency_ms = (time.perf_counter() - self._t0) * 1000
+        rec.stream = rec.stream or meter.stream
+        rec.model = meter.model or rec.requested_model
+        rec.service_tier = meter.service_tier
+        if meter.error and rec.error is None:
+            rec.error = meter.error
+        if meter.usage is not None and not self._meter_failed:
+            rec.set_usage(meter.usage, "upstream")
+            rec.cost_usd, rec.priced = self._prices.cost(rec.model, meter.usage, rec.service_tier)
+            rec.pricing_version = self._prices.version
+            if counted is not None:  # sampled for accuracy: keep our count beside the provider's
+                rec.counted_prompt_tokens = counted.prompt.tokens if counted.prompt else None
+                rec.counted_completion_tokens = counted.completion.tokens if counted.completion else None
+            return
+        note = meter.usage_error or ("meter failed" if self._meter_failed else None)
+        if note and 200 <= rec.status < 300:
+            rec.error = note if rec.error is None else f"{rec.error}; {note}"
+        if counted is not None:
+            usage = counted.usage()
+            rec.set_usage(usage, "counted")
+            rec.approximate, rec.lower_bound, rec.usage_note = counted.approximate, counted.lower_bound, counted.note()
+            rec.cost_usd, rec.priced = self._prices.cost(rec.model, usage, rec.service_tier)
+            rec.pricing_version = self._prices.version
+            return
+        # Nothing to price: flag it unpriced only if its model has no price (a bare GET is not "unpriced"),
+        # or if its endpoint bills by usage and the usage could not be read.
+        rec.priced = rec.model is None or self._prices.resolve(rec.model) is not None
+        if meter.unpriced_without_usage and meter.succeeded:
+            rec.priced = False
+
+    def _wants_count(self) -> bool:
+        """Count when the upstream spent tokens but reported none, and for a sample of those it reported."""
+        meter = self.meter
+        if self._counting is None or self._meter_failed or not meter.countable or not meter.succeeded:
+            return False
+        if meter.usage is None:
+            return True
+        return self._sample_rate > 0 and random.random() < self._sample_rate
+
+    async def _count(self) -> CallCount | None:
+        meter, policy = self.meter, self._counting
+        assert policy is not None
+        model = meter.model or meter.requested_model
+        try:
+            # Off the event loop: a 100k-token prompt takes ~20 ms to tokenize.
+            return await asyncio.to_thread(count_call, policy, self.record.endpoint, model, meter.request,
+                                           meter.output)
+        except Exception:  # a counting bug must not break the call; the row says usage was not read
+            log.exception("counting failed on %s", self.record.endpoint)
+            return None
+
+    async def finish(self) -> None:
+        """Count if needed, price and commit the row; returns once it is committed (a ledger failure is logged).
+
+        Shielded throughout: a cancelled handler (client gone, shutdown) must still leave its row."""
+        if self._finished:
+            return
+        self._finished = True
+        self._done = asyncio.Event()
+        if self._wants_count():
+            await asyncio.shield(self._count_and_commit())
+            return
+        self._settle(None)
+        self._redact()
+        try:
+            # The ledger's own future, shielded: no task per call on this, the common path.
+            await asyncio.shield(self._submit())
+            self.recorded = True
+        except LedgerError as exc:
+            self.recorded = False
+            log.error("ledger: call %s not recorded: %s", self.record.request_id, exc)
+        finally:
+            self._release()
+
+    async def _count_and_commit(self) -> None:
+        counted = await self._count()
+        self._settle(counted)
+        self._redact()
+        try:
+            await self._submit()
+            self.recorded = True
+        except LedgerError as exc:
+            self.recorded = False
+            log.error("ledger: call %s not recorded: %s", self.record.request_id, exc)
+        finally:
+            self._release()
+
+    def _submit(self) -> asyncio.Future[None]:
+        try:
+            return self._ledger.submit(self.record)
+        except LedgerError as exc:
+            failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            return failed
+
+    async def wait_done(self) -> None:
+        """Until finish(), begun, is over: the row committed, spooled or refused (a shutdown waits on it)."""
+        if self._done is not None:
+            await self._done.wait()
+
+    def _release(self) -> None:
+        if self._done is not None:
+            self._done.set()
+        if self._metrics is not None:
+            self._metrics.observe_call(self.record)
+        if self._admission is not None:  # release the budget hold; the real cost is on the ledger now
+            self._admission.settle(self.record.cost_usd, self.record.total_tokens)

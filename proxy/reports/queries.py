@@ -1,0 +1,345 @@
+"""Read-only usage reports over the ledger, shared by the admin API and the CLI.
+
+Everything is synchronous sqlite3 on a read-only connection of its own; the admin API runs these
+functions in a thread. Money is summed exactly: `cost_usd` is decimal text and is added up by a
+Python aggregate of `Decimal`s (or as integer picodollars from the rollups), never by SQLite's float SUM.
+Usage reports read the hour/day/month rollups where they can and `calls` for the rest
+(report_plan.py decides, report_sql.py queries); either way the answer is the same to the last digit.
+
+Errors:
+    ReportError (ValueError)    a bad query parameter; `param` names it, the message is for the user
+    ReportDatabaseError         the ledger file is missing, unreadable or not a meterproxy ledger
+
+This module must never write to the ledger, never put a caller's value into SQL text (values are
+bound parameters, grouping columns come from a fixed whitelist), and never round money.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sqlite3
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from decimal import Context, Decimal, Inexact
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from proxy.reports import plan as report_plan
+from proxy.reports import sql as report_sql
+from proxy.ledger import rollups
+from proxy.ledger.read import ReportDatabaseError, connect_readonly  # re-exported: reports' callers use them
+
+__all__ = [
+    "COUNTERS", "GROUP_FIELDS", "GROUP_ROW_KEYS", "ReportDatabaseError", "ReportError",
+    "USAGE_SOURCES", "connect_readonly", "get_call", "list_calls", "parse_time", "parse_tz", "plan_segments", "usage_report",
+]  # fmt: skip
+
+
+class ReportError(ValueError):
+    """A bad query parameter; the message is meant for the user and names the parameter."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+GROUP_ROW_KEYS = {"key": "key_id"}  # where a group's value sits in a row, when not under its own name
+GROUP_FIELDS: tuple[str, ...] = (*report_sql.RAW_COLUMNS, *report_plan.TIME_FIELDS)
+_TAG_PREFIX = report_sql.TAG_PREFIX
+_TAG_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+_TOKENS = ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "total_tokens")
+# A report row's counters, in output order.
+COUNTERS: tuple[str, ...] = (
+    "calls", "errors", "unpriced_calls", *_TOKENS, "cost_usd", "counted_calls", "counted_tokens",
+)  # fmt: skip
+# list_calls output, in SELECT order; "ts" is started_at rendered.
+_CALL_FIELDS = (
+    "request_id", "ts", "key_id", "key_hint", "user", "session", "operation", "tags", "method",
+    "endpoint", "model", "requested_model", "stream", "status", "error", "latency_ms", "ttfb_ms",
+    *_TOKENS, "usage_source", "priced", "cost_usd", "approximate", "lower_bound", "usage_note",
+    "counted_prompt_tokens", "counted_completion_tokens",
+)  # fmt: skip
+_CALL_SQL = ", ".join(
+    {"ts": "started_at", "user": '"user"'}.get(name, name) for name in ("id", *_CALL_FIELDS)
+)
+MAX_LIMIT = 1000
+USAGE_SOURCES = ("upstream", "counted", "none")  # where a row's token figures came from
+
+# Enough digits for any sum of ledger costs; Inexact is trapped so a sum is exact or an error.
+_EXACT = Context(prec=200, traps=[Inexact])
+
+
+def parse_time(value: str, param: str, tz: str | None = None) -> float:
+    """Unix seconds from ISO 8601 (a date, or a datetime; naive means in `tz`, default UTC) or from unix
+    seconds."""
+    if not isinstance(value, str) or not value.strip():
+        raise ReportError(f"{param}: a time is required (ISO 8601 or unix seconds)", param)
+    text = value.strip()
+    zone = parse_tz(tz) or UTC  # outside the try: a bad zone is its own error
+    try:
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            seconds = float(text)  # all digits: unix seconds, even where ISO "basic" would fit
+        else:
+            moment = datetime.fromisoformat(text)
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=zone)
+            seconds = moment.timestamp()
+    except (ValueError, OverflowError):
+        seconds = math.nan
+    if not math.isfinite(seconds):
+        raise ReportError(
+            f"{param}: {value!r} is not a time; use ISO 8601 (2026-11-23, "
+            "2026-11-23T14:00:00Z) or unix seconds",
+            param,
+        )
+    return seconds
+
+
+def usage_report(
+    conn: sqlite3.Connection,
+    *,
+    group_by: Sequence[str] = (),
+    since: float | None = None,
+    until: float | None = None,
+    key: str | None = None,
+    user: str | None = None,
+    model: str | None = None,
+    tz: str | None = None,
+    use_rollups: bool = True,
+) -> dict[str, Any]:
+    """Counters per group over calls started in [since, until); see the module docstring.
+
+    `tz` (an IANA name; default UTC) sets where hour/day/week/month buckets begin. The answer comes from
+    rollups where they can give it and from `calls` otherwise (report_plan.py); `use_rollups=False`
+    reads `calls` only, which gives the same answer until retention has pruned calls."""
+    groups = _parse_group_by(group_by)
+    zone = parse_tz(tz)
+    _check_time(since, "since")
+    _check_time(until, "until")
+    if since is not None and until is not None and until <= since:
+        raise ReportError("until: must be later than since", "until")
+    filters = {"key": key, "user": user, "model": model}
+    # One read transaction: every query sees the same snapshot, so a batch committed meanwhile is
+    # counted in full or not at all, never in the rollups and in calls both.
+    own = not conn.in_transaction
+    if own:
+        conn.execute("BEGIN")
+    try:
+        state = rollups.read_state(conn) if use_rollups else rollups.State(False, False, None)
+        segments = plan_segments(conn, [name for name, _ in groups], since, until, zone, state)
+        sums: dict[tuple[Any, ...], list[Any]] = {}
+        for segment in segments:
+            for found in report_sql.run(conn, segment, groups, filters, utc=zone is None):
+                known = sums.get(found[0])
+                if known is None:
+                    sums[found[0]] = [list(found[1]), found[2]]
+                else:
+                    known[0] = [a + b for a, b in zip(known[0], found[1])]
+                    known[1] = _EXACT.add(known[1], found[2])
+    finally:
+        if own and conn.in_transaction:
+            conn.execute("ROLLBACK")
+    rows, costs = [], []
+    for values, (ints, cost) in sums.items():
+        if not ints[0]:
+            continue  # no GROUP BY yields one all-zero row over an empty range
+        row = {out: values[i] for i, (_, out) in enumerate(groups)}
+        counted = dict(zip(rollups.INT_COUNTERS, ints))
+        row.update((name, counted[name]) for name in COUNTERS if name != "cost_usd")
+        row["cost_usd"] = format(cost, "f")
+        rows.append({out: row[out] for out in (*(o for _, o in groups), *COUNTERS)})
+        costs.append(cost)
+    # copy_negate, unlike unary minus, does not round to the context's 28 digits.
+    order = sorted(
+        range(len(rows)), key=lambda i: (costs[i].copy_negate(), *_sort_keys(rows[i], groups))
+    )
+    report: dict[str, Any] = {
+        "since": None if since is None else iso_time(since),
+        "until": None if until is None else iso_time(until),
+        "group_by": [name for name, _ in groups],
+        "tz": "UTC" if zone is None else zone.key,
+        "rows": [rows[i] for i in order],
+        "totals": _totals(rows, [costs[i] for i in range(len(rows))]),
+    }
+    pruned = state.pruned_before
+    if pruned is not None and (since is None or since < pruned):
+        report["pruned_before"] = iso_time(pruned)  # raw calls before it are gone; see report_plan.py
+    return report
+
+
+def plan_segments(conn: sqlite3.Connection, names: list[str], since: float | None, until: float | None,
+                  zone: ZoneInfo | None, state: rollups.State) -> list[report_plan.Segment]:
+    """The sources that answer a report (for tests and the benchmark: which path a report takes)."""
+    if not state.exists and (zone is None or not any(n in report_plan.TIME_FIELDS for n in names)):
+        return [report_plan.Segment("raw", since, until)]
+    extent = rollups.extent(conn) if state.exists else _calls_extent(conn)
+    dirty: list[int] = []
+    if state.exists and extent is not None:
+        dirty = rollups.dirty_hours(conn, extent[0] if since is None else since,
+                                    extent[1] if until is None else until)
+    return report_plan.plan(names=names, since=since, until=until, zone=zone, state=state, extent=extent,
+                            dirty=dirty)
+
+
+def _calls_extent(conn: sqlite3.Connection) -> tuple[int, int] | None:
+    lo, hi = conn.execute("SELECT (SELECT CAST(min(started_at) AS INTEGER) FROM calls), "
+                          "(SELECT CAST(max(started_at) AS INTEGER) + 1 FROM calls)").fetchone()
+    return None if lo is None else (lo, hi)
+
+
+def parse_tz(name: str | None) -> ZoneInfo | None:
+    """The IANA zone `name`; None (meaning UTC, labels ending in Z) for no name or "UTC"."""
+    if name is None or name.strip().upper() in ("", "UTC", "Z"):
+        return None
+    try:
+        return ZoneInfo(name.strip())
+    except (ValueError, ZoneInfoNotFoundError, OSError):
+        raise ReportError(f"tz: unknown time zone {name!r}; use an IANA name such as Europe/Berlin", "tz") from None
+
+
+def _parse_group_by(group_by: Sequence[str]) -> list[tuple[str, str]]:
+    """[(name, output key)], deduplicated; a comma-separated item counts as several."""
+    if isinstance(group_by, str):
+        group_by = [group_by]
+    groups: dict[str, str] = {}
+    for item in group_by:
+        for name in (part.strip() for part in str(item).split(",")):
+            if not name:
+                continue
+            if name.startswith(_TAG_PREFIX):
+                if not _TAG_NAME.fullmatch(name[len(_TAG_PREFIX):]):
+                    raise ReportError(
+                        f"group_by: bad tag name in {name!r}; "
+                        "tag names use only letters, digits, '_', '.' and '-'",
+                        "group_by",
+                    )
+                groups[name] = name
+            elif name in GROUP_FIELDS:
+                groups[name] = GROUP_ROW_KEYS.get(name, name)
+            else:
+                raise ReportError(
+                    f"group_by: unknown field {name!r}; valid: {', '.join(GROUP_FIELDS)}, "
+                    "tag:<name>",
+                    "group_by",
+                )
+    return list(groups.items())
+
+
+def _check_time(value: float | None, param: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ReportError(f"{param}: must be unix seconds, got {value!r}", param)
+
+
+def where_sql(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:
+    used = [(sql, value) for sql, value in conditions if value is not None]
+    if not used:
+        return "", []
+    return " WHERE " + " AND ".join(sql for sql, _ in used), [value for _, value in used]
+
+
+def _sort_keys(row: dict[str, Any], groups: list[tuple[str, str]]) -> list[tuple[bool, bool, Any]]:
+    # None sorts last; the middle flag keeps ints and strs (a tag may hold either) apart.
+    keys = []
+    for _, out in groups:
+        value = row[out]
+        keys.append((value is None, isinstance(value, str), "" if value is None else value))
+    return keys
+
+
+def _totals(rows: list[dict[str, Any]], costs: list[Decimal]) -> dict[str, Any]:
+    totals: dict[str, Any] = {name: sum(r[name] for r in rows) for name in COUNTERS if name != "cost_usd"}
+    cost = Decimal(0)
+    for c in costs:
+        cost = _EXACT.add(cost, c)
+    totals["cost_usd"] = format(cost, "f")
+    return totals
+
+
+def iso_time(ts: float) -> str:
+    moment = datetime.fromtimestamp(ts, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def list_calls(
+    conn: sqlite3.Connection,
+    *,
+    key: str | None = None,
+    limit: int = 50,
+    before: str | None = None,
+    user: str | None = None,
+    model: str | None = None,
+    status: str | int | None = None,
+    usage_source: str | None = None,
+) -> dict[str, Any]:
+    """The newest calls first, `limit` at a time; pass the returned `next` as `before` for more.
+
+    Filters (each optional, all must match): key (key_id), user, model, status (an HTTP status), usage_source
+    (upstream, counted or none)."""
+    limit = _check_limit(limit)
+    cursor = None
+    if before is not None:
+        if not isinstance(before, str) or not re.fullmatch(r"[1-9]\d{0,18}", before):
+            raise ReportError(f"before: {before!r} is not a cursor from a previous page", "before")
+        cursor = int(before)
+    if status is not None:
+        if isinstance(status, bool) or not re.fullmatch(r"[1-9]\d{2}", str(status).strip()):
+            raise ReportError(f"status: {status!r} is not an HTTP status (100 to 999)", "status")
+        status = int(str(status).strip())
+    if usage_source is not None and usage_source not in USAGE_SOURCES:
+        raise ReportError(f"usage_source: must be one of {', '.join(USAGE_SOURCES)}", "usage_source")
+    where, params = where_sql(("key_id = ?", key), ('"user" = ?', user), ("model = ?", model),
+                              ("status = ?", status), ("usage_source = ?", usage_source), ("id < ?", cursor))
+    sql = f"SELECT {_CALL_SQL} FROM calls{where} ORDER BY id DESC LIMIT ?"
+    found = conn.execute(sql, [*params, limit + 1]).fetchall()  # one extra: is there a next page?
+    page = found[:limit]
+    return {
+        "calls": [_call(row) for row in page],
+        "next": str(page[-1][0]) if len(found) > limit else None,
+    }
+
+
+def get_call(conn: sqlite3.Connection, request_id: str) -> dict[str, Any] | None:
+    """Every column of one call's row, by its request_id (None when there is none): what list_calls gives
+    and the rest (pricing version, audio tokens, service tier, re-pricing, ...); "ts" is started_at rendered."""
+    if not isinstance(request_id, str) or not request_id or len(request_id) > 200:
+        return None
+    cursor = conn.execute("SELECT * FROM calls WHERE request_id = ?", (request_id,))
+    found = cursor.fetchone()
+    if found is None:
+        return None
+    call = dict(zip((d[0] for d in cursor.description), found))
+    call["ts"] = iso_time(call["started_at"])
+    try:
+        call["tags"] = json.loads(call["tags"]) if call.get("tags") else {}
+    except ValueError:
+        pass  # shown as stored
+    for name in ("stream", "priced", "approximate", "lower_bound"):
+        if name in call and call[name] is not None:
+            call[name] = bool(call[name])
+    return call
+
+
+def _check_limit(limit: Any) -> int:
+    if isinstance(limit, str) and limit.strip().isdigit():
+        limit = int(limit)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        raise ReportError(f"limit: must be a whole number from 1 to {MAX_LIMIT}", "limit")
+    return limit
+
+
+def _call(row: tuple[Any, ...]) -> dict[str, Any]:
+    call = dict(zip(_CALL_FIELDS, row[1:]))
+    call["ts"] = iso_time(call["ts"])
+    call["tags"] = json.loads(call["tags"])
+    call["stream"] = bool(call["stream"])
+    call["priced"] = bool(call["priced"])
+    call["approximate"] = bool(call["approximate"])
+    call["lower_bound"] = bool(call["lower_bound"])
+    return call
