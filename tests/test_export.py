@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.cli import export as export_cli
 from proxy.reports import export
 from tests.test_reports import at, call, write_calls
 
@@ -36,8 +37,8 @@ def ledger(tmp_path: Path) -> Path:
 
 def run(path: Path, *argv: str) -> int:
     parser = argparse.ArgumentParser()
-    export.add_export_parser(parser.add_subparsers(dest="command"))
-    return export.run_export(parser.parse_args(["export", "--db", str(path), *argv]))
+    export_cli.add_export_parser(parser.add_subparsers(dest="command"))
+    return export_cli.run_export(parser.parse_args(["export", "--db", str(path), *argv]))
 
 
 def table_columns(path: Path) -> list[str]:

@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 
-from proxy.ledger.writer import INSERT_SQL, Ledger, record_row
-from proxy.ledger.migrations import migrate
-from proxy.pricing.table import PriceTable
+from proxy.cli.reprice import add_reprice_parser, run_reprice
 from proxy.core.record import CallRecord, Usage
-from proxy.ledger.reprice import RepriceError, add_reprice_parser, reprice, run_reprice
+from proxy.ledger.migrations import migrate
+from proxy.ledger.reprice import RepriceError, reprice
+from proxy.ledger.writer import INSERT_SQL, Ledger, record_row
+from proxy.pricing.table import PriceTable
 
 T0 = 1_780_000_000.0  # 2026-05-28T20:26:40Z
 HOUR = 3600.0

@@ -15,26 +15,20 @@ This module must never change a token count or anything but those five columns, 
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sqlite3
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, Inexact, InvalidOperation
 from typing import Any
 
-from proxy.cli.args import add_ledger_args, add_range_args, ledger_path, time_range
-from proxy.config import SHIPPED_PRICING, ConfigError, load_settings
+from proxy.core.record import Usage
 from proxy.core.times import iso
 from proxy.ledger.migrations import MigrationError, migrate
-from proxy.pricing.table import PriceTable, PricingError
-from proxy.core.record import Usage
-from proxy.reports.queries import ReportError
+from proxy.pricing.table import PriceTable
 
-__all__ = ["ModelChange", "RepriceError", "RepriceReport", "add_reprice_parser", "reprice", "run_reprice"]
+__all__ = ["AfterReprice", "ModelChange", "RepriceError", "RepriceReport", "render_report", "reprice", "reprice_file"]
 
 _EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN, traps=[Inexact, InvalidOperation])
 _ZERO = Decimal(0)
@@ -208,41 +202,7 @@ def _audit(conn: sqlite3.Connection, report: RepriceReport) -> int:
     return int(cursor.lastrowid or 0)
 
 
-# --- the command ------------------------------------------------------------------------------------
-
-
-def add_reprice_parser(subparsers: Any) -> None:
-    """Add `reprice` to the `meterproxy` subparsers."""
-    cmd = subparsers.add_parser("reprice", help="recompute recorded calls' cost with the current price table")
-    add_ledger_args(cmd, config_help="YAML config file, for its db and pricing settings")
-    cmd.add_argument("--pricing", help="price table (default: the config's pricing, else the shipped table)")
-    add_range_args(cmd)
-    cmd.add_argument("--model", help="only calls of this model (a glob with * ? [ matches several)")
-    cmd.add_argument("--dry-run", action="store_true", help="show what would change; write nothing")
-    cmd.add_argument("--format", default="table", choices=["table", "json"])
-
-
-def run_reprice(args: argparse.Namespace, after: AfterReprice | None = None) -> int:
-    """Run `meterproxy reprice`; 0 when done, 2 with one line on stderr when it cannot be.
-
-    `after` is handed to `reprice()` (e.g. the rollup rebuild)."""
-    try:
-        db = ledger_path(args)
-        pricing = args.pricing or (load_settings(args.config).pricing if args.config else SHIPPED_PRICING)
-        table = PriceTable.load(pricing)
-        since, until = time_range(args)
-        report = _reprice_file(str(db), table, since, until, args.model, args.dry_run, after)
-    except (ConfigError, PricingError, ReportError, RepriceError) as exc:
-        print(f"meterproxy: {exc}", file=sys.stderr)
-        return 2
-    if args.format == "json":
-        print(json.dumps({"pricing": table.source, **report.as_json()}, indent=2))
-    else:
-        sys.stdout.write(render_report(report, table.source))
-    return 0
-
-
-def _reprice_file(db: str, table: PriceTable, since: float | None, until: float | None, model: str | None,
+def reprice_file(db: str, table: PriceTable, since: float | None, until: float | None, model: str | None,
                   dry_run: bool, after: AfterReprice | None) -> RepriceReport:
     if not os.path.isfile(db):
         raise RepriceError(f"no ledger at {db}: file not found")

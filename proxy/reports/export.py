@@ -1,4 +1,4 @@
-"""`meterproxy export`: the raw call rows, for billing systems, as JSON Lines or spreadsheet-safe CSV.
+"""The raw call rows (`meterproxy export`, whose command is proxy.cli.export), for billing systems, as JSON Lines or spreadsheet-safe CSV.
 
 Every column of `calls` is exported, in the table's own order (so columns added by later migrations
 follow), plus `ts` (started_at as ISO 8601). In JSON Lines money columns are decimal strings, exactly as
@@ -13,21 +13,18 @@ file under the name asked for.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
 import sqlite3
-import sys
 import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
 
-from proxy.cli.args import add_ledger_args, add_range_args
 from proxy.reports import queries as reports
 from proxy.reports.render import csv_cell
 
-__all__ = ["add_export_parser", "columns", "iter_calls", "run_export", "write_csv", "write_jsonl"]
+__all__ = ["columns", "iter_calls", "write", "write_csv", "write_file", "write_jsonl"]
 
 _FLAGS = frozenset({"stream", "priced", "approximate", "lower_bound"})
 _FETCH = 2000
@@ -89,56 +86,16 @@ def write_csv(calls: Iterator[dict[str, Any]], out: IO[str], names: list[str]) -
     return n
 
 
-def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "export", help="raw call rows as JSON Lines or spreadsheet-safe CSV, for billing systems")
-    add_ledger_args(parser)
-    add_range_args(parser, tz_help="IANA time zone for --since/--until without an offset (default UTC)")
-    parser.add_argument("--key", help="only this key_id")
-    parser.add_argument("--format", default="jsonl", choices=["jsonl", "csv"])
-    parser.add_argument("--output", "-o", help="file to write (default: standard output)")
-    return parser
-
-
-def run_export(args: argparse.Namespace) -> int:
-    """Run `meterproxy export`; 0 on success, 2 with one line on stderr on any operator error."""
-    from proxy.cli.args import ledger_path, time_range  # the CLI's own imports; keep this module light
-    from proxy.config import ConfigError
-
-    try:
-        db = ledger_path(args)
-        since, until = time_range(args)
-        if since is not None and until is not None and until <= since:
-            raise reports.ReportError("until: must be later than since", "until")
-        conn = reports.connect_readonly(db)
-    except (ConfigError, reports.ReportError, reports.ReportDatabaseError) as exc:
-        print(f"meterproxy: {exc}", file=sys.stderr)
-        return 2
-    try:
-        calls = iter_calls(conn, since=since, until=until, key=args.key)
-        if args.output is None:
-            _write(args.format, calls, sys.stdout, columns(conn))
-            sys.stdout.flush()
-        else:
-            _write_file(args.output, args.format, calls, columns(conn))
-    except (OSError, sqlite3.Error) as exc:
-        print(f"meterproxy: export failed: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        conn.close()
-    return 0
-
-
-def _write(fmt: str, calls: Iterator[dict[str, Any]], out: IO[str], names: list[str]) -> int:
+def write(fmt: str, calls: Iterator[dict[str, Any]], out: IO[str], names: list[str]) -> int:
     return write_csv(calls, out, names) if fmt == "csv" else write_jsonl(calls, out)
 
 
-def _write_file(path: str, fmt: str, calls: Iterator[dict[str, Any]], names: list[str]) -> int:
+def write_file(path: str, fmt: str, calls: Iterator[dict[str, Any]], names: list[str]) -> int:
     folder = os.path.dirname(os.path.abspath(path))
     fd, temp = tempfile.mkstemp(prefix=".export-", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
-            n = _write(fmt, calls, out, names)
+            n = write(fmt, calls, out, names)
             out.flush()
             os.fsync(out.fileno())
         os.replace(temp, path)

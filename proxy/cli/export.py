@@ -1,0 +1,52 @@
+"""`meterproxy export`: the command's arguments and its run; the rows and their formats are proxy.reports.export."""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import sys
+from typing import Any
+
+from proxy.cli.args import add_ledger_args, add_range_args, ledger_path, time_range
+from proxy.config import ConfigError
+from proxy.reports import queries as reports
+from proxy.reports.export import columns, iter_calls, write, write_file
+
+__all__ = ["add_export_parser", "run_export"]
+
+
+def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "export", help="raw call rows as JSON Lines or spreadsheet-safe CSV, for billing systems")
+    add_ledger_args(parser)
+    add_range_args(parser, tz_help="IANA time zone for --since/--until without an offset (default UTC)")
+    parser.add_argument("--key", help="only this key_id")
+    parser.add_argument("--format", default="jsonl", choices=["jsonl", "csv"])
+    parser.add_argument("--output", "-o", help="file to write (default: standard output)")
+    return parser
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Run `meterproxy export`; 0 on success, 2 with one line on stderr on any operator error."""
+    try:
+        db = ledger_path(args)
+        since, until = time_range(args)
+        if since is not None and until is not None and until <= since:
+            raise reports.ReportError("until: must be later than since", "until")
+        conn = reports.connect_readonly(db)
+    except (ConfigError, reports.ReportError, reports.ReportDatabaseError) as exc:
+        print(f"meterproxy: {exc}", file=sys.stderr)
+        return 2
+    try:
+        calls = iter_calls(conn, since=since, until=until, key=args.key)
+        if args.output is None:
+            write(args.format, calls, sys.stdout, columns(conn))
+            sys.stdout.flush()
+        else:
+            write_file(args.output, args.format, calls, columns(conn))
+    except (OSError, sqlite3.Error) as exc:
+        print(f"meterproxy: export failed: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        conn.close()
+    return 0
