@@ -21,8 +21,8 @@ from decimal import Decimal
 from pathlib import Path
 
 from bench.stats import summary
-from proxy.ledger.writer import Ledger
 from proxy.core.record import CallRecord, Usage
+from proxy.ledger.writer import Ledger
 
 
 def _record(i: int) -> CallRecord:

@@ -25,7 +25,6 @@ import aiohttp
 from bench import payloads
 from bench.stats import summary
 
-
 _TAIL = len(payloads.DONE)
 MEASURE_MARK = "measuring"  # written to stderr when the warm-up is over and measured load begins
 

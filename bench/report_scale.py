@@ -32,11 +32,11 @@ from calendar import timegm
 from pathlib import Path
 from typing import Any
 
-from proxy.reports import queries as reports
 from proxy.ledger import rollups
 from proxy.ledger.db import COLUMNS, INSERT_SQL
 from proxy.ledger.migrations import migrate
 from proxy.ledger.rollup_build import in_transaction
+from proxy.reports import queries as reports
 
 START = timegm((2026, 7, 1, 0, 0, 0))
 END = timegm((2026, 10, 1, 0, 0, 0))

@@ -14,13 +14,13 @@ from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict
 
 from proxy.admin.keys import add_key_routes, meter_usage
-from proxy.core.attribution import key_id_of
-from proxy.counting.counter import CountPolicy
 from proxy.control.gate import Gate, Refusal, open_gate
-from proxy.ledger.writer import Ledger
 from proxy.control.limits import Limits, Subject
-from proxy.pricing.table import PriceTable
+from proxy.core.attribution import key_id_of
 from proxy.core.record import CallRecord
+from proxy.counting.counter import CountPolicy
+from proxy.ledger.writer import Ledger
+from proxy.pricing.table import PriceTable
 
 GATE = web.AppKey("gate", Gate)
 PRICES = PriceTable.from_mapping({"models": {"gpt-4o": {"input": "2.50", "output": "10.00"}}})

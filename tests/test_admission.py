@@ -15,8 +15,8 @@ import openai
 import pytest
 
 from proxy.control.limits import Limits, Subject
-from proxy.pricing.table import PriceTable
 from proxy.ledger.reprice import reprice
+from proxy.pricing.table import PriceTable
 from tests.support import ADMIN_TOKEN, FakeUpstream, ProxyServer, Reply, gzipped
 from tests.test_forwarding import request
 from tests.test_keys import cli

@@ -6,7 +6,6 @@ import math
 import posixpath
 import re
 from decimal import Decimal
-from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import unquote
 
@@ -14,14 +13,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.counting.counter import CountPolicy
-from proxy.control.gate import Gate, output_limit
 from proxy.control.budgets import Budgets
-from proxy.control.limits import Limits, Subject
+from proxy.control.gate import Gate, output_limit
+from proxy.control.ratelimit import RateLimiter
+from proxy.counting.counter import CountPolicy
+from proxy.forwarding.routes import METERED_POLICY, canonical_problem
 from proxy.metering.meters import meter_for
 from proxy.pricing.table import PriceTable
-from proxy.control.ratelimit import RateLimiter
-from proxy.forwarding.routes import METERED_POLICY, canonical_problem
 from tests.support import FakeUpstream, ProxyServer
 from tests.test_admission import raw_exchange
 

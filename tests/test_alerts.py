@@ -15,8 +15,8 @@ from aiohttp import web
 from proxy.control.alerts import Alerts
 from proxy.control.budgets import Budgets, Reservation
 from proxy.control.db import ControlDB
-from proxy.ledger.writer import Ledger
 from proxy.control.limits import Limits, Subject
+from proxy.ledger.writer import Ledger
 
 SHARES = (Decimal("0.8"), Decimal("1.0"))
 ALICE = Subject("user", "alice")

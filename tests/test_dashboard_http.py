@@ -10,9 +10,8 @@ from http.cookies import SimpleCookie
 from typing import Any, Callable
 from urllib.parse import urlencode
 
-
-from proxy.ui.session import Signer
 from proxy.ui.pages import CSP
+from proxy.ui.session import Signer
 from tests.support import ADMIN_TOKEN, FakeUpstream, ProxyServer
 from tests.test_forwarding import request
 

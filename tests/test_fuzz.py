@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.counting.counter import CountPolicy, count_call
+from proxy.core.record import Usage
 from proxy.counting import StreamOutput
+from proxy.counting.counter import CountPolicy, count_call
 from proxy.forwarding.edits import Edit, StreamEditor, drop, strip_usage_null
 from proxy.metering.meters import meter_for
-from proxy.core.record import Usage
 from proxy.metering.sse import SSEDecoder, SSEEvent
 from proxy.metering.usage import (
     UnreadableUsage,

@@ -13,15 +13,15 @@ from multidict import CIMultiDict
 
 from proxy.control.budgets import Budgets
 from proxy.control.db import ControlDB
-from proxy.counting.counter import CountPolicy
-from proxy.counting import count_request, get_encoding
 from proxy.control.gate import Admission, Gate, Refusal, open_gate
 from proxy.control.keys import parse_key_fields
-from proxy.ledger.writer import Ledger
 from proxy.control.limits import Limits, LimitStore, Subject
-from proxy.pricing.table import PriceTable
 from proxy.control.ratelimit import RateLimiter
 from proxy.core.record import CallRecord
+from proxy.counting import count_request, get_encoding
+from proxy.counting.counter import CountPolicy
+from proxy.ledger.writer import Ledger
+from proxy.pricing.table import PriceTable
 
 UPSTREAM_KEY = "sk-real-upstream-key-1234"
 PRICES = PriceTable.from_mapping({"models": {

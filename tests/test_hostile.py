@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from proxy.ledger.writer import Ledger, LedgerError
 from proxy.core.record import CallRecord
+from proxy.ledger.writer import Ledger, LedgerError
 from tests.support import FakeUpstream, ProxyServer, Reply, split
 
 KEY = "sk-proj-hostile0123456789abcdefghijklmnopqrstuvwxyz"

@@ -14,11 +14,11 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from proxy.core.attribution import key_id_of
 from proxy.cli.keys import add_keys_parser, run_keys
 from proxy.control.db import ControlDB
 from proxy.control.keys import KeyStore, parse_key_fields
 from proxy.control.limits import FieldError
+from proxy.core.attribution import key_id_of
 
 
 @pytest.fixture

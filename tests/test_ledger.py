@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.ledger.writer import Ledger, LedgerError
-from proxy.ledger.migrations import MIGRATIONS, Migration, MigrationError, _apply, migrate
 from proxy.core.record import CallRecord
+from proxy.ledger.migrations import MIGRATIONS, Migration, MigrationError, _apply, migrate
+from proxy.ledger.writer import Ledger, LedgerError
 
 
 def make_record(n: int = 0, **fields: object) -> CallRecord:

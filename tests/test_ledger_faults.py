@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from proxy.ledger.writer import Ledger
 from proxy.core.record import CallRecord
+from proxy.ledger.writer import Ledger
 from tests.support import FakeUpstream, ProxyServer
 from tests.test_forwarding import request
 

@@ -18,7 +18,6 @@ import pytest
 
 from proxy.control.budgets import TEAM_SQL, BudgetRefusal, Budgets, Reservation
 from proxy.control.db import ControlDB
-from proxy.ledger.writer import Ledger
 from proxy.control.limits import (
     Limits,
     LimitStore,
@@ -27,8 +26,9 @@ from proxy.control.limits import (
     parse_thresholds,
     period_of,
 )
-from proxy.ledger.migrations import migrate
 from proxy.core.record import CallRecord
+from proxy.ledger.migrations import migrate
+from proxy.ledger.writer import Ledger
 
 
 def ts(text: str) -> float:

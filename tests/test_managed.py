@@ -1,11 +1,10 @@
 """Managed keys, budgets and rate limits end to end: the real proxy, the openai SDK, a real fake upstream."""
 from __future__ import annotations
 
+import asyncio
 import json
 from decimal import Decimal
 from typing import Any, Callable
-
-import asyncio
 
 import aiohttp
 import openai

@@ -11,8 +11,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.metering.metrics import Metrics
 from proxy.core.record import CallRecord
+from proxy.metering.metrics import Metrics
 
 
 def record(**fields: Any) -> CallRecord:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy.pricing.table import ModelPrice, PriceTable, PricingError
 from proxy.core.record import Usage
+from proxy.pricing.table import ModelPrice, PriceTable, PricingError
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "pricing.yaml"
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from proxy.metering.meters import ChatMeter, ResponsesMeter
-from proxy.pricing.table import PriceTable, PricingError, Quote
 from proxy.core.record import Usage
+from proxy.metering.meters import ChatMeter, ResponsesMeter
 from proxy.metering.usage import UnreadableUsage, parse_usage
+from proxy.pricing.table import PriceTable, PricingError, Quote
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "pricing.yaml"
 

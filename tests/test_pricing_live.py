@@ -17,8 +17,8 @@ import pytest
 from aiohttp import web
 
 from proxy.admin.routes import make_admin_app
-from proxy.pricing.live import LivePrices, admin_routes
 from proxy.core.record import Usage
+from proxy.pricing.live import LivePrices, admin_routes
 
 LIVE = web.AppKey("live_prices", LivePrices)
 TOKEN = "admin-secret"

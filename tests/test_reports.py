@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from proxy.reports import render
-from proxy.reports import queries as reports
-from proxy.ledger import rollups
-from proxy.ledger.writer import INSERT_SQL, Ledger, record_row
-from proxy.ledger.migrations import migrate
 from proxy.core.record import CallRecord
+from proxy.ledger import rollups
+from proxy.ledger.migrations import migrate
+from proxy.ledger.writer import INSERT_SQL, Ledger, record_row
+from proxy.reports import queries as reports
+from proxy.reports import render
 from proxy.reports.queries import COUNTERS, GROUP_FIELDS, ReportDatabaseError, ReportError
 
 

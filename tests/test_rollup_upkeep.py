@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from proxy.reports import queries as reports
 from proxy.ledger import rollups
-from proxy.ledger.writer import INSERT_SQL, record_row
 from proxy.ledger.migrations import MIGRATIONS, migrate
 from proxy.ledger.rollup_build import in_transaction
+from proxy.ledger.writer import INSERT_SQL, record_row
+from proxy.reports import queries as reports
 from tests.test_rollups import (
     DAY,
     T0,

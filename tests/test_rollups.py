@@ -14,12 +14,11 @@ from typing import Any
 
 import pytest
 
-from proxy.ledger import picodollars
-from proxy.ledger import rollups
-from proxy.ledger.writer import INSERT_SQL, Ledger, LedgerError, record_row
+from proxy.core.record import CallRecord
+from proxy.ledger import picodollars, rollups
 from proxy.ledger.db import LedgerDB
 from proxy.ledger.migrations import MIGRATIONS, _apply, migrate
-from proxy.core.record import CallRecord
+from proxy.ledger.writer import INSERT_SQL, Ledger, LedgerError, record_row
 
 T0 = float(timegm((2026, 1, 27, 0, 0, 0)))  # a span over two month ends
 SPAN = 40 * 86400
@@ -336,8 +335,8 @@ def test_picodollars(text: str, expected: tuple[int, int] | None) -> None:
 
 
 async def test_a_repricing_rebuilds_the_hours_it_changed_in_its_own_transaction(tmp_path: Path) -> None:
-    from proxy.pricing.table import PriceTable
     from proxy.ledger.reprice import reprice
+    from proxy.pricing.table import PriceTable
 
     rng = random.Random(10)
     path = tmp_path / "ledger.db"

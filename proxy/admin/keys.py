@@ -28,10 +28,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from proxy.reports import queries as reports
-from proxy.core.attribution import api_key, key_id_of
 from proxy.control.budgets import BudgetState
-from proxy.core.errors import error_response
 from proxy.control.gate import Gate, Refusal
 from proxy.control.keys import KeyStore, ManagedKey, parse_key_fields
 from proxy.control.limits import (
@@ -43,6 +40,9 @@ from proxy.control.limits import (
     parse_limits,
     period_of,
 )
+from proxy.core.attribution import api_key, key_id_of
+from proxy.core.errors import error_response
+from proxy.reports import queries as reports
 
 __all__ = ["add_key_routes", "budget_views", "key_views", "meter_report", "meter_usage"]
 

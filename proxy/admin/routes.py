@@ -12,11 +12,10 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from proxy.reports import accuracy
-from proxy.reports import render
-from proxy.reports import queries as reports
 from proxy.config import ADMIN_TOKEN_ENV
 from proxy.core.errors import error_response
+from proxy.reports import accuracy, render
+from proxy.reports import queries as reports
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

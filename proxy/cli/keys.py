@@ -15,9 +15,9 @@ import time
 from decimal import Decimal
 from typing import Any
 
-from proxy.control.budgets import spend_since
 from proxy.cli.args import add_ledger_args, ledger_path
 from proxy.config import ConfigError
+from proxy.control.budgets import spend_since
 from proxy.control.db import ControlDB, ControlDBError
 from proxy.control.keys import (
     ManagedKey,

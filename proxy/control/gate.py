@@ -22,20 +22,20 @@ from decimal import ROUND_CEILING, Decimal
 from typing import Any, Callable, Mapping, MutableMapping
 
 from proxy.control.alerts import Alerts
-from proxy.core.attribution import api_key, key_id_of, storable
 from proxy.control.budgets import BudgetRefusal, Budgets, Reservation
 from proxy.control.db import ControlDB
-from proxy.counting.counter import CountPolicy
-from proxy.counting import count_request, encoding_for, get_encoding
-from proxy.core.errors import error_body
-from proxy.forwarding.forms import form_fields
 from proxy.control.keys import KeyStore, ManagedKey
 from proxy.control.limits import Limits, LimitStore, Subject
-from proxy.pricing.table import PriceTable
-from proxy.pricing.live import LivePrices
 from proxy.control.ratelimit import RateLimiter, RateRefusal, Ticket
+from proxy.core.attribution import api_key, key_id_of, storable
+from proxy.core.errors import error_body
 from proxy.core.record import CallRecord, Usage
+from proxy.counting import count_request, encoding_for, get_encoding
+from proxy.counting.counter import CountPolicy
+from proxy.forwarding.forms import form_fields
 from proxy.forwarding.routes import FREE_POLICY, METERED_POLICY, RoutePolicy
+from proxy.pricing.live import LivePrices
+from proxy.pricing.table import PriceTable
 
 __all__ = ["Admission", "Gate", "Refusal", "open_gate", "upstream_key_from"]
 

@@ -26,10 +26,17 @@ from decimal import Decimal
 from typing import Any, Mapping
 
 from proxy.control.db import ControlDB
-from proxy.forwarding.routes import DEFAULT_POLICY, RouteError, RoutePolicy, parse_routes
 from proxy.control.limits import (
-    FieldError, Limits, iso, parse_count, parse_money, parse_period, parse_text, parse_time,
+    FieldError,
+    Limits,
+    iso,
+    parse_count,
+    parse_money,
+    parse_period,
+    parse_text,
+    parse_time,
 )  # fmt: skip
+from proxy.forwarding.routes import DEFAULT_POLICY, RouteError, RoutePolicy, parse_routes
 
 __all__ = [
     "KEY_PREFIX", "KeyStore", "ManagedKey", "create_key", "get_key", "hash_key", "list_keys", "parse_key_fields",

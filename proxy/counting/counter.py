@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from proxy.core.record import Usage
 from proxy.counting import (
     StreamOutput,
     TokenCount,
@@ -19,7 +20,6 @@ from proxy.counting import (
     is_reasoning_model,
     verify,
 )
-from proxy.core.record import Usage
 
 
 @dataclass(frozen=True, slots=True)

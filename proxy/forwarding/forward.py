@@ -17,14 +17,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.control.gate import Gate, Refusal
 from proxy.core.attribution import client_headers, identity_problem, upstream_headers
+from proxy.core.errors import error_response
 from proxy.forwarding.decoding import Identity, decoder_for
 from proxy.forwarding.edits import StreamEditor
-from proxy.core.errors import error_response
-from proxy.control.gate import Gate, Refusal
-from proxy.metering.call import MeteredCall
 from proxy.forwarding.redact import BodyGuard
 from proxy.forwarding.routes import canonical_problem, method_problem
+from proxy.metering.call import MeteredCall
 
 log = logging.getLogger("meterproxy")
 

@@ -21,8 +21,26 @@ from collections.abc import Callable
 from typing import Any
 
 from proxy.ledger.rollups import (
-    ADD_BUCKET, DAY, DIMS, HOUR, INT_COUNTERS, MONTH, SERIES, SUM_COST, SUM_COST_SLOW, TOTALS, dim_ids, exact_values,
-    extent, month_start, next_month, projected, projection_dims, read_state, register_functions, summed_values,
+    ADD_BUCKET,
+    DAY,
+    DIMS,
+    HOUR,
+    INT_COUNTERS,
+    MONTH,
+    SERIES,
+    SUM_COST,
+    SUM_COST_SLOW,
+    TOTALS,
+    dim_ids,
+    exact_values,
+    extent,
+    month_start,
+    next_month,
+    projected,
+    projection_dims,
+    read_state,
+    register_functions,
+    summed_values,
 )  # fmt: skip
 
 __all__ = ["after_reprice", "ensure", "make_current", "project_hours", "rebuild", "rebuild_dirty", "roll_days"]

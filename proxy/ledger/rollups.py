@@ -43,8 +43,18 @@ from typing import Any
 
 from proxy.ledger.db import COLUMNS
 from proxy.ledger.picodollars import (
-    EXACT, PICO_DIGITS, PICO_LIMIT, SUM_COST, SUM_COST_SLOW, exact_values, from_pico, parse_plain, pico, pico_text,
-    register_functions, summed_values,
+    EXACT,
+    PICO_DIGITS,
+    PICO_LIMIT,
+    SUM_COST,
+    SUM_COST_SLOW,
+    exact_values,
+    from_pico,
+    parse_plain,
+    pico,
+    pico_text,
+    register_functions,
+    summed_values,
 )  # fmt: skip
 
 __all__ = [

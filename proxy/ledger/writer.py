@@ -37,8 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from typing import Any, Callable
 
-from proxy.ledger.db import COLUMNS, INSERT_SQL, LedgerDB
 from proxy.core.record import CallRecord
+from proxy.ledger.db import COLUMNS, INSERT_SQL, LedgerDB
 from proxy.ledger.spool import Spool
 
 __all__ = ["COLUMNS", "INSERT_SQL", "Ledger", "LedgerError", "record_row"]

@@ -8,22 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import os
+import random
 import time
 from typing import Any, Callable
 
 from multidict import CIMultiDictProxy
 
-from proxy.core.attribution import api_key, attribute
-from proxy.counting.counter import CallCount, CountPolicy, count_call
 from proxy.control.gate import Admission, Refusal
-from proxy.metering.metrics import Metrics
+from proxy.core.attribution import api_key, attribute
+from proxy.core.record import CallRecord
+from proxy.counting.counter import CallCount, CountPolicy, count_call
+from proxy.forwarding.redact import Secrets
 from proxy.ledger.writer import Ledger, LedgerError
 from proxy.metering.meters import MAX_ERROR_CHARS, Meter, meter_for
+from proxy.metering.metrics import Metrics
 from proxy.pricing.table import PriceTable
-from proxy.core.record import CallRecord
-from proxy.forwarding.redact import Secrets
 
 log = logging.getLogger("meterproxy")
 # What stands in the ledger where the upstream echoed the real key (managed mode): not even its last digits.

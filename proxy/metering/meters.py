@@ -15,12 +15,19 @@ import json
 from typing import Callable
 
 from proxy.core.attribution import storable
+from proxy.core.record import Usage
 from proxy.counting import StreamOutput
 from proxy.forwarding.edits import Edit, drop, strip_usage_null
-from proxy.core.record import Usage
-from proxy.metering.sse import SSEDecoder, SSEEvent
 from proxy.forwarding.forms import form_fields
-from proxy.metering.usage import UnreadableUsage, chat_usage, image_usage, responses_usage, served_model, transcription_usage
+from proxy.metering.sse import SSEDecoder, SSEEvent
+from proxy.metering.usage import (
+    UnreadableUsage,
+    chat_usage,
+    image_usage,
+    responses_usage,
+    served_model,
+    transcription_usage,
+)
 
 # A stored error message is cut to this, after the keys are taken out of it (metering.py): a meter keeps the
 # whole message (at most MAX_ERROR_BODY) so that a key across the cut is never stored in part.

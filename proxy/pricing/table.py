@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, Inexact, InvalidOperation  # noqa: I001
 from typing import Any, NamedTuple
 
-from proxy.pricing.schema import RATES, TIERS, Entry, PricingError, plain, read, validate
 from proxy.core.record import Usage
+from proxy.pricing.schema import RATES, TIERS, Entry, PricingError, plain, read, validate
 
 __all__ = ["STANDARD_TIERS", "TIERS", "ModelPrice", "PriceTable", "PricingError", "Quote"]
 

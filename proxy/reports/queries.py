@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Context, Decimal, Inexact
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from proxy.reports import plan as report_plan
-from proxy.reports import sql as report_sql
 from proxy.ledger import rollups
 from proxy.ledger.read import ReportDatabaseError, connect_readonly  # re-exported: reports' callers use them
+from proxy.reports import plan as report_plan
+from proxy.reports import sql as report_sql
 
 __all__ = [
     "COUNTERS", "GROUP_FIELDS", "GROUP_ROW_KEYS", "ReportDatabaseError", "ReportError",

@@ -18,19 +18,28 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from proxy.reports import accuracy
-from proxy.reports import render
-from proxy.reports import queries as reports
 from proxy.admin.keys import budget_views, key_views
 from proxy.config import ADMIN_TOKEN_ENV, Settings
-from proxy.core.errors import error_response
 from proxy.control.gate import Gate
 from proxy.control.keys import parse_key_fields
 from proxy.control.limits import KINDS, FieldError, Subject, parse_limits
+from proxy.core.errors import error_response
 from proxy.pricing.live import LivePrices, Outcome
+from proxy.reports import accuracy, render
+from proxy.reports import queries as reports
 from proxy.ui import data, svg
 from proxy.ui.pages import (
-    HEADERS, clean, guarded, in_thread, page, read_form, redirect, refused, same_origin, secret_of, static_routes,
+    HEADERS,
+    clean,
+    guarded,
+    in_thread,
+    page,
+    read_form,
+    redirect,
+    refused,
+    same_origin,
+    secret_of,
+    static_routes,
 )
 from proxy.ui.session import Session, Signer
 

@@ -12,8 +12,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Context, Decimal, Inexact
 from typing import Any
 
-from proxy.reports import queries as reports
 from proxy.control.limits import period_of
+from proxy.reports import queries as reports
 
 __all__ = ["DIMENSIONS", "overview", "projection", "trend"]
 

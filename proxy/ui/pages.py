@@ -21,10 +21,10 @@ import jinja2
 from aiohttp import web
 from markupsafe import Markup
 
-from proxy.reports import queries as reports
 from proxy.config import Settings
-from proxy.core.errors import error_response
 from proxy.control.limits import FieldError
+from proxy.core.errors import error_response
+from proxy.reports import queries as reports
 from proxy.ui.session import Signer
 
 __all__ = ["CSP", "HEADERS", "clean", "count", "guarded", "in_thread", "mount", "page", "read_form", "redirect",
