@@ -6,19 +6,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from tests.support import FakeUpstream, ProxyServer, proxy_settings
-
-
-def _shared() -> Path:
-    """The team's shared/ folder (reference captures): beside the checkout, else this machine's /work/shared
-    (a clean clone elsewhere, as CI may make)."""
-    for candidate in (Path(__file__).resolve().parents[1].parent / "shared", Path("/work/shared")):
-        if candidate.is_dir():
-            return candidate
-    return Path(__file__).resolve().parents[1].parent / "shared"
-
-
-SHARED = _shared()
-CAPTURES = SHARED / "reference" / "streams" / "openai-python"  # real gpt-4o streams with their real usage
+from tests.support.paths import CAPTURES, SHARED  # noqa: F401  (re-exported: older imports name conftest)
 
 
 @pytest.fixture
