@@ -18,7 +18,7 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.attribution import client_headers, upstream_headers
-from proxy.decoding import Identity, decoder_for
+from proxy.decoding import STEP, Identity, decoder_for
 from proxy.edits import StreamEditor
 from proxy.errors import error_response
 from proxy.gate import Gate, Refusal
@@ -69,6 +69,11 @@ def _abort(request: web.Request) -> None:
 async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.ClientSession,
                   upstream: str, timeout: aiohttp.ClientTimeout, gate: Gate | None = None,
                   first_byte: float | None = None, idle: float | None = None) -> web.StreamResponse:
+    if gate is not None and gate.managed:
+        # A managed key is checked before the body is even read: an unknown caller costs no memory or parse.
+        resolved = await gate.resolve(request.headers)
+        if isinstance(resolved, Refusal):
+            return await _refuse(call, resolved)
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
@@ -76,7 +81,7 @@ async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.C
         call.on_failure(413, message)  # refused, not forwarded: recorded all the same
         await call.finish()
         return error_response(413, message, "invalid_request_error", "request_too_large")
-    body = call.on_request(body, request.headers.get("Content-Type", ""))
+    body = await call.read_request(body, request.headers.get("Content-Type", ""))
     # The target is always the configured upstream plus the request's path and query, in the client's
     # encoding. rel_url, not raw_path: an absolute URL in the request line must not leak into the path.
     rel = request.rel_url
@@ -93,10 +98,7 @@ async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.C
         admission = await gate.admit(request.headers, call.meter.request, request.path, method=request.method,
                                      body_size=len(body), record=call.record)
         if isinstance(admission, Refusal):
-            call.refused(admission)
-            await call.finish()
-            return web.Response(status=admission.status, body=admission.body, headers=admission.headers,
-                                content_type="application/json")
+            return await _refuse(call, admission)
         call.admitted(admission)
         admission.apply(headers)
     if call.edits_stream:
@@ -121,6 +123,13 @@ async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.C
         return error_response(status, message, "upstream_error", code)
     async with upstream_resp:
         return await _relay(request, call, upstream_resp, idle)
+
+
+async def _refuse(call: MeteredCall, refusal: Refusal) -> web.Response:
+    call.refused(refusal)
+    await call.finish()
+    return web.Response(status=refusal.status, body=refusal.body, headers=refusal.headers,
+                        content_type="application/json")
 
 
 async def _relay(request: web.Request, call: MeteredCall, upstream: aiohttp.ClientResponse,
@@ -187,7 +196,11 @@ class _Relay:
 
     Three ways to pass a chunk: a plain body keeps its newest chunk back until the row is committed; a
     stream is written as it arrives, up to the terminal event the meter names; an edited stream (include_usage
-    injected) is released event by event with the meter's edits applied.
+    injected) is released event by event with the meter's edits applied. An edited stream the upstream
+    compressed although it was asked for identity is decoded, edited and sent decoded (without the
+    Content-Encoding it no longer has); an edited stream never keeps the upstream's Content-Length.
+    The meter reads a decoded copy in steps, and no more of it than max_meter_bytes: the decoder is only
+    read while the meter wants more.
     """
 
     def __init__(self, request: web.Request, call: MeteredCall, upstream: aiohttp.ClientResponse,
@@ -195,24 +208,48 @@ class _Relay:
         self.request, self.call, self.is_stream = request, call, is_stream
         self.decoder = decoder_for(upstream.headers.get("Content-Encoding"))
         self.identity = isinstance(self.decoder, Identity)
-        self.response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                           headers=client_headers(upstream.headers))
-        self.editor = StreamEditor() if is_stream and self.identity and call.edits_stream else None
+        headers = client_headers(upstream.headers)
+        editing = is_stream and call.edits_stream and self.decoder.error is None
+        # The decoded stream is what gets edited and sent (an unsupported encoding cannot be: it passes unedited).
+        self.transcode = editing and not self.identity
+        if editing:
+            headers.popall("Content-Length", None)  # the edited stream is shorter: sent chunked
+            if self.transcode:
+                headers.popall("Content-Encoding", None)
+        self.response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        self.editor = StreamEditor() if editing else None
         self.held: list[bytes] = []  # a plain body's newest chunk
         self.committed = False       # the row is committed (a stream's terminal event was complete)
         self.position = 0            # bytes of the decoded stream fed to the meter so far
         self.first = True
 
+    def _meter(self, data: bytes) -> int | None:
+        hold_from = self.call.on_chunk(data)
+        self.position += len(data)
+        return hold_from
+
     async def chunk(self, chunk: bytes) -> None:
-        if self.committed:
-            await _send(self.response, chunk)
-            return
         if self.first:
             self.call.on_first_byte()
             self.first = False
-        data = self.decoder.feed(chunk)
-        hold_from = self.call.on_chunk(data)
-        self.position += len(data)
+        if self.transcode:
+            await self._transcoded(chunk)
+            return
+        if self.committed:
+            await _send(self.response, chunk)
+            return
+        before, hold_from = self.position, None
+        if self.call.metering:
+            self.decoder.feed(chunk)
+            stepped = False
+            # One step at a time, and the loop gets a turn between steps: a bomb's copy is not one huge read.
+            while self.call.metering and (data := self.decoder.read(self.call.meter_room + 1)):
+                if stepped:
+                    await asyncio.sleep(0)
+                hold_from, stepped = self._meter(data), True
+            if not self.call.metering:
+                self.decoder = Identity()  # read no more of it: the rest only passes through
+        size = self.position - before
         if not self.is_stream:
             if self.held:
                 await _prepare(self.response, self.request)
@@ -224,26 +261,43 @@ class _Relay:
             await _send(self.response, chunk)
         else:
             # The terminal event is complete in this chunk: send what precedes it, commit, then the rest.
-            start = hold_from - (self.position - len(data))
+            start = hold_from - (self.position - size)
             cut = max(0, min(start, len(chunk))) if self.identity else 0
             if cut:
                 await _send(self.response, chunk[:cut])
             await self._commit()
             await _send(self.response, chunk[cut:])
 
+    async def _transcoded(self, chunk: bytes) -> None:
+        """An edited stream that came compressed: the client gets its decoded, edited bytes."""
+        self.decoder.feed(chunk)
+        stepped = False
+        while data := self.decoder.read(STEP):
+            if stepped:
+                await asyncio.sleep(0)
+            stepped = True
+            if self.committed:
+                await _send(self.response, data)
+                continue
+            hold_from = self._meter(data) if self.call.metering else None
+            await self._edited(data, hold_from)
+        if self.decoder.error is not None:
+            raise aiohttp.ClientPayloadError(f"the upstream's compressed stream is corrupt: {self.decoder.error}")
+
     async def _edited(self, chunk: bytes, hold_from: int | None) -> None:
         editor, meter = self.editor, self.call.meter
         assert editor is not None
         editor.feed(chunk)
-        if not self.call.edits_stream:  # the meter failed: pass everything on unedited
-            await _send(self.response, editor.take(self.position, []))
-            self.editor = None
+        if not self.call.edits_stream:  # the meter failed or stopped: pass everything on unedited
+            await _send(self.response, editor.take(editor.received, []))
+            if not self.transcode:
+                self.editor = None
             return
         settled = meter.settled if meter.settled is not None else editor.released
         if hold_from is not None:
             await _send(self.response, editor.take(hold_from, meter.edits))
             await self._commit()
-        await _send(self.response, editor.take(self.position if self.committed else settled, meter.edits))
+        await _send(self.response, editor.take(editor.received if self.committed else settled, meter.edits))
 
     async def _commit(self) -> None:
         self.call.on_end()
@@ -271,7 +325,8 @@ class _Relay:
         for chunk in self.held:
             await _send(self.response, chunk)
         if self.editor is not None:
-            await _send(self.response, self.editor.take(self.position, self.call.meter.edits))
+            edits = self.call.meter.edits if self.call.edits_stream else []
+            await _send(self.response, self.editor.take(self.editor.received, edits))
 
     async def broken(self, exc: BaseException) -> web.StreamResponse:
         if self.committed:
