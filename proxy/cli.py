@@ -100,7 +100,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 async def _run(settings: Settings, prices: PriceTable) -> int:
     files = raise_open_file_limit()
-    bounds = dict(header_timeout=settings.header_timeout, keepalive_timeout=settings.keepalive_timeout or 0)
+    # aiohttp reads a keep-alive timeout of 0 as "close after each response": null means no limit instead.
+    keepalive = settings.keepalive_timeout if settings.keepalive_timeout is not None else 10.0**9
+    bounds = dict(header_timeout=settings.header_timeout, keepalive_timeout=keepalive)
     runner = ProxyRunner(make_app(settings, prices), access_log=None, handle_signals=False,
                          shutdown_timeout=settings.shutdown_grace or 0.0, **bounds)
     await runner.setup()

@@ -166,8 +166,9 @@ SETTINGS: tuple[Setting, ...] = (
             "most bytes of a response's decoded copy the meter reads per call (decompression stops there); "
             "past it the client still gets every byte, metering stops and the row's usage_note says so", _size),
     Setting("header_timeout", 30.0, "seconds a client connection has to send a request's complete headers; "
-            "then it is closed", _seconds),
-    Setting("keepalive_timeout", 75.0, "seconds an idle keep-alive client connection stays open", _seconds),
+            "then it is closed; null: no limit", _seconds),
+    Setting("keepalive_timeout", 75.0, "seconds an idle keep-alive client connection stays open; null: no limit",
+            _seconds),
     Setting("on_ledger_error", "spool",
             "when the database refuses a row (locked, disk full, read-only): keep serving and 'spool' rows to a "
             "fsynced file replayed later, or 'reject' new calls with 503 until it works again (rows of calls "
