@@ -250,7 +250,9 @@ class _Relay:
             if not self.call.metering:
                 self.decoder = Identity()  # read no more of it: the rest only passes through
         size = self.position - before
-        if not self.is_stream:
+        if not self.is_stream or not self.call.metering and self.editor is None:
+            # A stream whose meter stopped can no longer name its terminal event: like a plain body, its newest
+            # chunk waits for the next one (or for the commit), so the stream never ends before its row.
             if self.held:
                 await _prepare(self.response, self.request)
                 await _send(self.response, self.held.pop())

@@ -131,6 +131,33 @@ def test_an_endless_sse_line_flows_to_the_client_and_metering_stops(
     assert row["usage_source"] == "none"
 
 
+def test_a_stream_past_the_cap_still_ends_only_after_its_row_is_committed(
+        upstream: FakeUpstream, start_proxy: Callable[..., ProxyServer]) -> None:
+    import http.client
+
+    proxy = start_proxy(max_meter_bytes=MiB)
+    big = b'data: {"choices":[{"index":0,"delta":{"content":"' + b"z" * (2 * MiB) + b'"}}]}\n\n'
+    body = big + b"data: [DONE]\n\n"
+    # The upstream keeps the connection open a while after [DONE]: the row can only be committed at its end.
+    upstream.reply(Reply(headers={"Content-Type": "text/event-stream"}, chunks=[*split(big, 256 * 1024),
+                                                                               b"data: [DONE]\n\n"],
+                         pause_after=1.0))
+    host, port = proxy.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps({**CHAT, "stream": True}),
+                 headers={"Authorization": "Bearer sk-test-key-0001", "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    got = b""
+    while not got.endswith(b"data: [DONE]\n\n"):
+        piece = resp.read1(65536)
+        assert piece, "the stream ended early"
+        got += piece
+    rows = proxy.rows()  # the client has [DONE]: its row is already there
+    conn.close()
+    assert got == body
+    assert len(rows) == 1 and "metering stopped" in rows[0]["usage_note"]
+
+
 # --- callers who fail authentication ----------------------------------------------------------------
 def test_an_invalid_managed_key_is_refused_before_its_body_is_read(
         upstream: FakeUpstream, start_proxy: Callable[..., ProxyServer]) -> None:
