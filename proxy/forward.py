@@ -10,6 +10,7 @@ upstream's own statuses and bodies pass through untouched.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 from urllib.parse import unquote
 
@@ -28,6 +29,7 @@ log = logging.getLogger("meterproxy")
 
 # aiohttp adds these when absent; a transparent proxy sends only what the client sent.
 _SKIP_AUTO = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
+_ONE_PIECE = 1 << 20  # aiohttp's TOO_LARGE_BYTES_BODY
 
 
 def _has_dot_segment(raw_path: str) -> bool:
@@ -107,7 +109,7 @@ async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.C
     try:
         async with asyncio.timeout(first_byte):
             upstream_resp = await session.request(
-                request.method, target, headers=headers, data=body or None,
+                request.method, target, headers=headers, data=_payload(body),
                 allow_redirects=False, timeout=timeout, skip_auto_headers=_SKIP_AUTO,
             )
     except Exception as exc:  # noqa: BLE001 - every failure to reach the upstream becomes 502/504 + a row
@@ -123,6 +125,14 @@ async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.C
         return error_response(status, message, "upstream_error", code)
     async with upstream_resp:
         return await _relay(request, call, upstream_resp, idle)
+
+
+def _payload(body: bytes) -> bytes | io.BytesIO | None:
+    # aiohttp writes bytes over 1 MiB in one piece (and warns that it may hold the loop); a file-like body is
+    # written in chunks, with the same Content-Length.
+    if not body:
+        return None
+    return io.BytesIO(body) if len(body) > _ONE_PIECE else body
 
 
 async def _refuse(call: MeteredCall, refusal: Refusal) -> web.Response:

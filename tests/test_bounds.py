@@ -19,7 +19,7 @@ from proxy.record import CallRecord
 from proxy.sse import SSEDecoder
 from tests.support import ADMIN_TOKEN, FakeUpstream, ProxyServer, Reply, split
 from tests.test_forwarding import request
-from tests.test_inject import CHAT, openai_like
+from tests.test_inject import CHAT, openai_like, openai_upstream  # noqa: F401 (a fixture)
 
 MiB = 1 << 20
 USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
@@ -196,6 +196,23 @@ def test_refused_unauthenticated_calls_store_no_tags(upstream: FakeUpstream,
     upstream.json({"model": "gpt-4o", "usage": USAGE})  # an authenticated call keeps its tags
     assert request(passthrough.url, headers={"X-Meter-Colour": "red"})[0] == 200
     assert json.loads(passthrough.rows()[-1]["tags"]) == {"colour": "red"}
+
+
+def test_a_large_body_is_read_the_same_when_parsed_in_a_thread(openai_upstream: FakeUpstream,
+                                                               start_proxy: Callable[..., ProxyServer]) -> None:
+    # Over 256 KiB the body is parsed (and the include_usage edit made) off the event loop: same outcome.
+    proxy = start_proxy(stream_usage="inject")
+    req = {**CHAT, "messages": [{"role": "user", "content": "日本" * 300_000}], "user": "big-body"}
+    sent = json.dumps(req, ensure_ascii=False).encode()
+    assert len(sent) > 1_000_000
+    status, _, got = request(proxy.url, body=sent)
+    assert status == 200 and got == openai_like(sent)
+    seen = openai_upstream.seen[-1]
+    assert seen.headers["Content-Length"] == str(len(seen.body)) and "Transfer-Encoding" not in seen.headers
+    forwarded = json.loads(seen.body)
+    assert forwarded.pop("stream_options") == {"include_usage": True} and forwarded == req
+    row = proxy.rows()[-1]
+    assert (row["requested_model"], row["user"], row["usage_source"]) == ("gpt-4o-mini", "big-body", "upstream")
 
 
 # --- /metrics --------------------------------------------------------------------------------------
