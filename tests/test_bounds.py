@@ -104,6 +104,38 @@ def test_a_compressed_bomb_reaches_the_client_unchanged_and_the_row_says_meterin
     assert row["usage_source"] == "none" and "metering stopped" in row["error"]
 
 
+def test_managed_compressed_bomb_is_cut_not_decoded_forever(upstream: FakeUpstream,
+                                                            start_proxy: Callable[..., ProxyServer]) -> None:
+    # Managed mode watches a compressed body's decoded copy for the real key: past the cap it cannot, and cuts.
+    import http.client
+
+    proxy = start_proxy(keys="managed", upstream_api_key="sk-real-upstream-key-0123", max_meter_bytes=MiB)
+    status, _, raw = request(proxy.url, path="/admin/keys", body=json.dumps({"user": "u"}).encode(),
+                             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert status == 201
+    key = json.loads(raw)["key"]
+    bomb = COMPRESS["gzip"](zeros_body(32 * MiB))
+    upstream.reply(Reply(headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+                         chunks=split(bomb, 16 * 1024)))
+    host, port = proxy.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps({"model": "gpt-4o"}),
+                 headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json",
+                          "Accept-Encoding": "gzip"})
+    got = b""
+    try:
+        resp = conn.getresponse()
+        got = resp.read()
+    except (http.client.HTTPException, ConnectionError):
+        pass  # broken off: what a cut is
+    finally:
+        conn.close()
+    assert len(got) < len(bomb)
+    row = proxy.rows()[-1]
+    assert "the upstream key could not be watched for" in row["error"]
+    assert "max_meter_bytes" in row["usage_note"]
+
+
 def test_a_body_under_the_cap_is_still_metered(upstream: FakeUpstream,
                                                start_proxy: Callable[..., ProxyServer]) -> None:
     proxy = start_proxy(max_meter_bytes=MiB)
