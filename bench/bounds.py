@@ -1,7 +1,7 @@
 """Memory bounds of the real proxy process, measured: `python -m bench.bounds` (prints JSON).
 
-Three hostile scenarios against `meterproxy serve` run as a child process (managed keys, a fake upstream in
-this process), each while a small call (GET /v1/models with a valid key) is made every 20 ms beside it:
+Three hostile scenarios against `meterproxy serve` run as a child process (passthrough for the first two,
+managed keys for the third), each while a small call (GET /v1/models with a valid key) is made every 20 ms beside it:
 - bomb: the upstream answers a 1 MiB gzip body that inflates to 1 GiB; the client reads it all;
 - line: the upstream streams one 500 MiB SSE line (then the line end and [DONE]); the client reads it all;
 - bodies: eight concurrent 30 MiB request bodies with an invalid key (each answered 401).
@@ -144,19 +144,24 @@ def reset_peak(pid: int) -> bool:
 
 
 class Proxy:
-    """`meterproxy serve` as a child process, managed keys, with one valid key."""
+    """`meterproxy serve` as a child process, with one valid key: managed (made through the admin API) or
+    passthrough (any key: the fake upstream takes them all)."""
 
-    def __init__(self, upstream: str, workdir: Path, *, extra: dict[str, Any] | None = None) -> None:
+    def __init__(self, upstream: str, workdir: Path, *, managed: bool, extra: dict[str, Any] | None = None) -> None:
         port = free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "proxy.yaml"
-        settings = {"port": port, "db": str(workdir / "ledger.db"), "upstream": upstream, "keys": "managed",
-                    **(extra or {})}
+        settings = {"port": port, "db": str(workdir / "ledger.db"), "upstream": upstream,
+                    "keys": "managed" if managed else "passthrough", **(extra or {})}
         config.write_text(json.dumps(settings))  # JSON is YAML
         env = {**os.environ, "METERPROXY_ADMIN_TOKEN": ADMIN_TOKEN, "OPENAI_API_KEY": "sk-bench-upstream",
                "PYTHONPATH": _ROOT}
         self.url = f"http://{HOST}:{port}"
         self.service = start("proxy", [sys.executable, "-m", "proxy", "serve", "--config", str(config)], self.url,
                              logdir=workdir, env=env, cwd=str(workdir))
+        if not managed:
+            self.key = "sk-bench-passthrough-key"
+            return
         req = urllib.request.Request(f"{self.url}/admin/keys", data=json.dumps({"user": "bench"}).encode(),
                                      headers={"Authorization": f"Bearer {ADMIN_TOKEN}",
                                               "Content-Type": "application/json"}, method="POST")
@@ -218,6 +223,9 @@ async def _baseline(session: aiohttp.ClientSession, url: str, key: str) -> dict[
 
 SCENARIOS = {"baseline": _baseline, "bomb": _bomb, "line": _line, "bodies": _bodies}
 REPEAT = {"bomb": 5, "line": 2, "bodies": 3}  # back to back, so that the small calls have time to sample
+# The bodies are refused for their managed key. The bomb and the line go through a passthrough proxy: in managed
+# mode a compressed body is also watched for the real upstream key, and one past max_meter_bytes is cut.
+MANAGED = {"bodies"}
 
 
 async def _scenario(name: str, proxy: Proxy) -> dict[str, Any]:
@@ -246,20 +254,27 @@ async def _scenario(name: str, proxy: Proxy) -> dict[str, Any]:
 
 
 def run(names: list[str] | None = None, workdir: Path | None = None) -> list[dict[str, Any]]:
-    """Run the scenarios (all by default) against one proxy process; one result dict per scenario."""
+    """Run the scenarios (all by default), each against its proxy process; one result dict per scenario."""
     bomb()  # built (and cached) before anything is timed
     tmp = tempfile.TemporaryDirectory() if workdir is None else None
     where = workdir if workdir is not None else Path(tmp.name)  # type: ignore[union-attr]
     port = free_port()
     upstream = start("upstream", [sys.executable, "-m", "bench.bounds", "upstream", str(port)],
                      f"http://{HOST}:{port}", logdir=where, cwd=_ROOT)
+    proxies: dict[bool, Proxy] = {}
     try:
-        proxy = Proxy(upstream.url, where)
-        try:
-            return [asyncio.run(_scenario(name, proxy)) for name in (names or list(SCENARIOS))]
-        finally:
-            proxy.stop()
+        results = []
+        for name in names or list(SCENARIOS):
+            managed = name in MANAGED
+            if managed not in proxies:
+                proxies[managed] = Proxy(upstream.url, where / ("managed" if managed else "passthrough"),
+                                         managed=managed)
+            results.append({"keys": "managed" if managed else "passthrough",
+                            **asyncio.run(_scenario(name, proxies[managed]))})
+        return results
     finally:
+        for proxy in proxies.values():
+            proxy.stop()
         upstream.stop()
         if tmp is not None:
             tmp.cleanup()

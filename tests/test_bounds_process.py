@@ -31,12 +31,14 @@ def test_hostile_traffic_keeps_the_process_under_300_mb(tmp_path: Path) -> None:
     results = {r["scenario"]: r for r in bounds.run(["bomb", "line", "bodies"], workdir=tmp_path)}
     assert results["bomb"]["status"] == 200 and results["bomb"]["bytes_to_client"] == len(bounds.bomb())
     assert results["line"]["status"] == 200 and results["line"]["bytes_to_client"] > 500 * MiB
-    assert results["bodies"]["statuses"] == [401] * 8
+    assert results["bodies"]["statuses"] == [401] * 8 and results["bodies"]["keys"] == "managed"
+    refused = [r for r in _rows(tmp_path / "managed" / "ledger.db") if r["status"] == 401]
+    assert len(refused) == 8 * bounds.REPEAT["bodies"]  # each refusal is on the ledger
     for name, result in results.items():
         assert result["peak_rss_mb"] < 300, (name, result)
         assert result["small_errors"] == [] and result["small_calls"] > 0, (name, result)
         assert result["small_max_ms"] < 10_000, (name, result)
-    rows = _rows(tmp_path / "ledger.db")
+    rows = _rows(tmp_path / "passthrough" / "ledger.db")
     capped = [r for r in rows if r["usage_note"] and "max_meter_bytes" in r["usage_note"]]
     assert len(capped) == bounds.REPEAT["bomb"] + bounds.REPEAT["line"]
 
