@@ -5,8 +5,9 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from tests.support import FakeUpstream, ProxyServer, proxy_settings
+from tests.support import FakeUpstream, ProxyServer, Reply, proxy_settings, split
 from tests.support.paths import CAPTURES, SHARED  # noqa: F401  (re-exported: older imports name conftest)
+from tests.support.streams import openai_like
 
 
 @pytest.fixture
@@ -36,3 +37,11 @@ def start_proxy(tmp_path: Path, upstream: FakeUpstream) -> Iterator[Callable[...
 @pytest.fixture
 def proxy(start_proxy: Callable[..., ProxyServer]) -> ProxyServer:
     return start_proxy()
+
+
+# The upstream answers as OpenAI does (tests/e2e/test_inject.py, test_bounds.py): usage only when asked.
+@pytest.fixture
+def openai_upstream(upstream: FakeUpstream) -> FakeUpstream:
+    upstream.handler = lambda body: Reply(headers={"Content-Type": "text/event-stream"},
+                                          chunks=split(openai_like(body), 7))
+    return upstream

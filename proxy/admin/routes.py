@@ -20,7 +20,7 @@ from proxy.reports import queries as reports
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _guard(token: str | None) -> Callable[[Handler], Handler]:
+def admin_guard(token: str | None) -> Callable[[Handler], Handler]:
     """Wrap an admin handler in the bearer-token check.
 
     A wrapper per handler rather than a middleware: an aiohttp sub-app with middlewares makes every
@@ -162,7 +162,7 @@ def make_admin_app(db: str, token: str | None,
                               "not_found")
 
     admin = web.Application()
-    routes = GuardedRoutes(admin, _guard(token))
+    routes = GuardedRoutes(admin, admin_guard(token))
     routes.add_get("/usage", usage)
     routes.add_get("/calls", calls)
     routes.add_get("/calls/{request_id}", one_call)

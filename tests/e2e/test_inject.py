@@ -9,46 +9,8 @@ import pytest
 
 from tests.support import FakeUpstream, ProxyServer, Reply, split
 from tests.support.http import request
+from tests.support.streams import CHAT, openai_like
 
-USAGE = {"prompt_tokens": 21, "completion_tokens": 3, "total_tokens": 24,
-         "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-         "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
-                                       "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
-
-
-def openai_like(body: bytes) -> bytes:
-    """The stream OpenAI sends for this request: usage members and chunk only when include_usage is asked."""
-    req = json.loads(body)
-    asked = (req.get("stream_options") or {}).get("include_usage") is True
-    legacy = "prompt" in req
-    out = b""
-    pieces = ["Hé", "llo", " 日本"]
-    for i, text in enumerate(pieces):
-        choice: dict[str, Any] = ({"text": text, "index": 0, "logprobs": None, "finish_reason": None} if legacy
-                                  else {"index": 0, "delta": {"content": text}, "logprobs": None,
-                                        "finish_reason": None})
-        chunk: dict[str, Any] = {"id": "x1", "object": "text_completion" if legacy else "chat.completion.chunk",
-                                 "created": 1, "model": "gpt-4o-mini-2024-07-18", "service_tier": "default",
-                                 "system_fingerprint": "fp_1", "choices": [choice]}
-        if asked:
-            chunk["usage"] = None
-        chunk["obfuscation"] = "pad" * (i + 1)
-        out += b"data: " + json.dumps(chunk, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
-    if asked:
-        last = {"id": "x1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini-2024-07-18",
-                "choices": [], "usage": USAGE, "obfuscation": "zz"}
-        out += b"data: " + json.dumps(last, separators=(",", ":")).encode() + b"\n\n"
-    return out + b"data: [DONE]\n\n"
-
-
-@pytest.fixture
-def openai_upstream(upstream: FakeUpstream) -> FakeUpstream:
-    upstream.handler = lambda body: Reply(headers={"Content-Type": "text/event-stream"},
-                                          chunks=split(openai_like(body), 7))
-    return upstream
-
-
-CHAT = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 LEGACY = {"model": "gpt-4o-mini", "stream": True, "prompt": "hi"}
 
 
