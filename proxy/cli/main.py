@@ -18,17 +18,17 @@ from aiohttp import web
 
 from proxy.app import GATE, LIVE, METRICS, counting_policy, make_admin_site, make_app
 from proxy.cli.args import add_ledger_args, add_range_args, ledger_path, time_range
+from proxy.cli.export import add_export_parser, run_export
 from proxy.cli.keys import add_keys_parser, run_keys
+from proxy.cli.reprice import add_reprice_parser, run_reprice
 from proxy.cli.serving import ProxyRunner, raise_open_file_limit
 from proxy.config import SETTINGS, ConfigError, Settings, load_settings
 from proxy.counting import CountingError
 from proxy.ledger import rollups
-from proxy.ledger.reprice import add_reprice_parser, run_reprice
 from proxy.ledger.writer import LedgerError
 from proxy.pricing.table import PriceTable, PricingError
 from proxy.reports import accuracy, render
 from proxy.reports import queries as reports
-from proxy.reports.export import add_export_parser, run_export
 
 log = logging.getLogger("meterproxy")
 
