@@ -30,7 +30,7 @@ from aiohttp import web
 from proxy import reports
 from proxy.attribution import api_key, key_id_of
 from proxy.budgets import BudgetState
-from proxy.errors import error_response
+from proxy.errors import error_response, unknown_parameter
 from proxy.gate import Gate, Refusal
 from proxy.keys import KeyStore, ManagedKey, parse_key_fields
 from proxy.limits import (
@@ -105,6 +105,8 @@ def add_key_routes(admin: Any, gate_key: web.AppKey[Gate]) -> None:
 
     async def list_all(request: web.Request) -> web.StreamResponse:
         gate, keys = store(request)
+        if (refused := unknown_parameter(request.query, ("user", "team", "revoked"))) is not None:
+            return refused
         revoked = request.query.get("revoked", "true")
         if revoked not in ("true", "false"):
             return _bad("revoked must be true or false", "revoked")
@@ -160,6 +162,8 @@ def _add_budget_routes(admin: Any, gate_key: web.AppKey[Gate]) -> None:
 
     async def list_all(request: web.Request) -> web.StreamResponse:
         gate = request.config_dict[gate_key]
+        if (refused := unknown_parameter(request.query, ())) is not None:
+            return refused
         return web.json_response({"budgets": await views(gate, gate.limits.entries())})
 
     async def show(request: web.Request) -> web.StreamResponse:
@@ -222,6 +226,8 @@ def meter_usage(gate_key: web.AppKey[Gate]) -> Handler:
             charges = [(Subject("key", key_id), gate.limits.get(Subject("key", key_id)) or Limits())]
         charges += [(Subject(kind, name), gate.limits.get(Subject(kind, name)))
                     for kind, name in (("user", user), ("team", team)) if name]
+        if (refused := unknown_parameter(request.query, ("since", "until"))) is not None:
+            return refused
         try:
             q = request.query
             since = reports.parse_time(q["since"], "since") if "since" in q else period_of("month", now)[0]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -59,13 +59,31 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    ledger = request.app[LEDGER]
+    reason = ledger.degraded
+    if reason is None:
+        return web.json_response({"status": "ok"})
+    # Serving on with rows only in the spool is degraded, not down; under `reject` calls are refused: 503.
+    refusing = request.app[SETTINGS].on_ledger_error == "reject"
+    return web.json_response({"status": "degraded", "ledger": "rejecting" if refusing else "spooling",
+                              "reason": reason, "spool_depth": ledger.spool_depth},
+                             status=503 if refusing else 200)
 
 
-async def _not_found(request: web.Request) -> web.Response:
-    return error_response(404, f"No route for {request.method} {request.path}: the proxy forwards /v1/... "
-                          "to the upstream and serves /admin/... and /healthz", "invalid_request_error",
-                          "not_found")
+def _not_found_on(serves: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The catch-all 404 of one port, in OpenAI's shape, naming what that port serves."""
+
+    async def not_found(request: web.Request) -> web.Response:
+        return error_response(404, f"No route for {request.method} {request.path}: {serves}",
+                              "invalid_request_error", "not_found")
+
+    return not_found
+
+
+def _proxy_port_serves(settings: Settings) -> str:
+    extra = ", /metrics and /admin/..." if settings.admin_port is None else (
+        f"; /admin/... and /metrics are on the admin port http://{settings.admin_host}:{settings.admin_port}")
+    return f"the proxy forwards /v1/... to the upstream and serves /healthz, /meter/usage{extra}"
 
 
 class _NoRequestLines(logging.Filter):
@@ -118,6 +136,7 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
         ledger.on_commit = metrics.observe_commit
         await ledger.open()
         metrics.queue_depth_from(lambda: ledger.queue_depth)
+        metrics.spool_from(lambda: ledger.spool_depth, lambda: 1 if ledger.accepting else 0)
         upkeep = RetentionTask(settings.db, settings.retention_days)
         app[LEDGER] = ledger
         try:
@@ -156,7 +175,7 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
     app.router.add_route("*", "/v1/{tail:.*}", _proxy)
     if settings.admin_port is None:
         app.add_subapp("/admin", _admin(settings))
-    app.router.add_route("*", "/{tail:.*}", _not_found)
+    app.router.add_route("*", "/{tail:.*}", _not_found_on(_proxy_port_serves(settings)))
     return app
 
 
@@ -178,7 +197,9 @@ def make_admin_site(settings: Settings, gate: Gate, live: LivePrices, metrics: M
     app[LIVE] = live
     app.router.add_get("/metrics", metrics.handler())
     app.add_subapp("/admin", _admin(settings))
-    app.router.add_route("*", "/{tail:.*}", _not_found)
+    app.router.add_route("*", "/{tail:.*}", _not_found_on(
+        f"the admin port serves /admin/... and /metrics; the proxy (/v1/...) is on http://{settings.host}:"
+        f"{settings.port}"))
     return app
 
 

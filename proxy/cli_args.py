@@ -24,7 +24,7 @@ def ledger_path(args: argparse.Namespace) -> str:
     """--db, else the config's db, else the default. Raises ConfigError for a bad config file."""
     if args.db:
         return str(args.db)
-    return load_settings(args.config).db if args.config else _DEFAULT_DB
+    return load_settings(args.config, serving=False).db if args.config else _DEFAULT_DB
 
 
 def add_range_args(parser: argparse.ArgumentParser, tz_help: str | None = None) -> None:

@@ -39,7 +39,7 @@ from .spool import Spool
 
 __all__ = ["COLUMNS", "INSERT_SQL", "Ledger", "LedgerError", "record_row"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("meterproxy.ledger")
 
 _BUSY_TIMEOUT_MS = 5000
 _STOP = object()  # queued by close(): everything ahead of it is written, then the writer ends
@@ -118,6 +118,8 @@ class Ledger:
         self._retry_interval = retry_interval
         self._spooled = False  # rows wait in the spool: new rows join them there, in order
         self._healthy = True
+        self._refusal: str | None = None  # what the database said when it last refused a write
+        self._spool_rows = 0  # rows waiting in the spool
         self.db = LedgerDB(self._path, busy_timeout_ms)  # its methods run on the writer thread only
         self._thread: ThreadPoolExecutor | None = None
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -138,6 +140,20 @@ class Ledger:
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def spool_depth(self) -> int:
+        """Rows waiting in the spool for the database to take them."""
+        return self._spool_rows
+
+    @property
+    def degraded(self) -> str | None:
+        """Why rows are only spooled now (for /healthz), or None while the database takes them."""
+        if self.accepting:
+            return None
+        spool = self._spool.path if self._spool is not None else "(no spool)"
+        why = f"the database refuses writes ({self._refusal})" if self._refusal else "the database refuses writes"
+        return f"{why}; {self._spool_rows} row(s) wait in the spool {spool}"
 
     @property
     def accepting(self) -> bool:
@@ -162,6 +178,15 @@ class Ledger:
             raise LedgerError(f"cannot open ledger {self._path}: {exc}") from exc
         if self._spool is not None:
             self._spooled = await self._on_thread(self._spool.has_rows)  # left by an earlier run
+            if self._spooled:
+                self._spool_rows = len(await self._on_thread(self._spool.read))
+        refusal = await self._on_thread(self.db.refuses_writes)
+        if refusal is not None:  # a read-only file, say: serving on, but say so now, not at the first call
+            self._healthy, self._refusal = False, refusal
+            where = (f"rows go to the spool {self._spool.path} until it does" if self._spool is not None
+                     else "calls cannot be recorded")
+            log.warning("ledger %s does not accept writes (%s): %s; /healthz reports degraded",
+                        self._path, refusal, where)
         self._writer = asyncio.create_task(self._run(), name=f"ledger writer {self._path}")
 
     async def record(self, rec: CallRecord) -> None:
@@ -259,10 +284,10 @@ class Ledger:
                 await self._write_one_by_one(batch)
             return
         except Exception as exc:  # locked, full, read-only, I/O: the rows go to the spool
-            self._healthy = False
+            self._healthy, self._refusal = False, str(exc)
             await self._to_spool(batch, exc)
             return
-        self._healthy = True
+        self._healthy, self._refusal = True, None
         if self.on_commit is not None:
             self.on_commit(time.perf_counter() - started, len(batch))
         self._succeed(batch)
@@ -271,7 +296,7 @@ class Ledger:
         try:
             outcome = await self._on_thread(self.db.insert_each, [row for row, _ in batch])
         except Exception as exc:
-            self._healthy = False
+            self._healthy, self._refusal = False, str(exc)
             await self._to_spool(batch, exc)
             return
         self._succeed([item for item, err in zip(batch, outcome) if err is None])
@@ -288,9 +313,12 @@ class Ledger:
         except (OSError, ValueError) as exc:
             self._fail(batch, LedgerError(f"{cause}; the spool {self._spool.path} failed too: {exc}"))
             return
+        self._spool_rows += len(batch)
         if not self._spooled:
             log.error("ledger %s refused a write (%s); rows go to the spool %s until it works again",
-                      self._path, cause, self._spool.path)
+                      self._path, cause or self._refusal, self._spool.path)
+        log.warning("ledger %s: %d row(s) spooled to %s (%d waiting)", self._path, len(batch), self._spool.path,
+                    self._spool_rows)
         self._spooled = True
         self.stats["spooled"] += len(batch)
         for _, fut in batch:
@@ -303,13 +331,14 @@ class Ledger:
             rows = await self._on_thread(self._spool.read) if self._spool is not None else []
             await self._on_thread(self.db.replay, rows)
         except Exception as exc:  # still refused: try again later
-            self._healthy = False
+            self._healthy, self._refusal = False, str(exc)
             log.debug("ledger %s: replay failed: %s", self._path, exc)
             return False
         # Accepting again from here; the spool's rows are in the database, so clearing it may lag (and a
         # crash before it is cleared only means a harmless, idempotent replay at the next start).
         self._spooled = False
-        self._healthy = True
+        self._healthy, self._refusal = True, None
+        self._spool_rows = 0
         self.stats["replayed"] += len(rows)
         if rows:
             log.warning("ledger %s works again: %d spooled row(s) replayed", self._path, len(rows))

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from .migrations import migrate
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("meterproxy.ledger")
 
 Row = tuple[Any, ...]
 AfterInsert = Callable[[sqlite3.Connection, list[Row]], None]
@@ -126,11 +126,24 @@ class LedgerDB:
         if rows:
             self._transaction(rows, skip_present=True)
             return
+        self._probe(commit=True)
+
+    def refuses_writes(self) -> str | None:
+        """Why the database would refuse a write now (a read-only file, say), or None; writes nothing."""
+        try:
+            self._probe(commit=False)
+        except sqlite3.Error as exc:
+            return str(exc)
+        return None
+
+    def _probe(self, commit: bool) -> None:
         conn = self._current()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute("PRAGMA user_version = user_version")
-            conn.execute("COMMIT")
+            # The value itself, not `= user_version`: SQLite reads a name there as 0 and would reset it.
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            conn.execute(f"PRAGMA user_version = {int(version)}")
+            conn.execute("COMMIT" if commit else "ROLLBACK")
         except BaseException:
             _rollback(conn)
             raise
