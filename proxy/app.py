@@ -24,6 +24,7 @@ from proxy.errors import error_response
 from proxy.forward import forward
 from proxy.gate import Gate, open_gate
 from proxy.ledger import Ledger
+from proxy.logs import CallLogs
 from proxy.metering import MeteredCall
 from proxy.metrics import Metrics
 from proxy.pricing import PriceTable
@@ -39,6 +40,7 @@ COUNTING = web.AppKey("counting", CountPolicy)
 GATE = web.AppKey("gate", Gate)
 LIVE = web.AppKey("live_prices", LivePrices)
 METRICS = web.AppKey("metrics", Metrics)
+CALL_LOGS = web.AppKey("call_logs", CallLogs)
 
 
 async def _proxy(request: web.Request) -> web.StreamResponse:
@@ -52,7 +54,7 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
     # The table in force when the call starts prices it, even if an edit lands while it runs.
     call = MeteredCall(request.method, request.path, request.headers, prices=app[LIVE].table, ledger=app[LEDGER],
                        inject_usage=settings.stream_usage == "inject", counting=app[COUNTING],
-                       sample_rate=settings.accuracy_sample_rate, metrics=app[METRICS])
+                       sample_rate=settings.accuracy_sample_rate, metrics=app[METRICS], logs=app[CALL_LOGS])
     return await forward(request, call, session=app[SESSION], upstream=settings.upstream, gate=app[GATE],
                          timeout=app[TIMEOUT], first_byte=settings.first_byte_timeout,
                          idle=settings.idle_timeout)
@@ -108,7 +110,7 @@ def _quiet_request_parser_logs() -> None:
 
 def _mark_stale_rollups(conn: sqlite3.Connection) -> None:
     if rollups.make_current(conn):
-        logging.getLogger("meterproxy").warning(
+        logging.getLogger("meterproxy.rollups").warning(
             "ledger has calls written without rollups (another tool, or an older meterproxy): their hours are "
             "marked for rebuilding in the background; until then reports read them from the calls (slower)")
 
@@ -120,6 +122,7 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
     app[SETTINGS] = settings
     metrics = Metrics(label_keys="key" in settings.metrics_labels, label_users="user" in settings.metrics_labels)
     app[METRICS] = metrics
+    app[CALL_LOGS] = CallLogs(access_log=settings.access_log)
     app[COUNTING] = counting_policy(settings)
     # First byte and idle gaps are timed by the forwarder itself: aiohttp's sock_read would apply one
     # figure to both the wait for headers and the gaps between chunks.

@@ -95,7 +95,7 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_ledger_args(parser)
     add_range_args(parser, tz_help="IANA time zone for --since/--until without an offset (default UTC)")
     parser.add_argument("--key", help="only this key_id")
-    parser.add_argument("--format", default="jsonl", choices=["jsonl", "csv"])
+    parser.add_argument("--format", default="jsonl", choices=["jsonl", "csv"], help="output format (default: jsonl)")
     parser.add_argument("--output", "-o", help="file to write (default: standard output)")
     return parser
 

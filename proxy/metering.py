@@ -20,11 +20,12 @@ from proxy.counter import CallCount, CountPolicy, count_call
 from proxy.gate import Admission, Refusal
 from proxy.metrics import Metrics
 from proxy.ledger import Ledger, LedgerError
+from proxy.logs import CallLogs
 from proxy.meters import Meter, meter_for
 from proxy.pricing import PriceTable
 from proxy.record import CallRecord
 
-log = logging.getLogger("meterproxy")
+log = logging.getLogger("meterproxy.metering")
 
 
 class MeteredCall:
@@ -33,8 +34,9 @@ class MeteredCall:
     def __init__(self, method: str, path: str, headers: CIMultiDictProxy[str], *,
                  prices: PriceTable, ledger: Ledger, inject_usage: bool = False,
                  counting: CountPolicy | None = None, sample_rate: float = 0.0,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, logs: CallLogs | None = None) -> None:
         self._metrics = metrics
+        self._logs = logs
         self._prices = prices
         self._ledger = ledger
         self._counting = counting
@@ -215,5 +217,10 @@ class MeteredCall:
     def _release(self) -> None:
         if self._metrics is not None:
             self._metrics.observe_call(self.record)
+        if self._logs is not None:
+            try:
+                self._logs.observe(self.record)
+            except Exception:  # a log line must never cost a call its budget release
+                log.exception("call logs failed on %s", self.record.request_id)
         if self._admission is not None:  # release the budget hold; the real cost is on the ledger now
             self._admission.settle(self.record.cost_usd, self.record.total_tokens)

@@ -215,7 +215,7 @@ def add_reprice_parser(subparsers: Any) -> None:
     add_range_args(cmd)
     cmd.add_argument("--model", help="only calls of this model (a glob with * ? [ matches several)")
     cmd.add_argument("--dry-run", action="store_true", help="show what would change; write nothing")
-    cmd.add_argument("--format", default="table", choices=["table", "json"])
+    cmd.add_argument("--format", default="table", choices=["table", "json"], help="output format (default: table)")
 
 
 def run_reprice(args: argparse.Namespace, after: AfterReprice | None = None) -> int:
