@@ -114,17 +114,20 @@ def run_export(args: argparse.Namespace) -> int:
     except (ConfigError, reports.ReportError, reports.ReportDatabaseError) as exc:
         print(f"meterproxy: {exc}", file=sys.stderr)
         return 2
+    calls = iter_calls(conn, since=since, until=until, key=args.key)
     try:
-        calls = iter_calls(conn, since=since, until=until, key=args.key)
         if args.output is None:
             _write(args.format, calls, sys.stdout, columns(conn))
             sys.stdout.flush()
         else:
             _write_file(args.output, args.format, calls, columns(conn))
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`): the CLI ends quietly
     except (OSError, sqlite3.Error) as exc:
         print(f"meterproxy: export failed: {exc}", file=sys.stderr)
         return 2
     finally:
+        calls.close()  # its cursor first, while the connection is still open
         conn.close()
     return 0
 
