@@ -144,8 +144,8 @@ def make_admin_app(db: str, token: str | None,
         return web.json_response(result)
 
     async def not_found(request: web.Request) -> web.Response:
-        served = sorted({f"/admin{info.get('path') or info.get('formatter', '')}"
-                         for info in (r.get_info() for r in admin.router.resources())} - {"/admin/{tail}"})
+        served = sorted({str(info.get("path") or info.get("formatter", "")) for info in
+                         (r.get_info() for r in admin.router.resources())} - {"/admin/{tail}", "/{tail}"})
         return error_response(404, f"No admin route {request.method} {request.path}: the admin API serves "
                               f"{', '.join(served)}", "invalid_request_error", "not_found")
 

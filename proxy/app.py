@@ -177,10 +177,17 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
     app.router.add_get("/meter/usage", meter_usage(GATE))
     app.router.add_route("*", "/v1/{tail:.*}", _proxy)
     if settings.admin_port is None:
-        app.add_subapp("/admin", _admin(settings))
+        _add_admin(app, settings)
     app.router.add_route("*", "/{tail:.*}", _not_found_on(_proxy_port_serves(settings)))
     return app
 
+
+
+def _add_admin(app: web.Application, settings: Settings) -> None:
+    # `/admin` itself matches no route of the sub-app, and aiohttp would answer it with a plain-text 404.
+    app.router.add_route("*", "/admin", _not_found_on("the admin API's routes are under /admin/, such as "
+                                                       "/admin/usage, /admin/calls and /admin/keys"))
+    app.add_subapp("/admin", _admin(settings))
 
 
 def _admin(settings: Settings) -> web.Application:
@@ -199,7 +206,7 @@ def make_admin_site(settings: Settings, gate: Gate, live: LivePrices, metrics: M
     app[GATE] = gate
     app[LIVE] = live
     app.router.add_get("/metrics", metrics.handler())
-    app.add_subapp("/admin", _admin(settings))
+    _add_admin(app, settings)
     app.router.add_route("*", "/{tail:.*}", _not_found_on(
         f"the admin port serves /admin/... and /metrics; the proxy (/v1/...) is on http://{settings.host}:"
         f"{settings.port}"))
