@@ -135,10 +135,12 @@ def _serve(args: argparse.Namespace) -> int:
         log.warning("upstream %s ends in /v1: requests keep their own /v1/... path, so they will go to "
                     "%s/v1/...; set upstream to the URL without /v1", settings.upstream, settings.upstream)
     created = _files_not_there(settings)
+    started: list[bool] = []
     try:
-        return asyncio.run(_run(settings, prices))
+        return asyncio.run(_run(settings, prices, started))
     except (LedgerError, OSError) as exc:
-        _remove(created)  # a failed start leaves nothing behind it made
+        if not started:
+            _remove(created)  # a failed start leaves nothing behind it made (never a ledger that served)
         return _fail(str(exc))
 
 
@@ -158,7 +160,8 @@ def _remove(paths: list[str]) -> None:
             log.warning("could not remove %s, created by the failed start: %s", path, exc)
 
 
-async def _run(settings: Settings, prices: PriceTable) -> int:
+async def _run(settings: Settings, prices: PriceTable, started: list[bool]) -> int:
+    """Serve until SIGINT/SIGTERM; `started` gets an entry once both ports listen."""
     runner = web.AppRunner(make_app(settings, prices), access_log=None, handle_signals=False,
                            shutdown_timeout=settings.shutdown_grace or 0.0)
     await runner.setup()
@@ -173,6 +176,7 @@ async def _run(settings: Settings, prices: PriceTable) -> int:
             await admin_runner.setup()
             await web.TCPSite(admin_runner, settings.admin_host, settings.admin_port).start()
             log.info("admin API on http://%s:%s/admin", settings.admin_host, settings.admin_port)
+        started.append(True)
         log.info("meterproxy listening on http://%s:%s -> %s (ledger %s, pricing %s, version %s)",
                  settings.host, settings.port, settings.upstream, settings.db, prices.source, prices.version)
         if settings.admin_token is None:
