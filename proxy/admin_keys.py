@@ -116,6 +116,8 @@ def add_key_routes(admin: Any, gate_key: web.AppKey[Gate]) -> None:
 
     async def show(request: web.Request) -> web.StreamResponse:
         gate, keys = store(request)
+        if (refused := unknown_parameter(request.query, ())) is not None:
+            return refused
         key = await keys.get(request.match_info["key_id"])
         if key is None:
             return _not_found(f"key {request.match_info['key_id']!r}", "key_not_found")
@@ -170,6 +172,8 @@ def _add_budget_routes(admin: Any, gate_key: web.AppKey[Gate]) -> None:
         gate, subject = request.config_dict[gate_key], subject_of(request)
         if isinstance(subject, web.Response):
             return subject
+        if request.method == "GET" and (refused := unknown_parameter(request.query, ())) is not None:
+            return refused
         found = [e for e in gate.limits.entries() if e[0] == subject]
         if not found:
             return _not_found(f"limits for {subject.kind} {subject.name!r}", "limits_not_found")

@@ -298,6 +298,7 @@ def test_an_upstream_ending_in_v1_is_warned_about(tmp_path: Path, upstream: Fake
     ("/admin/calls?limt=5", "limt"),
     ("/admin/accuracy?modle=gpt-4o", "modle"),
     ("/admin/budgets?kind=user", "kind"),
+    ("/admin/budgets/user/alice?full=1", "full"),
     ("/admin/pricing?verbose=1", "verbose"),
     ("/meter/usage?from=2026-01-01", "from"),
 ])
