@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from aiohttp import web
 

@@ -1,7 +1,7 @@
 """`meterproxy keys create|list|show|update|revoke`: managed keys, on the database file directly.
 
-Works whether or not a proxy is running on the same file: a running proxy notices the change within about
-a second (it polls ControlDB's change counter once a second). `create` prints the new key once; nothing can show it again.
+Works whether or not a proxy is running on the same file: a running proxy notices the change within
+about a second (it polls ControlDB's change counter once a second). `create` prints the new key once; nothing can show it again.
 Every operator mistake ends with one line on stderr and exit status 2, never a traceback.
 """
 

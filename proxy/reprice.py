@@ -224,7 +224,8 @@ def run_reprice(args: argparse.Namespace, after: AfterReprice | None = None) -> 
     `after` is handed to `reprice()` (e.g. the rollup rebuild)."""
     try:
         db = ledger_path(args)
-        pricing = args.pricing or (load_settings(args.config, serving=False).pricing if args.config else SHIPPED_PRICING)
+        pricing = args.pricing or (load_settings(args.config, serving=False).pricing if args.config
+                                   else SHIPPED_PRICING)
         table = PriceTable.load(pricing)
         since, until = time_range(args)
         report = _reprice_file(str(db), table, since, until, args.model, args.dry_run, after)
