@@ -98,6 +98,8 @@ def _places(cost: Any) -> int:
 
 def _cost_cell(row: dict[str, Any], places: int) -> str:
     cost = Decimal(str(row["cost_usd"]))
+    if row.get("unpriced_calls") and not cost:
+        return "unpriced" + UNPRICED_MARK  # never a 0 that reads as a free call
     # Padding with zeros, never rounding: `places` is the most any cost in the table has.
     text = f"{cost:.{places}f}"
     return text + (UNPRICED_MARK if row.get("unpriced_calls") else " ")
