@@ -453,3 +453,21 @@ def test_404s_on_a_shared_port(proxy: ProxyServer) -> None:
         status, body = http("GET", f"{proxy.url}{path}", token=token)
         assert status == 404 and body["error"]["code"] == "not_found" and names in body["error"]["message"], body
         assert "/admin/admin" not in body["error"]["message"]
+
+
+def test_the_ledgers_write_probe_keeps_the_schema_version(tmp_path: Path) -> None:
+    """The probe the writer runs while rows wait (`replay([])`) once wrote `PRAGMA user_version =
+    user_version`, which SQLite reads as 0: it reset the schema version of the ledger it probed."""
+    import sqlite3
+
+    from proxy.ledger_db import LedgerDB
+
+    db = LedgerDB(str(tmp_path / "v.db"), 5000)
+    db.open()
+    try:
+        (before,) = sqlite3.connect(db.path).execute("PRAGMA user_version").fetchone()
+        assert before > 0 and db.refuses_writes() is None
+        db.replay([])
+        assert sqlite3.connect(db.path).execute("PRAGMA user_version").fetchone() == (before,)
+    finally:
+        db.close()
