@@ -31,6 +31,7 @@ from proxy.pricing import PriceTable
 from proxy.pricing_live import LivePrices
 from proxy.pricing_live import admin_routes as pricing_routes
 from proxy.retention import RetentionTask
+from proxy.ui import make_meter_ui, make_ui, mount
 
 SETTINGS = web.AppKey("settings", Settings)
 LEDGER = web.AppKey("ledger", Ledger)
@@ -83,9 +84,10 @@ def _not_found_on(serves: str) -> Callable[[web.Request], Awaitable[web.Response
 
 
 def _proxy_port_serves(settings: Settings) -> str:
-    extra = ", /metrics and /admin/..." if settings.admin_port is None else (
-        f"; /admin/... and /metrics are on the admin port http://{settings.admin_host}:{settings.admin_port}")
-    return f"the proxy forwards /v1/... to the upstream and serves /healthz, /meter/usage{extra}"
+    extra = ", /metrics, /admin/... and the dashboard /admin/ui/" if settings.admin_port is None else (
+        f"; /admin/..., the dashboard and /metrics are on the admin port http://{settings.admin_host}:"
+        f"{settings.admin_port}")
+    return f"the proxy forwards /v1/... to the upstream and serves /healthz, /meter/usage, /meter/ui/{extra}"
 
 
 class _NoRequestLines(logging.Filter):
@@ -175,6 +177,7 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
     if settings.admin_port is None:  # else /metrics is served beside the admin API, on its own address
         app.router.add_get("/metrics", metrics.handler())
     app.router.add_get("/meter/usage", meter_usage(GATE))
+    mount(app, "/meter/ui", make_meter_ui(settings, GATE))  # a key holder's own page
     app.router.add_route("*", "/v1/{tail:.*}", _proxy)
     if settings.admin_port is None:
         _add_admin(app, settings)
@@ -184,6 +187,7 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
 
 
 def _add_admin(app: web.Application, settings: Settings) -> None:
+    mount(app, "/admin/ui", make_ui(settings, GATE, LIVE))  # the dashboard, before the API's /admin
     # `/admin` itself matches no route of the sub-app, and aiohttp would answer it with a plain-text 404.
     app.router.add_route("*", "/admin", _not_found_on("the admin API's routes are under /admin/, such as "
                                                        "/admin/usage, /admin/calls and /admin/keys"))
@@ -208,8 +212,8 @@ def make_admin_site(settings: Settings, gate: Gate, live: LivePrices, metrics: M
     app.router.add_get("/metrics", metrics.handler())
     _add_admin(app, settings)
     app.router.add_route("*", "/{tail:.*}", _not_found_on(
-        f"the admin port serves /admin/... and /metrics; the proxy (/v1/...) is on http://{settings.host}:"
-        f"{settings.port}"))
+        f"the admin port serves /admin/..., the dashboard /admin/ui/ and /metrics; the proxy (/v1/...) is on "
+        f"http://{settings.host}:{settings.port}"))
     return app
 
 
