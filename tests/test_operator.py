@@ -318,6 +318,10 @@ def test_admin_reads_refuse_an_unknown_parameter(proxy: ProxyServer, path: str, 
 def test_known_parameters_still_work(proxy: ProxyServer) -> None:
     assert http("GET", f"{proxy.url}/admin/usage?group_by=model&since=2026-01-01&format=json")[0] == 200
     assert http("GET", f"{proxy.url}/admin/calls?limit=5")[0] == 200
+    assert http("GET", f"{proxy.url}/admin/calls?limit=5&key=k&user=a&model=m&status=200&usage_source=upstream"
+                )[0] == 200
+    assert http("GET", f"{proxy.url}/admin/accuracy?since=2026-01-01&until=2026-02-01&model=m")[0] == 200
+    assert http("GET", f"{proxy.url}/admin/budgets")[0] == 200 and http("GET", f"{proxy.url}/admin/pricing")[0] == 200
 
 
 def test_every_404_is_openai_shaped_and_names_its_port(tmp_path: Path, upstream: FakeUpstream) -> None:
