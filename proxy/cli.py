@@ -146,7 +146,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _files_not_there(settings: Settings) -> list[str]:
     """The ledger's files that do not exist yet: a start that fails removes them again."""
-    names = [settings.db + suffix for suffix in ("", "-wal", "-shm", "-journal")] + [spool_path(settings)]
+    spool = spool_path(settings)
+    names = [settings.db + suffix for suffix in ("", "-wal", "-shm", "-journal")] + [spool, f"{spool}.reserve"]
     return [name for name in names if not os.path.lexists(name)]
 
 
