@@ -111,11 +111,14 @@ async def _healthz(request: web.Request) -> web.Response:
     reason = ledger.degraded
     if reason is None:
         return web.json_response({"status": "ok"})
-    # Serving on with rows only in the spool is degraded, not down; under `reject` calls are refused: 503.
-    refusing = request.app[SETTINGS].on_ledger_error == "reject"
-    return web.json_response({"status": "degraded", "ledger": "rejecting" if refusing else "spooling",
-                              "reason": reason, "spool_depth": ledger.spool_depth},
-                             status=503 if refusing else 200)
+    # Serving on with rows only in the spool is degraded, not down; when calls are refused (`reject`, or
+    # neither the database nor the spool takes rows): 503.
+    if not ledger.storing:
+        state = "unavailable"
+    else:
+        state = "rejecting" if request.app[SETTINGS].on_ledger_error == "reject" else "spooling"
+    return web.json_response({"status": "degraded", "ledger": state, "reason": reason,
+                              "spool_depth": ledger.spool_depth}, status=200 if state == "spooling" else 503)
 
 
 def _not_found_on(serves: str) -> Callable[[web.Request], Awaitable[web.Response]]:
