@@ -41,7 +41,7 @@ from proxy.control.limits import (
     period_of,
 )
 from proxy.core.attribution import api_key, key_id_of
-from proxy.core.errors import error_response
+from proxy.core.errors import error_response, unknown_parameter
 from proxy.reports import queries as reports
 
 __all__ = ["add_key_routes", "budget_views", "key_views", "meter_report", "meter_usage"]
@@ -107,6 +107,8 @@ def add_key_routes(admin: Any, gate_key: web.AppKey[Gate]) -> None:
 
     async def list_all(request: web.Request) -> web.StreamResponse:
         gate, keys = store(request)
+        if (refused := unknown_parameter(request.query, ("user", "team", "revoked"))) is not None:
+            return refused
         revoked = request.query.get("revoked", "true")
         if revoked not in ("true", "false"):
             return _bad("revoked must be true or false", "revoked")
@@ -116,6 +118,8 @@ def add_key_routes(admin: Any, gate_key: web.AppKey[Gate]) -> None:
 
     async def show(request: web.Request) -> web.StreamResponse:
         gate, keys = store(request)
+        if (refused := unknown_parameter(request.query, ())) is not None:
+            return refused
         key = await keys.get(request.match_info["key_id"])
         if key is None:
             return _not_found(f"key {request.match_info['key_id']!r}", "key_not_found")
@@ -166,12 +170,16 @@ def _add_budget_routes(admin: Any, gate_key: web.AppKey[Gate]) -> None:
 
     async def list_all(request: web.Request) -> web.StreamResponse:
         gate = request.config_dict[gate_key]
+        if (refused := unknown_parameter(request.query, ())) is not None:
+            return refused
         return web.json_response({"budgets": await views(gate, gate.limits.entries())})
 
     async def show(request: web.Request) -> web.StreamResponse:
         gate, subject = request.config_dict[gate_key], subject_of(request)
         if isinstance(subject, web.Response):
             return subject
+        if request.method == "GET" and (refused := unknown_parameter(request.query, ())) is not None:
+            return refused
         found = [e for e in gate.limits.entries() if e[0] == subject]
         if not found:
             return _not_found(f"limits for {subject.kind} {subject.name!r}", "limits_not_found")
@@ -227,6 +235,8 @@ def meter_usage(gate_key: web.AppKey[Gate]) -> Handler:
             # Only what the key itself proves: a header could name anyone's user or team.
             user, team = None, None
             charges = [(Subject("key", key_id), gate.limits.get(Subject("key", key_id)) or Limits())]
+        if (refused := unknown_parameter(request.query, ("since", "until"))) is not None:
+            return refused
         try:
             q = request.query
             since = reports.parse_time(q["since"], "since") if "since" in q else None

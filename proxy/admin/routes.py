@@ -13,11 +13,12 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from proxy.config import ADMIN_TOKEN_ENV
-from proxy.core.errors import error_response
+from proxy.core.errors import error_response, unknown_parameter
 from proxy.reports import accuracy, render
 from proxy.reports import queries as reports
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_USAGE_PARAMS = ("group_by", "since", "until", "key", "user", "model", "tz", "format")
 
 
 def admin_guard(token: str | None) -> Callable[[Handler], Handler]:
@@ -106,6 +107,8 @@ def make_admin_app(db: str, token: str | None,
 
     async def usage(request: web.Request) -> web.StreamResponse:
         q = request.query
+        if (refused := unknown_parameter(q, _USAGE_PARAMS)) is not None:
+            return refused
         try:
             fmt = q.get("format", "json")
             if fmt not in ("json", "csv"):
@@ -124,6 +127,9 @@ def make_admin_app(db: str, token: str | None,
 
     async def calls(request: web.Request) -> web.StreamResponse:
         q = request.query
+        if (refused := unknown_parameter(q, ("key", "limit", "before", "user", "model", "status",
+                                             "usage_source"))) is not None:
+            return refused
         try:
             limit_text = q.get("limit", "50")
             if not limit_text.isdigit():
@@ -148,6 +154,8 @@ def make_admin_app(db: str, token: str | None,
 
     async def accuracy_view(request: web.Request) -> web.StreamResponse:
         q = request.query
+        if (refused := unknown_parameter(q, ("since", "until", "model"))) is not None:
+            return refused
         try:
             since = reports.parse_time(q["since"], "since") if "since" in q else None
             until = reports.parse_time(q["until"], "until") if "until" in q else None
@@ -158,8 +166,10 @@ def make_admin_app(db: str, token: str | None,
         return web.json_response(result)
 
     async def not_found(request: web.Request) -> web.Response:
-        return error_response(404, f"No admin route {request.method} {request.path}", "invalid_request_error",
-                              "not_found")
+        served = sorted({str(info.get("path") or info.get("formatter", "")) for info in
+                         (r.get_info() for r in admin.router.resources())} - {"/admin/{tail}", "/{tail}"})
+        return error_response(404, f"No admin route {request.method} {request.path}: the admin API serves "
+                              f"{', '.join(served)}", "invalid_request_error", "not_found")
 
     admin = web.Application()
     routes = GuardedRoutes(admin, admin_guard(token))
