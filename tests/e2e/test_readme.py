@@ -88,7 +88,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    from tests.test_cli import free_port
+    from tests.support.cli import free_port
 
     upstream = FakeUpstream()
     upstream.handler = _answer
