@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
+import re
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from proxy import accuracy, render, reports
+from proxy import accuracy, openapi, render, reports
 from proxy.config import ADMIN_TOKEN_ENV
 from proxy.errors import error_response
 
@@ -32,7 +34,10 @@ def _guard(token: str | None) -> Callable[[Handler], Handler]:
                 return error_response(401, f"The admin API is disabled: set {ADMIN_TOKEN_ENV} to enable it",
                                       "authentication_error", "admin_disabled")
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            # Header bytes that are not UTF-8 arrive as lone surrogates: surrogateescape gives the bytes
+            # back (never equal to a UTF-8 token) instead of an UnicodeEncodeError.
+            presented = given.strip().encode("utf-8", "surrogateescape")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(presented, expected):
                 return error_response(401, "Invalid admin token: send 'Authorization: Bearer <"
                                       f"{ADMIN_TOKEN_ENV}>'", "authentication_error", "invalid_admin_token")
             return await handler(request)
@@ -117,8 +122,9 @@ def make_admin_app(db: str, token: str | None,
         q = request.query
         try:
             limit_text = q.get("limit", "50")
-            if not limit_text.isdigit():
-                raise reports.ReportError("limit must be a whole number from 1 to 1000", param="limit")
+            if not re.fullmatch(r"[0-9]{1,6}", limit_text):  # ASCII: "²".isdigit(), yet int("²") fails
+                raise reports.ReportError(f"limit must be a whole number from 1 to {reports.MAX_LIMIT}",
+                                          param="limit")
             result = await _in_thread(db_path(request), reports.list_calls, key=q.get("key"),
                                       limit=int(limit_text), before=q.get("before"))
         except (reports.ReportError, reports.ReportDatabaseError) as exc:
@@ -140,8 +146,14 @@ def make_admin_app(db: str, token: str | None,
         return error_response(404, f"No admin route {request.method} {request.path}", "invalid_request_error",
                               "not_found")
 
+    spec = json.dumps(openapi.document()).encode()
+
+    async def openapi_view(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=spec, content_type="application/json")
+
     admin = web.Application()
     routes = GuardedRoutes(admin, _guard(token))
+    routes.add_get("/openapi.json", openapi_view)
     routes.add_get("/usage", usage)
     routes.add_get("/calls", calls)
     routes.add_get("/accuracy", accuracy_view)

@@ -29,6 +29,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from proxy import report_plan, report_sql, rollups
+from proxy.limits import MAX_TIME
 
 __all__ = [
     "COUNTERS", "GROUP_FIELDS", "GROUP_ROW_KEYS", "ReportDatabaseError", "ReportError",
@@ -121,10 +122,13 @@ def parse_time(value: str, param: str, tz: str | None = None) -> float:
         seconds = math.nan
     if not math.isfinite(seconds):
         raise ReportError(
-            f"{param}: {value!r} is not a time; use ISO 8601 (2026-11-23, "
+            f"{param}: {value[:64]!r} is not a time; use ISO 8601 (2026-11-23, "
             "2026-11-23T14:00:00Z) or unix seconds",
             param,
         )
+    if not 0 <= seconds <= MAX_TIME:  # beyond, a time cannot be rendered (nor bucketed in a zone)
+        raise ReportError(f"{param}: must be between 1970-01-01 and 9999-12-30 (unix seconds 0 to {MAX_TIME})",
+                          param)
     return seconds
 
 
@@ -306,7 +310,8 @@ def list_calls(
     limit = _check_limit(limit)
     cursor = None
     if before is not None:
-        if not isinstance(before, str) or not re.fullmatch(r"[1-9]\d{0,18}", before):
+        # ASCII digits, and short enough to be a SQLite integer (a 19-digit one may not be).
+        if not isinstance(before, str) or not re.fullmatch(r"[1-9][0-9]{0,17}", before):
             raise ReportError(f"before: {before!r} is not a cursor from a previous page", "before")
         cursor = int(before)
     where, params = where_sql(("key_id = ?", key), ("id < ?", cursor))
@@ -320,7 +325,7 @@ def list_calls(
 
 
 def _check_limit(limit: Any) -> int:
-    if isinstance(limit, str) and limit.strip().isdigit():
+    if isinstance(limit, str) and re.fullmatch(r"[0-9]{1,6}", limit.strip()):
         limit = int(limit)
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
         raise ReportError(f"limit: must be a whole number from 1 to {MAX_LIMIT}", "limit")
