@@ -17,6 +17,7 @@ from aiohttp import web
 from proxy import accuracy, openapi, render, reports
 from proxy.config import ADMIN_TOKEN_ENV
 from proxy.errors import error_response
+from proxy.limits import MAX_QUERY_VALUE
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -40,6 +41,10 @@ def _guard(token: str | None) -> Callable[[Handler], Handler]:
             if scheme.lower() != "bearer" or not hmac.compare_digest(presented, expected):
                 return error_response(401, "Invalid admin token: send 'Authorization: Bearer <"
                                       f"{ADMIN_TOKEN_ENV}>'", "authentication_error", "invalid_admin_token")
+            for name, value in request.query.items():
+                if len(value) > MAX_QUERY_VALUE:
+                    return error_response(400, f"{name[:64]}: at most {MAX_QUERY_VALUE} characters",
+                                          "invalid_request_error", "invalid_parameter", name[:64])
             return await handler(request)
 
         return check

@@ -40,6 +40,7 @@ from proxy.limits import (
     Subject,
     iso,
     parse_limits,
+    parse_text,
     period_of,
 )
 
@@ -57,8 +58,11 @@ def _not_found(what: str, code: str) -> web.Response:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw.strip():  # a PUT without its body must not wipe a subject's limits
+        raise FieldError("a JSON object body is required (send {} to mean no fields)")
     try:
-        data = json.loads(await request.read() or b"{}", parse_float=Decimal)
+        data = json.loads(raw, parse_float=Decimal)
     except (ValueError, UnicodeDecodeError) as exc:
         raise FieldError(f"the body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -156,7 +160,10 @@ def _add_budget_routes(admin: Any, gate_key: web.AppKey[Gate]) -> None:
         kind, name = request.match_info["kind"], request.match_info["name"]
         if kind not in KINDS:
             return _bad(f"kind must be one of {', '.join(KINDS)}", "kind")
-        return Subject(kind, name)
+        try:
+            return Subject(kind, parse_text(name, "name"))  # the bound every stored name has
+        except FieldError as exc:
+            return _bad(str(exc), exc.param)
 
     async def list_all(request: web.Request) -> web.StreamResponse:
         gate = request.config_dict[gate_key]

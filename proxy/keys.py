@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 from proxy.controldb import ControlDB
 from proxy.limits import (
-    FieldError, Limits, iso, parse_count, parse_money, parse_period, parse_text, parse_time,
+    MAX_NAME, FieldError, Limits, iso, parse_count, parse_money, parse_period, parse_text, parse_time,
 )  # fmt: skip
 
 __all__ = [
@@ -100,11 +100,14 @@ _NULLABLE = frozenset(_FIELDS) - {"user", "budget_period"}
 
 
 def _models(value: object) -> tuple[str, ...]:
-    if (not isinstance(value, (list, tuple)) or not value or len(value) > MAX_MODELS
-            or not all(isinstance(v, str) and v.strip() for v in value)):
+    if not isinstance(value, (list, tuple)) or not value or len(value) > MAX_MODELS:
         raise FieldError(f"models must be a list of 1 to {MAX_MODELS} model names or globs (null: any model)",
                          "models")
-    return tuple(value)
+    try:
+        return tuple(parse_text(v, "models") for v in value)
+    except FieldError:
+        raise FieldError(f"models: each must be a non-empty model name or glob of at most {MAX_NAME} characters",
+                         "models") from None
 
 
 _PARSERS = {

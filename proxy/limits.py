@@ -27,7 +27,7 @@ from typing import Any, Mapping, NamedTuple
 from proxy.controldb import ControlDB
 
 __all__ = [
-    "KINDS", "MAX_COUNT", "MAX_TIME", "PERIODS", "FieldError", "LimitStore", "Limits", "Subject", "iso",
+    "KINDS", "MAX_COUNT", "MAX_QUERY_VALUE", "MAX_TIME", "MAX_TIME_TEXT", "PERIODS", "FieldError", "LimitStore", "Limits", "Subject", "iso",
     "parse_count", "parse_limits", "parse_limits_setting", "parse_money", "parse_period", "parse_text",
     "parse_thresholds", "parse_time", "period_of",
 ]  # fmt: skip
@@ -39,7 +39,9 @@ MAX_NAME = 256
 # The latest time accepted anywhere (9999-12-30T00:00:00Z): a day short of datetime's end, so a time zone's
 # offset cannot carry a stored or reported time past the year 9999 (which cannot be rendered).
 MAX_TIME = 253402128000
+MAX_TIME_TEXT = 64  # characters of a time given as text; ISO 8601 needs at most 32
 MAX_COUNT = 10**12  # rpm and tpm: beyond any real limit, far inside SQLite's 64-bit integers
+MAX_QUERY_VALUE = 1024  # an admin query parameter's value; none needs more (names are at most MAX_NAME)
 _MAX_MONEY = Decimal(10) ** 12
 
 
@@ -138,7 +140,7 @@ def parse_time(value: object, param: str) -> float:
     try:
         if isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
             seconds = float(value)
-        elif isinstance(value, str):
+        elif isinstance(value, str) and len(value) <= MAX_TIME_TEXT:
             text = value.strip()
             if text.replace(".", "", 1).isdigit():
                 seconds = float(text)

@@ -15,7 +15,7 @@ import copy
 from typing import Any
 
 from proxy import __version__
-from proxy.limits import MAX_NAME, MAX_TIME, PERIODS
+from proxy.limits import MAX_COUNT, MAX_NAME, MAX_QUERY_VALUE, MAX_TIME, MAX_TIME_TEXT, PERIODS
 from proxy.reports import MAX_LIMIT
 
 __all__ = ["document"]
@@ -48,13 +48,13 @@ _TIME = {"type": "string", "description": "ISO 8601, UTC"}
 _INT = {"type": "integer"}
 _MONEY = {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$", "description": "USD, an exact decimal string"}
 _NAME = {"type": "string", "minLength": 1, "maxLength": MAX_NAME, "pattern": r"\S"}
-_COUNT = {"type": "integer", "minimum": 1, "maximum": 10**12}
+_COUNT = {"type": "integer", "minimum": 1, "maximum": MAX_COUNT}
 _MONEY_IN = {"description": "USD, 0 to 10^12: a JSON number (read exactly) or a decimal string",
              "anyOf": [{"type": "number", "minimum": 0, "maximum": 10**12},
                        {"type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*$"}]}
 _TIME_IN = {"description": f"ISO 8601 (naive means UTC) or unix seconds from 0 to {MAX_TIME} (year 9999)",
             "anyOf": [{"type": "number", "minimum": 0, "maximum": MAX_TIME},
-                      {"type": "string", "minLength": 1, "maxLength": 64}]}
+                      {"type": "string", "minLength": 1, "maxLength": MAX_TIME_TEXT}]}
 
 _COUNTERS = {
     "calls": _INT, "errors": _INT, "unpriced_calls": _INT, "prompt_tokens": _INT, "completion_tokens": _INT,
@@ -84,6 +84,8 @@ _KEY_VIEW = {
 _PRICE = {"type": "object", "additionalProperties": True,
           "description": "USD per 1M tokens as decimal strings (input, cached_input, output, ...), with "
                          "long_context and tiers where the table has them"}
+_PRICING_SUMMARY = {"version": _TEXT, "source": _TEXT, "loaded_at": _TIME,
+                    "error": _nullable(_obj({"message": _TEXT, "at": _TIME}))}
 _ACCURACY_SIDE = _obj({"calls": _INT, "mean_error": _nullable({"type": "number"}),
                        "mean_abs_error": _nullable({"type": "number"}), "worst_abs_error": _nullable(_INT),
                        "mean_abs_error_pct": _nullable({"type": "number"})})
@@ -132,12 +134,9 @@ _SCHEMAS: dict[str, Any] = {
                     "rpm": _nullable(_INT), "tpm": _nullable(_INT)}),
     "BudgetList": _obj({"budgets": {"type": "array", "items": _ref("Budget")}}),
     "BudgetDeleted": _obj({"kind": _TEXT, "name": _TEXT, "deleted": {"const": True}}),
-    "PricingSummary": _obj({"version": _TEXT, "source": _TEXT, "loaded_at": _TIME,
-                            "error": _nullable(_obj({"message": _TEXT, "at": _TIME}))}),
-    "Pricing": {"allOf": [_ref("PricingSummary"), _obj({
-        "models": {"type": "object", "additionalProperties": _PRICE}, "default": _nullable(_PRICE)},
-        extra=True)]},
-    "PricingReload": {"allOf": [_ref("PricingSummary"), _obj({"reloaded": {"type": "boolean"}}, extra=True)]},
+    "Pricing": _obj({**_PRICING_SUMMARY, "models": {"type": "object", "additionalProperties": _PRICE},
+                     "default": _nullable(_PRICE)}),
+    "PricingReload": _obj({"reloaded": {"type": "boolean"}, **_PRICING_SUMMARY}),
     "MeterUsage": _obj({
         "key_id": _TEXT, "user": _nullable(_TEXT), "team": _nullable(_TEXT), "since": _nullable(_TIME),
         "until": _nullable(_TIME), "budgets": {"type": "array", "items": _ref("BudgetState")},
@@ -168,7 +167,7 @@ def _responses(ok: int, schema: str, description: str, *errors: int) -> dict[str
 
 def _query(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": False, "description": description,
-            "schema": schema or {"type": "string", "maxLength": 1024}}
+            "schema": schema or {"type": "string", "maxLength": MAX_QUERY_VALUE}}
 
 
 def _path(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -180,8 +179,10 @@ def _body(schema: str) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": _ref(schema)}}}
 
 
-_SINCE = _query("since", "inclusive; ISO 8601 (a date or a datetime) or unix seconds, up to the year 9999")
-_UNTIL = _query("until", "exclusive; ISO 8601 or unix seconds, later than since")
+_TIME_QUERY = {"type": "string", "minLength": 1, "maxLength": MAX_TIME_TEXT}
+_SINCE = _query("since", "inclusive; ISO 8601 (a date or a datetime) or unix seconds, 1970 to 9999-12-30",
+                _TIME_QUERY)
+_UNTIL = _query("until", "exclusive; ISO 8601 or unix seconds, later than since", _TIME_QUERY)
 _KIND = _path("kind", "whose limits", {"type": "string", "enum": ["key", "user", "team"]})
 _SUBJECT = _path("name", "a key_id, a user or a team")
 _KEY_ID = _path("key_id", "the key's key_id (16 hex characters)")
@@ -299,7 +300,9 @@ def document() -> dict[str, Any]:
                            "and a key holder's own usage. Every error is in OpenAI's shape. `x-served-on` says "
                            "which listener serves a path: `admin` is admin_host:admin_port when admin_port is "
                            "set (else the proxy's port), `proxy` is always the proxy's port. The proxied "
-                           "OpenAI API itself (/v1/...) is OpenAI's, forwarded unchanged, and not described here.",
+                           "OpenAI API itself (/v1/...) is OpenAI's, forwarded unchanged, and not described here. "
+                           "A request line past 8190 bytes or a header past 8190 bytes is refused by the HTTP "
+                           "server before any route (400, plain text).",
         },
         "paths": _paths(),
         "components": {

@@ -29,7 +29,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from proxy import report_plan, report_sql, rollups
-from proxy.limits import MAX_TIME
+from proxy.limits import MAX_TIME, MAX_TIME_TEXT
 
 __all__ = [
     "COUNTERS", "GROUP_FIELDS", "GROUP_ROW_KEYS", "ReportDatabaseError", "ReportError",
@@ -108,6 +108,8 @@ def parse_time(value: str, param: str, tz: str | None = None) -> float:
     seconds."""
     if not isinstance(value, str) or not value.strip():
         raise ReportError(f"{param}: a time is required (ISO 8601 or unix seconds)", param)
+    if len(value) > MAX_TIME_TEXT:
+        raise ReportError(f"{param}: at most {MAX_TIME_TEXT} characters (ISO 8601 or unix seconds)", param)
     text = value.strip()
     zone = parse_tz(tz) or UTC  # outside the try: a bad zone is its own error
     try:
