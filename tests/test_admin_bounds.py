@@ -141,3 +141,20 @@ def test_a_non_utf8_admin_token_is_a_401(managed: ProxyServer, token: bytes) -> 
         status, body = raw_get(managed, path, token)
         assert status == 401, body
         assert json.loads(body)["error"]["code"] == "invalid_admin_token"
+
+
+@pytest.mark.parametrize("tz", ["UTC", "Asia/Tokyo", "Pacific/Kiritimati", "Etc/GMT+12", "Etc/GMT-14"])
+def test_the_widest_accepted_range_is_answered(managed: ProxyServer, tz: str) -> None:
+    # The bound is tight enough: at its ends, every grouping renders in every zone.
+    path = ("/admin/usage?since=1970-01-02&until=9999-12-30T00:00:00Z&group_by=hour,day,week,month"
+            f"&tz={quote(tz)}")
+    status, got = call(managed, "GET", path)
+    assert status == 200, got
+    assert got["until"] == "9999-12-30T00:00:00.000Z"
+    status, got = call(managed, "GET", "/admin/accuracy?since=0&until=253402128000")
+    assert status == 200, got
+    status, made = call(managed, "POST", "/admin/keys", {"user": "a", "expires_at": "9999-12-30T00:00:00Z",
+                                                         "rpm": 10**12, "tpm": "1000000000000"})
+    assert status == 201, made
+    assert (made["expires_at"], made["rpm"], made["tpm"]) == ("9999-12-30T00:00:00Z", 10**12, 10**12)
+    assert listed(managed)[0]["key_id"] == made["key_id"]
