@@ -27,9 +27,9 @@ from typing import Any, Mapping, NamedTuple
 from proxy.controldb import ControlDB
 
 __all__ = [
-    "KINDS", "MAX_COUNT", "MAX_QUERY_VALUE", "MAX_TIME", "MAX_TIME_TEXT", "PERIODS", "FieldError", "LimitStore", "Limits", "Subject", "iso",
-    "parse_count", "parse_limits", "parse_limits_setting", "parse_money", "parse_period", "parse_text",
-    "parse_thresholds", "parse_time", "period_of",
+    "KINDS", "MAX_COUNT", "MAX_NAME", "MAX_QUERY_VALUE", "MAX_TIME", "MAX_TIME_TEXT", "PERIODS", "FieldError",
+    "LimitStore", "Limits", "Subject", "iso", "parse_count", "parse_limits", "parse_limits_setting", "parse_money",
+    "parse_period", "parse_text", "parse_thresholds", "parse_time", "period_of",
 ]  # fmt: skip
 
 log = logging.getLogger("meterproxy")
