@@ -2,7 +2,8 @@
 
 Every operation of proxy/openapi.py gets generated requests, valid and invalid (schemathesis' positive and
 negative modes, and its coverage phase's boundary values); no answer may be a 500, and every answer must be
-one the document describes (status, content type, body schema). Writes go to this module's throwaway ledger.
+one the document describes (status, content type, body schema), and every guarded one refuses a missing or
+wrong token. Writes go to this module's throwaway ledger.
 
 The number of examples per operation is bounded for CI (METERPROXY_SCHEMATHESIS_EXAMPLES raises it for a
 longer run) and the generation is deterministic, so a failure here reproduces (METERPROXY_SCHEMATHESIS_RANDOM=1
@@ -30,7 +31,7 @@ from tests.test_forwarding import request
 
 EXAMPLES = int(os.environ.get("METERPROXY_SCHEMATHESIS_EXAMPLES", "12"))
 CHECKS = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
-          checks.response_schema_conformance, checks.negative_data_rejection]
+          checks.response_schema_conformance, checks.negative_data_rejection, checks.ignored_auth]
 
 SCHEMA = schemathesis.openapi.from_dict(openapi.document())
 # METERPROXY_SCHEMATHESIS_RANDOM=1: new examples each run (to hunt), instead of the same ones (to reproduce).
