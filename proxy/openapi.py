@@ -15,6 +15,7 @@ import copy
 from typing import Any
 
 from proxy import __version__
+from proxy.admin_keys import MAX_BODY
 from proxy.limits import MAX_COUNT, MAX_NAME, MAX_QUERY_VALUE, MAX_TIME, MAX_TIME_TEXT, PERIODS
 from proxy.reports import MAX_LIMIT
 
@@ -190,12 +191,18 @@ _KEY_ID = _path("key_id", "the key's key_id (16 hex characters)")
 
 def _op(summary: str, responses: dict[str, Any], *, tag: str, params: list[dict[str, Any]] | None = None,
         body: str | None = None, security: list[Any] | None = None, op_id: str) -> dict[str, Any]:
+    if security is None:  # behind the admin guard: it answers 401, and 400 for a query value past its bound
+        security = _ADMIN_AUTH
+        responses = {**responses}
+        for status in (400, 401):
+            responses.setdefault(str(status), _json(_ref("Error"), _ERRORS[status]))
     out: dict[str, Any] = {"operationId": op_id, "summary": summary, "tags": [tag], "responses": responses,
-                           "security": _ADMIN_AUTH if security is None else security}
+                           "security": security}
     if params:
         out["parameters"] = params
     if body:
         out["requestBody"] = _body(body)
+        responses.setdefault("413", _json(_ref("Error"), f"the body is larger than {MAX_BODY} bytes"))
     return out
 
 

@@ -158,3 +158,20 @@ def test_the_widest_accepted_range_is_answered(managed: ProxyServer, tz: str) ->
     assert status == 201, made
     assert (made["expires_at"], made["rpm"], made["tpm"]) == ("9999-12-30T00:00:00Z", 10**12, 10**12)
     assert listed(managed)[0]["key_id"] == made["key_id"]
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_past_its_bound_is_a_413_in_openai_shape(managed: ProxyServer, chunked: bool) -> None:
+    body = json.dumps({"user": "alice", "name": "x" * (70 * 1024)}).encode()
+    with socket.create_connection(("127.0.0.1", managed.server.port), timeout=30) as sock:
+        framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % len(body)
+        sock.sendall(b"POST /admin/keys HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer "
+                     + ADMIN_TOKEN.encode() + b"\r\nContent-Type: application/json\r\n" + framing + b"\r\n\r\n")
+        sock.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if chunked else body)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, got = reply.partition(b"\r\n\r\n")
+    assert head.split()[1] == b"413", head
+    assert json.loads(got)["error"]["code"] == "request_too_large"
+    assert listed(managed) == []
