@@ -95,6 +95,14 @@ async def _in_thread(path: str, fn: Callable[..., dict[str, Any]], **kwargs: Any
     return await asyncio.to_thread(run)
 
 
+def _one_call(path: str, request_id: str) -> dict[str, Any] | None:
+    conn = reports.connect_readonly(path)
+    try:
+        return reports.get_call(conn, request_id)
+    finally:
+        conn.close()
+
+
 def make_admin_app(db: str, token: str | None,
                    extra_routes: Callable[[GuardedRoutes], None] | None = None) -> web.Application:
     """The admin API over the ledger at `db`; mount it at /admin (on the proxy's port or its own).
@@ -131,10 +139,22 @@ def make_admin_app(db: str, token: str | None,
                 raise reports.ReportError(f"limit must be a whole number from 1 to {reports.MAX_LIMIT}",
                                           param="limit")
             result = await _in_thread(db_path(request), reports.list_calls, key=q.get("key"),
-                                      limit=int(limit_text), before=q.get("before"))
+                                      limit=int(limit_text), before=q.get("before"), user=q.get("user"),
+                                      model=q.get("model"), status=q.get("status"),
+                                      usage_source=q.get("usage_source"))
         except (reports.ReportError, reports.ReportDatabaseError) as exc:
             return _report_failed(exc)
         return web.json_response(result)
+
+    async def one_call(request: web.Request) -> web.StreamResponse:
+        try:
+            found = await asyncio.to_thread(_one_call, db_path(request), request.match_info["request_id"])
+        except reports.ReportDatabaseError as exc:
+            return _report_failed(exc)
+        if found is None:
+            return error_response(404, f"No call with request_id {request.match_info['request_id']!r}",
+                                  "invalid_request_error", "call_not_found")
+        return web.json_response(found)
 
     async def accuracy_view(request: web.Request) -> web.StreamResponse:
         q = request.query
@@ -161,6 +181,7 @@ def make_admin_app(db: str, token: str | None,
     routes.add_get("/openapi.json", openapi_view)
     routes.add_get("/usage", usage)
     routes.add_get("/calls", calls)
+    routes.add_get("/calls/{request_id}", one_call)
     routes.add_get("/accuracy", accuracy_view)
     if extra_routes is not None:
         extra_routes(routes)

@@ -44,7 +44,7 @@ from proxy.limits import (
     period_of,
 )
 
-__all__ = ["add_key_routes", "meter_usage"]
+__all__ = ["add_key_routes", "budget_views", "key_views", "meter_report", "meter_usage"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -97,7 +97,8 @@ def state_json(state: BudgetState) -> dict[str, Any]:
             "spent_usd": money(state.spent), "reserved_usd": money(state.reserved), "left_usd": money(state.left)}
 
 
-async def _key_views(gate: Gate, keys: list[ManagedKey]) -> list[dict[str, Any]]:
+async def key_views(gate: Gate, keys: list[ManagedKey]) -> list[dict[str, Any]]:
+    """Each key's public fields with its spend so far and budget left (what GET /admin/keys answers)."""
     now = time.time()
     states = await gate.budgets.states([(Subject("key", k.key_id), k.budget_period, k.budget_usd) for k in keys],
                                        now)
@@ -124,7 +125,7 @@ def add_key_routes(admin: Any, gate_key: web.AppKey[Gate]) -> None:
         except FieldError as exc:
             return _refused(exc)
         key, record = await keys.create(fields)
-        (view,) = await _key_views(gate, [record])
+        (view,) = await key_views(gate, [record])
         return web.json_response({"key": key, **view}, status=201)
 
     async def list_all(request: web.Request) -> web.StreamResponse:
@@ -134,14 +135,14 @@ def add_key_routes(admin: Any, gate_key: web.AppKey[Gate]) -> None:
             return _bad("revoked must be true or false", "revoked")
         found = await keys.list(user=request.query.get("user"), team=request.query.get("team"),
                                 include_revoked=revoked == "true")
-        return web.json_response({"keys": await _key_views(gate, found)})
+        return web.json_response({"keys": await key_views(gate, found)})
 
     async def show(request: web.Request) -> web.StreamResponse:
         gate, keys = store(request)
         key = await keys.get(request.match_info["key_id"])
         if key is None:
             return _not_found(f"key {request.match_info['key_id']!r}", "key_not_found")
-        return web.json_response((await _key_views(gate, [key]))[0])
+        return web.json_response((await key_views(gate, [key]))[0])
 
     async def update(request: web.Request) -> web.StreamResponse:
         gate, keys = store(request)
@@ -152,14 +153,14 @@ def add_key_routes(admin: Any, gate_key: web.AppKey[Gate]) -> None:
         key = await keys.update(request.match_info["key_id"], fields)
         if key is None:
             return _not_found(f"key {request.match_info['key_id']!r}", "key_not_found")
-        return web.json_response((await _key_views(gate, [key]))[0])
+        return web.json_response((await key_views(gate, [key]))[0])
 
     async def revoke(request: web.Request) -> web.StreamResponse:
         gate, keys = store(request)
         key = await keys.revoke(request.match_info["key_id"])
         if key is None:
             return _not_found(f"key {request.match_info['key_id']!r}", "key_not_found")
-        return web.json_response((await _key_views(gate, [key]))[0])
+        return web.json_response((await key_views(gate, [key]))[0])
 
     admin.router.add_post("/keys", create)
     admin.router.add_get("/keys", list_all)
@@ -169,12 +170,16 @@ def add_key_routes(admin: Any, gate_key: web.AppKey[Gate]) -> None:
     _add_budget_routes(admin, gate_key)
 
 
+async def budget_views(gate: Gate, entries: list[tuple[Subject, Any, str]]) -> list[dict[str, Any]]:
+    """Each subject's limits with its spend (what GET /admin/budgets answers); `entries` from limits.entries()."""
+    states = await gate.budgets.states([(s, lim.budget_period, lim.budget_usd) for s, lim, _ in entries],
+                                       time.time())
+    return [{**state_json(st), "source": source, "rpm": lim.rpm, "tpm": lim.tpm}
+            for (_, lim, source), st in zip(entries, states)]
+
+
 def _add_budget_routes(admin: Any, gate_key: web.AppKey[Gate]) -> None:
-    async def views(gate: Gate, entries: list[tuple[Subject, Any, str]]) -> list[dict[str, Any]]:
-        states = await gate.budgets.states([(s, lim.budget_period, lim.budget_usd) for s, lim, _ in entries],
-                                           time.time())
-        return [{**state_json(st), "source": source, "rpm": lim.rpm, "tpm": lim.tpm}
-                for (_, lim, source), st in zip(entries, states)]
+    views = budget_views
 
     def subject_of(request: web.Request) -> Subject | web.Response:
         kind, name = request.match_info["kind"], request.match_info["name"]
@@ -247,25 +252,34 @@ def meter_usage(gate_key: web.AppKey[Gate]) -> Handler:
             key_id = key_id_of(presented)
             user, team = request.headers.get("X-Meter-User"), request.headers.get("X-Meter-Team")
             charges = [(Subject("key", key_id), gate.limits.get(Subject("key", key_id)) or Limits())]
-        charges += [(Subject(kind, name), gate.limits.get(Subject(kind, name)))
-                    for kind, name in (("user", user), ("team", team)) if name]
         try:
             q = request.query
-            since = reports.parse_time(q["since"], "since") if "since" in q else period_of("month", now)[0]
+            since = reports.parse_time(q["since"], "since") if "since" in q else None
             until = reports.parse_time(q["until"], "until") if "until" in q else None
-            usage = await asyncio.to_thread(_usage, gate.budgets.ledger_path, key_id, since, until)
+            return web.json_response(await meter_report(gate, key_id, user, team, charges, since, until, now))
         except reports.ReportError as exc:
             return _bad(str(exc), exc.param)
         except reports.ReportDatabaseError as exc:
             return error_response(503, f"The ledger cannot be read: {exc}", "server_error", "ledger_unavailable")
-        items = [(s, lim.budget_period, lim.budget_usd) for s, lim in charges if lim is not None]
-        states = await gate.budgets.states(items, now)
-        return web.json_response({
-            "key_id": key_id, "user": user, "team": team, "since": usage["since"], "until": usage["until"],
-            "budgets": [state_json(st) for st in states], "rows": usage["rows"], "totals": usage["totals"],
-        })  # fmt: skip
 
     return handler
+
+
+async def meter_report(gate: Gate, key_id: str, user: str | None, team: str | None,
+                       charges: list[tuple[Subject, Limits | None]], since: float | None, until: float | None,
+                       now: float) -> dict[str, Any]:
+    """A key holder's own view (GET /meter/usage, /meter/ui/): usage per day and model since `since` (default:
+    this month's start), and the budgets left of the key and of its user and team."""
+    charges = [*charges, *((Subject(kind, name), gate.limits.get(Subject(kind, name)))
+                           for kind, name in (("user", user), ("team", team)) if name)]
+    since = period_of("month", now)[0] if since is None else since
+    usage = await asyncio.to_thread(_usage, gate.budgets.ledger_path, key_id, since, until)
+    items = [(s, lim.budget_period, lim.budget_usd) for s, lim in charges if lim is not None]
+    states = await gate.budgets.states(items, now)
+    return {
+        "key_id": key_id, "user": user, "team": team, "since": usage["since"], "until": usage["until"],
+        "budgets": [state_json(st) for st in states], "rows": usage["rows"], "totals": usage["totals"],
+    }  # fmt: skip
 
 
 def _usage(path: str, key_id: str, since: float, until: float | None) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from proxy.pricing import PriceTable
 from proxy.pricing_live import LivePrices
 from proxy.pricing_live import admin_routes as pricing_routes
 from proxy.retention import RetentionTask
+from proxy.ui import make_meter_ui, make_ui, mount
 
 SETTINGS = web.AppKey("settings", Settings)
 LEDGER = web.AppKey("ledger", Ledger)
@@ -153,8 +154,10 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
     if settings.admin_port is None:  # else /metrics is served beside the admin API, on its own address
         app.router.add_get("/metrics", metrics.handler())
     app.router.add_get("/meter/usage", meter_usage(GATE))
+    mount(app, "/meter/ui", make_meter_ui(settings, GATE))  # a key holder's own page
     app.router.add_route("*", "/v1/{tail:.*}", _proxy)
     if settings.admin_port is None:
+        mount(app, "/admin/ui", make_ui(settings, GATE, LIVE))  # the dashboard, before the API's /admin
         app.add_subapp("/admin", _admin(settings))
     app.router.add_route("*", "/{tail:.*}", _not_found)
     return app
@@ -177,6 +180,7 @@ def make_admin_site(settings: Settings, gate: Gate, live: LivePrices, metrics: M
     app[GATE] = gate
     app[LIVE] = live
     app.router.add_get("/metrics", metrics.handler())
+    mount(app, "/admin/ui", make_ui(settings, GATE, LIVE))
     app.add_subapp("/admin", _admin(settings))
     app.router.add_route("*", "/{tail:.*}", _not_found)
     return app

@@ -53,6 +53,12 @@ def _url(value: object) -> str:
     return text.rstrip("/")
 
 
+def _required(value: float | None) -> float:
+    if value is None:
+        raise ValueError("must be a number of seconds, not null")
+    return value
+
+
 def _seconds(value: object) -> float | None:
     if value is None:
         return None
@@ -145,6 +151,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("admin_host", "127.0.0.1", "address of the admin API when it has its own port", _text),
     Setting("admin_port", None, "a port of its own for the admin API (then /admin is not served on the proxy's "
             "port); null: /admin on the proxy's port", lambda v: None if v is None else _port(v)),
+    Setting("ui_session_ttl", 28800.0, "seconds a dashboard login (/admin/ui/, /meter/ui/) lasts; then log in again",
+            lambda v: _required(_seconds(v))),
     Setting("connect_timeout", 10.0, "seconds to connect to the upstream; then 504", _seconds),
     Setting("first_byte_timeout", 600.0,
             "seconds to wait for the upstream's response headers (a non-streamed call sends them when it is "
@@ -211,6 +219,7 @@ class Settings:
     pricing: str = str(SHIPPED_PRICING)
     admin_host: str = "127.0.0.1"
     admin_port: int | None = None
+    ui_session_ttl: float = 28800.0
     connect_timeout: float | None = 10.0
     first_byte_timeout: float | None = 600.0
     idle_timeout: float | None = 300.0

@@ -116,6 +116,13 @@ _SCHEMAS: dict[str, Any] = {
         "pruned_before": {**_TIME, "description": "raw calls before this time are pruned (retention_days)"},
     }, required=["since", "until", "group_by", "tz", "rows", "totals"]),
     "Call": _CALL,
+    "CallDetail": {**_CALL, "required": ["request_id", "ts", "started_at", "ended_at", "method", "endpoint",
+                                          "status", "usage_source", "priced", "cost_usd"],
+                   "properties": {**_CALL["properties"], "started_at": {"type": "number"},
+                                  "ended_at": {"type": "number"}, "id": _INT},
+                   "additionalProperties": True,
+                   "description": "what a listed call has, and every other column of the row (pricing_version, "
+                                  "service_tier, audio tokens, original_cost_usd, repriced_at, ...)"},
     "CallPage": _obj({"calls": {"type": "array", "items": _ref("Call")},
                       "next": _nullable({**_TEXT, "description": "pass as `before` for the next page"})}),
     "AccuracyReport": _obj({"since": _nullable(_TIME), "until": _nullable(_TIME), "models": {
@@ -149,7 +156,7 @@ _SCHEMAS: dict[str, Any] = {
 _ERRORS = {
     400: "a bad parameter or body (`param` names it)",
     401: "no admin token, a wrong one, or the admin API is disabled (no METERPROXY_ADMIN_TOKEN)",
-    404: "no such key or subject",
+    404: "no such key, subject or call",
     409: "the subject is a managed key: change its limits on the key",
     503: "the ledger cannot be read",
 }
@@ -228,12 +235,20 @@ def _paths() -> dict[str, Any]:
         "/admin/calls": {"x-served-on": "admin", "get": _op(
             "Ledger rows, newest first, a page at a time", _responses(200, "CallPage", "a page", 503),
             tag="reports", op_id="calls", params=[
-                _query("key", "only this key_id"),
+                _query("key", "only this key_id"), _query("user", "only this user's"),
+                _query("model", "only this model"),
+                _query("status", "only this HTTP status", {"type": "string", "pattern": "^[1-9][0-9]{2}$"}),
+                _query("usage_source", "only calls whose usage came from there",
+                       {"type": "string", "enum": ["upstream", "counted", "none"]}),
                 _query("limit", f"rows per page, 1 to {MAX_LIMIT} (default 50)",
                        {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
                 _query("before", "the `next` cursor of the previous page",
                        {"type": "string", "pattern": "^[1-9][0-9]{0,17}$"}),
             ])},
+        "/admin/calls/{request_id}": {"x-served-on": "admin", "get": _op(
+            "One call: every column of its ledger row", _responses(200, "CallDetail", "the call", 404, 503),
+            tag="reports", op_id="getCall", params=[
+                _path("request_id", "the call's request_id", {"type": "string", "minLength": 1, "maxLength": 200})])},
         "/admin/accuracy": {"x-served-on": "admin", "get": _op(
             "Counting accuracy per model, from the sampled calls",
             _responses(200, "AccuracyReport", "per model", 503), tag="reports", op_id="accuracy",
@@ -307,7 +322,8 @@ def document() -> dict[str, Any]:
                            "and a key holder's own usage. Every error is in OpenAI's shape. `x-served-on` says "
                            "which listener serves a path: `admin` is admin_host:admin_port when admin_port is "
                            "set (else the proxy's port), `proxy` is always the proxy's port. The proxied "
-                           "OpenAI API itself (/v1/...) is OpenAI's, forwarded unchanged, and not described here. "
+                           "OpenAI API itself (/v1/...) is OpenAI's, forwarded unchanged, and not described here; nor are the "
+                           "dashboard's HTML pages (/admin/ui/, /meter/ui/), a browser's view of this API. "
                            "A request line past 8190 bytes or a header past 8190 bytes is refused by the HTTP "
                            "server before any route (400, plain text).",
         },

@@ -33,7 +33,7 @@ from proxy.limits import MAX_TIME, MAX_TIME_TEXT
 
 __all__ = [
     "COUNTERS", "GROUP_FIELDS", "GROUP_ROW_KEYS", "ReportDatabaseError", "ReportError",
-    "connect_readonly", "list_calls", "parse_time", "parse_tz", "plan_segments", "usage_report",
+    "USAGE_SOURCES", "connect_readonly", "get_call", "list_calls", "parse_time", "parse_tz", "plan_segments", "usage_report",
 ]  # fmt: skip
 
 
@@ -70,6 +70,7 @@ _CALL_SQL = ", ".join(
     {"ts": "started_at", "user": '"user"'}.get(name, name) for name in ("id", *_CALL_FIELDS)
 )
 MAX_LIMIT = 1000
+USAGE_SOURCES = ("upstream", "counted", "none")  # where a row's token figures came from
 
 # Enough digits for any sum of ledger costs; Inexact is trapped so a sum is exact or an error.
 _EXACT = Context(prec=200, traps=[Inexact])
@@ -307,8 +308,15 @@ def list_calls(
     key: str | None = None,
     limit: int = 50,
     before: str | None = None,
+    user: str | None = None,
+    model: str | None = None,
+    status: str | int | None = None,
+    usage_source: str | None = None,
 ) -> dict[str, Any]:
-    """The newest calls first, `limit` at a time; pass the returned `next` as `before` for more."""
+    """The newest calls first, `limit` at a time; pass the returned `next` as `before` for more.
+
+    Filters (each optional, all must match): key (key_id), user, model, status (an HTTP status), usage_source
+    (upstream, counted or none)."""
     limit = _check_limit(limit)
     cursor = None
     if before is not None:
@@ -316,7 +324,14 @@ def list_calls(
         if not isinstance(before, str) or not re.fullmatch(r"[1-9][0-9]{0,17}", before):
             raise ReportError(f"before: {before!r} is not a cursor from a previous page", "before")
         cursor = int(before)
-    where, params = where_sql(("key_id = ?", key), ("id < ?", cursor))
+    if status is not None:
+        if isinstance(status, bool) or not re.fullmatch(r"[1-9]\d{2}", str(status).strip()):
+            raise ReportError(f"status: {status!r} is not an HTTP status (100 to 999)", "status")
+        status = int(str(status).strip())
+    if usage_source is not None and usage_source not in USAGE_SOURCES:
+        raise ReportError(f"usage_source: must be one of {', '.join(USAGE_SOURCES)}", "usage_source")
+    where, params = where_sql(("key_id = ?", key), ('"user" = ?', user), ("model = ?", model),
+                              ("status = ?", status), ("usage_source = ?", usage_source), ("id < ?", cursor))
     sql = f"SELECT {_CALL_SQL} FROM calls{where} ORDER BY id DESC LIMIT ?"
     found = conn.execute(sql, [*params, limit + 1]).fetchall()  # one extra: is there a next page?
     page = found[:limit]
@@ -324,6 +339,27 @@ def list_calls(
         "calls": [_call(row) for row in page],
         "next": str(page[-1][0]) if len(found) > limit else None,
     }
+
+
+def get_call(conn: sqlite3.Connection, request_id: str) -> dict[str, Any] | None:
+    """Every column of one call's row, by its request_id (None when there is none): what list_calls gives
+    and the rest (pricing version, audio tokens, service tier, re-pricing, ...); "ts" is started_at rendered."""
+    if not isinstance(request_id, str) or not request_id or len(request_id) > 200:
+        return None
+    cursor = conn.execute("SELECT * FROM calls WHERE request_id = ?", (request_id,))
+    found = cursor.fetchone()
+    if found is None:
+        return None
+    call = dict(zip((d[0] for d in cursor.description), found))
+    call["ts"] = iso_time(call["started_at"])
+    try:
+        call["tags"] = json.loads(call["tags"]) if call.get("tags") else {}
+    except ValueError:
+        pass  # shown as stored
+    for name in ("stream", "priced", "approximate", "lower_bound"):
+        if name in call and call[name] is not None:
+            call[name] = bool(call[name])
+    return call
 
 
 def _check_limit(limit: Any) -> int:

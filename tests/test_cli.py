@@ -166,6 +166,9 @@ def test_admin_api_on_its_own_address(tmp_path: Path) -> None:
         assert get(port, "/admin/usage") == 404  # not on the proxy's port
         assert get(port, "/metrics") == 404  # metrics (models, costs) go with the admin API
         assert get(admin_port, "/metrics") == 200
+        assert get(admin_port, "/admin/ui/login") == 200  # the dashboard is where the admin API is
+        assert get(port, "/admin/ui/login") == 404
+        assert get(port, "/meter/ui/login") == 200  # a key holder's page stays on the proxy's port
         assert get(port, "/healthz") == 200
     finally:
         proc.terminate()

@@ -15,8 +15,10 @@ from proxy.metrics import Metrics
 from tests.support import ADMIN_TOKEN, ProxyServer, proxy_settings
 from tests.test_forwarding import request
 
-# Not part of the document: the forwarded OpenAI API and the 404 catch-alls.
+# Not part of the document: the forwarded OpenAI API and the 404 catch-alls; and the dashboard's HTML pages
+# (proxy/ui/: browser forms with a session cookie and CSRF tokens, a view of this API, tested by its own tests).
 UNDOCUMENTED = {("*", "/v1/{tail}"), ("*", "/{tail}"), ("*", "/admin/{tail}")}
+HTML_PAGES = ("/admin/ui", "/meter/ui")
 
 
 def served_routes(app: web.Application) -> set[tuple[str, str]]:
@@ -27,6 +29,8 @@ def served_routes(app: web.Application) -> set[tuple[str, str]]:
             found |= served_routes(resource._app)
             continue
         path = resource.canonical.replace("{tail:.*}", "{tail}")
+        if path.startswith(HTML_PAGES):
+            continue
         found |= {(route.method, path) for route in resource if route.method != "HEAD"}
     return found - UNDOCUMENTED
 
