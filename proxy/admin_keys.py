@@ -11,7 +11,8 @@
     GET|PUT|DELETE /budgets/{kind}/{name}    one subject's limits (kind: key, user, team)
 
 `meter_usage(GATE)` is the handler of `GET /meter/usage` on the main app: the presenting key's own usage
-per day and model, and its budgets left — no admin token, the key itself is the credential.
+per day and model, and its budgets left — no admin token, the key itself is the credential. In passthrough
+mode that is the key's own budget only: X-Meter-User / X-Meter-Team prove nothing, so they show nothing.
 
 Bodies are read with parse_float=Decimal, so money sent as a JSON number keeps its exact digits. Every
 error is in OpenAI's shape. This module must never return a key except in the answer that created it.
@@ -250,7 +251,8 @@ def meter_usage(gate_key: web.AppKey[Gate]) -> Handler:
                 return error_response(401, "Send your API key (Authorization: Bearer ...) to see its usage",
                                       "invalid_request_error", "invalid_api_key")
             key_id = key_id_of(presented)
-            user, team = request.headers.get("X-Meter-User"), request.headers.get("X-Meter-Team")
+            # Only what the key itself proves: a header could name anyone's user or team.
+            user, team = None, None
             charges = [(Subject("key", key_id), gate.limits.get(Subject("key", key_id)) or Limits())]
         try:
             q = request.query

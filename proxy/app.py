@@ -7,6 +7,7 @@ else is a 404 in OpenAI's shape — nothing but `/v1/` ever reaches the upstream
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 from typing import AsyncIterator
@@ -42,11 +43,46 @@ LIVE = web.AppKey("live_prices", LivePrices)
 METRICS = web.AppKey("metrics", Metrics)
 
 
+class InFlight:
+    """The calls under way, so that those still running when `shutdown_grace` ends are recorded before the
+    ledger closes: status 499, "proxy shut down", with the tokens counted so far."""
+
+    MESSAGE = "proxy shut down"
+
+    def __init__(self) -> None:
+        self.calls: set[MeteredCall] = set()
+        self.cut = 0  # calls recorded as cut off by the shutdown
+
+    async def cut_off(self, call: MeteredCall) -> None:
+        if call.finished:
+            await call.wait_done()
+            return
+        self.cut += 1
+        call.on_end()
+        call.on_failure(499, self.MESSAGE)
+        await call.finish()
+
+    async def close(self) -> None:
+        """Before the ledger closes: record whatever is still under way, and wait for the rows still being
+        counted or handed over (a handler aiohttp stopped waiting for)."""
+        for call in list(self.calls):
+            await self.cut_off(call)
+        if self.cut:
+            logging.getLogger("meterproxy").warning(
+                "shutdown: %d call(s) still in flight when shutdown_grace ended; recorded as 499 (%s) with the "
+                "tokens counted so far", self.cut, self.MESSAGE)
+
+
+INFLIGHT = web.AppKey("inflight", InFlight)
+
+
 async def _proxy(request: web.Request) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
-    if settings.on_ledger_error == "reject" and not app[LEDGER].accepting:
-        # Forward nothing that cannot be recorded: no unrecorded spend.
+    ledger = app[LEDGER]
+    if not ledger.storing or (settings.on_ledger_error == "reject" and not ledger.accepting):
+        # Forward nothing that cannot be recorded: no unrecorded spend. (When neither the database nor the
+        # spool takes rows, whatever the policy: no response could complete.)
         return error_response(503, "The usage ledger cannot record calls right now; the request was not "
                               "forwarded. Retry shortly.", "server_error", "ledger_unavailable",
                               headers={"Retry-After": "1"})
@@ -54,9 +90,18 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
     call = MeteredCall(request.method, request.path, request.headers, prices=app[LIVE].table, ledger=app[LEDGER],
                        inject_usage=settings.stream_usage == "inject", counting=app[COUNTING],
                        sample_rate=settings.accuracy_sample_rate, metrics=app[METRICS])
-    return await forward(request, call, session=app[SESSION], upstream=settings.upstream, gate=app[GATE],
-                         timeout=app[TIMEOUT], first_byte=settings.first_byte_timeout,
-                         idle=settings.idle_timeout)
+    inflight = app[INFLIGHT]
+    inflight.calls.add(call)
+    try:
+        return await forward(request, call, session=app[SESSION], upstream=settings.upstream, gate=app[GATE],
+                             timeout=app[TIMEOUT], first_byte=settings.first_byte_timeout,
+                             idle=settings.idle_timeout)
+    except asyncio.CancelledError:
+        # aiohttp cancels the handlers still running when shutdown_grace ends: record the call first.
+        await inflight.cut_off(call)
+        raise
+    finally:
+        inflight.calls.discard(call)
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -104,6 +149,7 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
     metrics = Metrics(label_keys="key" in settings.metrics_labels, label_users="user" in settings.metrics_labels)
     app[METRICS] = metrics
     app[COUNTING] = counting_policy(settings)
+    app[INFLIGHT] = InFlight()
     # First byte and idle gaps are timed by the forwarder itself: aiohttp's sock_read would apply one
     # figure to both the wait for headers and the gaps between chunks.
     app[TIMEOUT] = aiohttp.ClientTimeout(total=settings.total_timeout, connect=settings.connect_timeout)
@@ -113,7 +159,8 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
         live = LivePrices(settings.pricing, table)
         app[LIVE] = live
         ledger = Ledger(settings.db, spool_path=spool_path(settings),
-                        busy_timeout_ms=int((settings.ledger_busy_timeout or 5.0) * 1000))
+                        busy_timeout_ms=int((settings.ledger_busy_timeout or 5.0) * 1000),
+                        spool_reserve_bytes=settings.spool_reserve)
         ledger.db.after_insert.append(rollups.apply)  # rollups move with their rows, in the same transaction
         ledger.db.on_open.append(_mark_stale_rollups)  # rows written without rollups: marked for the upkeep
         ledger.on_commit = metrics.observe_commit
@@ -126,7 +173,7 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
                 db_path=settings.db, managed=settings.keys == "managed", prices=live,
                 counting=app[COUNTING], upstream_key=settings.upstream_api_key, limits=settings.limits,
                 reserve_max_tokens=settings.reserve_max_tokens, alert_webhook=settings.alert_webhook,
-                alert_thresholds=settings.alert_thresholds)
+                alert_thresholds=settings.alert_thresholds, unmetered_routes=settings.unmetered_routes)
         except BaseException:
             await ledger.close()
             raise
@@ -143,6 +190,7 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
                 yield
             finally:
                 try:
+                    await app[INFLIGHT].close()
                     await upkeep.stop()
                     await live.stop()
                     await gate.close()

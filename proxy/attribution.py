@@ -65,6 +65,42 @@ def api_key(headers: CIMultiDictProxy[str]) -> str | None:
     return None
 
 
+_TOKEN_BAD = re.compile(r"[\x00-\x20\x7f]")
+
+
+def identity_problem(headers: CIMultiDictProxy[str]) -> str | None:
+    """Why the request's credentials are ambiguous, or None: the key attributed must be the key billed.
+
+    Refused: two different credentials (Authorization and api-key, or either one twice with different
+    values), a credential header named in Connection (a hop would drop it, and another key would be billed),
+    and an Authorization that is not `Bearer <key>` (the upstream may read it otherwise than we do).
+    """
+    connection = {token.strip().lower() for value in headers.getall("Connection", ())
+                  for token in value.split(",")}
+    named = sorted(connection & _CREDENTIALS)
+    if named:
+        return f"the Connection header must not name the credential header {named[0]!r}"
+    presented: set[str] = set()
+    for value in headers.getall("Authorization", ()):
+        value = _forwardable(value)
+        if not value.strip():
+            continue
+        scheme, _, credential = value.strip().partition(" ")
+        credential = credential.strip()
+        if scheme.lower() != "bearer" or not credential or _TOKEN_BAD.search(credential):
+            return "the Authorization header must be 'Bearer <API key>'"
+        presented.add(credential)
+    for value in headers.getall("api-key", ()):
+        value = _forwardable(value).strip()
+        if value:
+            if _TOKEN_BAD.search(value):
+                return "the api-key header must be a single API key"
+            presented.add(value)
+    if len(presented) > 1:
+        return "the request carries more than one API key (Authorization and api-key, or one header twice)"
+    return None
+
+
 def storable(value: str, limit: int = MAX_VALUE_CHARS) -> str:
     """`value` cut to `limit` characters, with any lone surrogate replaced by U+FFFD.
 

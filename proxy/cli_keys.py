@@ -35,7 +35,7 @@ __all__ = ["add_keys_parser", "run_keys"]
 
 _CLEAR = "none"  # an option given as "none" clears the field
 _TABLE = ("key_id", "user", "team", "name", "status", "budget_usd", "budget_period", "spent_usd", "left_usd",
-          "rpm", "tpm", "expires_at", "models")
+          "rpm", "tpm", "expires_at", "models", "routes")
 
 
 def add_keys_parser(subparsers: Any) -> None:
@@ -72,18 +72,25 @@ def _field_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", help="an allowed model or glob (repeat; 'none': any model)")
     parser.add_argument("--rpm", help="requests per minute")
     parser.add_argument("--tpm", help="tokens per minute")
+    parser.add_argument("--route", action="append",
+                        help="a route the key may call, e.g. 'POST /v1/files' or 'default' for the default "
+                             "inference routes (repeat; 'none': the default routes only)")
+    parser.add_argument("--organization", help="OpenAI-Organization to send upstream for this key")
+    parser.add_argument("--project", help="OpenAI-Project to send upstream for this key")
 
 
 def _fields(args: argparse.Namespace) -> dict[str, Any]:
     raw: dict[str, Any] = {}
     for option, field in (("user", "user"), ("team", "team"), ("name", "name"), ("budget_usd", "budget_usd"),
                           ("budget_period", "budget_period"), ("expires", "expires_at"), ("rpm", "rpm"),
-                          ("tpm", "tpm")):
+                          ("tpm", "tpm"), ("organization", "organization"), ("project", "project")):
         value = getattr(args, option, None)
         if value is not None:
             raw[field] = None if value == _CLEAR else value
     if args.model:
         raw["models"] = None if args.model == [_CLEAR] else args.model
+    if args.route:
+        raw["routes"] = None if args.route == [_CLEAR] else args.route
     return parse_key_fields(raw, creating=args.keys_command == "create")
 
 

@@ -17,6 +17,7 @@ import yaml
 from yarl import URL
 
 from proxy.limits import Limits, Subject, parse_limits_setting, parse_thresholds
+from proxy.routes import RouteError, parse_routes
 
 SHIPPED_PRICING = Path(__file__).resolve().parent / "pricing.yaml"
 
@@ -79,6 +80,12 @@ def _size(value: object) -> int:
     return value
 
 
+def _size0(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("must be a whole number of bytes (0 for none)")
+    return value
+
+
 def _choice(*allowed: str) -> Callable[[object], str]:
     def parse(value: object) -> str:
         if value not in allowed:
@@ -130,6 +137,15 @@ def _metric_labels(value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _route_list(value: object) -> tuple[str, ...]:
+    if value is None or value == []:
+        return ()
+    try:
+        return parse_routes(value, "unmetered_routes")
+    except RouteError as exc:
+        raise ValueError(str(exc)) from None
+
+
 @dataclass(frozen=True, slots=True)
 class Setting:
     name: str
@@ -161,7 +177,8 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds a response body may stall between two chunks; then the call ends as broken off", _seconds),
     Setting("total_timeout", None, "seconds a whole upstream call may take; null: no limit", _seconds),
     Setting("shutdown_grace", 30.0,
-            "on SIGTERM: seconds in-flight calls get to finish (no new ones are accepted), then the ledger is "
+            "on SIGTERM: seconds in-flight calls get to finish (no new ones are accepted); those still running "
+            "are then cut off and recorded (status 499, 'proxy shut down', tokens counted so far), the ledger is "
             "flushed and the process exits 0", _seconds),
     Setting("max_request_bytes", 32 * 1024 * 1024, "largest request body accepted; larger gets 413", _size),
     Setting("on_ledger_error", "spool",
@@ -170,6 +187,9 @@ SETTINGS: tuple[Setting, ...] = (
             "already under way are spooled either way)", _choice("spool", "reject")),
     Setting("spool", None, "path of the spool file; null: the db path plus '.spool.jsonl' (best on another "
             "disk than the db)", _optional_text),
+    Setting("spool_reserve", 8 * 1024 * 1024,
+            "bytes of disk held beside the spool (<spool>.reserve) and released to it when the disk fills, so "
+            "that a full disk shared with the db still leaves the spool room; 0: none", _size0),
     Setting("ledger_busy_timeout", 5.0, "seconds a write waits for a database locked by another process",
             _seconds),
     Setting("accuracy_sample_rate", 0.01,
@@ -190,8 +210,10 @@ SETTINGS: tuple[Setting, ...] = (
             "environment wins)", _optional_text),
     Setting("limits", {}, "budgets and rate limits for passthrough subjects: {key|user|team: {name: "
             "{budget_usd, budget_period: day|month|total, rpm, tpm}}}", parse_limits_setting),
-    Setting("reserve_max_tokens", 4096, "completion tokens a budget reserves for a call that sets no "
-            "max_tokens / max_completion_tokens", _size),
+    Setting("reserve_max_tokens", 4096, "output tokens a budget or tpm limit reserves for a call that sets no "
+            "output limit, when its model has no max_output in the price table", _size),
+    Setting("unmetered_routes", (), "routes allowed under a budget or tpm limit although the proxy cannot meter "
+            "them (they reserve nothing), e.g. ['GET /v1/files', 'POST /v1/files']", _route_list),
     Setting("alert_webhook", None, "URL that gets a JSON POST when spend crosses an alert threshold",
             lambda v: None if v is None else _url(v)),
     Setting("alert_thresholds", (Decimal("0.8"), Decimal(1)), "shares of a budget at which to alert, once per "
@@ -228,6 +250,7 @@ class Settings:
     shutdown_grace: float | None = 30.0
     on_ledger_error: str = "spool"
     spool: str | None = None
+    spool_reserve: int = 8 * 1024 * 1024
     ledger_busy_timeout: float | None = 5.0
     accuracy_sample_rate: float = 0.01
     count_encoding: str = "o200k_base"
@@ -237,6 +260,7 @@ class Settings:
     upstream_api_key: str | None = field(default=None, repr=False)
     limits: dict[Subject, Limits] = field(default_factory=dict)
     reserve_max_tokens: int = 4096
+    unmetered_routes: tuple[str, ...] = ()
     alert_webhook: str | None = None
     alert_thresholds: tuple[Decimal, ...] = (Decimal("0.8"), Decimal(1))
     retention_days: float | None = None

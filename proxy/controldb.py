@@ -21,7 +21,7 @@ import sqlite3
 import threading
 from typing import Callable, TypeVar
 
-from proxy.migrations import migrate
+from proxy.migrations import create_private, migrate
 
 __all__ = ["ControlDB", "ControlDBError"]
 
@@ -66,9 +66,10 @@ class ControlDB:
 
     def _connect(self) -> sqlite3.Connection:
         try:
+            create_private(self.path)  # `meterproxy keys` may be the first to create the ledger file
             return sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None,
                                    check_same_thread=False)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise ControlDBError(f"cannot open {self.path}: {exc}") from exc
 
     async def open(self) -> None:

@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.attribution import client_headers, upstream_headers
+from proxy.attribution import client_headers, identity_problem, upstream_headers
 from proxy.decoding import Identity, decoder_for
 from proxy.edits import StreamEditor
 from proxy.errors import error_response
 from proxy.gate import Gate, Refusal
 from proxy.metering import MeteredCall
+from proxy.redact import BodyGuard
+from proxy.routes import canonical_problem, method_problem
 
 log = logging.getLogger("meterproxy")
 
@@ -30,11 +32,46 @@ log = logging.getLogger("meterproxy")
 _SKIP_AUTO = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
 
 
-def _has_dot_segment(raw_path: str) -> bool:
-    # Such a path could leave the upstream's base path once the upstream (or a CDN) normalises it.
-    if "." not in raw_path and "%" not in raw_path:
-        return False
-    return any(segment in (".", "..") for segment in unquote(raw_path).split("/"))
+def _request_problem(request: web.Request, body_size: int) -> tuple[int, str, str] | None:
+    """(status, message, code) when the request must not be forwarded as sent; None when it may.
+
+    The route metered must be the route served: a path the upstream (or a CDN) could normalise into
+    another route, a method the route does not take, or credentials that could bill another key than the
+    one attributed are refused before anything is forwarded."""
+    problem = canonical_problem(request.rel_url.raw_path)
+    if problem is not None:
+        return 400, f"The path is not canonical: {problem}; it was not forwarded", "invalid_path"
+    wrong = method_problem(request.method, request.path, body_size)
+    if wrong is not None:
+        status, why = wrong
+        return status, f"Method not allowed: {why}", "method_not_allowed"
+    ambiguous = identity_problem(request.headers)
+    if ambiguous is not None:
+        return 400, f"Ambiguous credentials: {ambiguous}", "ambiguous_credentials"
+    return None
+
+
+_DECODABLE = frozenset({"gzip", "x-gzip", "deflate", "br", "identity"})
+
+
+def _decodable_encodings(headers: CIMultiDict[str]) -> None:
+    """Ask the upstream only for codings the meter can decode (proxy.decoding): a body in any other
+    (zstd, say) would pass unread and unmetered. The client still gets the upstream's bytes as sent."""
+    values = headers.popall("Accept-Encoding", [])
+    if not values:
+        return
+    kept, wildcard = [], False
+    for value in values:
+        for item in value.split(","):
+            coding = item.split(";", 1)[0].strip().lower()
+            if coding in _DECODABLE:
+                kept.append(item.strip())
+            elif coding == "*" and not item.replace(" ", "").lower().endswith(";q=0"):
+                wildcard = True
+    if wildcard:
+        named = {item.split(";", 1)[0].strip().lower() for item in kept}
+        kept += [c for c in ("gzip", "deflate", "br") if c not in named]
+    headers["Accept-Encoding"] = ", ".join(kept) if kept else "identity"
 
 
 def _is_timeout(exc: BaseException) -> bool:
@@ -50,6 +87,10 @@ def _describe(exc: BaseException) -> str:
 
 class _ClientGone(Exception):
     """Writing to the client failed: it disconnected."""
+
+
+class _Unrecorded(Exception):
+    """The call's row could be neither committed nor spooled: the response must not complete."""
 
 
 async def _send(response: web.StreamResponse, data: bytes) -> None:
@@ -80,18 +121,23 @@ async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.C
     # The target is always the configured upstream plus the request's path and query, in the client's
     # encoding. rel_url, not raw_path: an absolute URL in the request line must not leak into the path.
     rel = request.rel_url
-    if _has_dot_segment(rel.raw_path):
-        message = "Paths with '.' or '..' segments are not forwarded"
-        call.on_failure(400, message)
+    problem = _request_problem(request, len(body))
+    if problem is not None:
+        status, message, code = problem
+        if gate is not None and gate.managed:  # no key was checked: the client's X-Meter-* name no one
+            call.record.user = None
+            call.record.tags.pop("team", None)
+        call.on_failure(status, message)
         await call.finish()
-        return error_response(400, message, "invalid_request_error", "invalid_path")
+        return error_response(status, message, "invalid_request_error", code)
     query = rel.raw_query_string
     target = URL(upstream + rel.raw_path + (f"?{query}" if query else ""), encoded=True)
     headers = upstream_headers(request.headers)
+    _decodable_encodings(headers)
     if gate is not None:
         # Managed keys, rate limits and budgets: decided before anything is forwarded.
         admission = await gate.admit(request.headers, call.meter.request, request.path, method=request.method,
-                                     body_size=len(body), record=call.record)
+                                     body_size=len(body), record=call.record, raw=body)
         if isinstance(admission, Refusal):
             call.refused(admission)
             await call.finish()
@@ -120,7 +166,13 @@ async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.C
         await call.finish()
         return error_response(status, message, "upstream_error", code)
     async with upstream_resp:
-        return await _relay(request, call, upstream_resp, idle)
+        try:
+            return await _relay(request, call, upstream_resp, idle)
+        except _Unrecorded as exc:
+            # Never a success the ledger did not see: the held end is not sent, the connection is broken off.
+            upstream_resp.close()
+            _abort(request)
+            return exc.args[0]
 
 
 async def _relay(request: web.Request, call: MeteredCall, upstream: aiohttp.ClientResponse,
@@ -129,9 +181,10 @@ async def _relay(request: web.Request, call: MeteredCall, upstream: aiohttp.Clie
     call.on_response_headers(upstream.status, content_type)
     relay = _Relay(request, call, upstream, "text/event-stream" in content_type)
     try:
-        if relay.is_stream:
+        if relay.is_stream and (relay.guard is None or not relay.guard.compressed):
             # Stream headers go out at once; a plain body's wait for its first chunk (an empty body would
-            # otherwise be complete, for the client, before its row is committed).
+            # otherwise be complete, for the client, before its row is committed), and so does a compressed
+            # stream's in managed mode (it may have to go out decoded, if it echoes the real key).
             await _prepare(relay.response, request)
         async with asyncio.timeout(None) as deadline:
             watch = _StallWatch(deadline, idle)
@@ -195,59 +248,92 @@ class _Relay:
         self.request, self.call, self.is_stream = request, call, is_stream
         self.decoder = decoder_for(upstream.headers.get("Content-Encoding"))
         self.identity = isinstance(self.decoder, Identity)
-        self.response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                           headers=client_headers(upstream.headers))
+        headers = client_headers(upstream.headers)
+        key = call.upstream_key
+        # Managed mode: the upstream got the real key; should it echo it, the client must not receive it.
+        self.guard = BodyGuard(key, not isinstance(self.decoder, Identity)) if key else None
+        if key:
+            headers = _masked(headers, key)
+        self.response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         self.editor = StreamEditor() if is_stream and self.identity and call.edits_stream else None
         self.held: list[bytes] = []  # a plain body's newest chunk
         self.committed = False       # the row is committed (a stream's terminal event was complete)
         self.position = 0            # bytes of the decoded stream fed to the meter so far
         self.first = True
+        self.cut = False             # the guard stopped the body: the key turned up after bytes were sent
+
+    async def _out(self, data: bytes) -> None:
+        """Send upstream bytes to the client; in managed mode through the guard that keeps the key out."""
+        guard = self.guard
+        if guard is not None:
+            data = guard.out(data, nothing_sent=not self.response.prepared)
+            if guard.mode == "cut" and not self.cut:
+                self.cut = True
+                log.warning("call %s: the upstream echoed the upstream key in a compressed body after bytes "
+                            "were sent; the client's connection is broken off", self.call.record.request_id)
+                self.call.on_failure(None, "the upstream echoed the upstream key mid-body; the client's "
+                                           "connection was broken off")
+            if guard.switched:
+                guard.switched = False
+                # The body goes out decoded: it no longer has the upstream's encoding or length.
+                self.response.headers.popall("Content-Encoding", None)
+                self.response.headers.popall("Content-Length", None)
+            if not data:
+                return
+        if not self.response.prepared:
+            await _prepare(self.response, self.request)
+        await _send(self.response, data)
 
     async def chunk(self, chunk: bytes) -> None:
         if self.committed:
-            await _send(self.response, chunk)
+            if self.guard is not None and self.guard.compressed:
+                self.guard.decoded(self.decoder.feed(chunk))
+            await self._out(chunk)
             return
         if self.first:
             self.call.on_first_byte()
             self.first = False
         data = self.decoder.feed(chunk)
+        if self.guard is not None:
+            self.guard.decoded(data)
         hold_from = self.call.on_chunk(data)
         self.position += len(data)
         if not self.is_stream:
             if self.held:
-                await _prepare(self.response, self.request)
-                await _send(self.response, self.held.pop())
+                await self._out(self.held.pop())
             self.held.append(chunk)
         elif self.editor is not None:
             await self._edited(chunk, hold_from)
         elif hold_from is None:
-            await _send(self.response, chunk)
+            await self._out(chunk)
         else:
             # The terminal event is complete in this chunk: send what precedes it, commit, then the rest.
             start = hold_from - (self.position - len(data))
             cut = max(0, min(start, len(chunk))) if self.identity else 0
             if cut:
-                await _send(self.response, chunk[:cut])
+                await self._out(chunk[:cut])
             await self._commit()
-            await _send(self.response, chunk[cut:])
+            await self._out(chunk[cut:])
 
     async def _edited(self, chunk: bytes, hold_from: int | None) -> None:
         editor, meter = self.editor, self.call.meter
         assert editor is not None
         editor.feed(chunk)
         if not self.call.edits_stream:  # the meter failed: pass everything on unedited
-            await _send(self.response, editor.take(self.position, []))
+            await self._out(editor.take(self.position, []))
             self.editor = None
             return
         settled = meter.settled if meter.settled is not None else editor.released
         if hold_from is not None:
-            await _send(self.response, editor.take(hold_from, meter.edits))
+            await self._out(editor.take(hold_from, meter.edits))
             await self._commit()
-        await _send(self.response, editor.take(self.position if self.committed else settled, meter.edits))
+        await self._out(editor.take(self.position if self.committed else settled, meter.edits))
 
     async def _commit(self) -> None:
         self.call.on_end()
         await self.call.finish()
+        if self.call.recorded is False:
+            raise _Unrecorded(self.response)
         self.committed = True
 
     async def end(self) -> web.StreamResponse:
@@ -255,23 +341,34 @@ class _Relay:
             if self.decoder.error and self.call.meter.usage_error is None:
                 self.call.meter.usage_error = self.decoder.error
             await self._commit()
-            try:
-                await _prepare(self.response, self.request)
-                await self._release()
-            except _ClientGone:
-                return self.response
+        try:
+            await self._release(last=True)
+            await _prepare(self.response, self.request)
+        except _ClientGone:
+            return self.response
+        if self.guard is not None and self.guard.mode == "cut":
+            _abort(self.request)  # the rest would have carried the real key
+            return self.response
         try:
             await self.response.write_eof()
         except ConnectionError:
             pass
         return self.response
 
-    async def _release(self) -> None:
-        """After the commit: what was held back (a plain body's last chunk, an edited stream's tail)."""
+    async def _release(self, last: bool = False) -> None:
+        """After the commit: what was held back (a plain body's last chunk, an edited stream's tail), and at
+        the body's `last` end what the key guard held back. A torn body keeps the guard's tail: it could be
+        the start of the key."""
         for chunk in self.held:
-            await _send(self.response, chunk)
+            await self._out(chunk)
+        self.held = []
         if self.editor is not None:
-            await _send(self.response, self.editor.take(self.position, self.call.meter.edits))
+            await self._out(self.editor.take(self.position, self.call.meter.edits))
+        if last and self.guard is not None:
+            tail = self.guard.flush()
+            if tail:
+                await _prepare(self.response, self.request)
+                await _send(self.response, tail)
 
     async def broken(self, exc: BaseException) -> web.StreamResponse:
         if self.committed:
@@ -294,6 +391,13 @@ class _Relay:
             pass
         _abort(self.request)
         return self.response
+
+
+def _masked(headers: CIMultiDict[str], key: str) -> CIMultiDict[str]:
+    """The headers with the key overwritten wherever a value carries it (same length, same order)."""
+    if not any(key in value for value in headers.values()):
+        return headers
+    return CIMultiDict((name, value.replace(key, "*" * len(key))) for name, value in headers.items())
 
 
 async def _prepare(response: web.StreamResponse, request: web.Request) -> None:

@@ -14,9 +14,11 @@ and the budget hold that follows it (together they are one step, or concurrency 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import time
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from typing import Any, Callable, Mapping, MutableMapping
 
 from proxy.alerts import Alerts
@@ -26,20 +28,25 @@ from proxy.controldb import ControlDB
 from proxy.counter import CountPolicy
 from proxy.counting import count_request, encoding_for, get_encoding
 from proxy.errors import error_body
+from proxy.forms import form_fields
 from proxy.keys import KeyStore, ManagedKey
 from proxy.limits import Limits, LimitStore, Subject
 from proxy.pricing import PriceTable
 from proxy.pricing_live import LivePrices
 from proxy.ratelimit import RateLimiter, RateRefusal, Ticket
 from proxy.record import CallRecord, Usage
+from proxy.routes import FREE_POLICY, METERED_POLICY, RoutePolicy
 
 __all__ = ["Admission", "Gate", "Refusal", "open_gate", "upstream_key_from"]
 
 log = logging.getLogger("meterproxy")
 UPSTREAM_KEY_ENV = "OPENAI_API_KEY"
 _INLINE_COUNT_BYTES = 16 * 1024  # bodies up to this are counted on the loop (well under a millisecond)
-_METERED_SUFFIXES = ("/chat/completions", "/completions", "/embeddings", "/responses")
 _OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+_CHOICE_FIELDS = ("n", "best_of")
+_MAX_COUNT = 10**18  # more tokens than any budget (at most 10^12 USD) could pay for: a larger ask is this
+# Headers that choose another account to bill: in managed mode only the key's own values are sent.
+ACCOUNT_HEADERS = ("OpenAI-Organization", "OpenAI-Project")
 _ZERO = Decimal(0)
 _NO_RETRY = {"x-should-retry": "false"}  # openai SDKs would otherwise retry a 429 that cannot succeed
 
@@ -53,7 +60,7 @@ async def open_gate(*, db_path: str, managed: bool, prices: PriceTable | LivePri
                     upstream_key: str | None = None, limits: Mapping[Subject, Limits] | None = None,
                     reserve_max_tokens: int = 4096, alert_webhook: str | None = None,
                     alert_thresholds: tuple[Decimal, ...] = (Decimal("0.8"), Decimal(1)),
-                    watch_interval: float = 1.0) -> Gate:
+                    watch_interval: float = 1.0, unmetered_routes: tuple[str, ...] = ()) -> Gate:
     """Open the control tables on the ledger's file (after the ledger: it must exist) and build the gate."""
     db = ControlDB(db_path)
     await db.open()
@@ -63,7 +70,8 @@ async def open_gate(*, db_path: str, managed: bool, prices: PriceTable | LivePri
         alerts = Alerts(db, alert_webhook, alert_thresholds)
         gate = Gate(managed=managed, keys=KeyStore(db), limits=store,
                     budgets=Budgets(db_path, alerts=alerts), rates=RateLimiter(), prices=prices,
-                    counting=counting, upstream_key=upstream_key, reserve_max_tokens=reserve_max_tokens)
+                    counting=counting, upstream_key=upstream_key, reserve_max_tokens=reserve_max_tokens,
+                    unmetered_routes=RoutePolicy(unmetered_routes) if unmetered_routes else None)
     except BaseException:
         await db.close()
         raise
@@ -75,14 +83,15 @@ async def open_gate(*, db_path: str, managed: bool, prices: PriceTable | LivePri
 class Refusal:
     """An answer instead of forwarding: status, OpenAI-shaped error, headers, and who was refused."""
 
-    __slots__ = ("code", "headers", "key_id", "message", "param", "status", "team", "type", "user")
+    __slots__ = ("code", "headers", "key_id", "managed", "message", "param", "status", "team", "type", "user")
 
     def __init__(self, status: int, message: str, type_: str, code: str, *, param: str | None = None,
                  headers: dict[str, str] | None = None, key_id: str | None = None, user: str | None = None,
-                 team: str | None = None) -> None:
+                 team: str | None = None, managed: bool = False) -> None:
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
         self.headers = headers or {}
         self.key_id, self.user, self.team = key_id, user, team
+        self.managed = managed  # the subject is the key's (or nobody's), never the client's X-Meter-*
 
     @property
     def body(self) -> bytes:
@@ -95,14 +104,15 @@ class Refusal:
 class Admission:
     """A call let through: how to authenticate upstream, whom to attribute it to, and its holds."""
 
-    __slots__ = ("_budgets", "_reservation", "_settled", "_ticket", "authorization", "key", "key_id", "team",
-                 "user")
+    __slots__ = ("_budgets", "_reservation", "_settled", "_ticket", "authorization", "key", "key_id", "managed",
+                 "team", "user")
 
     def __init__(self, *, key_id: str | None, user: str | None, team: str | None,
                  authorization: str | None = None, key: ManagedKey | None = None, budgets: Budgets | None = None,
                  reservation: Reservation | None = None, ticket: Ticket | None = None) -> None:
         self.key_id, self.user, self.team, self.key = key_id, user, team, key
         self.authorization = authorization  # the real key, managed mode only; None: send the client's
+        self.managed = authorization is not None  # the subject is the key's, never the client's X-Meter-*
         self._budgets, self._reservation, self._ticket = budgets, reservation, ticket
         self._settled = False
 
@@ -112,7 +122,8 @@ class Admission:
         return self._ticket.headers if self._ticket is not None else {}
 
     def apply(self, upstream_headers: MutableMapping[str, str]) -> None:
-        """In managed mode, put the real key where the client put its managed one (api-key or Bearer)."""
+        """In managed mode, put the real key where the client put its managed one (api-key or Bearer), and
+        send the key's own organization and project, never the client's."""
         if self.authorization is None:
             return
         if "api-key" in upstream_headers:  # an Azure-style client: keep its scheme
@@ -120,6 +131,16 @@ class Admission:
             upstream_headers.pop("Authorization", None)
         else:
             upstream_headers["Authorization"] = f"Bearer {self.authorization}"
+        popall = getattr(upstream_headers, "popall", None)  # a multidict: every copy, not the first only
+        for name in ACCOUNT_HEADERS:
+            if popall is not None:
+                popall(name, None)
+            else:
+                upstream_headers.pop(name, None)
+        if self.key is not None and self.key.organization:
+            upstream_headers["OpenAI-Organization"] = self.key.organization
+        if self.key is not None and self.key.project:
+            upstream_headers["OpenAI-Project"] = self.key.project
 
     @property
     def settled(self) -> bool:
@@ -142,15 +163,16 @@ class Admission:
 class Gate:
     def __init__(self, *, managed: bool, keys: KeyStore | None, limits: LimitStore, budgets: Budgets,
                  rates: RateLimiter, prices: PriceTable | LivePrices, counting: CountPolicy,
-                 upstream_key: str | None = None,
-                 reserve_max_tokens: int = 4096, clock: Callable[[], float] = time.time) -> None:
+                 upstream_key: str | None = None, reserve_max_tokens: int = 4096,
+                 unmetered_routes: RoutePolicy | None = None, clock: Callable[[], float] = time.time) -> None:
         if managed and (keys is None or not upstream_key):
             raise ValueError(f"managed keys need a key store and the upstream key ({UPSTREAM_KEY_ENV})")
         self.managed = managed
         self.keys, self.limits, self.budgets, self.rates = keys, limits, budgets, rates
         self._prices, self._counting = prices, counting
         self._upstream_key = upstream_key
-        self.reserve_max_tokens = reserve_max_tokens
+        self.reserve_max_tokens = reserve_max_tokens  # output reserved for a model without max_output
+        self.unmetered_routes = unmetered_routes  # routes allowed under a budget or tpm without a meter
         self._clock = clock
         self.db: ControlDB | None = None  # set by open_gate, closed by close()
         self.alerts: Alerts | None = None
@@ -182,26 +204,39 @@ class Gate:
         return key
 
     async def admit(self, headers: Mapping[str, str], body: object, path: str, *, method: str = "POST",
-                    body_size: int | None = None, record: CallRecord | None = None) -> Admission | Refusal:
+                    body_size: int | None = None, record: CallRecord | None = None,
+                    raw: bytes | None = None) -> Admission | Refusal:
         """Admit or refuse a request. `body` is the parsed JSON body (or None); `body_size` its length in
         bytes (small bodies are counted on the loop, others in a thread); `record` the call's ledger record
         as attribution filled it, whose key_id, user and "team" tag name the passthrough subjects (without
-        it they are read from the headers and body the same way).
+        it they are read from the headers and body the same way); `raw` the body's bytes, checked for
+        duplicate JSON keys whenever a policy reads the body (a key policy, a budget, a tpm limit).
         """
         model = body.get("model") if isinstance(body, dict) else None
         model = model if isinstance(model, str) else None
+        explicit: RoutePolicy | None = None
         if self.managed:
             resolved = await self.resolve(headers)
             if isinstance(resolved, Refusal):
+                resolved.managed = True
                 return resolved
             key = resolved
             key_id, user, team = key.key_id, key.user, key.team
+            who = {"key_id": key_id, "user": user, "team": team, "managed": True}
+            if not key.route_policy.allows(method, path):
+                return Refusal(403, f"This key may not call {method} {path}; it may call: "
+                               f"{', '.join(key.route_policy.specs)}. Ask your administrator to add the route.",
+                               "invalid_request_error", "route_not_allowed", headers=_NO_RETRY, **who)
+            duplicate = await self._duplicate(raw, body)
+            if duplicate is not None:
+                return duplicate.of(**who)
             if not key.allows(model) and not (model is None and method in ("GET", "HEAD")):
                 what = f"model {model!r}" if model else "a request that names no model"
                 return Refusal(403, f"This key may not use {what}; it may use: {', '.join(key.models or ())}",
                                "invalid_request_error", "model_not_allowed", param="model", headers=_NO_RETRY,
-                               key_id=key_id, user=user, team=team)
+                               **who)
             charges = [(Subject("key", key_id), key.limits if not key.limits.empty else None)]
+            explicit = key.explicit_routes
         else:
             key = None
             if record is not None:
@@ -218,17 +253,48 @@ class Gate:
                                      "authorization": self._upstream_key if self.managed else None}
         if not active:
             return Admission(**admission)
-        return await self._limit(active, admission, path, body, model, body_size)
+        if not self.managed:
+            duplicate = await self._duplicate(raw, body)
+            if duplicate is not None:
+                return duplicate.of(key_id=key_id, user=user, team=team)
+        return await self._limit(active, admission, method, path, body, model, body_size, explicit)
 
-    async def _limit(self, active: list[tuple[Subject, Limits]], admission: dict[str, Any], path: str,
-                     body: object, model: str | None, body_size: int | None) -> Admission | Refusal:
-        who = {k: admission[k] for k in ("key_id", "user", "team")}
+    async def _duplicate(self, raw: bytes | None, body: object) -> _Duplicate | None:
+        """A request whose JSON repeats a key: upstream parsers may read either value, so no policy can."""
+        if raw is None or not isinstance(body, dict):  # multipart forms are read into a dict too
+            return None
+        if len(raw) <= _INLINE_COUNT_BYTES:
+            name = duplicate_key(raw)
+        else:
+            name = await asyncio.to_thread(duplicate_key, raw)
+        return None if name is None else _Duplicate(name)
+
+    async def _limit(self, active: list[tuple[Subject, Limits]], admission: dict[str, Any], method: str,
+                     path: str, body: object, model: str | None, body_size: int | None,
+                     explicit: RoutePolicy | None = None) -> Admission | Refusal:
+        who: dict[str, Any] = {k: admission[k] for k in ("key_id", "user", "team")}
+        who["managed"] = self.managed
         tokens, worst = 0, _ZERO
+        metered = METERED_POLICY.allows(method, path)
         if any(lim.tpm is not None or lim.budget_usd is not None for _, lim in active):
-            if body_size is not None and body_size <= _INLINE_COUNT_BYTES:
-                tokens, worst = self.estimate(path, body, model, body_size)
-            else:
-                tokens, worst = await asyncio.to_thread(self.estimate, path, body, model, body_size)
+            if not metered and not FREE_POLICY.allows(method, path) and not self._allowed_unmetered(
+                    method, path, explicit):
+                return Refusal(403, f"{method} {path} is not metered by the proxy (it cannot read or price "
+                               "its usage), so a budget or tokens-per-minute limit cannot hold it; it was not "
+                               "forwarded. An administrator can allow it with the unmetered_routes setting "
+                               "(or a managed key's routes).", "invalid_request_error", "unmetered_route",
+                               headers=_NO_RETRY, **who)
+            if metered and any(lim.budget_usd is not None for _, lim in active) and self._table.resolve(
+                    model) is None:
+                return Refusal(403, f"The model {model!r} has no price in the proxy's price table and the table "
+                               "has no default, so a budget cannot hold it; it was not forwarded.",
+                               "invalid_request_error", "unpriced_model", param="model", headers=_NO_RETRY,
+                               **who)
+            if metered:
+                if body_size is not None and body_size <= _INLINE_COUNT_BYTES:
+                    tokens, worst = self.estimate(path, body, model, body_size)
+                else:
+                    tokens, worst = await asyncio.to_thread(self.estimate, path, body, model, body_size)
         try:
             holds = await self.budgets.prepare(active, self._clock())
         except Exception as exc:  # the ledger cannot be read: a budget that cannot be checked does not pass
@@ -248,52 +314,157 @@ class Gate:
                            **who)
         return Admission(**admission, budgets=self.budgets, reservation=reservation, ticket=ticket)
 
+    def _allowed_unmetered(self, method: str, path: str, explicit: RoutePolicy | None) -> bool:
+        return ((self.unmetered_routes is not None and self.unmetered_routes.allows(method, path))
+                or (explicit is not None and explicit.allows(method, path)))
+
+    @property
+    def _table(self) -> PriceTable:
+        # The live table when given one (prices edited while running).
+        return getattr(self._prices, "table", self._prices)
+
     def estimate(self, path: str, body: object, model: str | None,
                  body_size: int | None = None) -> tuple[int, Decimal]:
-        """(tokens for rate limits, worst-case USD) of a request.
+        """(tokens for rate limits, worst-case USD) of a request to a metered route.
 
-        Worst case: the counted prompt plus the most output it may produce (its max_tokens, else the
-        configured cap, times its choices) at the model's prices. Rate limits count the prompt plus the
-        max_tokens the client set (none if it set none), as OpenAI's limiter does; corrected when it ends.
+        Worst case: the counted prompt plus the most output it may produce — the largest of the output
+        limits it sets (any field an upstream may honour), else the model's own `max_output`, else the
+        configured `reserve_max_tokens` — times its choices, at the model's prices. Rate limits reserve the
+        same tokens; both are corrected to the real figures when the call ends.
         """
-        if not isinstance(body, dict) or not path.rstrip("/").endswith(_METERED_SUFFIXES):
+        if not isinstance(body, dict):
             return 0, _ZERO
+        table = self._table
+        entry = table.resolve(model)
         try:
             policy = self._counting
             name, exact = encoding_for(model, policy.default_encoding, policy.overrides)
             counted = count_request(path, body, get_encoding(name), exact_encoding=exact)
-            prompt = counted.tokens if counted is not None else 0
+            # A route the counter does not know (images, audio): no token is shorter than a byte.
+            prompt = counted.tokens if counted is not None else (body_size or 0)
         except Exception:  # a counting bug must not stop the call; a generous guess stands in
             log.exception("budgets: counting the prompt failed on %s", path)
-            prompt = (body_size or 0) // 2
-        asked, choices = output_limit(path, body)
-        # The live table when given one (prices edited while running), with the table's own rules: the tier
-        # the request asks for and a long-context price when the prompt is long. Output is priced as the
-        # dearer of plain and reasoning tokens.
-        table = getattr(self._prices, "table", self._prices)
-        rate_tokens = prompt + (asked or 0) * choices
-        if table.resolve(model) is None:
-            return rate_tokens, _ZERO  # unpriced: it costs 0 in the ledger, so it spends no budget
-        output = (asked if asked is not None else self.reserve_max_tokens) * choices
+            prompt = body_size or 0
+        most = entry.max_output if entry is not None and entry.max_output is not None else self.reserve_max_tokens
+        asked, choices = output_limit(path, body, most)
+        output = asked * choices
+        rate_tokens = prompt + output
+        if entry is None:
+            return rate_tokens, _ZERO  # unpriced: refused under a budget (admit), so only tpm sees this
+        # The table's own rules: the tier the request asks for and a long-context price when the prompt is
+        # long. Output is priced as the dearer of plain and reasoning tokens; on image and audio routes the
+        # prompt and the output at the dearer of their text and media prices.
         tier = body.get("service_tier")
         tier = tier if isinstance(tier, str) else None
-        plain = Usage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output)
-        reasoned = Usage(prompt_tokens=prompt, completion_tokens=output, reasoning_tokens=output,
-                         total_tokens=prompt + output)
-        return rate_tokens, max(table.cost(model, plain, tier)[0], table.cost(model, reasoned, tier)[0])
+        media = _media_of(path)
+        usages = [Usage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output),
+                  Usage(prompt_tokens=prompt, completion_tokens=output, reasoning_tokens=output,
+                        total_tokens=prompt + output)]
+        if media:
+            usages.append(Usage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output,
+                                **{f"{media}_prompt_tokens": prompt, f"{media}_completion_tokens": output}))
+        if media == "audio" and entry.audio_minute is not None:
+            # Billed per minute (whisper-1): no audio format OpenAI takes is below 100 bytes a second.
+            usages.append(Usage(audio_seconds=Decimal(body_size or 0) / _MIN_AUDIO_BYTES_PER_SECOND))
+        return rate_tokens, max(table.cost(model, usage, tier)[0] for usage in usages)
 
 
-def output_limit(path: str, body: Mapping[str, object]) -> tuple[int | None, int]:
-    """(the output tokens a request allows per choice, None if it sets no limit; its number of choices)."""
-    if path.rstrip("/").endswith("/embeddings"):
+_MEDIA = {"/v1/images/generations": "image", "/v1/audio/transcriptions": "audio"}
+_MIN_AUDIO_BYTES_PER_SECOND = 100  # mp3 and Opus, the leanest formats accepted, need 750 or more
+
+
+def _media_of(path: str) -> str | None:
+    return _MEDIA.get(path)
+
+
+class _Duplicate:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def of(self, **who: Any) -> Refusal:
+        return Refusal(400, f"The request body repeats the JSON key {self.name!r}; parsers differ on which value "
+                       "counts, so it cannot be checked against this key's limits. Send each key once.",
+                       "invalid_request_error", "duplicate_json_key", param=self.name[:64], headers=_NO_RETRY,
+                       **who)
+
+
+class _Repeated(Exception):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for name, value in pairs:
+        if name in out:
+            raise _Repeated(name)
+        out[name] = value
+    return out
+
+
+def duplicate_key(raw: bytes) -> str | None:
+    """The first key a JSON body repeats within one object, at any depth, or a multipart form's field
+    sent twice; None if none (or neither)."""
+    if raw[:2] == b"--":
+        return form_fields(raw)[1]
+    try:
+        json.loads(raw, object_pairs_hook=_unique)
+    except _Repeated as exc:
+        return exc.name
+    except (ValueError, RecursionError):
+        return None
+    return None
+
+
+def output_limit(path: str, body: Mapping[str, object], most: int) -> tuple[int, int]:
+    """(the output tokens a request may produce per choice, its number of choices).
+
+    Every field an upstream may honour is read, as a JSON number or a numeric string, and the largest
+    wins. Without one, or with one that is set but is not a positive number (an upstream may ignore it),
+    the model's own maximum `most` is among them."""
+    if path.endswith("/embeddings"):
         return 0, 1
-    limit = next((v for f in _OUTPUT_FIELDS if _positive(v := body.get(f))), None)
-    choices = max((v for f in ("n", "best_of") if _positive(v := body.get(f))), default=1)
-    return limit, choices  # type: ignore[return-value]
+    limits, unusable = [], False
+    for name in _OUTPUT_FIELDS:
+        if body.get(name) is None:
+            continue
+        value = _count(body[name])
+        if value is None:
+            unusable = True
+        else:
+            limits.append(value)
+    choices = max((v for f in _CHOICE_FIELDS if (v := _count(body.get(f))) is not None), default=1)
+    if unusable or not limits:
+        limits.append(most)
+    return max(limits), choices
 
 
-def _positive(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+def _count(value: object) -> int | None:
+    """A positive count from a JSON number or numeric string (rounded up, capped); None if it is not one."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        number = Decimal(value)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        number = Decimal(value)
+    elif isinstance(value, str):
+        try:
+            number = Decimal(value.strip())
+        except ArithmeticError:
+            return None
+        if not number.is_finite():
+            return None
+    else:
+        return None
+    if number <= 0:
+        return None
+    if number >= _MAX_COUNT:
+        return _MAX_COUNT
+    return int(number.to_integral_value(rounding=ROUND_CEILING))
 
 
 def _attribution(headers: Mapping[str, str], body: object) -> tuple[str | None, str | None, str | None]:

@@ -26,6 +26,7 @@ from decimal import Decimal
 from typing import Any, Mapping
 
 from proxy.controldb import ControlDB
+from proxy.routes import DEFAULT_POLICY, RouteError, RoutePolicy, parse_routes
 from proxy.limits import (
     MAX_NAME, FieldError, Limits, iso, parse_count, parse_money, parse_period, parse_text, parse_time,
 )  # fmt: skip
@@ -39,7 +40,7 @@ KEY_PREFIX = "mp-"
 MAX_MODELS = 100
 _NEGATIVE_MAX = 10_000  # unknown keys remembered; emptied when full (random keys would never repeat)
 _COLUMNS = ('key_id, key_hint, "user", team, name, budget_usd, budget_period, expires_at, models, rpm, tpm, '
-            "created_at, updated_at, revoked_at")
+            "created_at, updated_at, revoked_at, routes, organization, project")
 
 
 def hash_key(key: str) -> str:
@@ -63,6 +64,20 @@ class ManagedKey:
     created_at: float
     updated_at: float
     revoked_at: float | None
+    routes: tuple[str, ...] | None = None  # route specs ("default" for the default set); None: the default
+    organization: str | None = None  # sent upstream as OpenAI-Organization (the client's never is)
+    project: str | None = None       # sent upstream as OpenAI-Project
+
+    @property
+    def route_policy(self) -> RoutePolicy:
+        """What the key may call: its own routes, else the default inference routes."""
+        return DEFAULT_POLICY if self.routes is None else _policy(self.routes)
+
+    @property
+    def explicit_routes(self) -> RoutePolicy | None:
+        """The routes the admin named beyond the default set (allowed under a budget unmetered)."""
+        named = tuple(r for r in self.routes or () if r != "default")
+        return _policy(named) if named else None
 
     @property
     def limits(self) -> Limits:
@@ -89,13 +104,15 @@ class ManagedKey:
             "budget_usd": None if self.budget_usd is None else format(self.budget_usd, "f"),
             "budget_period": self.budget_period, "expires_at": iso(self.expires_at),
             "models": None if self.models is None else list(self.models), "rpm": self.rpm, "tpm": self.tpm,
-            "created_at": iso(self.created_at), "updated_at": iso(self.updated_at),
+            "routes": None if self.routes is None else list(self.routes), "organization": self.organization,
+            "project": self.project, "created_at": iso(self.created_at), "updated_at": iso(self.updated_at),
             "revoked_at": iso(self.revoked_at),
         }  # fmt: skip
 
 
 # --- fields ----------------------------------------------------------------------------------------
-_FIELDS = ("user", "team", "name", "budget_usd", "budget_period", "expires_at", "models", "rpm", "tpm")
+_FIELDS = ("user", "team", "name", "budget_usd", "budget_period", "expires_at", "models", "rpm", "tpm", "routes",
+           "organization", "project")
 _NULLABLE = frozenset(_FIELDS) - {"user", "budget_period"}
 
 
@@ -110,11 +127,33 @@ def _models(value: object) -> tuple[str, ...]:
                          "models") from None
 
 
+def _routes(value: object) -> tuple[str, ...]:
+    if isinstance(value, (list, tuple)) and any(isinstance(v, str) and len(v) > MAX_NAME for v in value):
+        raise FieldError(f"routes: each route is at most {MAX_NAME} characters", "routes")
+    try:
+        return parse_routes(value)
+    except RouteError as exc:
+        raise FieldError(f"routes: {exc}", "routes") from None
+
+
+_POLICIES: dict[tuple[str, ...], RoutePolicy] = {}
+
+
+def _policy(routes: tuple[str, ...]) -> RoutePolicy:
+    found = _POLICIES.get(routes)
+    if found is None:
+        if len(_POLICIES) >= 1024:
+            _POLICIES.clear()
+        found = _POLICIES[routes] = RoutePolicy(routes)
+    return found
+
+
 _PARSERS = {
     "user": lambda v: parse_text(v, "user"), "team": lambda v: parse_text(v, "team"),
     "name": lambda v: parse_text(v, "name"), "budget_usd": lambda v: parse_money(v, "budget_usd"),
     "budget_period": parse_period, "expires_at": lambda v: parse_time(v, "expires_at"), "models": _models,
-    "rpm": lambda v: parse_count(v, "rpm"), "tpm": lambda v: parse_count(v, "tpm"),
+    "rpm": lambda v: parse_count(v, "rpm"), "tpm": lambda v: parse_count(v, "tpm"), "routes": _routes,
+    "organization": lambda v: parse_text(v, "organization"), "project": lambda v: parse_text(v, "project"),
 }  # fmt: skip
 
 
@@ -214,15 +253,18 @@ def _row_values(fields: Mapping[str, Any]) -> dict[str, Any]:
         "budget_period": fields.get("budget_period") or "month", "expires_at": fields.get("expires_at"),
         "models": None if models is None else json.dumps(list(models)), "rpm": fields.get("rpm"),
         "tpm": fields.get("tpm"),
+        "routes": None if fields.get("routes") is None else json.dumps(list(fields["routes"])),
+        "organization": fields.get("organization"), "project": fields.get("project"),
     }  # fmt: skip
 
 
 def _from_row(row: tuple[Any, ...]) -> ManagedKey:
     (key_id, hint, user, team, name, budget, period, expires, models, rpm, tpm, created, updated,
-     revoked) = row
+     revoked, routes, organization, project) = row
     return ManagedKey(key_id, hint, user, team, name, None if budget is None else Decimal(budget), period,
                       expires, None if models is None else tuple(json.loads(models)), rpm, tpm, created,
-                      updated, revoked)
+                      updated, revoked, None if routes is None else tuple(json.loads(routes)), organization,
+                      project)
 
 
 def create_key(conn: sqlite3.Connection, fields: Mapping[str, Any],
@@ -235,10 +277,11 @@ def create_key(conn: sqlite3.Connection, fields: Mapping[str, Any],
         digest = hash_key(key)
         try:
             conn.execute(
-                f"INSERT INTO api_keys (key_hash, {_COLUMNS}) VALUES ({', '.join('?' * 15)})",
+                f"INSERT INTO api_keys (key_hash, {_COLUMNS}) VALUES ({', '.join('?' * 18)})",
                 (digest, digest[:16], key[-4:], values["user"], values["team"], values["name"],
                  values["budget_usd"], values["budget_period"], values["expires_at"], values["models"],
-                 values["rpm"], values["tpm"], at, at, None))
+                 values["rpm"], values["tpm"], at, at, None, values["routes"], values["organization"],
+                 values["project"]))
         except sqlite3.IntegrityError:
             continue  # a key_id collision (one in 2^64 per pair): draw again
         created = get_key(conn, digest[:16])

@@ -10,9 +10,13 @@ the event loop twice.
 When the database refuses a batch (locked, disk full, read-only, its file deleted), the rows go to the
 spool (spool.py): an fsynced JSON Lines file. record() then returns as for a commit — the row is durable —
 and the ledger is not `accepting` until the writer has replayed the spool into the database, in order,
-which it tries every `retry_interval` seconds. While rows wait in the spool, new rows join them there, so
-the database receives them in the order they came. A database file deleted or replaced under the proxy is
-noticed before the next batch and opened anew.
+which it tries every `retry_interval` seconds, in the background: while rows wait in the spool, new rows
+join them there directly (so the database receives them in the order they came, and no batch waits for a
+locked database's busy timeout), and a replay attempt waits at most a moment for a lock. A row that could
+be neither committed nor spooled raises LedgerError to its caller, and the ledger is not `storing` until
+the database or the spool takes rows again (probed every `retry_interval`). A database file deleted or
+replaced under the proxy is noticed before the next batch and opened anew, and after each commit: a batch
+that may have gone into the deleted file is written again into the new one.
 
 Errors:
     LedgerError       the ledger cannot be opened, or a row was neither committed nor spooled
@@ -42,6 +46,7 @@ __all__ = ["COLUMNS", "INSERT_SQL", "Ledger", "LedgerError", "record_row"]
 log = logging.getLogger(__name__)
 
 _BUSY_TIMEOUT_MS = 5000
+_REPLAY_BUSY_MS = 50  # a replay attempt's wait for a lock held elsewhere: it is retried, rows are not held up
 _STOP = object()  # queued by close(): everything ahead of it is written, then the writer ends
 
 Row = tuple[Any, ...]
@@ -109,15 +114,18 @@ class Ledger:
 
     def __init__(self, path: str | os.PathLike[str], *, max_batch: int = 2000,
                  spool_path: str | os.PathLike[str] | None = None, busy_timeout_ms: int = _BUSY_TIMEOUT_MS,
-                 retry_interval: float = 1.0) -> None:
+                 retry_interval: float = 1.0, spool_reserve_bytes: int = 0) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._path = os.fspath(path)
         self._max_batch = max_batch
-        self._spool = Spool(spool_path) if spool_path is not None else None
+        self._spool = Spool(spool_path, spool_reserve_bytes) if spool_path is not None else None
         self._retry_interval = retry_interval
+        self._replay_busy_ms = min(busy_timeout_ms, _REPLAY_BUSY_MS)
+        self._next_retry = 0.0
         self._spooled = False  # rows wait in the spool: new rows join them there, in order
         self._healthy = True
+        self._storing = True  # False: the last row was neither committed nor spooled
         self.db = LedgerDB(self._path, busy_timeout_ms)  # its methods run on the writer thread only
         self._thread: ThreadPoolExecutor | None = None
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -144,6 +152,12 @@ class Ledger:
         """The database takes rows now: nothing waits in the spool and the last write worked."""
         return self._healthy and not self._spooled
 
+    @property
+    def storing(self) -> bool:
+        """A row can be stored now, in the database or the spool: False after one could be stored in neither,
+        until the background retry finds that the database or the spool takes rows again."""
+        return self._storing
+
     async def _on_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a blocking ledger call on the writer thread: one hop, one wake-up of the loop."""
         assert self._thread is not None
@@ -162,7 +176,23 @@ class Ledger:
             raise LedgerError(f"cannot open ledger {self._path}: {exc}") from exc
         if self._spool is not None:
             self._spooled = await self._on_thread(self._spool.has_rows)  # left by an earlier run
+            await self._prepare_spool()
         self._writer = asyncio.create_task(self._run(), name=f"ledger writer {self._path}")
+
+    async def _prepare_spool(self) -> None:
+        spool = self._spool
+        assert spool is not None
+        try:
+            if not await self._on_thread(spool.reserve):
+                log.warning("ledger %s: no room for the spool's reserve of %d bytes (%s): a full disk may leave "
+                            "the spool no room either", self._path, spool.reserve_bytes, spool.reserve_path)
+        except OSError as exc:
+            log.warning("ledger %s: cannot make the spool's reserve %s: %s", self._path, spool.reserve_path, exc)
+        if _same_file_system(self._path, spool.path):
+            log.warning("ledger %s: the spool %s is on the same file system: a full disk fills both (%s); "
+                        "set `spool` to a path on another disk", self._path, spool.path,
+                        f"a reserve of {spool.reserve_bytes} bytes is kept for it" if spool.reserve_bytes
+                        else "and no reserve is kept for it")
 
     async def record(self, rec: CallRecord) -> None:
         """Write one row; return once it is committed (or spooled). Raises LedgerError if it was neither."""
@@ -204,15 +234,21 @@ class Ledger:
                     self._thread.shutdown(wait=False)
                     self._thread = None
 
+    @property
+    def _troubled(self) -> bool:
+        return self._spooled or not self._healthy or not self._storing
+
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             stopping = False
             while not stopping:
-                if self._spooled or not self._healthy:
+                if self._troubled:
+                    wait = max(0.0, self._next_retry - loop.time())
                     try:
-                        item = await asyncio.wait_for(self._queue.get(), self._retry_interval)
+                        item = await asyncio.wait_for(self._queue.get(), wait)
                     except asyncio.TimeoutError:
-                        await self._replay()
+                        await self._retry()
                         continue
                 else:
                     item = await self._queue.get()
@@ -221,8 +257,10 @@ class Ledger:
                     self._inflight = batch
                     await self._write(batch)
                     self._inflight = []
+                if self._troubled and loop.time() >= self._next_retry:
+                    await self._retry()  # rows keep coming: retry between batches all the same
             if self._spooled:
-                await self._replay()  # a last try on the way out; what stays is replayed at next start
+                await self._replay(final=True)  # a last try on the way out; what stays is replayed at next start
         except BaseException as exc:
             reason = "was cancelled" if isinstance(exc, asyncio.CancelledError) else f"died: {exc}"
             self._fail_all(f"ledger {self._path} writer {reason}; the row may not be written")
@@ -243,8 +281,23 @@ class Ledger:
             except asyncio.QueueEmpty:
                 return batch, False
 
+    async def _retry(self) -> None:
+        """The background retry: replay the spool (or probe the database); if neither that nor the spool
+        works, see whether the spool has room again."""
+        self._next_retry = asyncio.get_running_loop().time() + self._retry_interval
+        if await self._replay() or self._storing or self._spool is None:
+            return
+        try:
+            room = await self._on_thread(self._spool.has_room)
+        except OSError:
+            room = False
+        if room:
+            log.warning("ledger %s: the spool %s has room again; calls are taken again", self._path,
+                        self._spool.path)
+            self._storing = True
+
     async def _write(self, batch: list[_Item]) -> None:
-        if self._spooled and not await self._replay():
+        if self._spooled:  # the background retry replays: no batch waits for a database that refuses
             await self._to_spool(batch, None)
             return
         rows = [row for row, _ in batch]
@@ -260,9 +313,10 @@ class Ledger:
             return
         except Exception as exc:  # locked, full, read-only, I/O: the rows go to the spool
             self._healthy = False
+            self._next_retry = asyncio.get_running_loop().time() + self._retry_interval
             await self._to_spool(batch, exc)
             return
-        self._healthy = True
+        self._healthy = self._storing = True
         if self.on_commit is not None:
             self.on_commit(time.perf_counter() - started, len(batch))
         self._succeed(batch)
@@ -286,8 +340,14 @@ class Ledger:
         try:
             await self._on_thread(self._spool.append, [row for row, _ in batch])
         except (OSError, ValueError) as exc:
+            if self._storing:
+                log.error("ledger %s: a row could be neither committed (%s) nor spooled to %s (%s): calls are "
+                          "refused with 503 until one of them takes rows again", self._path, cause,
+                          self._spool.path, exc)
+            self._storing = False
             self._fail(batch, LedgerError(f"{cause}; the spool {self._spool.path} failed too: {exc}"))
             return
+        self._storing = True
         if not self._spooled:
             log.error("ledger %s refused a write (%s); rows go to the spool %s until it works again",
                       self._path, cause, self._spool.path)
@@ -297,11 +357,11 @@ class Ledger:
             if not fut.done():
                 fut.set_result(None)  # durable in the spool
 
-    async def _replay(self) -> bool:
+    async def _replay(self, final: bool = False) -> bool:
         """Move the spool's rows into the database in one transaction; True if the ledger is clear."""
         try:
             rows = await self._on_thread(self._spool.read) if self._spool is not None else []
-            await self._on_thread(self.db.replay, rows)
+            await self._on_thread(self.db.replay, rows, None if final else self._replay_busy_ms)
         except Exception as exc:  # still refused: try again later
             self._healthy = False
             log.debug("ledger %s: replay failed: %s", self._path, exc)
@@ -309,7 +369,7 @@ class Ledger:
         # Accepting again from here; the spool's rows are in the database, so clearing it may lag (and a
         # crash before it is cleared only means a harmless, idempotent replay at the next start).
         self._spooled = False
-        self._healthy = True
+        self._healthy = self._storing = True
         self.stats["replayed"] += len(rows)
         if rows:
             log.warning("ledger %s works again: %d spooled row(s) replayed", self._path, len(rows))
@@ -320,6 +380,10 @@ class Ledger:
                 log.error("ledger %s: spool %s not cleared (%s); its rows will be replayed again, without "
                           "duplicates", self._path, self._spool.path, exc)
                 self._spooled = True
+            try:
+                await self._on_thread(self._spool.reserve)  # made again if a full disk took it
+            except OSError:
+                pass
         return True
 
     def _succeed(self, batch: list[_Item]) -> None:
@@ -353,6 +417,14 @@ class Ledger:
         self.stats["errors"] += len(pending)
         for _, fut in pending:
             _set_error(fut, LedgerError(message), None)
+
+
+def _same_file_system(a: str, b: str) -> bool:
+    try:
+        return os.stat(os.path.dirname(os.path.abspath(a))).st_dev == os.stat(
+            os.path.dirname(os.path.abspath(b))).st_dev
+    except OSError:
+        return False
 
 
 def _set_error(fut: asyncio.Future[None], error: LedgerError, cause: BaseException | None) -> None:

@@ -3,8 +3,9 @@
 Each method is one round trip from the event loop: a whole batch is inserted, extended by the registered
 `after_insert` hooks (rollups, in the same transaction) and committed in a single call, so the writer wakes
 the loop once per batch. Every failure rolls the transaction back before it is raised: a failed batch is
-never committed later by accident. A database file deleted or replaced under the proxy is noticed before
-a batch and opened anew.
+never committed later by accident. A database file (or its WAL) deleted or replaced under the proxy is
+noticed before a batch, and opened anew; and after each commit, so that a batch that went into the file
+being deleted while it ran is written again into the new one, before anyone is told it is committed.
 
 Never called from the event loop itself (it blocks on fsync), never from two threads at once.
 """
@@ -16,7 +17,7 @@ import os
 import sqlite3
 from typing import Any, Callable
 
-from .migrations import migrate
+from .migrations import create_private, migrate
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,13 @@ class LedgerDB:
         self.path = path
         self._busy_timeout_ms = busy_timeout_ms
         self._conn: sqlite3.Connection | None = None
-        self._identity: tuple[int, int] | None = None
+        self._identity: tuple[tuple[int, int] | None, tuple[int, int] | None] | None = None
         self.after_insert: list[AfterInsert] = []
         self.on_open: list[Callable[[sqlite3.Connection], Any]] = []  # after migrations, before any batch
 
     def open(self) -> None:
         """Create or migrate the file and open the write connection (WAL, synchronous=FULL)."""
+        create_private(self.path)
         conn = sqlite3.connect(self.path, timeout=self._busy_timeout_ms / 1000, isolation_level=None,
                                check_same_thread=False)
         try:
@@ -59,7 +61,7 @@ class LedgerDB:
             migrate(conn)
             for hook in self.on_open:
                 hook(conn)
-            self._identity = file_identity(self.path)
+            self._identity = self._files()
         except BaseException:
             conn.close()
             raise
@@ -70,8 +72,21 @@ class LedgerDB:
             self._conn.close()
             self._conn = None
 
+    def _files(self) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+        """Which database file and WAL the open connection writes to (SQLite keeps both open)."""
+        return file_identity(self.path), file_identity(self.path + "-wal")
+
+    def _moved(self) -> bool:
+        files = self._files()
+        if files == self._identity and files[0] is not None:
+            return False
+        if self._identity is not None and self._identity[1] is None and files[0] == self._identity[0] is not None:
+            self._identity = files  # the WAL made after the open: the one this connection writes to
+            return False
+        return True
+
     def _current(self) -> sqlite3.Connection:
-        if self._conn is None or file_identity(self.path) != self._identity:
+        if self._conn is None or self._moved():
             if self._conn is not None:
                 log.warning("ledger %s: the database file was deleted or replaced; opening it anew", self.path)
             self.close()
@@ -83,15 +98,20 @@ class LedgerDB:
         conn = self._current()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if skip_present:
-                rows = _absent(conn, rows)
-            conn.executemany(INSERT_SQL, rows)
+            fresh = _absent(conn, rows) if skip_present else rows
+            conn.executemany(INSERT_SQL, fresh)
             for hook in self.after_insert:
-                hook(conn, rows)
+                hook(conn, fresh)
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)
             raise
+        if self._moved():
+            # Deleted or replaced while the batch ran: it may have gone into the file that is gone. Written
+            # again into the file now at the path (rows it holds already are skipped), then it counts.
+            log.warning("ledger %s: the database file was deleted or replaced during a write; the batch is "
+                        "written again into the new one", self.path)
+            self._transaction(rows, skip_present=True)
 
     def insert(self, rows: list[Row]) -> None:
         """All rows in one committed transaction, or none (the exception says why)."""
@@ -118,22 +138,31 @@ class LedgerDB:
         except BaseException:
             _rollback(conn)
             raise
+        if self._moved():
+            self._transaction(good, skip_present=True)  # as in _transaction: written again into the new file
         return outcome
 
-    def replay(self, rows: list[Row]) -> None:
+    def replay(self, rows: list[Row], busy_timeout_ms: int | None = None) -> None:
         """Spooled rows, skipping those already committed (a replay repeated after a crash); with none, a
-        probe that the database takes writes at all."""
-        if rows:
-            self._transaction(rows, skip_present=True)
-            return
+        probe that the database takes writes at all. `busy_timeout_ms`: how long this attempt waits for a
+        lock held elsewhere (the writer retries it later, rather than hold up the rows behind it)."""
         conn = self._current()
-        conn.execute("BEGIN IMMEDIATE")
+        if busy_timeout_ms is not None:
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         try:
-            conn.execute("PRAGMA user_version = user_version")
-            conn.execute("COMMIT")
-        except BaseException:
-            _rollback(conn)
-            raise
+            if rows:
+                self._transaction(rows, skip_present=True)
+                return
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("PRAGMA user_version = user_version")
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+        finally:
+            if busy_timeout_ms is not None and self._conn is not None:
+                self._conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
 
 
 def _absent(conn: sqlite3.Connection, rows: list[Row]) -> list[Row]:

@@ -20,11 +20,14 @@ from proxy.counter import CallCount, CountPolicy, count_call
 from proxy.gate import Admission, Refusal
 from proxy.metrics import Metrics
 from proxy.ledger import Ledger, LedgerError
-from proxy.meters import Meter, meter_for
+from proxy.meters import MAX_ERROR_CHARS, Meter, meter_for
 from proxy.pricing import PriceTable
 from proxy.record import CallRecord
+from proxy.redact import Secrets
 
 log = logging.getLogger("meterproxy")
+# What stands in the ledger where the upstream echoed the real key (managed mode): not even its last digits.
+UPSTREAM_KEY_MARK = "[upstream key]"
 
 
 class MeteredCall:
@@ -45,11 +48,17 @@ class MeteredCall:
         self.record = CallRecord(request_id=os.urandom(16).hex(), started_at=time.time(), method=method,
                                  endpoint=path)
         attribute(headers, self.record)
-        # Held in memory for this call only, to take it out of anything the upstream echoes back.
-        self._key = api_key(headers)
+        # Held in memory for this call only, to take every key it holds out of anything the upstream echoes.
+        self.secrets = Secrets([(api_key(headers), f"...{self.record.key_hint or ''}")])
         self._meter_failed = False
         self._finished = False
+        self.recorded: bool | None = None  # after finish(): the row was committed or spooled
+        self._done: asyncio.Event | None = None  # set once finish() has handed the row over (or failed to)
         self._admission: Admission | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
 
     def _safe(self, hook: Callable[..., Any], *args: Any) -> Any:
         if self._meter_failed:
@@ -80,21 +89,26 @@ class MeteredCall:
     def admitted(self, admission: Admission) -> None:
         """The gate let the call through; in managed mode the key names the user and team, not the headers."""
         self._admission = admission
-        self._attribute(admission.key_id, admission.user, admission.team)
+        self._attribute(admission.key_id, admission.user, admission.team, admission.managed)
+        # Managed mode: the upstream gets the real key, so the upstream may echo that one.
+        self.secrets.add(admission.authorization, UPSTREAM_KEY_MARK)
 
     def refused(self, refusal: Refusal) -> None:
         """The gate refused the call (bad key, rate limit, budget): recorded as such, never forwarded."""
-        self._attribute(refusal.key_id, refusal.user, refusal.team)
+        self._attribute(refusal.key_id, refusal.user, refusal.team, refusal.managed)
         self.on_failure(refusal.status, f"{refusal.code}: {refusal.message}")
 
-    def _attribute(self, key_id: str | None, user: str | None, team: str | None) -> None:
+    def _attribute(self, key_id: str | None, user: str | None, team: str | None, managed: bool = False) -> None:
+        """Managed: the key names the subject, whatever X-Meter-User / X-Meter-Team or the body said."""
         rec = self.record
-        if key_id is not None:
+        if key_id is not None or managed:
             rec.key_id = key_id
-        if user is not None:
+        if user is not None or managed:
             rec.user = user
         if team is not None:
             rec.tags["team"] = team
+        elif managed:
+            rec.tags.pop("team", None)
 
     def on_response_headers(self, status: int, content_type: str) -> None:
         self.record.status = status
@@ -117,12 +131,21 @@ class MeteredCall:
             self.record.status = status
         self.record.error = message if self.record.error is None else f"{self.record.error}; {message}"
 
+    @property
+    def upstream_key(self) -> str | None:
+        """The real key sent upstream in managed mode (to keep out of the client's bytes), else None."""
+        return self._admission.authorization if self._admission is not None else None
+
     # --- the end -----------------------------------------------------------------------------
-    def _redact(self, text: str | None) -> str | None:
-        key, self._key = self._key, None
-        if text is None or not key or len(key) < 8 or key not in text:
-            return text
-        return text.replace(key, f"...{self.record.key_hint or ''}")
+    def _redact(self) -> None:
+        """Every text the upstream may have written into the row, without a key, then cut to size."""
+        rec, secrets = self.record, self.secrets
+        if secrets:
+            rec.error = secrets.redact(rec.error, MAX_ERROR_CHARS)
+            rec.model = secrets.redact(rec.model)
+            rec.service_tier = secrets.redact(rec.service_tier)
+        elif rec.error is not None:
+            rec.error = rec.error[:MAX_ERROR_CHARS]
 
     def _settle(self, counted: CallCount | None) -> None:
         rec, meter = self.record, self.meter
@@ -132,7 +155,7 @@ class MeteredCall:
         rec.model = meter.model or rec.requested_model
         rec.service_tier = meter.service_tier
         if meter.error and rec.error is None:
-            rec.error = self._redact(meter.error)
+            rec.error = meter.error
         if meter.usage is not None and not self._meter_failed:
             rec.set_usage(meter.usage, "upstream")
             rec.cost_usd, rec.priced = self._prices.cost(rec.model, meter.usage, rec.service_tier)
@@ -151,8 +174,11 @@ class MeteredCall:
             rec.cost_usd, rec.priced = self._prices.cost(rec.model, usage, rec.service_tier)
             rec.pricing_version = self._prices.version
             return
-        # Nothing to price: flag it unpriced only if its model has no price (a bare GET is not "unpriced").
+        # Nothing to price: flag it unpriced only if its model has no price (a bare GET is not "unpriced"),
+        # or if its endpoint bills by usage and the usage could not be read.
         rec.priced = rec.model is None or self._prices.resolve(rec.model) is not None
+        if meter.unpriced_without_usage and meter.succeeded:
+            rec.priced = False
 
     def _wants_count(self) -> bool:
         """Count when the upstream spent tokens but reported none, and for a sample of those it reported."""
@@ -182,14 +208,18 @@ class MeteredCall:
         if self._finished:
             return
         self._finished = True
+        self._done = asyncio.Event()
         if self._wants_count():
             await asyncio.shield(self._count_and_commit())
             return
         self._settle(None)
+        self._redact()
         try:
             # The ledger's own future, shielded: no task per call on this, the common path.
             await asyncio.shield(self._submit())
+            self.recorded = True
         except LedgerError as exc:
+            self.recorded = False
             log.error("ledger: call %s not recorded: %s", self.record.request_id, exc)
         finally:
             self._release()
@@ -197,9 +227,12 @@ class MeteredCall:
     async def _count_and_commit(self) -> None:
         counted = await self._count()
         self._settle(counted)
+        self._redact()
         try:
             await self._submit()
+            self.recorded = True
         except LedgerError as exc:
+            self.recorded = False
             log.error("ledger: call %s not recorded: %s", self.record.request_id, exc)
         finally:
             self._release()
@@ -212,7 +245,14 @@ class MeteredCall:
             failed.set_exception(exc)
             return failed
 
+    async def wait_done(self) -> None:
+        """Until finish(), begun, is over: the row committed, spooled or refused (a shutdown waits on it)."""
+        if self._done is not None:
+            await self._done.wait()
+
     def _release(self) -> None:
+        if self._done is not None:
+            self._done.set()
         if self._metrics is not None:
             self._metrics.observe_call(self.record)
         if self._admission is not None:  # release the budget hold; the real cost is on the ledger now

@@ -19,8 +19,11 @@ from proxy.counting import StreamOutput
 from proxy.edits import Edit, drop, strip_usage_null
 from proxy.record import Usage
 from proxy.sse import SSEDecoder, SSEEvent
-from proxy.usage import UnreadableUsage, chat_usage, responses_usage, served_model
+from proxy.forms import form_fields
+from proxy.usage import UnreadableUsage, chat_usage, image_usage, responses_usage, served_model, transcription_usage
 
+# A stored error message is cut to this, after the keys are taken out of it (metering.py): a meter keeps the
+# whole message (at most MAX_ERROR_BODY) so that a key across the cut is never stored in part.
 MAX_ERROR_CHARS = 1000
 # Error bodies are read for their message; a huge one is cut rather than held whole.
 MAX_ERROR_BODY = 64 * 1024
@@ -36,9 +39,9 @@ def _error_message(obj: object) -> str | None:
     err = obj.get("error")
     if isinstance(err, dict):
         msg = err.get("message")
-        return storable(str(msg), MAX_ERROR_CHARS) if msg else json.dumps(err)[:MAX_ERROR_CHARS]
+        return storable(str(msg), MAX_ERROR_BODY) if msg else json.dumps(err)[:MAX_ERROR_BODY]
     if isinstance(err, str) and err:
-        return storable(err, MAX_ERROR_CHARS)
+        return storable(err, MAX_ERROR_BODY)
     return None
 
 
@@ -62,6 +65,8 @@ class Meter:
     extract: Callable[[object], Usage | None] | None = None
     can_inject = False  # whether this endpoint's streams take stream_options.include_usage
     countable = False   # whether the proxy can count this endpoint's tokens itself
+    # A 2xx answer whose usage cannot be read is unpriced (flagged), not free: the endpoint bills by usage.
+    unpriced_without_usage = False
 
     def __init__(self, inject_usage: bool = False) -> None:
         self.want_inject = inject_usage and self.can_inject
@@ -172,7 +177,7 @@ class Meter:
         except _UNPARSABLE:
             obj = None
         if self._status >= 400:
-            self.error = _error_message(obj) or body[:MAX_ERROR_CHARS].decode("utf-8", "replace")
+            self.error = _error_message(obj) or body[:MAX_ERROR_BODY].decode("utf-8", "replace")
             return
         if obj is None:
             self.usage_error = "response body is not JSON; usage not read"
@@ -289,11 +294,40 @@ class ResponsesMeter(Meter):
         self._hold(event)
 
 
+class ImagesMeter(Meter):
+    """/v1/images/generations: gpt-image-1's usage (input text and image tokens, output image tokens) in
+    the JSON body or the stream's `image_generation.completed` event. dall-e models report none."""
+
+    extract = staticmethod(image_usage)
+    unpriced_without_usage = True
+
+
+class TranscriptionMeter(Meter):
+    """/v1/audio/transcriptions: usage in tokens (gpt-4o-transcribe) in the JSON body or the stream's
+    `transcript.text.done` event. The request is multipart: its `model` and `stream` fields are read."""
+
+    extract = staticmethod(transcription_usage)
+    unpriced_without_usage = True
+
+    def on_request(self, body: bytes, content_type: str) -> bytes | None:
+        if "multipart/form-data" not in content_type.lower():
+            return super().on_request(body, content_type)
+        fields, _ = form_fields(body)
+        self.request = dict(fields)
+        model = fields.get("model")
+        if model:
+            self.requested_model = storable(model)
+        self.stream = fields.get("stream", "").strip().lower() == "true"
+        return None
+
+
 _BY_PATH: dict[str, type[Meter]] = {
     "/v1/chat/completions": ChatMeter,
     "/v1/completions": ChatMeter,
     "/v1/embeddings": EmbeddingsMeter,
     "/v1/responses": ResponsesMeter,
+    "/v1/images/generations": ImagesMeter,
+    "/v1/audio/transcriptions": TranscriptionMeter,
 }
 
 

@@ -11,10 +11,15 @@ else's tables.
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
+import stat
 from typing import NamedTuple
 
-__all__ = ["MIGRATIONS", "Migration", "MigrationError", "migrate", "schema_version"]
+__all__ = ["MIGRATIONS", "Migration", "MigrationError", "create_private", "migrate", "schema_version"]
+
+log = logging.getLogger("meterproxy")
 
 
 class MigrationError(Exception):
@@ -251,7 +256,44 @@ MIGRATIONS: tuple[Migration, ...] = (
         DELETE FROM rollups WHERE grain IN (1, 2, 4, 5);
         """,
     ),
+    Migration(
+        "managed keys: the routes a key may call, and its own OpenAI-Organization and OpenAI-Project",
+        # routes: a JSON list of route specs (proxy.routes); NULL: the default inference routes.
+        """
+        ALTER TABLE api_keys ADD COLUMN routes TEXT;
+        ALTER TABLE api_keys ADD COLUMN organization TEXT;
+        ALTER TABLE api_keys ADD COLUMN project TEXT;
+        """,
+    ),
 )
+
+
+def create_private(path: str) -> None:
+    """Create the database file empty and readable by its owner only (0600, whatever the umask), unless it
+    exists; an existing one that others may read is named in a warning, and left as its owner made it.
+
+    Before SQLite creates it: SQLite gives the -wal and -shm files it makes the database file's mode, so
+    this one mode covers all three. A path it cannot create is left to SQLite, whose error names it."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISREG(st.st_mode) and mode & 0o077:
+            log.warning("ledger %s is readable by others (mode %o): its -wal and -shm files will be too; "
+                        "chmod 600 it", path, mode)
+        return
+    except OSError:
+        return
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 def schema_version(conn: sqlite3.Connection) -> int:

@@ -18,6 +18,7 @@ from proxy import __version__
 from proxy.admin_keys import MAX_BODY
 from proxy.limits import MAX_COUNT, MAX_NAME, MAX_QUERY_VALUE, MAX_TIME, MAX_TIME_TEXT, PERIODS
 from proxy.reports import MAX_LIMIT
+from proxy.routes import MAX_ROUTES
 
 __all__ = ["document"]
 
@@ -73,18 +74,25 @@ _KEY_FIELDS_IN = {
     "models": _nullable({"type": "array", "minItems": 1, "maxItems": 100, "items": _NAME,
                          "description": "model names or globs (fnmatch); null: any model"}),
     "rpm": _nullable(_COUNT), "tpm": _nullable(_COUNT),
+    "routes": _nullable({"type": "array", "minItems": 1, "maxItems": MAX_ROUTES,
+                         "items": {"type": "string", "minLength": 1, "maxLength": MAX_NAME},
+                         "description": "'METHOD /v1/path' specs ('*' a segment, '**' the rest) or 'default'; "
+                                        "null: the default inference routes"}),
+    "organization": _nullable({**_NAME, "description": "sent upstream as OpenAI-Organization"}),
+    "project": _nullable({**_NAME, "description": "sent upstream as OpenAI-Project"}),
 }  # fmt: skip
 _KEY_VIEW = {
     "key_id": _TEXT, "key_hint": _TEXT, "user": _TEXT, "team": _nullable(_TEXT), "name": _nullable(_TEXT),
     "status": {"type": "string", "enum": ["active", "expired", "revoked"]}, "budget_usd": _nullable(_MONEY),
     "budget_period": {"type": "string", "enum": list(PERIODS)}, "expires_at": _nullable(_TIME),
     "models": _nullable({"type": "array", "items": _TEXT}), "rpm": _nullable(_INT), "tpm": _nullable(_INT),
-    "created_at": _TIME, "updated_at": _TIME, "revoked_at": _nullable(_TIME), "period_start": _TIME,
+    "routes": _nullable({"type": "array", "items": _TEXT}), "organization": _nullable(_TEXT),
+    "project": _nullable(_TEXT), "created_at": _TIME, "updated_at": _TIME, "revoked_at": _nullable(_TIME), "period_start": _TIME,
     "spent_usd": _MONEY, "reserved_usd": _MONEY, "left_usd": _nullable(_MONEY),
 }  # fmt: skip
 _PRICE = {"type": "object", "additionalProperties": True,
           "description": "USD per 1M tokens as decimal strings (input, cached_input, output, ...), with "
-                         "long_context and tiers where the table has them"}
+                         "long_context, tiers, max_output and audio_minute where the table has them"}
 _PRICING_SUMMARY = {"version": _TEXT, "source": _TEXT, "loaded_at": _TIME,
                     "error": _nullable(_obj({"message": _TEXT, "at": _TIME}))}
 _ACCURACY_SIDE = _obj({"calls": _INT, "mean_error": _nullable({"type": "number"}),

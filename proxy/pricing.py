@@ -59,15 +59,19 @@ class ModelPrice:
     reasoning: Decimal
     audio_input: Decimal = None  # type: ignore[assignment]  # None: the text price, filled in below
     audio_output: Decimal = None  # type: ignore[assignment]
+    image_input: Decimal = None  # type: ignore[assignment]
+    image_output: Decimal = None  # type: ignore[assignment]
     long_context: ModelPrice | None = None
     above: int = 0
     tiers: tuple[tuple[str, ModelPrice], ...] = ()
+    max_output: int | None = None  # output tokens one choice of one call can reach at most (budgets reserve it)
+    audio_minute: Decimal | None = None  # USD per minute of audio; None: usage in seconds is unpriced
 
     def __post_init__(self) -> None:
-        if self.audio_input is None:
-            object.__setattr__(self, "audio_input", self.input)
-        if self.audio_output is None:
-            object.__setattr__(self, "audio_output", self.output)
+        for media, text in (("audio_input", "input"), ("audio_output", "output"), ("image_input", "input"),
+                            ("image_output", "output")):
+            if getattr(self, media) is None:
+                object.__setattr__(self, media, getattr(self, text))
 
     def tier(self, name: str) -> ModelPrice | None:
         for tier, price in self.tiers:
@@ -79,8 +83,8 @@ class ModelPrice:
         """(highest prompt price, highest completion price) over every set: a call's worst case."""
         sets = [self, *(p for _, p in self.tiers)]
         sets += [p.long_context for p in sets if p.long_context is not None]
-        return (max(max(p.input, p.cached_input, p.audio_input) for p in sets),
-                max(max(p.output, p.reasoning, p.audio_output) for p in sets))
+        return (max(max(p.input, p.cached_input, p.audio_input, p.image_input) for p in sets),
+                max(max(p.output, p.reasoning, p.audio_output, p.image_output) for p in sets))
 
 
 class Quote(NamedTuple):
@@ -190,6 +194,8 @@ class PriceTable:
         entry = self.resolve(model)  # quote()'s choice, without building a Quote: this is the hot path
         if entry is None:
             return _ZERO, False
+        if usage.audio_seconds is not None:
+            return _per_minute(entry, usage)
         price = entry
         if service_tier not in STANDARD_TIERS:
             price = entry.tier(service_tier) or entry  # type: ignore[arg-type]
@@ -203,6 +209,9 @@ class PriceTable:
         entry = self.resolve(model)
         if entry is None:
             return _UNPRICED
+        if usage.audio_seconds is not None:
+            cost, priced = _per_minute(entry, usage)
+            return Quote(cost, priced, entry.name if priced else None)
         price, tier, fallback = entry, None, False
         if service_tier not in STANDARD_TIERS:
             found = entry.tier(service_tier)  # type: ignore[arg-type]  # not None: None is standard
@@ -237,6 +246,15 @@ class PriceTable:
         return f"PriceTable(source={self.source!r}, version={self.version!r}, models={len(self._exact)})"
 
 
+def _per_minute(entry: ModelPrice, usage: Usage) -> tuple[Decimal, bool]:
+    """Usage in seconds of audio: priced per minute when the entry says how, else unpriced (never free)."""
+    if entry.audio_minute is None:
+        return _ZERO, False
+    seconds = max(usage.audio_seconds or _ZERO, _ZERO)
+    usd = _EXACT.divide(_EXACT.multiply(seconds, entry.audio_minute), Decimal(60))
+    return (plain(usd.normalize(_EXACT)) if usd else _ZERO), True
+
+
 def _price(p: ModelPrice, usage: Usage, prompt: int) -> Decimal:
     # Meters normalise usage to OpenAI's rules (cached and audio within prompt, reasoning and audio
     # within completion); clamping keeps a malformed report from producing a negative cost or charging
@@ -246,14 +264,20 @@ def _price(p: ModelPrice, usage: Usage, prompt: int) -> Decimal:
     reasoning = min(max(usage.reasoning_tokens, 0), completion)
     add, mul = _EXACT.add, _EXACT.multiply
     audio_in, audio_out = usage.audio_prompt_tokens, usage.audio_completion_tokens
+    image_in, image_out = usage.image_prompt_tokens, usage.image_completion_tokens
+    total = _ZERO
     if audio_in > 0 or audio_out > 0:  # rare: keep the common case to the four text terms
         audio_in = min(max(audio_in, 0), prompt - cached)
         audio_out = min(max(audio_out, 0), completion - reasoning)
         total = add(mul(audio_in, p.audio_input), mul(audio_out, p.audio_output))
         prompt -= audio_in
         completion -= audio_out
-    else:
-        total = _ZERO
+    if image_in > 0 or image_out > 0:
+        image_in = min(max(image_in, 0), prompt - cached)
+        image_out = min(max(image_out, 0), completion - reasoning)
+        total = add(total, add(mul(image_in, p.image_input), mul(image_out, p.image_output)))
+        prompt -= image_in
+        completion -= image_out
     total = add(total, add(add(mul(prompt - cached, p.input), mul(cached, p.cached_input)),
                            add(mul(completion - reasoning, p.output), mul(reasoning, p.reasoning))))
     usd = _EXACT.divide(total, _MILLION)
@@ -277,13 +301,15 @@ def _model_price(name: str, e: Entry) -> ModelPrice:
             long_layers = [e.rates, e.long_rates, t.rates]
         tiers.append((tier, _set(name, [e.rates, t.rates], long_layers, t.above or e.above)))
     long = [e.rates, e.long_rates] if e.long_rates is not None else None
-    return _set(name, [e.rates], long, e.above, tuple(tiers))
+    return _set(name, [e.rates], long, e.above, tuple(tiers), e.max_output, e.audio_minute)
 
 
 def _set(name: str, layers: list[dict[str, Decimal]], long_layers: list[dict[str, Decimal]] | None,
-         above: int, tiers: tuple[tuple[str, ModelPrice], ...] = ()) -> ModelPrice:
+         above: int, tiers: tuple[tuple[str, ModelPrice], ...] = (), max_output: int | None = None,
+         audio_minute: Decimal | None = None) -> ModelPrice:
     long = ModelPrice(name=name, **_filled(long_layers)) if long_layers is not None else None
-    return ModelPrice(name=name, **_filled(layers), long_context=long, above=above if long else 0, tiers=tiers)
+    return ModelPrice(name=name, **_filled(layers), long_context=long, above=above if long else 0, tiers=tiers,
+                      max_output=max_output, audio_minute=audio_minute)
 
 
 def _filled(layers: list[dict[str, Decimal]]) -> dict[str, Decimal]:
@@ -293,7 +319,8 @@ def _filled(layers: list[dict[str, Decimal]]) -> dict[str, Decimal]:
     given, out = merged["input"], merged.get("output", _ZERO)
     return {"input": given, "cached_input": merged.get("cached_input", given), "output": out,
             "reasoning": merged.get("reasoning", out), "audio_input": merged.get("audio_input", given),
-            "audio_output": merged.get("audio_output", out)}
+            "audio_output": merged.get("audio_output", out), "image_input": merged.get("image_input", given),
+            "image_output": merged.get("image_output", out)}
 
 
 def _describe(p: ModelPrice, show: Callable[[Decimal], str]) -> dict[str, Any]:
@@ -302,6 +329,10 @@ def _describe(p: ModelPrice, show: Callable[[Decimal], str]) -> dict[str, Any]:
         view["long_context"] = {"above": p.above, **{k: show(getattr(p.long_context, k)) for k in RATES}}
     if p.tiers:
         view["tiers"] = {tier: _describe(t, show) for tier, t in p.tiers}
+    if p.max_output is not None:
+        view["max_output"] = p.max_output
+    if p.audio_minute is not None:
+        view["audio_minute"] = show(p.audio_minute)
     return view
 
 

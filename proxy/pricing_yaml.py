@@ -23,7 +23,7 @@ import yaml
 
 __all__ = ["RATES", "TIERS", "Entry", "PricingError", "plain", "read", "validate"]
 
-RATES = ("input", "cached_input", "output", "reasoning", "audio_input", "audio_output")
+RATES = ("input", "cached_input", "output", "reasoning", "audio_input", "audio_output", "image_input", "image_output")
 TIERS = ("flex", "priority", "batch")
 
 
@@ -115,7 +115,7 @@ def _parse_yaml(raw: bytes, source: str) -> object:
 
 # --- validation ------------------------------------------------------------------------------------
 
-_MODEL_KEYS = (*RATES, "long_context", "tiers", "match")
+_MODEL_KEYS = (*RATES, "long_context", "tiers", "max_output", "audio_minute", "match")
 _DEFAULT_KEYS = _MODEL_KEYS[:-1]
 _TIER_KEYS = (*RATES, "long_context")
 _LONG_KEYS = ("above", *RATES)
@@ -130,6 +130,8 @@ class Entry:
     long_rates: dict[str, Decimal] | None = None
     above: int = 0  # 0: not set here
     tiers: dict[str, Entry] = field(default_factory=dict)
+    max_output: int | None = None  # the most output tokens one call (one choice) can produce
+    audio_minute: Decimal | None = None  # USD per minute of audio, for usage reported in seconds
 
 
 class _Where(NamedTuple):
@@ -183,6 +185,14 @@ def _entry(entry: object, where: _Where, allowed: tuple[str, ...]) -> Entry:
     result = Entry(_rates(entry, where))
     if "match" in entry:
         result.match = _match_list(entry["match"], where.at(entry, "match"))
+    if "max_output" in entry:
+        value = entry["max_output"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise where.at(entry, "max_output").error(
+                f"'max_output' must be a whole number of tokens (0 or more), got {_show(value)}")
+        result.max_output = value
+    if "audio_minute" in entry:
+        result.audio_minute = _number(entry["audio_minute"], where.at(entry, "audio_minute"), "audio_minute")
     if "long_context" in entry:
         result.long_rates, result.above = _long_context(entry["long_context"], where.at(entry, "long_context"),
                                                         where.what, required=True)

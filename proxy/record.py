@@ -28,6 +28,9 @@ class Usage:
     total_tokens: int = 0
     audio_prompt_tokens: int = 0  # subsets of prompt / completion, priced at audio rates when the table has them
     audio_completion_tokens: int = 0
+    image_prompt_tokens: int = 0  # subsets of prompt / completion, priced at image rates (gpt-image-1)
+    image_completion_tokens: int = 0
+    audio_seconds: Decimal | None = None  # usage reported as seconds of audio (whisper-1), priced per minute
 
 
 @dataclass(slots=True)
@@ -67,6 +70,9 @@ class CallRecord:
     counted_completion_tokens: int | None = None
     audio_prompt_tokens: int = 0
     audio_completion_tokens: int = 0
+    image_prompt_tokens: int = 0  # priced, not stored: the ledger keeps image tokens inside prompt / completion
+    image_completion_tokens: int = 0
+    audio_seconds: Decimal | None = None  # priced, not stored
     service_tier: str | None = None  # the tier that served the call (the response's), for tier prices
     pricing_version: str | None = None  # the price table (content hash) that priced this row
     original_cost_usd: Decimal | None = None  # set by a re-pricing: the cost first recorded

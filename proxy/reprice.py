@@ -38,11 +38,12 @@ __all__ = ["ModelChange", "RepriceError", "RepriceReport", "add_reprice_parser",
 
 _EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN, traps=[Inexact, InvalidOperation])
 _ZERO = Decimal(0)
+_TRANSCRIPTIONS = "/v1/audio/transcriptions"
 _PAGE = 5000  # rows read per query: memory stays flat over a ledger of any size
 _GLOB_CHARS = frozenset("*?[")
 _COLUMNS = ("id, started_at, model, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, "
             "audio_prompt_tokens, audio_completion_tokens, total_tokens, service_tier, usage_source, "
-            "cost_usd, priced")
+            "cost_usd, priced, endpoint")
 _UPDATE = ("UPDATE calls SET cost_usd = ?, priced = ?, pricing_version = ?, repriced_at = ?, "
            "original_cost_usd = COALESCE(original_cost_usd, ?) WHERE id = ?")
 
@@ -166,7 +167,10 @@ def _run(conn: sqlite3.Connection, table: PriceTable, report: RepriceReport, whe
 def _reprice_row(row: tuple[Any, ...], table: PriceTable,
                  report: RepriceReport) -> tuple[str, int, str, int] | None:
     (row_id, started_at, model, prompt, completion, cached, reasoning, audio_in, audio_out, total, tier,
-     source, old_text, old_priced) = row
+     source, old_text, old_priced, endpoint) = row
+    if source == "upstream" and endpoint == _TRANSCRIPTIONS and not (prompt or completion or total):
+        # Usage in seconds of audio (whisper-1): the ledger does not keep the seconds, so it keeps its cost.
+        return None
     if source == "none":
         # No usage was read: nothing to charge. Like the proxy, the row is unpriced only if its model is.
         cost, priced = _ZERO, model is None or table.resolve(model) is not None

@@ -24,11 +24,13 @@ Exceptions::
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any, NamedTuple
 
 from proxy.record import Usage
 
-__all__ = ["UnreadableUsage", "chat_usage", "parse_usage", "responses_usage", "served_model"]
+__all__ = ["UnreadableUsage", "chat_usage", "image_usage", "parse_usage", "responses_usage", "served_model",
+           "transcription_usage"]
 
 
 class UnreadableUsage(ValueError):
@@ -111,6 +113,48 @@ def responses_usage(obj: object) -> Usage | None:
     if response is None:
         return None
     return parse_usage(response.get("usage"))
+
+
+def image_usage(obj: object) -> Usage | None:
+    """Usage of an image generation (gpt-image-1): a body, or a stream event, with ``usage`` in the
+    Responses naming; ``input_tokens_details.image_tokens`` are input images. Output tokens are image
+    tokens unless ``output_tokens_details`` splits them into text and image tokens."""
+    if not isinstance(obj, dict) or obj.get("usage") is None:
+        return None
+    raw = obj["usage"]
+    base = parse_usage(raw)
+    assert base is not None and isinstance(raw, dict)
+    image_in = _count(_details(raw, "input_tokens_details"), "image_tokens")
+    out_details = _details(raw, "output_tokens_details")
+    image_out = _count(out_details, "image_tokens") if out_details else base.completion_tokens
+    if image_in > base.prompt_tokens or image_out > base.completion_tokens:
+        raise UnreadableUsage("image tokens exceed input or output tokens")
+    return Usage(prompt_tokens=base.prompt_tokens, completion_tokens=base.completion_tokens,
+                 cached_tokens=base.cached_tokens, total_tokens=base.total_tokens, image_prompt_tokens=image_in,
+                 image_completion_tokens=image_out)
+
+
+def transcription_usage(obj: object) -> Usage | None:
+    """Usage of an audio transcription (gpt-4o-transcribe): ``{"type": "tokens", "input_tokens",
+    "input_token_details": {"audio_tokens", "text_tokens"}, "output_tokens", "total_tokens"}``, in the body or
+    in a stream's ``transcript.text.done`` event; or ``{"type": "duration", "seconds"}`` (whisper-1), read
+    into `audio_seconds` with no tokens."""
+    if not isinstance(obj, dict) or obj.get("usage") is None:
+        return None
+    raw = obj["usage"]
+    if isinstance(raw, dict) and raw.get("type") == "duration":
+        seconds = raw.get("seconds")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= 10**7:
+            raise UnreadableUsage(f"duration usage has seconds {str(seconds)[:40]!r}, not a number of seconds")
+        return Usage(audio_seconds=Decimal(str(seconds)))
+    base = parse_usage(raw)
+    assert base is not None and isinstance(raw, dict)
+    details = _details(raw, "input_token_details") or _details(raw, "input_tokens_details")
+    audio = _count(details, "audio_tokens")
+    if audio > base.prompt_tokens:
+        raise UnreadableUsage(f"audio tokens ({audio}) exceed input tokens ({base.prompt_tokens})")
+    return Usage(prompt_tokens=base.prompt_tokens, completion_tokens=base.completion_tokens,
+                 cached_tokens=base.cached_tokens, total_tokens=base.total_tokens, audio_prompt_tokens=audio)
 
 
 def served_model(obj: object) -> str | None:

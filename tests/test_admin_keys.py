@@ -117,9 +117,9 @@ async def test_spend_so_far_update_and_revoke(client_for: Callable[..., Any], le
     assert (shown["spent_usd"], shown["left_usd"], shown["reserved_usd"]) == ("0.30", "0.70", "0")
 
     patched = await call(client, "PATCH", f"/admin/keys/{key_id}", 200, json={"budget_period": "total",
-                                                                              "tpm": 1000})
+                                                                              "tpm": 100000})
     assert (patched["budget_period"], patched["spent_usd"], patched["left_usd"], patched["tpm"]) == (
-        "total", "9.30", "0", 1000)
+        "total", "9.30", "0", 100000)
     gate: Gate = client.app[GATE]
     refused = await gate.admit(CIMultiDict(Authorization=f"Bearer {key}"), {"model": "gpt-4o"},
                                "/v1/chat/completions")

@@ -37,11 +37,11 @@ def scripted(body: bytes) -> Reply:
 
 
 class Served:
-    def __init__(self, tmp_path: Path, upstream: str, db: Path) -> None:
+    def __init__(self, tmp_path: Path, upstream: str, db: Path, *extra: str) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "proxy", "serve", "--port", str(self.port), "--db", str(db),
-             "--upstream", upstream], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+             "--upstream", upstream, *extra], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": str(ROOT), "METERPROXY_ADMIN_TOKEN": ADMIN_TOKEN})
         deadline = time.monotonic() + 20
         while True:
@@ -147,3 +147,43 @@ def test_sigterm_lets_a_stream_finish_and_flushes(upstream: FakeUpstream, tmp_pa
     finally:
         conn.close()
     assert rows == [("in-flight", 15, 200)]
+
+
+def test_calls_still_running_when_the_grace_ends_are_recorded_as_499(upstream: FakeUpstream,
+                                                                     tmp_path: Path) -> None:
+    # A stream far longer than the grace: 40 chunks, 0.25 s apart (10 s), the grace 0.5 s.
+    body = stream_body()
+    upstream.handler = lambda _: Reply(headers={"Content-Type": "text/event-stream"}, pause=0.25,
+                                       chunks=[body[i:i + 20] for i in range(0, len(body), 20)])
+    (tmp_path / "proxy.yaml").write_text("shutdown_grace: 0.5\n")
+    db = tmp_path / "ledger.db"
+    served = Served(tmp_path, upstream.url, db, "--config", str(tmp_path / "proxy.yaml"))
+
+    async def run() -> bytes:
+        got = b""
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{served.url}/v1/chat/completions", json={"model": "gpt-4o", "stream": True},
+                                    headers={"X-Meter-Operation": "cut-off"}) as resp:
+                try:
+                    async for part in resp.content.iter_any():
+                        got += part
+                        if got.count(b"\n\n") >= 2 and served.proc.poll() is None:
+                            served.proc.send_signal(signal.SIGTERM)
+                except aiohttp.ClientError:
+                    pass  # cut off by the shutdown
+        return got
+
+    got = asyncio.run(run())
+    _, err = served.proc.communicate(timeout=60)
+    assert served.proc.returncode == 0, err
+    assert b"[DONE]" not in got
+    conn = sqlite3.connect(db)
+    try:
+        rows = conn.execute("SELECT operation, status, error, completion_tokens, usage_source FROM calls").fetchall()
+    finally:
+        conn.close()
+    assert len(rows) == 1, err.decode()[-3000:]
+    operation, status, error, completion, source = rows[0]
+    assert (operation, status, source) == ("cut-off", 499, "counted")
+    assert "proxy shut down" in error and completion >= 1  # the tokens streamed before the cut, counted
+    assert b"1 call(s) still in flight when shutdown_grace ended" in err

@@ -209,7 +209,9 @@ def raw_exchange(url: str, request_line_target: str) -> tuple[bytes, bytes]:
     ("/v1%2f..%2fadmin/usage", b"404", None),
     ("http://evil.example/v1/models", b"200", "/openai/v1/models"),
     ("/v1/models?after=../../y", b"200", "/openai/v1/models?after=../../y"),
-    ("/v1/files/file-%2Fabc/content", b"200", "/openai/v1/files/file-%2Fabc/content"),
+    # An encoded slash could be decoded into another route upstream: refused, never forwarded.
+    ("/v1/files/file-%2Fabc/content", b"400", None),
+    ("/v1/models/ft%3Agpt-4o%3Aacme", b"200", "/openai/v1/models/ft%3Agpt-4o%3Aacme"),
 ])
 def test_paths_never_leave_the_upstream_base(upstream: FakeUpstream, start_proxy: Callable[..., ProxyServer],
                                              target: str, status: bytes, upstream_path: str | None) -> None:

@@ -28,6 +28,7 @@ PRICES = PriceTable.from_mapping({"models": {
     "gpt-4o": {"input": "2.50", "output": "10.00"},
     "o3": {"input": "2", "output": "8", "reasoning": "12"},
     "text-embedding-3-small": {"input": "0.02"},
+    "gpt-5": {"input": "1.25", "output": "10", "max_output": 128000},
 }})
 CHAT = "/v1/chat/completions"
 
@@ -171,7 +172,15 @@ def prompt_tokens(body: dict[str, Any], path: str = CHAT) -> int:
 @pytest.mark.parametrize("path,body,output,rate_output,usd_per_m", [
     (CHAT, chat(max_completion_tokens=100, max_tokens=7), 100, 100, (Decimal("2.50"), Decimal(10))),
     (CHAT, chat(max_tokens=50, n=3), 150, 150, (Decimal("2.50"), Decimal(10))),
-    (CHAT, chat(), 4096, 0, (Decimal("2.50"), Decimal(10))),  # the configured cap; rate limits count the prompt
+    # No limit and no max_output for the model: the configured fallback; rate limits reserve the same worst case.
+    (CHAT, chat(), 4096, 4096, (Decimal("2.50"), Decimal(10))),
+    (CHAT, chat("gpt-5"), 128000, 128000, (Decimal("1.25"), Decimal(10))),  # the model's own max_output
+    (CHAT, chat(max_tokens="300", max_completion_tokens=20.5), 300, 300, (Decimal("2.50"), Decimal(10))),
+    (CHAT, chat(max_tokens=10, n="4"), 40, 40, (Decimal("2.50"), Decimal(10))),
+    (CHAT, chat("gpt-5", max_tokens=10, max_completion_tokens="lots"), 128000, 128000,
+     (Decimal("1.25"), Decimal(10))),  # a field an upstream might ignore: no limit at all
+    ("/v1/responses", {"model": "gpt-4o", "input": "hi", "max_output_tokens": 9, "max_tokens": 90}, 90, 90,
+     (Decimal("2.50"), Decimal(10))),
     (CHAT, chat("o3", max_completion_tokens=10), 10, 10, (Decimal(2), Decimal(12))),  # reasoning's higher price
     ("/v1/responses", {"model": "gpt-4o", "input": "hi", "max_output_tokens": 9}, 9, 9,
      (Decimal("2.50"), Decimal(10))),

@@ -75,11 +75,14 @@ def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         key = json.loads(body)["key"] if mode == "managed" else "sk-client-own-key-0001"
         with openai.OpenAI(base_url=proxy.url + "/v1", api_key=key, max_retries=0,
                            default_headers={"X-Meter-User": "carol", "X-Meter-Team": "search"}) as client:
-            for model, prompt, completion in (("gpt-4o", 120, 30), ("gpt-4o-mini", 900, 5),
-                                              ("no-such-model-unpriced", 10, 10)):
+            for model, prompt, completion in (("gpt-4o", 120, 30), ("gpt-4o-mini", 900, 5)):
                 upstream.json(_chat(model, prompt, completion))
                 client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
                                                extra_headers={"X-Meter-Tag-Project": "p1"})
+            # Under a budget an unpriced model is refused, and the refusal is a row too.
+            with pytest.raises(openai.PermissionDeniedError):
+                client.chat.completions.create(model="no-such-model-unpriced", messages=[{"role": "user",
+                                                                                          "content": "hi"}])
         assert len(proxy.rows()) == 3
         yield Live(proxy, mode, key)
     finally:

@@ -124,7 +124,8 @@ def test_describe_shows_effective_prices_as_decimal_strings(tmp_path: Path) -> N
     big = view["models"]["big"]
     assert big["input"] == "2.50" and big["reasoning"] == "15" and big["audio_input"] == "2.50"
     assert big["long_context"] == {"above": 1000, "input": "5", "cached_input": "0.5", "output": "22.5",
-                                   "reasoning": "22.5", "audio_input": "5", "audio_output": "22.5"}
+                                   "reasoning": "22.5", "audio_input": "5", "audio_output": "22.5",
+                                   "image_input": "5", "image_output": "22.5"}
     assert big["tiers"]["priority"]["cached_input"] == "0.25" and big["tiers"]["priority"]["reasoning"] == "30"
     assert big["tiers"]["batch"]["long_context"]["input"] == "2"
     assert view["models"]["ft"]["match"] == ["ft:*"] and "tiers" not in view["models"]["ft"]

@@ -135,6 +135,8 @@ def as_version_5(path: Path) -> None:
     try:
         conn.execute("DELETE FROM rollups WHERE grain >= ?", (rollups.PROJECTED,))
         conn.execute("ALTER TABLE rollup_state DROP COLUMN projected_until")
+        for column in ("routes", "organization", "project"):  # migration 7's, which version 5 had not either
+            conn.execute(f"ALTER TABLE api_keys DROP COLUMN {column}")
         conn.execute("PRAGMA user_version = 5")
     finally:
         conn.close()
