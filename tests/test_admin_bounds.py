@@ -70,7 +70,7 @@ BAD_KEY_FIELDS = [
     ("expires_at", 10**15), ("expires_at", "99999999999999"), ("expires_at", "9999-12-31T23:59:59-05:00"),
     ("expires_at", -1), ("expires_at", "1" * 65),
     ("rpm", 10**30), ("rpm", 2**63), ("tpm", "9" * 5000), ("tpm", "²"), ("rpm", "٣"),
-    ("models", ["x" * 257]),
+    ("models", ["x" * 257]), ("routes", ["POST /v1/" + "x" * 300]), ("organization", "o" * 257),
 ]
 
 
