@@ -22,7 +22,7 @@ from proxy.limits import MAX_QUERY_VALUE
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _guard(token: str | None) -> Callable[[Handler], Handler]:
+def admin_guard(token: str | None) -> Callable[[Handler], Handler]:
     """Wrap an admin handler in the bearer-token check.
 
     A wrapper per handler rather than a middleware: an aiohttp sub-app with middlewares makes every
@@ -177,7 +177,7 @@ def make_admin_app(db: str, token: str | None,
         return web.Response(body=spec, content_type="application/json")
 
     admin = web.Application()
-    routes = GuardedRoutes(admin, _guard(token))
+    routes = GuardedRoutes(admin, admin_guard(token))
     routes.add_get("/openapi.json", openapi_view)
     routes.add_get("/usage", usage)
     routes.add_get("/calls", calls)

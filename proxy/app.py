@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy import rollups
-from proxy.admin import GuardedRoutes, make_admin_app
+from proxy.admin import GuardedRoutes, Handler, admin_guard, make_admin_app
 from proxy.admin_keys import add_key_routes, meter_usage
 from proxy.config import Settings, spool_path
 from proxy.counter import CountPolicy
@@ -89,7 +89,8 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
     # The table in force when the call starts prices it, even if an edit lands while it runs.
     call = MeteredCall(request.method, request.path, request.headers, prices=app[LIVE].table, ledger=app[LEDGER],
                        inject_usage=settings.stream_usage == "inject", counting=app[COUNTING],
-                       sample_rate=settings.accuracy_sample_rate, metrics=app[METRICS])
+                       sample_rate=settings.accuracy_sample_rate, metrics=app[METRICS],
+                       max_meter_bytes=settings.max_meter_bytes)
     inflight = app[INFLIGHT]
     inflight.calls.add(call)
     try:
@@ -200,7 +201,7 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
     app.cleanup_ctx.append(resources)
     app.router.add_get("/healthz", _healthz)
     if settings.admin_port is None:  # else /metrics is served beside the admin API, on its own address
-        app.router.add_get("/metrics", metrics.handler())
+        app.router.add_get("/metrics", metrics_handler(settings, metrics))
     app.router.add_get("/meter/usage", meter_usage(GATE))
     mount(app, "/meter/ui", make_meter_ui(settings, GATE))  # a key holder's own page
     app.router.add_route("*", "/v1/{tail:.*}", _proxy)
@@ -227,11 +228,17 @@ def make_admin_site(settings: Settings, gate: Gate, live: LivePrices, metrics: M
     app = web.Application()
     app[GATE] = gate
     app[LIVE] = live
-    app.router.add_get("/metrics", metrics.handler())
+    app.router.add_get("/metrics", metrics_handler(settings, metrics))
     mount(app, "/admin/ui", make_ui(settings, GATE, LIVE))
     app.add_subapp("/admin", _admin(settings))
     app.router.add_route("*", "/{tail:.*}", _not_found)
     return app
+
+
+def metrics_handler(settings: Settings, metrics: Metrics) -> Handler:
+    """GET /metrics: behind the admin token (it names models, costs and traffic) unless metrics_public."""
+    handler = metrics.handler()
+    return handler if settings.metrics_public else admin_guard(settings.admin_token)(handler)
 
 
 def counting_policy(settings: Settings) -> CountPolicy:

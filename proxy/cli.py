@@ -22,6 +22,7 @@ from proxy.cli_args import add_ledger_args, add_range_args, ledger_path, time_ra
 from proxy.cli_keys import add_keys_parser, run_keys
 from proxy.export import add_export_parser, run_export
 from proxy.reprice import add_reprice_parser, run_reprice
+from proxy.serving import ProxyRunner, raise_open_file_limit
 from proxy.config import SETTINGS, ConfigError, Settings, load_settings
 from proxy.counting import CountingError
 from proxy.ledger import LedgerError
@@ -98,22 +99,27 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _run(settings: Settings, prices: PriceTable) -> int:
-    runner = web.AppRunner(make_app(settings, prices), access_log=None, handle_signals=False,
-                           shutdown_timeout=settings.shutdown_grace or 0.0)
+    files = raise_open_file_limit()
+    # aiohttp reads a keep-alive timeout of 0 as "close after each response": null means no limit instead.
+    keepalive = settings.keepalive_timeout if settings.keepalive_timeout is not None else 10.0**9
+    bounds = dict(header_timeout=settings.header_timeout, keepalive_timeout=keepalive)
+    runner = ProxyRunner(make_app(settings, prices), access_log=None, handle_signals=False,
+                         shutdown_timeout=settings.shutdown_grace or 0.0, **bounds)
     await runner.setup()
     admin_runner = None
     try:
         site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
         await site.start()
         if settings.admin_port is not None:
-            admin_runner = web.AppRunner(
+            admin_runner = ProxyRunner(
                 make_admin_site(settings, runner.app[GATE], runner.app[LIVE], runner.app[METRICS]),
-                access_log=None, handle_signals=False)
+                access_log=None, handle_signals=False, **bounds)
             await admin_runner.setup()
             await web.TCPSite(admin_runner, settings.admin_host, settings.admin_port).start()
             log.info("admin API on http://%s:%s/admin", settings.admin_host, settings.admin_port)
         log.info("meterproxy listening on http://%s:%s -> %s (ledger %s, pricing %s, version %s)",
                  settings.host, settings.port, settings.upstream, settings.db, prices.source, prices.version)
+        log.info("open-file limit: %d (each client connection holds one)", files)
         if settings.admin_token is None:
             log.warning("METERPROXY_ADMIN_TOKEN is not set: the admin API answers 401")
         stop = asyncio.Event()

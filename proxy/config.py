@@ -80,6 +80,12 @@ def _size(value: object) -> int:
     return value
 
 
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, not {value!r}")
+    return value
+
+
 def _size0(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError("must be a whole number of bytes (0 for none)")
@@ -181,6 +187,13 @@ SETTINGS: tuple[Setting, ...] = (
             "are then cut off and recorded (status 499, 'proxy shut down', tokens counted so far), the ledger is "
             "flushed and the process exits 0", _seconds),
     Setting("max_request_bytes", 32 * 1024 * 1024, "largest request body accepted; larger gets 413", _size),
+    Setting("max_meter_bytes", 64 * 1024 * 1024,
+            "most bytes of a response's decoded copy the meter reads per call (decompression stops there); "
+            "past it the client still gets every byte, metering stops and the row's usage_note says so", _size),
+    Setting("header_timeout", 30.0, "seconds a client connection has to send a request's complete headers; "
+            "then it is closed; null: no limit", _seconds),
+    Setting("keepalive_timeout", 75.0, "seconds an idle keep-alive client connection stays open; null: no limit",
+            _seconds),
     Setting("on_ledger_error", "spool",
             "when the database refuses a row (locked, disk full, read-only): keep serving and 'spool' rows to a "
             "fsynced file replayed later, or 'reject' new calls with 503 until it works again (rows of calls "
@@ -222,6 +235,8 @@ SETTINGS: tuple[Setting, ...] = (
             lambda v: None if v is None else _positive_days(v)),
     Setting("metrics_labels", (), "extra labels on /metrics: any of key, user (each key or user is a new series)",
             _metric_labels),
+    Setting("metrics_public", False, "serve /metrics without the admin token (e.g. a scraper on a private "
+            "network); false: /metrics needs 'Authorization: Bearer <METERPROXY_ADMIN_TOKEN>'", _bool),
     Setting("stream_usage", "count",
             "a stream the client asked without usage: count its tokens (the request is never changed), or "
             "inject include_usage upstream and take out of the client's stream exactly what that added",
@@ -247,6 +262,9 @@ class Settings:
     idle_timeout: float | None = 300.0
     total_timeout: float | None = None
     max_request_bytes: int = 32 * 1024 * 1024
+    max_meter_bytes: int = 64 * 1024 * 1024
+    header_timeout: float | None = 30.0
+    keepalive_timeout: float | None = 75.0
     shutdown_grace: float | None = 30.0
     on_ledger_error: str = "spool"
     spool: str | None = None
@@ -265,6 +283,7 @@ class Settings:
     alert_thresholds: tuple[Decimal, ...] = (Decimal("0.8"), Decimal(1))
     retention_days: float | None = None
     metrics_labels: tuple[str, ...] = ()
+    metrics_public: bool = False
     stream_usage: str = "count"
     admin_token: str | None = field(default=None, repr=False)  # from the environment only; never logged
 

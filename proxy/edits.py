@@ -26,6 +26,11 @@ class StreamEditor:
     def released(self) -> int:
         return self._base
 
+    @property
+    def received(self) -> int:
+        """Absolute offset just after the last byte fed."""
+        return self._base + len(self._pending)
+
     def feed(self, chunk: bytes) -> None:
         self._pending += chunk
 

@@ -10,6 +10,7 @@ upstream's own statuses and bodies pass through untouched.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 
 import aiohttp
@@ -18,7 +19,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.attribution import client_headers, identity_problem, upstream_headers
-from proxy.decoding import Identity, decoder_for
+from proxy.decoding import STEP, Identity, decoder_for
 from proxy.edits import StreamEditor
 from proxy.errors import error_response
 from proxy.gate import Gate, Refusal
@@ -30,6 +31,7 @@ log = logging.getLogger("meterproxy")
 
 # aiohttp adds these when absent; a transparent proxy sends only what the client sent.
 _SKIP_AUTO = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
+_ONE_PIECE = 1 << 20  # aiohttp's TOO_LARGE_BYTES_BODY
 
 
 def _request_problem(request: web.Request, body_size: int) -> tuple[int, str, str] | None:
@@ -110,6 +112,11 @@ def _abort(request: web.Request) -> None:
 async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.ClientSession,
                   upstream: str, timeout: aiohttp.ClientTimeout, gate: Gate | None = None,
                   first_byte: float | None = None, idle: float | None = None) -> web.StreamResponse:
+    if gate is not None and gate.managed:
+        # A managed key is checked before the body is even read: an unknown caller costs no memory or parse.
+        resolved = await gate.resolve(request.headers)
+        if isinstance(resolved, Refusal):
+            return await _refuse(call, resolved)
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
@@ -117,7 +124,7 @@ async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.C
         call.on_failure(413, message)  # refused, not forwarded: recorded all the same
         await call.finish()
         return error_response(413, message, "invalid_request_error", "request_too_large")
-    body = call.on_request(body, request.headers.get("Content-Type", ""))
+    body = await call.read_request(body, request.headers.get("Content-Type", ""))
     # The target is always the configured upstream plus the request's path and query, in the client's
     # encoding. rel_url, not raw_path: an absolute URL in the request line must not leak into the path.
     rel = request.rel_url
@@ -139,10 +146,7 @@ async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.C
         admission = await gate.admit(request.headers, call.meter.request, request.path, method=request.method,
                                      body_size=len(body), record=call.record, raw=body)
         if isinstance(admission, Refusal):
-            call.refused(admission)
-            await call.finish()
-            return web.Response(status=admission.status, body=admission.body, headers=admission.headers,
-                                content_type="application/json")
+            return await _refuse(call, admission)
         call.admitted(admission)
         admission.apply(headers)
     if call.edits_stream:
@@ -151,7 +155,7 @@ async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.C
     try:
         async with asyncio.timeout(first_byte):
             upstream_resp = await session.request(
-                request.method, target, headers=headers, data=body or None,
+                request.method, target, headers=headers, data=_payload(body),
                 allow_redirects=False, timeout=timeout, skip_auto_headers=_SKIP_AUTO,
             )
     except Exception as exc:  # noqa: BLE001 - every failure to reach the upstream becomes 502/504 + a row
@@ -173,6 +177,21 @@ async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.C
             upstream_resp.close()
             _abort(request)
             return exc.args[0]
+
+
+def _payload(body: bytes) -> bytes | io.BytesIO | None:
+    # aiohttp writes bytes over 1 MiB in one piece (and warns that it may hold the loop); a file-like body is
+    # written in chunks, with the same Content-Length.
+    if not body:
+        return None
+    return io.BytesIO(body) if len(body) > _ONE_PIECE else body
+
+
+async def _refuse(call: MeteredCall, refusal: Refusal) -> web.Response:
+    call.refused(refusal)
+    await call.finish()
+    return web.Response(status=refusal.status, body=refusal.body, headers=refusal.headers,
+                        content_type="application/json")
 
 
 async def _relay(request: web.Request, call: MeteredCall, upstream: aiohttp.ClientResponse,
@@ -240,7 +259,11 @@ class _Relay:
 
     Three ways to pass a chunk: a plain body keeps its newest chunk back until the row is committed; a
     stream is written as it arrives, up to the terminal event the meter names; an edited stream (include_usage
-    injected) is released event by event with the meter's edits applied.
+    injected) is released event by event with the meter's edits applied. An edited stream the upstream
+    compressed although it was asked for identity is decoded, edited and sent decoded (without the
+    Content-Encoding it no longer has); an edited stream never keeps the upstream's Content-Length.
+    The meter reads a decoded copy in steps, and no more of it than max_meter_bytes: the decoder is only
+    read while the meter wants more.
     """
 
     def __init__(self, request: web.Request, call: MeteredCall, upstream: aiohttp.ClientResponse,
@@ -249,13 +272,23 @@ class _Relay:
         self.decoder = decoder_for(upstream.headers.get("Content-Encoding"))
         self.identity = isinstance(self.decoder, Identity)
         headers = client_headers(upstream.headers)
+        editing = is_stream and call.edits_stream and self.decoder.error is None
+        # The decoded stream is what gets edited and sent (an unsupported encoding cannot be: it passes unedited).
+        self.transcode = editing and not self.identity
+        if editing:
+            headers.popall("Content-Length", None)  # the edited stream is shorter: sent chunked
+            if self.transcode:
+                headers.popall("Content-Encoding", None)
         key = call.upstream_key
         # Managed mode: the upstream got the real key; should it echo it, the client must not receive it.
-        self.guard = BodyGuard(key, not isinstance(self.decoder, Identity)) if key else None
+        # (A transcoded stream is sent decoded: its bytes are masked in place like an uncompressed body's.)
+        self.guard = BodyGuard(key, not self.identity and not self.transcode) if key else None
         if key:
             headers = _masked(headers, key)
         self.response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-        self.editor = StreamEditor() if is_stream and self.identity and call.edits_stream else None
+        self.editor = StreamEditor() if editing else None
+        self.budget = call.max_meter_bytes  # most bytes decoded from a body the client gets compressed
+        self.decoded = 0
         self.held: list[bytes] = []  # a plain body's newest chunk
         self.committed = False       # the row is committed (a stream's terminal event was complete)
         self.position = 0            # bytes of the decoded stream fed to the meter so far
@@ -284,21 +317,57 @@ class _Relay:
             await _prepare(self.response, self.request)
         await _send(self.response, data)
 
+    def _meter(self, data: bytes) -> int | None:
+        hold_from = self.call.on_chunk(data)
+        self.position += len(data)
+        return hold_from
+
     async def chunk(self, chunk: bytes) -> None:
-        if self.committed:
-            if self.guard is not None and self.guard.compressed:
-                self.guard.decoded(self.decoder.feed(chunk))
-            await self._out(chunk)
-            return
         if self.first:
             self.call.on_first_byte()
             self.first = False
-        data = self.decoder.feed(chunk)
-        if self.guard is not None:
-            self.guard.decoded(data)
-        hold_from = self.call.on_chunk(data)
-        self.position += len(data)
-        if not self.is_stream:
+        if self.transcode:
+            await self._transcoded(chunk)
+            return
+        guard = self.guard
+        watch = guard is not None and guard.compressed and guard.mode != "cut"
+        if self.committed and not watch:
+            await self._out(chunk)
+            return
+        before, hold_from = self.position, None
+        if self.call.metering or watch:
+            self.decoder.feed(chunk)
+            pieces: list[bytes] = []
+            stepped = over = False
+            # One step at a time, and the loop gets a turn between steps: a bomb's copy is not one huge read.
+            while (self.call.metering or watch) and (data := self.decoder.read(self.budget - self.decoded + 1)):
+                if stepped:
+                    await asyncio.sleep(0)
+                stepped = True
+                self.decoded += len(data)
+                over = self.decoded > self.budget
+                if self.call.metering and not self.committed:
+                    hold_from = self._meter(data)  # past the budget, this stops the meter
+                if over:
+                    break
+                if watch:
+                    pieces.append(data)
+            if watch:
+                if over:
+                    self._unwatchable()
+                else:
+                    assert guard is not None
+                    guard.decoded(b"".join(pieces) if len(pieces) != 1 else pieces[0])
+            if not self.call.metering and (self.guard is None or self.guard.mode == "cut" or
+                                           not self.guard.compressed):
+                self.decoder = Identity()  # read no more of it: the rest only passes through
+        if self.committed:
+            await self._out(chunk)
+            return
+        size = self.position - before
+        if not self.is_stream or not self.call.metering and self.editor is None:
+            # A stream whose meter stopped can no longer name its terminal event: like a plain body, its newest
+            # chunk waits for the next one (or for the commit), so the stream never ends before its row.
             if self.held:
                 await self._out(self.held.pop())
             self.held.append(chunk)
@@ -308,26 +377,55 @@ class _Relay:
             await self._out(chunk)
         else:
             # The terminal event is complete in this chunk: send what precedes it, commit, then the rest.
-            start = hold_from - (self.position - len(data))
+            start = hold_from - (self.position - size)
             cut = max(0, min(start, len(chunk))) if self.identity else 0
             if cut:
                 await self._out(chunk[:cut])
             await self._commit()
             await self._out(chunk[cut:])
 
+    def _unwatchable(self) -> None:
+        """Managed mode, a compressed body past the decoding budget: the guard can no longer see whether the
+        upstream key is in it, so nothing more is sent and the client's connection is broken off."""
+        assert self.guard is not None
+        self.guard.mode = "cut"
+        self.cut = True
+        log.warning("call %s: a compressed body passed max_meter_bytes (%d bytes) decoded, past which the upstream "
+                    "key cannot be watched for; the client's connection is broken off", self.call.record.request_id,
+                    self.budget)
+        self.call.on_failure(None, f"the compressed body passed max_meter_bytes ({self.budget} bytes) decoded: "
+                                   "the upstream key could not be watched for; the client's connection was broken off")
+
+    async def _transcoded(self, chunk: bytes) -> None:
+        """An edited stream that came compressed: the client gets its decoded, edited bytes."""
+        self.decoder.feed(chunk)
+        stepped = False
+        while data := self.decoder.read(STEP):
+            if stepped:
+                await asyncio.sleep(0)
+            stepped = True
+            if self.committed:
+                await self._out(data)
+                continue
+            hold_from = self._meter(data) if self.call.metering else None
+            await self._edited(data, hold_from)
+        if self.decoder.error is not None:
+            raise aiohttp.ClientPayloadError(f"the upstream's compressed stream is corrupt: {self.decoder.error}")
+
     async def _edited(self, chunk: bytes, hold_from: int | None) -> None:
         editor, meter = self.editor, self.call.meter
         assert editor is not None
         editor.feed(chunk)
-        if not self.call.edits_stream:  # the meter failed: pass everything on unedited
-            await self._out(editor.take(self.position, []))
-            self.editor = None
+        if not self.call.edits_stream:  # the meter failed or stopped: pass everything on unedited
+            await self._out(editor.take(editor.received, []))
+            if not self.transcode:
+                self.editor = None
             return
         settled = meter.settled if meter.settled is not None else editor.released
         if hold_from is not None:
             await self._out(editor.take(hold_from, meter.edits))
             await self._commit()
-        await self._out(editor.take(self.position if self.committed else settled, meter.edits))
+        await self._out(editor.take(editor.received if self.committed else settled, meter.edits))
 
     async def _commit(self) -> None:
         self.call.on_end()
@@ -363,7 +461,8 @@ class _Relay:
             await self._out(chunk)
         self.held = []
         if self.editor is not None:
-            await self._out(self.editor.take(self.position, self.call.meter.edits))
+            edits = self.call.meter.edits if self.call.edits_stream else []
+            await self._out(self.editor.take(self.editor.received, edits))
         if last and self.guard is not None:
             tail = self.guard.flush()
             if tail:

@@ -26,6 +26,9 @@ from proxy.record import CallRecord
 from proxy.redact import Secrets
 
 log = logging.getLogger("meterproxy")
+MAX_METER_BYTES = 64 * 1024 * 1024  # the max_meter_bytes default
+# A body larger than this is parsed in a thread: json.loads of 30 MiB holds the loop for ~100 ms.
+_INLINE_PARSE_BYTES = 256 * 1024
 # What stands in the ledger where the upstream echoed the real key (managed mode): not even its last digits.
 UPSTREAM_KEY_MARK = "[upstream key]"
 
@@ -36,14 +39,17 @@ class MeteredCall:
     def __init__(self, method: str, path: str, headers: CIMultiDictProxy[str], *,
                  prices: PriceTable, ledger: Ledger, inject_usage: bool = False,
                  counting: CountPolicy | None = None, sample_rate: float = 0.0,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, max_meter_bytes: int = MAX_METER_BYTES) -> None:
         self._metrics = metrics
         self._prices = prices
         self._ledger = ledger
         self._counting = counting
         self._sample_rate = sample_rate
         self._t0 = time.perf_counter()
-        self.meter: Meter = meter_for(method, path, inject_usage)
+        self.meter: Meter = meter_for(method, path, inject_usage, max_meter_bytes)
+        self._max_meter_bytes = max_meter_bytes
+        self._fed = 0  # bytes of the decoded copy the meter has read
+        self._stopped: str | None = None  # why metering stopped before the end (a bound was passed)
         # 128 random bits, as uuid4 has, at a twentieth of its cost.
         self.record = CallRecord(request_id=os.urandom(16).hex(), started_at=time.time(), method=method,
                                  endpoint=path)
@@ -71,6 +77,12 @@ class MeteredCall:
             return None
 
     # --- hooks called by the forwarder -------------------------------------------------------
+    async def read_request(self, body: bytes, content_type: str) -> bytes:
+        """`on_request`, with a large body parsed off the event loop."""
+        if len(body) <= _INLINE_PARSE_BYTES:
+            return self.on_request(body, content_type)
+        return await asyncio.to_thread(self.on_request, body, content_type)
+
     def on_request(self, body: bytes, content_type: str) -> bytes:
         """Read the request; returns the body to forward (the client's, unless include_usage is injected)."""
         replaced = self._safe(self.meter.on_request, body, content_type)
@@ -84,7 +96,26 @@ class MeteredCall:
     @property
     def edits_stream(self) -> bool:
         """The response stream must pass through the meter's edits (include_usage was injected)."""
-        return self.meter.inject and not self._meter_failed
+        return self.meter.inject and self.metering
+
+    @property
+    def metering(self) -> bool:
+        """The meter still reads the body (it has not failed, nor passed a bound)."""
+        return not self._meter_failed and self._stopped is None
+
+    @property
+    def max_meter_bytes(self) -> int:
+        return self._max_meter_bytes
+
+    @property
+    def meter_room(self) -> int:
+        """Bytes of the decoded copy the meter may still read before max_meter_bytes stops it."""
+        return self._max_meter_bytes - self._fed
+
+    def _stop(self, note: str) -> None:
+        self._stopped = note
+        self.meter.discard()
+        log.warning("%s on %s: %s", self.record.request_id, self.record.endpoint, note)
 
     def admitted(self, admission: Admission) -> None:
         """The gate let the call through; in managed mode the key names the user and team, not the headers."""
@@ -97,6 +128,13 @@ class MeteredCall:
         """The gate refused the call (bad key, rate limit, budget): recorded as such, never forwarded."""
         self._attribute(refusal.key_id, refusal.user, refusal.team, refusal.managed)
         self.on_failure(refusal.status, f"{refusal.code}: {refusal.message}")
+        if refusal.status == 401:
+            self._unauthenticated()
+
+    def _unauthenticated(self) -> None:
+        # Anyone can send a call that fails authentication: its free-form X-Meter-* tags are not stored,
+        # or a flood of them would grow the ledger at the caller's will.
+        self.record.tags = {}
 
     def _attribute(self, key_id: str | None, user: str | None, team: str | None, managed: bool = False) -> None:
         """Managed: the key names the subject, whatever X-Meter-User / X-Meter-Team or the body said."""
@@ -112,18 +150,36 @@ class MeteredCall:
 
     def on_response_headers(self, status: int, content_type: str) -> None:
         self.record.status = status
+        if status == 401:  # the upstream refused the key (passthrough): as unauthenticated as the gate's 401
+            self._unauthenticated()
         self._safe(self.meter.on_response_headers, status, content_type)
 
     def on_first_byte(self) -> None:
         self.record.ttfb_ms = (time.perf_counter() - self._t0) * 1000
 
     def on_chunk(self, data: bytes) -> int | None:
-        """Feed a decoded copy of body bytes; returns the stream offset to hold back from, if any."""
+        """Feed a decoded copy of body bytes; returns the stream offset to hold back from, if any.
+
+        Past max_meter_bytes (or a stream event past it) the meter stops reading: the bytes still go to
+        the client, and the row says metering stopped."""
+        if not self.metering:
+            return None
+        if len(data) > self._max_meter_bytes - self._fed:
+            self._stop(f"the response's decoded body passed max_meter_bytes ({self._max_meter_bytes} bytes): "
+                       "metering stopped there; usage not read")
+            return None
+        self._fed += len(data)
         self._safe(self.meter.on_chunk, data)
+        stopped = self.meter.stopped
+        if stopped is not None:
+            self._stop(f"{stopped} (max_meter_bytes {self._max_meter_bytes}): metering stopped there; "
+                       "usage not read")
+            return None
         return self.meter.hold_from
 
     def on_end(self) -> None:
-        self._safe(self.meter.on_end)
+        if self._stopped is None:
+            self._safe(self.meter.on_end)
 
     def on_failure(self, status: int | None, message: str) -> None:
         """The exchange failed: upstream unreachable, timed out, broke off, or the client went away."""
@@ -156,6 +212,8 @@ class MeteredCall:
         rec.service_tier = meter.service_tier
         if meter.error and rec.error is None:
             rec.error = meter.error
+        if self._stopped is not None:
+            rec.usage_note = self._stopped
         if meter.usage is not None and not self._meter_failed:
             rec.set_usage(meter.usage, "upstream")
             rec.cost_usd, rec.priced = self._prices.cost(rec.model, meter.usage, rec.service_tier)
@@ -164,7 +222,7 @@ class MeteredCall:
                 rec.counted_prompt_tokens = counted.prompt.tokens if counted.prompt else None
                 rec.counted_completion_tokens = counted.completion.tokens if counted.completion else None
             return
-        note = meter.usage_error or ("meter failed" if self._meter_failed else None)
+        note = self._stopped or meter.usage_error or ("meter failed" if self._meter_failed else None)
         if note and 200 <= rec.status < 300:
             rec.error = note if rec.error is None else f"{rec.error}; {note}"
         if counted is not None:
@@ -183,7 +241,7 @@ class MeteredCall:
     def _wants_count(self) -> bool:
         """Count when the upstream spent tokens but reported none, and for a sample of those it reported."""
         meter = self.meter
-        if self._counting is None or self._meter_failed or not meter.countable or not meter.succeeded:
+        if self._counting is None or not self.metering or not meter.countable or not meter.succeeded:
             return False
         if meter.usage is None:
             return True

@@ -68,8 +68,9 @@ class Meter:
     # A 2xx answer whose usage cannot be read is unpriced (flagged), not free: the endpoint bills by usage.
     unpriced_without_usage = False
 
-    def __init__(self, inject_usage: bool = False) -> None:
+    def __init__(self, inject_usage: bool = False, max_event: int | None = None) -> None:
         self.want_inject = inject_usage and self.can_inject
+        self._max_event = max_event  # the longest stream event read (a longer one stops the meter)
         self.inject = False         # this call's request was given include_usage by the proxy
         self.edits: list[Edit] = []  # byte edits that take out what the injection added
         self.settled: int | None = None  # end of the last complete stream event
@@ -140,7 +141,7 @@ class Meter:
     def on_response_headers(self, status: int, content_type: str) -> None:
         self._status = status
         if "text/event-stream" in content_type:
-            self._sse = SSEDecoder()
+            self._sse = SSEDecoder(self._max_event)
             self.stream = True
         elif self._wants_body(status, content_type):
             self._parts = []
@@ -159,6 +160,16 @@ class Meter:
                 return
             self._parts.append(data)
             self._size += len(data)
+
+    @property
+    def stopped(self) -> str | None:
+        """Why the meter stopped reading the body (a stream event past its bound), else None."""
+        return self._sse.error if self._sse is not None else None
+
+    def discard(self) -> None:
+        """Metering stops here: drop what was buffered; later chunks and the end are not read."""
+        self._parts = None
+        self._sse = None
 
     def on_end(self) -> None:
         if self._sse is not None:
@@ -262,8 +273,8 @@ class EmbeddingsMeter(Meter):
     extract = staticmethod(chat_usage)
     countable = True
 
-    def __init__(self, inject_usage: bool = False) -> None:
-        super().__init__(inject_usage)
+    def __init__(self, inject_usage: bool = False, max_event: int | None = None) -> None:
+        super().__init__(inject_usage, max_event)
         self.output = None  # embeddings produce no tokens to count
 
 
@@ -331,7 +342,7 @@ _BY_PATH: dict[str, type[Meter]] = {
 }
 
 
-def meter_for(method: str, path: str, inject_usage: bool = False) -> Meter:
+def meter_for(method: str, path: str, inject_usage: bool = False, max_event: int | None = None) -> Meter:
     """The meter of an endpoint; other endpoints get the base meter (model, status, error only)."""
     cls = _BY_PATH.get(path.rstrip("/")) if method == "POST" else None
-    return (cls or Meter)(inject_usage)
+    return (cls or Meter)(inject_usage, max_event)

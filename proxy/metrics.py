@@ -5,7 +5,8 @@ process, as in the tests, must not collide). `observe_call` runs once per call o
 the call's label set in a plain dict and bumps pre-bound children, a few microseconds.
 
 Cardinality is bounded: endpoints outside the known OpenAI routes count as "other", at most `max_models`
-model names (then "other"), and per-key / per-user labels exist only when configured, each capped too.
+model names (then "other"; only a call that succeeded gives its model a label of its own, so failed calls
+naming junk models cannot crowd real ones out), and per-key / per-user labels exist only when configured, each capped too.
 
 Cost here is a float counter in USD, good enough for dashboards; the ledger stays the exact record. This
 module must never raise into a call (a bad record is counted as best it can be), never log per call,
@@ -51,12 +52,13 @@ class _Capped:
         self._limit = limit
         self._seen: set[str] = set()
 
-    def __call__(self, value: str | None) -> str:
+    def __call__(self, value: str | None, admit: bool = True) -> str:
+        """The label of `value`; a value not seen yet takes a place of its own only if `admit`."""
         if value is None:
             return ""
         if value in self._seen:
             return value
-        if len(self._seen) >= self._limit:
+        if not admit or len(self._seen) >= self._limit:
             return OTHER
         self._seen.add(value)
         return value
@@ -100,7 +102,9 @@ class Metrics:
     # --- per call ---------------------------------------------------------------------------------
     def _bound(self, rec: CallRecord) -> tuple[Any, ...]:
         # Capped values first, so this cache is as bounded as the labels are.
-        key = (self._model(rec.model), rec.endpoint if rec.endpoint in KNOWN_ENDPOINTS else OTHER, rec.status,
+        # A model name takes a label of its own only once a call to it succeeded: a failed call's model is
+        # whatever the client typed, and junk names must not use up the places real models need.
+        key = (self._model(rec.model, 200 <= rec.status < 300), rec.endpoint if rec.endpoint in KNOWN_ENDPOINTS else OTHER, rec.status,
                self._key(rec.key_id) if self._label_keys else None,
                self._user(rec.user) if self._label_users else None)
         found = self._children.get(key)

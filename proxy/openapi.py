@@ -304,11 +304,12 @@ def _paths() -> dict[str, Any]:
              "401": _json(_ref("Error"), _ERRORS[401])},
             tag="pricing", op_id="reloadPricing")},
         "/metrics": {"x-served-on": "admin", "get": _op(
-            "Prometheus metrics (OpenMetrics when the scraper asks for it)",
+            "Prometheus metrics (OpenMetrics when the scraper asks for it); without the token when "
+            "metrics_public is set",
             {"200": {"description": "Prometheus text", "content": {
                 "text/plain": {"schema": {"type": "string"}},
                 "application/openmetrics-text": {"schema": {"type": "string"}}}}},
-            tag="meta", op_id="metrics", security=[])},
+            tag="meta", op_id="metrics")},
         "/meter/usage": {"x-served-on": "proxy", "get": _op(
             "The presenting key's own usage per day and model, and its budgets left (this month by default)",
             {"200": _json(_ref("MeterUsage"), "the key's usage"), "400": _json(_ref("Error"), _ERRORS[400]),

@@ -2,8 +2,9 @@
 
 The proxy forwards upstream bytes untouched and feeds the same chunks here, so the decoder has to
 accept any chunking: an event, a field name, a UTF-8 character or a CRLF pair may be cut anywhere.
-It must never raise on input bytes, never bound the size of an event, and never re-scan bytes it
-has already searched (it sees every chunk of every stream).
+It must never raise on input bytes, never re-scan bytes it has already searched (it sees every chunk
+of every stream), and never hold more than `max_event` bytes: a line, or an event's data, longer than
+that ends decoding (`error` says why, every later feed returns nothing) instead of growing a buffer.
 
 Framing (the WHATWG rules, as openai-python applies them):
 - lines end with LF, CR or CRLF; a blank line dispatches the event being built;
@@ -59,9 +60,12 @@ class SSEEvent:
 class SSEDecoder:
     """Turns arbitrarily chunked bytes into `SSEEvent`s; see the module docstring for the rules."""
 
-    __slots__ = ("_buf", "_base", "_scan", "_start", "_data", "_event", "_id")
+    __slots__ = ("_buf", "_base", "_scan", "_start", "_data", "_data_size", "_event", "_id", "_max", "error")
 
-    def __init__(self) -> None:
+    def __init__(self, max_event: int | None = None) -> None:
+        self._max = max_event  # None: unbounded (callers that bound their input themselves)
+        self.error: str | None = None  # set once an event outgrew max_event; decoding has stopped
+        self._data_size = 0
         self._buf = bytearray()  # bytes of the line being received (never a complete line)
         self._base = 0  # absolute offset of _buf[0]
         self._scan = 0  # index in _buf before which no line end remains to be found
@@ -78,7 +82,7 @@ class SSEDecoder:
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Take the next chunk; return the events it completed, in stream order."""
         events: list[SSEEvent] = []
-        if not chunk:
+        if not chunk or self.error is not None:
             return events
         buf = self._buf
         buf += chunk
@@ -106,7 +110,17 @@ class SSEDecoder:
             del buf[:pos]
             self._base += pos
         self._scan = scan - pos
+        if self._max is not None and (len(buf) > self._max or self._data_size > self._max):
+            self._overflow()
         return events
+
+    def _overflow(self) -> None:
+        self.error = f"a stream event is longer than {self._max} bytes; it was not read"
+        self._base += len(self._buf)
+        self._buf = bytearray()
+        self._scan = 0
+        self._data = []
+        self._data_size = 0
 
     def close(self) -> list[SSEEvent]:
         """End of stream: finish the last line, and return an event left without its blank line.
@@ -114,6 +128,8 @@ class SSEDecoder:
         The decoder may be fed again afterwards; it then starts a new block at `position`.
         """
         events: list[SSEEvent] = []
+        if self.error is not None:
+            return events
         buf = self._buf
         size = len(buf)
         if size:
@@ -154,6 +170,7 @@ class SSEDecoder:
         # Compare names in place: a slice per line would copy for nothing.
         if name_len == 4 and buf.startswith(b"data", begin):
             self._data.append(_text(buf, value_start, eol))
+            self._data_size += eol - value_start
         elif name_len == 5 and buf.startswith(b"event", begin):
             self._event = _text(buf, value_start, eol)
         elif name_len == 2 and buf.startswith(b"id", begin):
@@ -168,6 +185,7 @@ class SSEDecoder:
         if self._data and self._start is not None:
             event = SSEEvent("\n".join(self._data), self._event, self._id, self._start, end)
             self._data = []
+        self._data_size = 0
         self._start = None
         self._event = None
         self._id = None

@@ -22,7 +22,8 @@ def traffic(proxy: ProxyServer, upstream: FakeUpstream, model: str = "gpt-4o", n
 
 def test_metrics_endpoint_counts_calls_tokens_and_cost(upstream: FakeUpstream, proxy: ProxyServer) -> None:
     traffic(proxy, upstream)
-    status, headers, body = request(proxy.url, method="GET", path="/metrics", body=None)
+    status, headers, body = request(proxy.url, method="GET", path="/metrics", body=None,
+                                    headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
     text = body.decode()
     assert status == 200 and "text/plain" in headers["Content-Type"]
     assert 'meterproxy_requests_total{endpoint="/v1/chat/completions",model="gpt-4o",status="200"} 3.0' in text
