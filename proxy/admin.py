@@ -16,10 +16,11 @@ from aiohttp import web
 
 from proxy import accuracy, openapi, render, reports
 from proxy.config import ADMIN_TOKEN_ENV
-from proxy.errors import error_response
+from proxy.errors import error_response, unknown_parameter
 from proxy.limits import MAX_QUERY_VALUE
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_USAGE_PARAMS = ("group_by", "since", "until", "key", "user", "model", "tz", "format")
 
 
 def admin_guard(token: str | None) -> Callable[[Handler], Handler]:
@@ -115,6 +116,8 @@ def make_admin_app(db: str, token: str | None,
 
     async def usage(request: web.Request) -> web.StreamResponse:
         q = request.query
+        if (refused := unknown_parameter(q, _USAGE_PARAMS)) is not None:
+            return refused
         try:
             fmt = q.get("format", "json")
             if fmt not in ("json", "csv"):
@@ -133,6 +136,9 @@ def make_admin_app(db: str, token: str | None,
 
     async def calls(request: web.Request) -> web.StreamResponse:
         q = request.query
+        if (refused := unknown_parameter(q, ("key", "limit", "before", "user", "model", "status",
+                                             "usage_source"))) is not None:
+            return refused
         try:
             limit_text = q.get("limit", "50")
             if not re.fullmatch(r"[0-9]{1,6}", limit_text):  # ASCII: "²".isdigit(), yet int("²") fails
@@ -158,6 +164,8 @@ def make_admin_app(db: str, token: str | None,
 
     async def accuracy_view(request: web.Request) -> web.StreamResponse:
         q = request.query
+        if (refused := unknown_parameter(q, ("since", "until", "model"))) is not None:
+            return refused
         try:
             since = reports.parse_time(q["since"], "since") if "since" in q else None
             until = reports.parse_time(q["until"], "until") if "until" in q else None
@@ -168,8 +176,10 @@ def make_admin_app(db: str, token: str | None,
         return web.json_response(result)
 
     async def not_found(request: web.Request) -> web.Response:
-        return error_response(404, f"No admin route {request.method} {request.path}", "invalid_request_error",
-                              "not_found")
+        served = sorted({str(info.get("path") or info.get("formatter", "")) for info in
+                         (r.get_info() for r in admin.router.resources())} - {"/admin/{tail}", "/{tail}"})
+        return error_response(404, f"No admin route {request.method} {request.path}: the admin API serves "
+                              f"{', '.join(served)}", "invalid_request_error", "not_found")
 
     spec = json.dumps(openapi.document()).encode()
 

@@ -31,7 +31,7 @@ from aiohttp import web
 from proxy import reports
 from proxy.attribution import api_key, key_id_of
 from proxy.budgets import BudgetState
-from proxy.errors import error_response
+from proxy.errors import error_response, unknown_parameter
 from proxy.gate import Gate, Refusal
 from proxy.keys import KeyStore, ManagedKey, parse_key_fields
 from proxy.limits import (
@@ -131,6 +131,8 @@ def add_key_routes(admin: Any, gate_key: web.AppKey[Gate]) -> None:
 
     async def list_all(request: web.Request) -> web.StreamResponse:
         gate, keys = store(request)
+        if (refused := unknown_parameter(request.query, ("user", "team", "revoked"))) is not None:
+            return refused
         revoked = request.query.get("revoked", "true")
         if revoked not in ("true", "false"):
             return _bad("revoked must be true or false", "revoked")
@@ -140,6 +142,8 @@ def add_key_routes(admin: Any, gate_key: web.AppKey[Gate]) -> None:
 
     async def show(request: web.Request) -> web.StreamResponse:
         gate, keys = store(request)
+        if (refused := unknown_parameter(request.query, ())) is not None:
+            return refused
         key = await keys.get(request.match_info["key_id"])
         if key is None:
             return _not_found(f"key {request.match_info['key_id']!r}", "key_not_found")
@@ -193,12 +197,16 @@ def _add_budget_routes(admin: Any, gate_key: web.AppKey[Gate]) -> None:
 
     async def list_all(request: web.Request) -> web.StreamResponse:
         gate = request.config_dict[gate_key]
+        if (refused := unknown_parameter(request.query, ())) is not None:
+            return refused
         return web.json_response({"budgets": await views(gate, gate.limits.entries())})
 
     async def show(request: web.Request) -> web.StreamResponse:
         gate, subject = request.config_dict[gate_key], subject_of(request)
         if isinstance(subject, web.Response):
             return subject
+        if request.method == "GET" and (refused := unknown_parameter(request.query, ())) is not None:
+            return refused
         found = [e for e in gate.limits.entries() if e[0] == subject]
         if not found:
             return _not_found(f"limits for {subject.kind} {subject.name!r}", "limits_not_found")
@@ -254,6 +262,8 @@ def meter_usage(gate_key: web.AppKey[Gate]) -> Handler:
             # Only what the key itself proves: a header could name anyone's user or team.
             user, team = None, None
             charges = [(Subject("key", key_id), gate.limits.get(Subject("key", key_id)) or Limits())]
+        if (refused := unknown_parameter(request.query, ("since", "until"))) is not None:
+            return refused
         try:
             q = request.query
             since = reports.parse_time(q["since"], "since") if "since" in q else None

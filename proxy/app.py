@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -25,6 +25,7 @@ from proxy.errors import error_response
 from proxy.forward import forward
 from proxy.gate import Gate, open_gate
 from proxy.ledger import Ledger
+from proxy.logs import CallLogs
 from proxy.metering import MeteredCall
 from proxy.metrics import Metrics
 from proxy.pricing import PriceTable
@@ -41,6 +42,7 @@ COUNTING = web.AppKey("counting", CountPolicy)
 GATE = web.AppKey("gate", Gate)
 LIVE = web.AppKey("live_prices", LivePrices)
 METRICS = web.AppKey("metrics", Metrics)
+CALL_LOGS = web.AppKey("call_logs", CallLogs)
 
 
 class InFlight:
@@ -90,7 +92,7 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
     call = MeteredCall(request.method, request.path, request.headers, prices=app[LIVE].table, ledger=app[LEDGER],
                        inject_usage=settings.stream_usage == "inject", counting=app[COUNTING],
                        sample_rate=settings.accuracy_sample_rate, metrics=app[METRICS],
-                       max_meter_bytes=settings.max_meter_bytes)
+                       max_meter_bytes=settings.max_meter_bytes, logs=app[CALL_LOGS])
     inflight = app[INFLIGHT]
     inflight.calls.add(call)
     try:
@@ -106,13 +108,35 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    ledger = request.app[LEDGER]
+    reason = ledger.degraded
+    if reason is None:
+        return web.json_response({"status": "ok"})
+    # Serving on with rows only in the spool is degraded, not down; when calls are refused (`reject`, or
+    # neither the database nor the spool takes rows): 503.
+    if not ledger.storing:
+        state = "unavailable"
+    else:
+        state = "rejecting" if request.app[SETTINGS].on_ledger_error == "reject" else "spooling"
+    return web.json_response({"status": "degraded", "ledger": state, "reason": reason,
+                              "spool_depth": ledger.spool_depth}, status=200 if state == "spooling" else 503)
 
 
-async def _not_found(request: web.Request) -> web.Response:
-    return error_response(404, f"No route for {request.method} {request.path}: the proxy forwards /v1/... "
-                          "to the upstream and serves /admin/... and /healthz", "invalid_request_error",
-                          "not_found")
+def _not_found_on(serves: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The catch-all 404 of one port, in OpenAI's shape, naming what that port serves."""
+
+    async def not_found(request: web.Request) -> web.Response:
+        return error_response(404, f"No route for {request.method} {request.path}: {serves}",
+                              "invalid_request_error", "not_found")
+
+    return not_found
+
+
+def _proxy_port_serves(settings: Settings) -> str:
+    extra = ", /metrics, /admin/... and the dashboard /admin/ui/" if settings.admin_port is None else (
+        f"; /admin/..., the dashboard and /metrics are on the admin port http://{settings.admin_host}:"
+        f"{settings.admin_port}")
+    return f"the proxy forwards /v1/... to the upstream and serves /healthz, /meter/usage, /meter/ui/{extra}"
 
 
 class _NoRequestLines(logging.Filter):
@@ -137,7 +161,7 @@ def _quiet_request_parser_logs() -> None:
 
 def _mark_stale_rollups(conn: sqlite3.Connection) -> None:
     if rollups.make_current(conn):
-        logging.getLogger("meterproxy").warning(
+        logging.getLogger("meterproxy.rollups").warning(
             "ledger has calls written without rollups (another tool, or an older meterproxy): their hours are "
             "marked for rebuilding in the background; until then reports read them from the calls (slower)")
 
@@ -149,6 +173,7 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
     app[SETTINGS] = settings
     metrics = Metrics(label_keys="key" in settings.metrics_labels, label_users="user" in settings.metrics_labels)
     app[METRICS] = metrics
+    app[CALL_LOGS] = CallLogs(access_log=settings.access_log)
     app[COUNTING] = counting_policy(settings)
     app[INFLIGHT] = InFlight()
     # First byte and idle gaps are timed by the forwarder itself: aiohttp's sock_read would apply one
@@ -167,6 +192,7 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
         ledger.on_commit = metrics.observe_commit
         await ledger.open()
         metrics.queue_depth_from(lambda: ledger.queue_depth)
+        metrics.spool_from(lambda: ledger.spool_depth, lambda: 1 if ledger.accepting else 0)
         upkeep = RetentionTask(settings.db, settings.retention_days)
         app[LEDGER] = ledger
         try:
@@ -206,11 +232,17 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
     mount(app, "/meter/ui", make_meter_ui(settings, GATE))  # a key holder's own page
     app.router.add_route("*", "/v1/{tail:.*}", _proxy)
     if settings.admin_port is None:
-        mount(app, "/admin/ui", make_ui(settings, GATE, LIVE))  # the dashboard, before the API's /admin
-        app.add_subapp("/admin", _admin(settings))
-    app.router.add_route("*", "/{tail:.*}", _not_found)
+        _add_admin(app, settings)
+    app.router.add_route("*", "/{tail:.*}", _not_found_on(_proxy_port_serves(settings)))
     return app
 
+
+def _add_admin(app: web.Application, settings: Settings) -> None:
+    mount(app, "/admin/ui", make_ui(settings, GATE, LIVE))  # the dashboard, before the API's /admin
+    # `/admin` itself matches no route of the sub-app, and aiohttp would answer it with a plain-text 404.
+    app.router.add_route("*", "/admin", _not_found_on("the admin API's routes are under /admin/, such as "
+                                                       "/admin/usage, /admin/calls and /admin/keys"))
+    app.add_subapp("/admin", _admin(settings))
 
 
 def _admin(settings: Settings) -> web.Application:
@@ -229,9 +261,10 @@ def make_admin_site(settings: Settings, gate: Gate, live: LivePrices, metrics: M
     app[GATE] = gate
     app[LIVE] = live
     app.router.add_get("/metrics", metrics_handler(settings, metrics))
-    mount(app, "/admin/ui", make_ui(settings, GATE, LIVE))
-    app.add_subapp("/admin", _admin(settings))
-    app.router.add_route("*", "/{tail:.*}", _not_found)
+    _add_admin(app, settings)
+    app.router.add_route("*", "/{tail:.*}", _not_found_on(
+        f"the admin port serves /admin/..., the dashboard /admin/ui/ and /metrics; the proxy (/v1/...) is on "
+        f"http://{settings.host}:{settings.port}"))
     return app
 
 

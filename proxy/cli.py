@@ -1,7 +1,9 @@
-"""The `meterproxy` command: `serve` runs the proxy, `report` reads the ledger.
+"""The meterproxy command: run the proxy, and read or edit its ledger.
 
 Every operator mistake (bad config, unreadable pricing, unusable database, bad report option) ends the
 command with one line on stderr naming the file and the problem, and exit status 2 — never a traceback.
+Output cut short by a closed pipe (`meterproxy export | head`) ends the command quietly with status 141,
+as other Unix tools do.
 """
 
 from __future__ import annotations
@@ -10,55 +12,77 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 from aiohttp import web
 
-from proxy import accuracy, render, reports, rollups
+from proxy import __version__, accuracy, logs, render, reports, rollups
 from proxy.app import GATE, LIVE, METRICS, counting_policy, make_admin_site, make_app
-from proxy.cli_args import add_ledger_args, add_range_args, ledger_path, time_range
+from proxy.cli_args import Parser, add_ledger_args, add_range_args, db_problem, ledger_path, time_range
+from proxy.cli_budgets import add_budgets_parser, run_budgets
 from proxy.cli_keys import add_keys_parser, run_keys
 from proxy.export import add_export_parser, run_export
 from proxy.reprice import add_reprice_parser, run_reprice
 from proxy.serving import ProxyRunner, raise_open_file_limit
-from proxy.config import SETTINGS, ConfigError, Settings, load_settings
+from proxy.config import SETTINGS, ConfigError, Settings, load_settings, spool_path
 from proxy.counting import CountingError
 from proxy.ledger import LedgerError
 from proxy.pricing import PriceTable, PricingError
 
 log = logging.getLogger("meterproxy")
 
+SIGPIPE_STATUS = 128 + 13  # what a shell reports for a command ended by SIGPIPE
+
+
+def _flag_help(text: str, default: object) -> str:
+    """A setting's help for its flag, with its default said once."""
+    if "default" in text or default is None:
+        return text
+    return f"{text} (default: {default})"
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meterproxy", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the proxy")
+    parser = Parser(prog="meterproxy", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"meterproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command", help="one of:",
+                                title="commands (meterproxy COMMAND --help for each one's options)")
+    serve = sub.add_parser("serve", help="run the proxy", description="Run the proxy.")
     serve.add_argument("--config", help="YAML config file (flags override it)")
     for setting in SETTINGS:
         if setting.flag:
-            serve.add_argument(f"--{setting.name}", help=f"{setting.help} (default: {setting.default})")
-    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+            serve.add_argument(f"--{setting.name}", help=_flag_help(setting.help, setting.default))
+    serve.add_argument("--access-log", dest="access_log", action="store_const", const=True, default=None,
+                       help="log one JSON line per call (the access_log setting)")
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                       help="least severe log lines shown, for every meterproxy.* logger (default: INFO)")
 
-    report = sub.add_parser("report", help="usage and cost from the ledger")
+    report = sub.add_parser("report", help="usage and cost from the ledger, grouped as asked",
+                            description="Usage and cost from the ledger.")
     add_ledger_args(report)
-    report.add_argument("--group-by", default="", help=f"comma list of: {', '.join(reports.GROUP_FIELDS)}, tag:<name>")
-    add_range_args(report, tz_help="IANA time zone for day/week/month buckets (default UTC)")
+    report.add_argument("--group-by", default="",
+                        help=f"comma list of: {', '.join(reports.GROUP_FIELDS)}, tag:<name> (default: totals)")
+    add_range_args(report, tz_help="IANA time zone for day/week/month buckets (default: UTC)")
     report.add_argument("--key", help="only this key_id")
     report.add_argument("--user", help="only this user")
     report.add_argument("--model", help="only this model")
-    report.add_argument("--format", default="table", choices=["table", "json", "csv"])
+    report.add_argument("--format", default="table", choices=["table", "json", "csv"],
+                        help="output format (default: table)")
 
     add_keys_parser(sub)
+    add_budgets_parser(sub)
     add_reprice_parser(sub)
     add_export_parser(sub)
 
-    acc = sub.add_parser("accuracy", help="how far the proxy's token counts fall from the provider's, per model")
+    acc = sub.add_parser("accuracy", help="how far the proxy's token counts fall from the provider's, per model",
+                         description="How far the proxy's token counts fall from the provider's, per model, "
+                         "from the calls sampled by accuracy_sample_rate.")
     add_ledger_args(acc)
     add_range_args(acc)
     acc.add_argument("--model", help="only this model")
-    acc.add_argument("--format", default="table", choices=["table", "json"])
+    acc.add_argument("--format", default="table", choices=["table", "json"], help="output format (default: table)")
     return parser
 
 
@@ -69,36 +93,77 @@ def _fail(message: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "serve":
-        return _serve(args)
-    if args.command == "accuracy":
-        return _accuracy(args)
-    if args.command == "keys":
-        return run_keys(args)
-    if args.command == "reprice":
-        return run_reprice(args, after=rollups.after_reprice)  # rebuild the rollup hours it changed
-    if args.command == "export":
-        return run_export(args)
-    return _report(args)
+    run: Callable[[argparse.Namespace], int] = {
+        "serve": _serve, "accuracy": _accuracy, "keys": run_keys, "budgets": run_budgets, "export": run_export,
+        "reprice": lambda a: run_reprice(a, after=rollups.after_reprice),  # rebuild the rollup hours it changed
+        "report": _report,
+    }[args.command]
+    try:
+        status = run(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _pipe_closed()
+    return status
+
+
+def _pipe_closed() -> int:
+    """The reader of our output went away (`| head`): a normal end for a command that streams. Point stdout
+    at /dev/null so the interpreter's last flush cannot fail again, and exit as SIGPIPE would."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return SIGPIPE_STATUS
 
 
 # --- serve ----------------------------------------------------------------------------------------
 def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     flags = {s.name: getattr(args, s.name) for s in SETTINGS if s.flag}
+    flags["access_log"] = args.access_log
     try:
         settings = load_settings(args.config, flags)
+        problem = db_problem(settings.db)
+        if problem is not None:
+            raise ConfigError(problem)
         prices = PriceTable.load(settings.pricing)
         counting_policy(settings).load()
     except (ConfigError, PricingError, CountingError) as exc:
         return _fail(str(exc))
+    logs.setup(args.log_level, settings.access_log)
+    if settings.upstream.rstrip("/").endswith("/v1"):
+        log.warning("upstream %s ends in /v1: requests keep their own /v1/... path, so they will go to "
+                    "%s/v1/...; set upstream to the URL without /v1", settings.upstream, settings.upstream)
+    created = _files_not_there(settings)
+    started: list[bool] = []
     try:
-        return asyncio.run(_run(settings, prices))
+        return asyncio.run(_run(settings, prices, started))
     except (LedgerError, OSError) as exc:
+        if not started:
+            _remove(created)  # a failed start leaves nothing behind it made (never a ledger that served)
         return _fail(str(exc))
 
 
-async def _run(settings: Settings, prices: PriceTable) -> int:
+def _files_not_there(settings: Settings) -> list[str]:
+    """The ledger's files that do not exist yet: a start that fails removes them again."""
+    spool = spool_path(settings)
+    names = [settings.db + suffix for suffix in ("", "-wal", "-shm", "-journal")] + [spool, f"{spool}.reserve"]
+    return [name for name in names if not os.path.lexists(name)]
+
+
+def _remove(paths: list[str]) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not remove %s, created by the failed start: %s", path, exc)
+
+
+async def _run(settings: Settings, prices: PriceTable, started: list[bool]) -> int:
+    """Serve until SIGINT/SIGTERM; `started` gets an entry once both ports listen."""
     files = raise_open_file_limit()
     # aiohttp reads a keep-alive timeout of 0 as "close after each response": null means no limit instead.
     keepalive = settings.keepalive_timeout if settings.keepalive_timeout is not None else 10.0**9
@@ -117,6 +182,7 @@ async def _run(settings: Settings, prices: PriceTable) -> int:
             await admin_runner.setup()
             await web.TCPSite(admin_runner, settings.admin_host, settings.admin_port).start()
             log.info("admin API on http://%s:%s/admin", settings.admin_host, settings.admin_port)
+        started.append(True)
         log.info("meterproxy listening on http://%s:%s -> %s (ledger %s, pricing %s, version %s)",
                  settings.host, settings.port, settings.upstream, settings.db, prices.source, prices.version)
         log.info("open-file limit: %d (each client connection holds one)", files)
@@ -149,6 +215,11 @@ def _accuracy(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     if args.format == "json":
         print(json.dumps(result, indent=2))
+    elif not result["models"]:
+        print("no calls sampled for accuracy" + (" in this range" if args.since or args.until else "") +
+              (f" for model {args.model!r}" if args.model else "") + ": the proxy counts a call it has usage for "
+              "only for the accuracy_sample_rate share of calls (default 0.01); raise accuracy_sample_rate in "
+              "the config to sample more")
     else:
         sys.stdout.write(accuracy.accuracy_table(result))
     return 0

@@ -7,11 +7,39 @@ it reads a time range, so every command says and does the same.
 from __future__ import annotations
 
 import argparse
+import os
+from typing import Any, Sequence
 
 from proxy.config import Settings, load_settings
 from proxy.reports import parse_time
 
 _DEFAULT_DB = Settings().db
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose subcommands report an unknown option themselves, with their own usage.
+
+    Plain argparse hands a subcommand's leftovers back to the top-level parser, which then prints the
+    top-level usage: no help to someone who mistyped a `keys create` option."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
+        parsed, extra = super().parse_known_args(args, namespace)
+        if extra:
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed, extra
+
+
+def db_problem(path: str) -> str | None:
+    """What stops a ledger from being created at `path`, said plainly (SQLite would only say "unable to
+    open database file"); None when it can be opened or created."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"database {path}: is a directory, not a file"
+    if not os.path.exists(folder):
+        return f"database {path}: the directory {folder} does not exist (create it, or choose another db path)"
+    if not os.path.isdir(folder):
+        return f"database {path}: {folder} is not a directory"
+    return None
 
 
 def add_ledger_args(parser: argparse.ArgumentParser, config_help: str = "YAML config file, for its db setting"
@@ -24,13 +52,13 @@ def ledger_path(args: argparse.Namespace) -> str:
     """--db, else the config's db, else the default. Raises ConfigError for a bad config file."""
     if args.db:
         return str(args.db)
-    return load_settings(args.config).db if args.config else _DEFAULT_DB
+    return load_settings(args.config, serving=False).db if args.config else _DEFAULT_DB
 
 
 def add_range_args(parser: argparse.ArgumentParser, tz_help: str | None = None) -> None:
     """--since and --until; and --tz when the command reads times in a zone."""
-    parser.add_argument("--since", help="ISO 8601 or unix seconds (inclusive)")
-    parser.add_argument("--until", help="ISO 8601 or unix seconds (exclusive)")
+    parser.add_argument("--since", help="start, ISO 8601 or unix seconds (inclusive)")
+    parser.add_argument("--until", help="end, ISO 8601 or unix seconds (exclusive)")
     if tz_help is not None:
         parser.add_argument("--tz", help=tz_help)
 

@@ -1,7 +1,7 @@
 """`meterproxy keys create|list|show|update|revoke`: managed keys, on the database file directly.
 
-Works whether or not a proxy is running on the same file: a running proxy notices the change within a
-second (ControlDB's change counter). `create` prints the new key once; nothing can show it again.
+Works whether or not a proxy is running on the same file: a running proxy notices the change within
+about a second (it polls ControlDB's change counter once a second). `create` prints the new key once; nothing can show it again.
 Every operator mistake ends with one line on stderr and exit status 2, never a traceback.
 """
 
@@ -16,8 +16,8 @@ from decimal import Decimal
 from typing import Any
 
 from proxy.budgets import spend_since
-from proxy.cli_args import add_ledger_args, ledger_path
-from proxy.config import ConfigError
+from proxy.cli_args import add_ledger_args, db_problem, ledger_path
+from proxy.config import ConfigError, load_settings
 from proxy.controldb import ControlDB, ControlDBError
 from proxy.keys import (
     ManagedKey,
@@ -42,15 +42,15 @@ def add_keys_parser(subparsers: Any) -> None:
     """Add `keys` and its subcommands to the `meterproxy` subparsers."""
     common = argparse.ArgumentParser(add_help=False)
     add_ledger_args(common)
-    common.add_argument("--format", default="table", choices=["table", "json"])
+    common.add_argument("--format", default="table", choices=["table", "json"], help="output format (default: table)")
     keys = subparsers.add_parser("keys", help="managed keys: create, list, show, update, revoke")
-    sub = keys.add_subparsers(dest="keys_command", required=True)
+    sub = keys.add_subparsers(dest="keys_command", required=True, metavar="command", help="one of:")
 
     create = sub.add_parser("create", parents=[common], help="issue a key (printed once)")
     create.add_argument("--user", required=True, help="the user the key's calls are attributed to")
     _field_options(create)
     update = sub.add_parser("update", parents=[common], help=f"change a key's fields ('{_CLEAR}' clears one)")
-    update.add_argument("key_id")
+    update.add_argument("key_id", help="the key to change (its key_id, from keys list)")
     update.add_argument("--user", help="the user the key's calls are attributed to")
     _field_options(update)
     listing = sub.add_parser("list", parents=[common], help="keys with spend so far and budget left")
@@ -58,9 +58,9 @@ def add_keys_parser(subparsers: Any) -> None:
     listing.add_argument("--team", help="only this team's keys")
     listing.add_argument("--active", action="store_true", help="leave out revoked keys")
     show = sub.add_parser("show", parents=[common], help="one key")
-    show.add_argument("key_id")
+    show.add_argument("key_id", help="the key to show")
     revoke = sub.add_parser("revoke", parents=[common], help="revoke a key (its calls stay in the ledger)")
-    revoke.add_argument("key_id")
+    revoke.add_argument("key_id", help="the key to revoke")
 
 
 def _field_options(parser: argparse.ArgumentParser) -> None:
@@ -99,12 +99,27 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _warn_if_passthrough(config: str | None) -> None:
+    """A key made for a proxy that does not check keys does nothing: say so before it is handed out."""
+    if config is None:
+        print("meterproxy: note: a managed key is honoured only by a proxy started with keys: managed (no "
+              "--config given, so this could not be checked)", file=sys.stderr)
+    elif load_settings(config, serving=False).keys != "managed":
+        print(f"meterproxy: warning: {config} has keys: passthrough, so a proxy started with it forwards "
+              "clients' own keys and ignores this one; it is honoured only under keys: managed", file=sys.stderr)
+
+
 def run_keys(args: argparse.Namespace) -> int:
     try:
         path = ledger_path(args)
         if args.keys_command != "create" and not os.path.isfile(path):
             return _fail(f"no ledger at {path}: file not found")
         fields = _fields(args) if args.keys_command in ("create", "update") else {}
+        if args.keys_command == "create":
+            problem = db_problem(path)
+            if problem is not None:
+                return _fail(problem)
+            _warn_if_passthrough(args.config)
         db = ControlDB(path)
         db.open_sync()
         try:
@@ -140,6 +155,9 @@ def _run(db: ControlDB, args: argparse.Namespace, fields: dict[str, Any]) -> int
     if found_key is None:
         return _fail(f"no key {key_id!r}")
     _print(_views(db.path, [found_key]), args.format, single=True)
+    if command in ("update", "revoke"):
+        print(f"meterproxy: a proxy running on {db.path} applies this within about a second (it polls the "
+              "database for key changes)", file=sys.stderr)
     return 0
 
 

@@ -100,6 +100,12 @@ def _choice(*allowed: str) -> Callable[[object], str]:
     return parse
 
 
+def _flag(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, not {value!r}")
+    return value
+
+
 def _optional_text(value: object) -> str | None:
     return None if value is None else _text(value)
 
@@ -237,6 +243,8 @@ SETTINGS: tuple[Setting, ...] = (
             _metric_labels),
     Setting("metrics_public", False, "serve /metrics without the admin token (e.g. a scraper on a private "
             "network); false: /metrics needs 'Authorization: Bearer <METERPROXY_ADMIN_TOKEN>'", _bool),
+    Setting("access_log", False, "one JSON line per call on the meterproxy.access logger (request id, key id, "
+            "user, model, status, latency, cost; never a key or a body)", _flag),
     Setting("stream_usage", "count",
             "a stream the client asked without usage: count its tokens (the request is never changed), or "
             "inject include_usage upstream and take out of the client's stream exactly what that added",
@@ -285,6 +293,7 @@ class Settings:
     metrics_labels: tuple[str, ...] = ()
     metrics_public: bool = False
     stream_usage: str = "count"
+    access_log: bool = False
     admin_token: str | None = field(default=None, repr=False)  # from the environment only; never logged
 
 
@@ -322,8 +331,11 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, object]:
 
 
 def load_settings(config_path: str | None = None, flags: Mapping[str, object] | None = None,
-                  environ: Mapping[str, str] | None = None) -> Settings:
-    """Defaults, overridden by the config file, overridden by flags (None values are 'not given')."""
+                  environ: Mapping[str, str] | None = None, *, serving: bool = True) -> Settings:
+    """Defaults, overridden by the config file, overridden by flags (None values are 'not given').
+
+    `serving`: the settings are for a proxy that will forward calls, so `keys: managed` needs the upstream
+    key. Commands that only read or edit the ledger pass False: they never call the upstream."""
     values: dict[str, Any] = {s.name: s.default for s in SETTINGS}
     if config_path is not None:
         _apply(values, read_config_file(config_path), config_path)
@@ -332,7 +344,7 @@ def load_settings(config_path: str | None = None, flags: Mapping[str, object] | 
     env = os.environ if environ is None else environ
     token = env.get(ADMIN_TOKEN_ENV) or None
     values["upstream_api_key"] = env.get(UPSTREAM_KEY_ENV) or values["upstream_api_key"]
-    if values["keys"] == "managed" and not values["upstream_api_key"]:
+    if serving and values["keys"] == "managed" and not values["upstream_api_key"]:
         raise ConfigError(f"{config_path or 'command line'}: keys: managed needs the upstream key: set "
                           f"{UPSTREAM_KEY_ENV} (or upstream_api_key)")
     return Settings(**values, admin_token=token)

@@ -95,7 +95,7 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_ledger_args(parser)
     add_range_args(parser, tz_help="IANA time zone for --since/--until without an offset (default UTC)")
     parser.add_argument("--key", help="only this key_id")
-    parser.add_argument("--format", default="jsonl", choices=["jsonl", "csv"])
+    parser.add_argument("--format", default="jsonl", choices=["jsonl", "csv"], help="output format (default: jsonl)")
     parser.add_argument("--output", "-o", help="file to write (default: standard output)")
     return parser
 
@@ -114,17 +114,20 @@ def run_export(args: argparse.Namespace) -> int:
     except (ConfigError, reports.ReportError, reports.ReportDatabaseError) as exc:
         print(f"meterproxy: {exc}", file=sys.stderr)
         return 2
+    calls = iter_calls(conn, since=since, until=until, key=args.key)
     try:
-        calls = iter_calls(conn, since=since, until=until, key=args.key)
         if args.output is None:
             _write(args.format, calls, sys.stdout, columns(conn))
             sys.stdout.flush()
         else:
             _write_file(args.output, args.format, calls, columns(conn))
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`): the CLI ends quietly
     except (OSError, sqlite3.Error) as exc:
         print(f"meterproxy: export failed: {exc}", file=sys.stderr)
         return 2
     finally:
+        calls.close()  # its cursor first, while the connection is still open
         conn.close()
     return 0
 

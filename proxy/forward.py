@@ -282,7 +282,8 @@ class _Relay:
         key = call.upstream_key
         # Managed mode: the upstream got the real key; should it echo it, the client must not receive it.
         # (A transcoded stream is sent decoded: its bytes are masked in place like an uncompressed body's.)
-        self.guard = BodyGuard(key, not self.identity and not self.transcode) if key else None
+        self.guard = BodyGuard(key, not self.identity and not self.transcode,
+                               hold_all=upstream.status >= 400) if key else None
         if key:
             headers = _masked(headers, key)
         self.response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)

@@ -43,7 +43,7 @@ from .spool import Spool
 
 __all__ = ["COLUMNS", "INSERT_SQL", "Ledger", "LedgerError", "record_row"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("meterproxy.ledger")
 
 _BUSY_TIMEOUT_MS = 5000
 _REPLAY_BUSY_MS = 50  # a replay attempt's wait for a lock held elsewhere: it is retried, rows are not held up
@@ -126,6 +126,8 @@ class Ledger:
         self._spooled = False  # rows wait in the spool: new rows join them there, in order
         self._healthy = True
         self._storing = True  # False: the last row was neither committed nor spooled
+        self._refusal: str | None = None  # what the database said when it last refused a write
+        self._spool_rows = 0  # rows waiting in the spool
         self.db = LedgerDB(self._path, busy_timeout_ms)  # its methods run on the writer thread only
         self._thread: ThreadPoolExecutor | None = None
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -146,6 +148,22 @@ class Ledger:
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def spool_depth(self) -> int:
+        """Rows waiting in the spool for the database to take them."""
+        return self._spool_rows
+
+    @property
+    def degraded(self) -> str | None:
+        """Why rows are not going into the database now (for /healthz), or None while it takes them."""
+        if self.accepting and self._storing:
+            return None
+        spool = self._spool.path if self._spool is not None else "(no spool)"
+        why = f"the database refuses writes ({self._refusal})" if self._refusal else "the database refuses writes"
+        if not self._storing:
+            return f"{why}, and the spool {spool} too: calls are refused"
+        return f"{why}; {self._spool_rows} row(s) wait in the spool {spool}"
 
     @property
     def accepting(self) -> bool:
@@ -176,7 +194,16 @@ class Ledger:
             raise LedgerError(f"cannot open ledger {self._path}: {exc}") from exc
         if self._spool is not None:
             self._spooled = await self._on_thread(self._spool.has_rows)  # left by an earlier run
+            if self._spooled:
+                self._spool_rows = len(await self._on_thread(self._spool.read))
             await self._prepare_spool()
+        refusal = await self._on_thread(self.db.refuses_writes)
+        if refusal is not None:  # a read-only file, say: serving on, but say so now, not at the first call
+            self._healthy, self._refusal = False, refusal
+            where = (f"rows go to the spool {self._spool.path} until it does" if self._spool is not None
+                     else "calls cannot be recorded")
+            log.warning("ledger %s does not accept writes (%s): %s; /healthz reports degraded",
+                        self._path, refusal, where)
         self._writer = asyncio.create_task(self._run(), name=f"ledger writer {self._path}")
 
     async def _prepare_spool(self) -> None:
@@ -312,11 +339,12 @@ class Ledger:
                 await self._write_one_by_one(batch)
             return
         except Exception as exc:  # locked, full, read-only, I/O: the rows go to the spool
-            self._healthy = False
+            self._healthy, self._refusal = False, str(exc)
             self._next_retry = asyncio.get_running_loop().time() + self._retry_interval
             await self._to_spool(batch, exc)
             return
         self._healthy = self._storing = True
+        self._refusal = None
         if self.on_commit is not None:
             self.on_commit(time.perf_counter() - started, len(batch))
         self._succeed(batch)
@@ -325,7 +353,7 @@ class Ledger:
         try:
             outcome = await self._on_thread(self.db.insert_each, [row for row, _ in batch])
         except Exception as exc:
-            self._healthy = False
+            self._healthy, self._refusal = False, str(exc)
             await self._to_spool(batch, exc)
             return
         self._succeed([item for item, err in zip(batch, outcome) if err is None])
@@ -348,9 +376,12 @@ class Ledger:
             self._fail(batch, LedgerError(f"{cause}; the spool {self._spool.path} failed too: {exc}"))
             return
         self._storing = True
+        self._spool_rows += len(batch)
         if not self._spooled:
             log.error("ledger %s refused a write (%s); rows go to the spool %s until it works again",
-                      self._path, cause, self._spool.path)
+                      self._path, cause or self._refusal, self._spool.path)
+        log.warning("ledger %s: %d row(s) spooled to %s (%d waiting)", self._path, len(batch), self._spool.path,
+                    self._spool_rows)
         self._spooled = True
         self.stats["spooled"] += len(batch)
         for _, fut in batch:
@@ -363,13 +394,14 @@ class Ledger:
             rows = await self._on_thread(self._spool.read) if self._spool is not None else []
             await self._on_thread(self.db.replay, rows, None if final else self._replay_busy_ms)
         except Exception as exc:  # still refused: try again later
-            self._healthy = False
+            self._healthy, self._refusal = False, str(exc)
             log.debug("ledger %s: replay failed: %s", self._path, exc)
             return False
         # Accepting again from here; the spool's rows are in the database, so clearing it may lag (and a
         # crash before it is cleared only means a harmless, idempotent replay at the next start).
         self._spooled = False
         self._healthy = self._storing = True
+        self._refusal, self._spool_rows = None, 0
         self.stats["replayed"] += len(rows)
         if rows:
             log.warning("ledger %s works again: %d spooled row(s) replayed", self._path, len(rows))

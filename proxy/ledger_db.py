@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from .migrations import create_private, migrate
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("meterproxy.ledger")
 
 Row = tuple[Any, ...]
 AfterInsert = Callable[[sqlite3.Connection, list[Row]], None]
@@ -153,16 +153,30 @@ class LedgerDB:
             if rows:
                 self._transaction(rows, skip_present=True)
                 return
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.execute("PRAGMA user_version = user_version")
-                conn.execute("COMMIT")
-            except BaseException:
-                _rollback(conn)
-                raise
+            self._probe(commit=True)
         finally:
             if busy_timeout_ms is not None and self._conn is not None:
                 self._conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+
+    def refuses_writes(self) -> str | None:
+        """Why the database would refuse a write now (a read-only file, say), or None; writes nothing."""
+        try:
+            self._probe(commit=False)
+        except sqlite3.Error as exc:
+            return str(exc)
+        return None
+
+    def _probe(self, commit: bool) -> None:
+        conn = self._current()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # The value itself, not `= user_version`: SQLite reads a name there as 0 and would reset it.
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            conn.execute(f"PRAGMA user_version = {int(version)}")
+            conn.execute("COMMIT" if commit else "ROLLBACK")
+        except BaseException:
+            _rollback(conn)
+            raise
 
 
 def _absent(conn: sqlite3.Connection, rows: list[Row]) -> list[Row]:

@@ -272,22 +272,35 @@ class LimitStore:
         return [(s, lim, "api" if s in self._table else "config") for s, lim in sorted(self._merged.items())]
 
     async def put(self, subject: Subject, limits: Limits) -> None:
-        row = (subject.kind, subject.name, _money_text(limits.budget_usd), limits.budget_period, limits.rpm,
-               limits.tpm, time.time())
-        await self._db.write(lambda conn: conn.execute(
-            "INSERT OR REPLACE INTO subject_limits (kind, name, budget_usd, budget_period, rpm, tpm, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)", row))
+        await self._db.write(lambda conn: write_limits(conn, subject, limits))
         await self.load()
 
     async def delete(self, subject: Subject) -> bool:
-        deleted = await self._db.write(lambda conn: conn.execute(
-            "DELETE FROM subject_limits WHERE kind = ? AND name = ?", subject).rowcount)
+        deleted = await self._db.write(lambda conn: delete_limits(conn, subject))
         await self.load()
-        return bool(deleted)
+        return deleted
+
+
+def write_limits(conn: sqlite3.Connection, subject: Subject, limits: Limits) -> None:
+    """Set a subject's limits in `subject_limits` (the API's and `meterproxy budgets set`'s table)."""
+    row = (subject.kind, subject.name, _money_text(limits.budget_usd), limits.budget_period, limits.rpm,
+           limits.tpm, time.time())
+    conn.execute("INSERT OR REPLACE INTO subject_limits (kind, name, budget_usd, budget_period, rpm, tpm, "
+                 "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+
+
+def delete_limits(conn: sqlite3.Connection, subject: Subject) -> bool:
+    """Remove a subject's limits from `subject_limits`; False if it had none there."""
+    return bool(conn.execute("DELETE FROM subject_limits WHERE kind = ? AND name = ?", subject).rowcount)
 
 
 def _money_text(value: Decimal | None) -> str | None:
     return None if value is None else format(value, "f")
+
+
+def read_limits(conn: sqlite3.Connection) -> dict[Subject, Limits]:
+    """Every subject's limits in `subject_limits`."""
+    return _read_table(conn)
 
 
 def _read_table(conn: sqlite3.Connection) -> dict[Subject, Limits]:

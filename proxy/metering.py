@@ -20,12 +20,13 @@ from proxy.counter import CallCount, CountPolicy, count_call
 from proxy.gate import Admission, Refusal
 from proxy.metrics import Metrics
 from proxy.ledger import Ledger, LedgerError
+from proxy.logs import CallLogs
 from proxy.meters import MAX_ERROR_CHARS, Meter, meter_for
 from proxy.pricing import PriceTable
 from proxy.record import CallRecord
 from proxy.redact import Secrets
 
-log = logging.getLogger("meterproxy")
+log = logging.getLogger("meterproxy.metering")
 MAX_METER_BYTES = 64 * 1024 * 1024  # the max_meter_bytes default
 # A body larger than this is parsed in a thread: json.loads of 30 MiB holds the loop for ~100 ms.
 _INLINE_PARSE_BYTES = 256 * 1024
@@ -39,8 +40,10 @@ class MeteredCall:
     def __init__(self, method: str, path: str, headers: CIMultiDictProxy[str], *,
                  prices: PriceTable, ledger: Ledger, inject_usage: bool = False,
                  counting: CountPolicy | None = None, sample_rate: float = 0.0,
-                 metrics: Metrics | None = None, max_meter_bytes: int = MAX_METER_BYTES) -> None:
+                 metrics: Metrics | None = None, max_meter_bytes: int = MAX_METER_BYTES,
+                 logs: CallLogs | None = None) -> None:
         self._metrics = metrics
+        self._logs = logs
         self._prices = prices
         self._ledger = ledger
         self._counting = counting
@@ -313,5 +316,10 @@ class MeteredCall:
             self._done.set()
         if self._metrics is not None:
             self._metrics.observe_call(self.record)
+        if self._logs is not None:
+            try:
+                self._logs.observe(self.record)
+            except Exception:  # a log line must never cost a call its budget release
+                log.exception("call logs failed on %s", self.record.request_id)
         if self._admission is not None:  # release the budget hold; the real cost is on the ledger now
             self._admission.settle(self.record.cost_usd, self.record.total_tokens)

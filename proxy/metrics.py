@@ -92,6 +92,10 @@ class Metrics:
                               "first response byte", base, buckets=_TTFB_BUCKETS, registry=reg)
         self.queue_depth = Gauge("meterproxy_ledger_queue_depth", "Rows waiting for the ledger writer",
                                  registry=reg)
+        self.spool_depth = Gauge("meterproxy_ledger_spool_depth", "Rows waiting in the spool because the "
+                                 "database refused them", registry=reg)
+        self.ledger_accepting = Gauge("meterproxy_ledger_accepting", "1 while the database takes rows, 0 while "
+                                      "they are only spooled", registry=reg)
         self.commit_seconds = Histogram("meterproxy_ledger_commit_seconds", "Time to insert and commit one "
                                         "ledger batch", buckets=_COMMIT_BUCKETS, registry=reg)
         self.batch_rows = Histogram("meterproxy_ledger_batch_rows", "Rows per committed ledger batch",
@@ -161,6 +165,11 @@ class Metrics:
     def queue_depth_from(self, read: Callable[[], float]) -> None:
         """Read the queue depth at scrape time instead (e.g. `lambda: ledger.queue_depth`)."""
         self.queue_depth.set_function(read)
+
+    def spool_from(self, depth: Callable[[], float], accepting: Callable[[], float]) -> None:
+        """Read the spool's depth and whether the database takes rows at scrape time."""
+        self.spool_depth.set_function(depth)
+        self.ledger_accepting.set_function(accepting)
 
     # --- exposition -------------------------------------------------------------------------------
     def render(self) -> bytes:

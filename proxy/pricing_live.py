@@ -27,7 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.errors import error_response
+from proxy.errors import error_response, unknown_parameter
 from proxy.limits import iso
 from proxy.pricing import PriceTable, PricingError
 
@@ -181,6 +181,8 @@ def admin_routes(admin: web.Application, key: web.AppKey[LivePrices]) -> None:
     `key` names the `LivePrices` in the app (or a parent app: it is read through `config_dict`)."""
 
     async def show(request: web.Request) -> web.StreamResponse:
+        if (refused := unknown_parameter(request.query, ())) is not None:
+            return refused
         return web.json_response(request.config_dict[key].status())
 
     async def reload(request: web.Request) -> web.StreamResponse:

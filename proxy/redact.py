@@ -134,14 +134,19 @@ class BodyGuard:
     caller drops Content-Encoding and Content-Length before the headers go); if it turns up later, nothing
     more is sent (`cut`: the caller breaks the connection off).
 
+    An error body (`hold_all`), where upstreams echo what they were sent, is held whole when compressed (it is
+    small, and the decoding budget bounds it), so whether the key turns up in it never depends on how its
+    chunks happened to arrive: it always goes out either untouched or decoded and masked, never cut.
+
     For a compressed body every `out()` gets one whole upstream chunk, after `decoded()` got its copy.
     """
 
-    __slots__ = ("_mask", "_pieces", "_queue", "_seen", "compressed", "mode", "switched")
+    __slots__ = ("_hold_all", "_mask", "_pieces", "_queue", "_seen", "compressed", "mode", "switched")
 
-    def __init__(self, key: str, compressed: bool) -> None:
+    def __init__(self, key: str, compressed: bool, hold_all: bool = False) -> None:
         secret = key.encode("utf-8", "surrogateescape")
         self.compressed = compressed
+        self._hold_all = hold_all
         self._mask = KeyMask([secret])  # on the bytes sent: the upstream's, or the decoded ones after a switch
         self._seen = KeyMask([secret])  # compressed: on the decoded copy, as it is read
         self._pieces: list[bytes] = []  # decoded copies of chunks read and not yet out()
@@ -172,7 +177,7 @@ class BodyGuard:
                 return self._mask.feed(b"".join(p for _, p in queued))
             self.mode = "cut"
             return b""
-        if self._seen.pending:
+        if self._seen.pending or self._hold_all:
             return b""
         out, self._queue = b"".join(r for r, _ in self._queue), []
         return out

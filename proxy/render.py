@@ -9,16 +9,19 @@ from __future__ import annotations
 import csv
 import io
 import re
+from decimal import Decimal
 from typing import Any
 
 from proxy.reports import COUNTERS, GROUP_ROW_KEYS
 
 _FORMULA_START = re.compile(r"\s*[=+\-@]")
 _TABLE_COUNTERS = (
-    ("calls", "calls"), ("errors", "errors"), ("prompt", "prompt_tokens"),
-    ("completion", "completion_tokens"), ("cached", "cached_tokens"),
-    ("reasoning", "reasoning_tokens"), ("total", "total_tokens"), ("cost_usd", "cost_usd"),
+    ("calls", "calls"), ("errors", "errors"), ("unpriced_calls", "unpriced_calls"),
+    ("counted_calls", "counted_calls"), ("prompt", "prompt_tokens"), ("completion", "completion_tokens"),
+    ("cached", "cached_tokens"), ("reasoning", "reasoning_tokens"), ("total", "total_tokens"),
+    ("cost_usd", "cost_usd"),
 )  # fmt: skip
+UNPRICED_MARK = "*"
 _MAX_CELL = 48
 
 
@@ -54,14 +57,21 @@ def csv_cell(value: Any) -> str:
 
 
 def to_table(report: dict[str, Any]) -> str:
-    """A fixed-width text table for a terminal, ending with a TOTAL line."""
+    """A fixed-width text table for a terminal, ending with a TOTAL line.
+
+    Costs carry one number of decimals per table, so they compare by eye (padding only: the figures stay
+    exact). A cost that includes unpriced calls is marked, with a note under the table: it is not free."""
     columns = _group_columns(report)
     header = [*columns, *(title for title, _ in _TABLE_COUNTERS)]
+    rows = _labelled_rows(report, columns)
+    places = max((_places(row["cost_usd"]) for row in rows), default=0)
     lines = [
         [_text_cell(row.get(name)) for name in columns]
-        + [_number_cell(row[counter]) for _, counter in _TABLE_COUNTERS]
-        for row in _labelled_rows(report, columns)
+        + [_cost_cell(row, places) if counter == "cost_usd" else _number_cell(row[counter])
+           for _, counter in _TABLE_COUNTERS]
+        for row in rows
     ]
+    header[-1] += " "  # the cost cells' mark column
     widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
     numeric = len(columns)
 
@@ -69,11 +79,30 @@ def to_table(report: dict[str, Any]) -> str:
         return "  ".join(
             cell.rjust(w) if i >= numeric else cell.ljust(w)
             for i, (cell, w) in enumerate(zip(cells, widths))
-        ).rstrip()
+        )
 
     rule = "  ".join("-" * w for w in widths)
-    body = [render(cells) for cells in lines]
-    return "\n".join([render(header), rule, *body[:-1], rule, body[-1]]) + "\n"
+    body = [render(cells).rstrip() for cells in lines]
+    out = [render(header), rule, *body[:-1], rule, body[-1]]  # the header keeps the mark column: as wide as the rule
+    unpriced = report["totals"].get("unpriced_calls") or 0
+    if unpriced:
+        out.append(f"{UNPRICED_MARK} includes {unpriced:,} unpriced call(s): their model has no price, so their "
+                   "cost is unknown, not 0 (add the model to the pricing table, then run meterproxy reprice)")
+    return "\n".join(out) + "\n"
+
+
+def _places(cost: Any) -> int:
+    exponent = Decimal(str(cost)).as_tuple().exponent
+    return -exponent if isinstance(exponent, int) and exponent < 0 else 0
+
+
+def _cost_cell(row: dict[str, Any], places: int) -> str:
+    cost = Decimal(str(row["cost_usd"]))
+    if row.get("unpriced_calls") and not cost:
+        return "unpriced" + UNPRICED_MARK  # never a 0 that reads as a free call
+    # Padding with zeros, never rounding: `places` is the most any cost in the table has.
+    text = f"{cost:.{places}f}"
+    return text + (UNPRICED_MARK if row.get("unpriced_calls") else " ")
 
 
 def _text_cell(value: Any) -> str:

@@ -219,7 +219,7 @@ def add_reprice_parser(subparsers: Any) -> None:
     add_range_args(cmd)
     cmd.add_argument("--model", help="only calls of this model (a glob with * ? [ matches several)")
     cmd.add_argument("--dry-run", action="store_true", help="show what would change; write nothing")
-    cmd.add_argument("--format", default="table", choices=["table", "json"])
+    cmd.add_argument("--format", default="table", choices=["table", "json"], help="output format (default: table)")
 
 
 def run_reprice(args: argparse.Namespace, after: AfterReprice | None = None) -> int:
@@ -228,7 +228,8 @@ def run_reprice(args: argparse.Namespace, after: AfterReprice | None = None) -> 
     `after` is handed to `reprice()` (e.g. the rollup rebuild)."""
     try:
         db = ledger_path(args)
-        pricing = args.pricing or (load_settings(args.config).pricing if args.config else SHIPPED_PRICING)
+        pricing = args.pricing or (load_settings(args.config, serving=False).pricing if args.config
+                                   else SHIPPED_PRICING)
         table = PriceTable.load(pricing)
         since, until = time_range(args)
         report = _reprice_file(str(db), table, since, until, args.model, args.dry_run, after)

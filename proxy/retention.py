@@ -30,7 +30,7 @@ from proxy.rollup_build import in_transaction
 
 __all__ = ["RetentionError", "RetentionTask", "prune"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("meterproxy.retention")
 _HOUR = 3600
 
 

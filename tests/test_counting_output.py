@@ -203,6 +203,26 @@ def test_responses_stream_text_refusal_calls_and_summaries() -> None:
     assert count.approximate and "Responses API output framing assumed to be chat's" in count.notes
 
 
+def test_non_streamed_response_body_counts_as_its_stream_does() -> None:
+    # The same answer as test_responses_stream_text_refusal_calls_and_summaries, as one JSON Response.
+    body = {
+        "id": "resp_1", "object": "response", "status": "completed", "model": "o4-mini",
+        "output": [
+            {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "Plan"}]},
+            {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+             "content": [{"type": "output_text", "text": "Hi there!", "annotations": []},
+                         {"type": "refusal", "refusal": "No."}]},
+            {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "get_weather",
+             "arguments": "{\"city\":\"Rome\"}"},
+        ],
+        "usage": {"input_tokens": 20, "output_tokens": 30, "total_tokens": 50},
+    }  # fmt: skip
+    count = counted([body], reasoning_model=True)
+    text = n("Hi there!") + n("No.") + 1 + n("get_weather") + n("{\"city\":\"Rome\"}") + 7
+    assert (count.tokens, count.reasoning_tokens) == (text + n("Plan"), n("Plan"))
+    assert count.lower_bound and "Responses API output framing assumed to be chat's" in count.notes
+
+
 def test_responses_done_events_fill_in_when_no_deltas_came() -> None:
     events = [
         event("response.output_text.done", item_id="msg_1", output_index=0, content_index=0, text="All at once."),

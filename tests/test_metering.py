@@ -65,7 +65,8 @@ CASES: list[tuple[str, str, Any, tuple[int, int, int, int, int, str, str]]] = [
     ("legacy completions", "/v1/completions",
      {"object": "text_completion", "model": "gpt-3.5-turbo-instruct", "choices": [],
       "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}},
-     (5, 7, 0, 0, 12, "gpt-3.5-turbo-instruct", "0")),
+     # 5 * 1.50 + 7 * 2.00 per 1M: the shipped table prices the legacy completions model
+     (5, 7, 0, 0, 12, "gpt-3.5-turbo-instruct", "0.0000215")),
     ("embeddings", "/v1/embeddings",
      {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.1, -0.2]}],
       "model": "text-embedding-3-small", "usage": {"prompt_tokens": 8, "total_tokens": 8}},

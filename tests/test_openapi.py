@@ -17,7 +17,7 @@ from tests.test_forwarding import request
 
 # Not part of the document: the forwarded OpenAI API and the 404 catch-alls; and the dashboard's HTML pages
 # (proxy/ui/: browser forms with a session cookie and CSRF tokens, a view of this API, tested by its own tests).
-UNDOCUMENTED = {("*", "/v1/{tail}"), ("*", "/{tail}"), ("*", "/admin/{tail}")}
+UNDOCUMENTED = {("*", "/v1/{tail}"), ("*", "/{tail}"), ("*", "/admin/{tail}"), ("*", "/admin")}
 HTML_PAGES = ("/admin/ui", "/meter/ui")
 
 

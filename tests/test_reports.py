@@ -482,12 +482,30 @@ def test_csv_neutralises_formulas(tmp_path: Path, user: str, cell: str) -> None:
 def test_table_shows_the_figures(db: sqlite3.Connection) -> None:
     text = render.to_table(reports.usage_report(db, group_by=["model"]))
     lines = text.splitlines()
-    assert lines[0].split() == ["model", "calls", "errors", "prompt", "completion", "cached",
-                                "reasoning", "total", "cost_usd"]  # fmt: skip
-    assert lines[2].split() == ["gpt-4o-mini", "3", "1", "1,007", "0", "0", "0", "1,007", "1.00003"]
-    assert lines[-1].split() == ["TOTAL", "8", "2", "1,312", "75", "50", "8", "1,387", "1.60003"]
+    assert lines[0].split() == ["model", "calls", "errors", "unpriced_calls", "counted_calls", "prompt",
+                                "completion", "cached", "reasoning", "total", "cost_usd"]  # fmt: skip
+    assert lines[2].split() == ["gpt-4o-mini", "3", "1", "0", "0", "1,007", "0", "0", "0", "1,007", "1.00003"]
+    # The unpriced model's cost is marked (it is unknown, not free), and so is the total that includes it.
+    assert lines[4].split()[:4] == ["mystery-1", "1", "0", "1"] and lines[4].endswith(" unpriced*")
+    assert lines[-2].split() == ["TOTAL", "8", "2", "1", "0", "1,312", "75", "50", "8", "1,387", "1.60003*"]
+    assert lines[-1].startswith("* includes 1 unpriced call(s)") and "not 0" in lines[-1]
     assert len({len(line) for line in lines[:2]}) == 1  # header and rule line up
     assert lines[3].startswith("gpt-4o ") and lines[4].startswith("mystery-1")
+    # One number of decimals per column: every cost ends at the same column, its point too.
+    costs = [line for line in lines[2:-1] if not line.startswith(("-", "mystery"))]
+    assert len({line.rindex(".") for line in costs}) == 1
+
+
+def test_table_pads_costs_without_rounding(tmp_path: Path) -> None:
+    write_calls(tmp_path / "p.db", [call(1, "2026-11-23 12:00:00", user="a", cost_usd=Decimal("2")),
+                                    call(2, "2026-11-23 12:00:00", user="b", cost_usd=Decimal("0.0000125"))])
+    conn = reports.connect_readonly(tmp_path / "p.db")
+    try:
+        lines = render.to_table(reports.usage_report(conn, group_by=["user"])).splitlines()
+    finally:
+        conn.close()
+    assert [line.split()[-1] for line in lines[2:4]] == ["2.0000000", "0.0000125"]
+    assert lines[-1].split()[-1] == "2.0000125"
 
 
 def test_table_escapes_control_characters(tmp_path: Path) -> None:

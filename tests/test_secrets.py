@@ -121,8 +121,9 @@ def test_gzip_body_echoing_the_real_key_goes_out_decoded(kind: str, start_proxy:
     else:
         plain = b"event: error\ndata: " + json.dumps(ECHO).encode() + b"\n\n"
         packed = gzipped(plain)
+        # Its chunks arrive apart, so the first ones are read before the key is in sight.
         upstream.reply(Reply(status=400, headers={"Content-Type": "text/event-stream", "Content-Encoding": "gzip"},
-                             chunks=split(packed, 7)))
+                             chunks=split(packed, 7), pause=0.05))
     status, headers, got = call(proxy, key)
     assert status in (400, 401)
     # Its compressed bytes cannot be masked: the client gets the body decoded, masked, and headers that say so.

@@ -82,6 +82,9 @@ class StreamOutput:
         if isinstance(kind, str) and kind.startswith("response."):
             self._event(kind, obj)
             return
+        if obj.get("object") == "response" and isinstance(obj.get("output"), list):
+            self._response_body(obj["output"])  # a non-streamed Responses API call
+            return
         choices = obj.get("choices")
         if isinstance(choices, list):
             for choice in choices:
@@ -163,6 +166,31 @@ class StreamOutput:
         store: dict[Hashable, list[str]] = getattr(self, where)
         if not is_done or part not in store:
             _append(store, part, event.get(field))
+
+    def _response_body(self, output: list[Any]) -> None:
+        """The `output` items of a whole Response: what its stream's events would have carried."""
+        self._responses = True
+        for position, item in enumerate(output):
+            if not isinstance(item, dict):
+                continue
+            key = _key(item.get("id")) or position
+            kind = item.get("type")
+            if kind == "message":
+                for index, part in enumerate(item.get("content") or ()):
+                    if not isinstance(part, dict):
+                        continue
+                    if part.get("type") == "output_text":
+                        _append(self._content, (key, index), part.get("text"))
+                    elif part.get("type") == "refusal":
+                        _append(self._refusal, (key, index), part.get("refusal"))
+            elif kind in ("function_call", "custom_tool_call"):
+                call = self._calls.setdefault((_RESPONSE, key), _Call())
+                self._grow(call, item.get("name"), item.get("arguments", item.get("input")))
+            elif kind == "reasoning":
+                for field, store in (("content", self._reasoning), ("summary", self._summary)):
+                    for index, part in enumerate(item.get(field) or ()):
+                        if isinstance(part, dict):
+                            _append(store, (key, index), part.get("text"))
 
     # --- counting --------------------------------------------------------------------------------------
     def count(
