@@ -38,6 +38,7 @@ from proxy.control.limits import (
     Subject,
     iso,
     parse_limits,
+    parse_text,
     period_of,
 )
 from proxy.core.attribution import api_key, key_id_of
@@ -57,9 +58,32 @@ def _not_found(what: str, code: str) -> web.Response:
     return error_response(404, f"No {what}", "invalid_request_error", code)
 
 
+class _TooLarge(FieldError):
+    """A body past MAX_BODY: answered 413, unread beyond the bound."""
+
+
+MAX_BODY = 64 * 1024  # a key with 100 globs of 256 characters is under 30 KiB; JSON is parsed on the loop
+
+
+def _refused(exc: FieldError) -> web.Response:
+    if isinstance(exc, _TooLarge):
+        return error_response(413, str(exc), "invalid_request_error", "request_too_large")
+    return _bad(str(exc), exc.param)
+
+
 async def _body(request: web.Request) -> dict[str, Any]:
+    too_large = _TooLarge(f"the body is larger than {MAX_BODY} bytes")
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise too_large
+    raw = b""
+    while chunk := await request.content.read(MAX_BODY + 1 - len(raw)):  # chunked bodies have no length
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise too_large
+    if not raw.strip():  # a PUT without its body must not wipe a subject's limits
+        raise FieldError("a JSON object body is required (send {} to mean no fields)")
     try:
-        data = json.loads(await request.read() or b"{}", parse_float=Decimal)
+        data = json.loads(raw, parse_float=Decimal)
     except (ValueError, UnicodeDecodeError) as exc:
         raise FieldError(f"the body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -100,7 +124,7 @@ def add_key_routes(admin: Any, gate_key: web.AppKey[Gate]) -> None:
         try:
             fields = parse_key_fields(await _body(request), creating=True)
         except FieldError as exc:
-            return _bad(str(exc), exc.param)
+            return _refused(exc)
         key, record = await keys.create(fields)
         (view,) = await key_views(gate, [record])
         return web.json_response({"key": key, **view}, status=201)
@@ -130,7 +154,7 @@ def add_key_routes(admin: Any, gate_key: web.AppKey[Gate]) -> None:
         try:
             fields = parse_key_fields(await _body(request), creating=False)
         except FieldError as exc:
-            return _bad(str(exc), exc.param)
+            return _refused(exc)
         key = await keys.update(request.match_info["key_id"], fields)
         if key is None:
             return _not_found(f"key {request.match_info['key_id']!r}", "key_not_found")
@@ -166,7 +190,10 @@ def _add_budget_routes(admin: Any, gate_key: web.AppKey[Gate]) -> None:
         kind, name = request.match_info["kind"], request.match_info["name"]
         if kind not in KINDS:
             return _bad(f"kind must be one of {', '.join(KINDS)}", "kind")
-        return Subject(kind, name)
+        try:
+            return Subject(kind, parse_text(name, "name"))  # the bound every stored name has
+        except FieldError as exc:
+            return _refused(exc)
 
     async def list_all(request: web.Request) -> web.StreamResponse:
         gate = request.config_dict[gate_key]
@@ -192,7 +219,7 @@ def _add_budget_routes(admin: Any, gate_key: web.AppKey[Gate]) -> None:
         try:
             limits = parse_limits(await _body(request))
         except FieldError as exc:
-            return _bad(str(exc), exc.param)
+            return _refused(exc)
         if subject.kind == "key" and gate.keys is not None and await gate.keys.get(subject.name) is not None:
             return error_response(409, f"{subject.name} is a managed key: set its limits with PATCH "
                                   f"/admin/keys/{subject.name}", "invalid_request_error", "managed_key")

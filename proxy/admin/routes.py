@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
+import re
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from proxy.admin import openapi
 from proxy.config import ADMIN_TOKEN_ENV
+from proxy.control.limits import MAX_QUERY_VALUE
 from proxy.core.errors import error_response, unknown_parameter
 from proxy.reports import accuracy, render
 from proxy.reports import queries as reports
@@ -34,9 +38,16 @@ def admin_guard(token: str | None) -> Callable[[Handler], Handler]:
                 return error_response(401, f"The admin API is disabled: set {ADMIN_TOKEN_ENV} to enable it",
                                       "authentication_error", "admin_disabled")
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            # Header bytes that are not UTF-8 arrive as lone surrogates: surrogateescape gives the bytes
+            # back (never equal to a UTF-8 token) instead of an UnicodeEncodeError.
+            presented = given.strip().encode("utf-8", "surrogateescape")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(presented, expected):
                 return error_response(401, "Invalid admin token: send 'Authorization: Bearer <"
                                       f"{ADMIN_TOKEN_ENV}>'", "authentication_error", "invalid_admin_token")
+            for name, value in request.query.items():
+                if len(value) > MAX_QUERY_VALUE:
+                    return error_response(400, f"{name[:64]}: at most {MAX_QUERY_VALUE} characters",
+                                          "invalid_request_error", "invalid_parameter", name[:64])
             return await handler(request)
 
         return check
@@ -132,8 +143,9 @@ def make_admin_app(db: str, token: str | None,
             return refused
         try:
             limit_text = q.get("limit", "50")
-            if not limit_text.isdigit():
-                raise reports.ReportError("limit must be a whole number from 1 to 1000", param="limit")
+            if not re.fullmatch(r"[0-9]{1,6}", limit_text):  # ASCII: "²".isdigit(), yet int("²") fails
+                raise reports.ReportError(f"limit must be a whole number from 1 to {reports.MAX_LIMIT}",
+                                          param="limit")
             result = await _in_thread(db_path(request), reports.list_calls, key=q.get("key"),
                                       limit=int(limit_text), before=q.get("before"), user=q.get("user"),
                                       model=q.get("model"), status=q.get("status"),
@@ -171,8 +183,14 @@ def make_admin_app(db: str, token: str | None,
         return error_response(404, f"No admin route {request.method} {request.path}: the admin API serves "
                               f"{', '.join(served)}", "invalid_request_error", "not_found")
 
+    spec = json.dumps(openapi.document()).encode()
+
+    async def openapi_view(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=spec, content_type="application/json")
+
     admin = web.Application()
     routes = GuardedRoutes(admin, admin_guard(token))
+    routes.add_get("/openapi.json", openapi_view)
     routes.add_get("/usage", usage)
     routes.add_get("/calls", calls)
     routes.add_get("/calls/{request_id}", one_call)

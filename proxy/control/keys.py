@@ -27,6 +27,7 @@ from typing import Any, Mapping
 
 from proxy.control.db import ControlDB
 from proxy.control.limits import (
+    MAX_NAME,
     FieldError,
     Limits,
     iso,
@@ -124,14 +125,19 @@ _NULLABLE = frozenset(_FIELDS) - {"user", "budget_period"}
 
 
 def _models(value: object) -> tuple[str, ...]:
-    if (not isinstance(value, (list, tuple)) or not value or len(value) > MAX_MODELS
-            or not all(isinstance(v, str) and v.strip() for v in value)):
+    if not isinstance(value, (list, tuple)) or not value or len(value) > MAX_MODELS:
         raise FieldError(f"models must be a list of 1 to {MAX_MODELS} model names or globs (null: any model)",
                          "models")
-    return tuple(value)
+    try:
+        return tuple(parse_text(v, "models") for v in value)
+    except FieldError:
+        raise FieldError(f"models: each must be a non-empty model name or glob of at most {MAX_NAME} characters",
+                         "models") from None
 
 
 def _routes(value: object) -> tuple[str, ...]:
+    if isinstance(value, (list, tuple)) and any(isinstance(v, str) and len(v) > MAX_NAME for v in value):
+        raise FieldError(f"routes: each route is at most {MAX_NAME} characters", "routes")
     try:
         return parse_routes(value)
     except RouteError as exc:

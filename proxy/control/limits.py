@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -24,18 +25,20 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Mapping, NamedTuple
 
 from proxy.control.db import ControlDB
-from proxy.core.times import iso  # re-exported: limits' callers format times with it
+from proxy.core.times import MAX_TIME, MAX_TIME_TEXT, iso  # re-exported: limits' callers use them
 
 __all__ = [
-    "KINDS", "PERIODS", "FieldError", "LimitStore", "Limits", "Subject", "iso", "parse_count", "parse_limits",
-    "parse_limits_setting", "parse_money", "parse_period", "parse_text", "parse_thresholds", "parse_time",
-    "period_of",
+    "KINDS", "MAX_COUNT", "MAX_NAME", "MAX_QUERY_VALUE", "MAX_TIME", "MAX_TIME_TEXT", "PERIODS", "FieldError",
+    "LimitStore", "Limits", "Subject", "iso", "parse_count", "parse_limits", "parse_limits_setting", "parse_money",
+    "parse_period", "parse_text", "parse_thresholds", "parse_time", "period_of",
 ]  # fmt: skip
 
 log = logging.getLogger("meterproxy")
 KINDS = ("key", "user", "team")
 PERIODS = ("day", "month", "total")
 MAX_NAME = 256
+MAX_COUNT = 10**12  # rpm and tpm: beyond any real limit, far inside SQLite's 64-bit integers
+MAX_QUERY_VALUE = 1024  # an admin query parameter's value; none needs more (names are at most MAX_NAME)
 _MAX_MONEY = Decimal(10) ** 12
 
 
@@ -95,13 +98,16 @@ def parse_money(value: object, param: str = "budget_usd") -> Decimal:
 
 
 def parse_count(value: object, param: str) -> int:
-    """A whole number of at least 1 (requests or tokens per minute)."""
-    if isinstance(value, str) and value.strip().isdigit():
+    """A whole number from 1 to MAX_COUNT (requests or tokens per minute)."""
+    # Bounded before converting: int() of "9" * 5000 or of Decimal("1E+999999999") is an error or a hang,
+    # and a number past 2^63 cannot be stored.
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,13}", value.strip()):
         value = int(value.strip())
-    elif isinstance(value, Decimal) and value == value.to_integral_value():
+    elif (isinstance(value, Decimal) and value.is_finite() and 1 <= value <= MAX_COUNT
+          and value == value.to_integral_value()):
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise FieldError(f"{param} must be a whole number of at least 1", param)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_COUNT:
+        raise FieldError(f"{param} must be a whole number from 1 to {MAX_COUNT}", param)
     return value
 
 
@@ -126,12 +132,12 @@ def _encodable(text: str) -> bool:
 
 
 def parse_time(value: object, param: str) -> float:
-    """Unix seconds from ISO 8601 (naive means UTC) or a number of unix seconds."""
+    """Unix seconds (0 to MAX_TIME) from ISO 8601 (naive means UTC) or a number of unix seconds."""
     seconds = math.nan
     try:
         if isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
             seconds = float(value)
-        elif isinstance(value, str):
+        elif isinstance(value, str) and len(value) <= MAX_TIME_TEXT:
             text = value.strip()
             if text.replace(".", "", 1).isdigit():
                 seconds = float(text)
@@ -144,6 +150,9 @@ def parse_time(value: object, param: str) -> float:
         pass
     if not math.isfinite(seconds):
         raise FieldError(f"{param} must be ISO 8601 (2026-12-31T00:00:00Z) or unix seconds", param)
+    if not 0 <= seconds <= MAX_TIME:  # a time that could not be shown back must not be stored
+        raise FieldError(f"{param} must be between 1970-01-01 and 9999-12-30 (unix seconds 0 to {MAX_TIME})",
+                         param)
     return seconds
 
 

@@ -26,6 +26,7 @@ from decimal import Context, Decimal, Inexact
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from proxy.core.times import MAX_TIME, MAX_TIME_TEXT
 from proxy.ledger import rollups
 from proxy.ledger.read import ReportDatabaseError, connect_readonly  # re-exported: reports' callers use them
 from proxy.reports import plan as report_plan
@@ -77,6 +78,8 @@ def parse_time(value: str, param: str, tz: str | None = None) -> float:
     seconds."""
     if not isinstance(value, str) or not value.strip():
         raise ReportError(f"{param}: a time is required (ISO 8601 or unix seconds)", param)
+    if len(value) > MAX_TIME_TEXT:
+        raise ReportError(f"{param}: at most {MAX_TIME_TEXT} characters (ISO 8601 or unix seconds)", param)
     text = value.strip()
     zone = parse_tz(tz) or UTC  # outside the try: a bad zone is its own error
     try:
@@ -91,10 +94,13 @@ def parse_time(value: str, param: str, tz: str | None = None) -> float:
         seconds = math.nan
     if not math.isfinite(seconds):
         raise ReportError(
-            f"{param}: {value!r} is not a time; use ISO 8601 (2026-11-23, "
+            f"{param}: {value[:64]!r} is not a time; use ISO 8601 (2026-11-23, "
             "2026-11-23T14:00:00Z) or unix seconds",
             param,
         )
+    if not 0 <= seconds <= MAX_TIME:  # beyond, a time cannot be rendered (nor bucketed in a zone)
+        raise ReportError(f"{param}: must be between 1970-01-01 and 9999-12-30 (unix seconds 0 to {MAX_TIME})",
+                          param)
     return seconds
 
 
@@ -283,7 +289,8 @@ def list_calls(
     limit = _check_limit(limit)
     cursor = None
     if before is not None:
-        if not isinstance(before, str) or not re.fullmatch(r"[1-9]\d{0,18}", before):
+        # ASCII digits, and short enough to be a SQLite integer (a 19-digit one may not be).
+        if not isinstance(before, str) or not re.fullmatch(r"[1-9][0-9]{0,17}", before):
             raise ReportError(f"before: {before!r} is not a cursor from a previous page", "before")
         cursor = int(before)
     if status is not None:
@@ -325,7 +332,7 @@ def get_call(conn: sqlite3.Connection, request_id: str) -> dict[str, Any] | None
 
 
 def _check_limit(limit: Any) -> int:
-    if isinstance(limit, str) and limit.strip().isdigit():
+    if isinstance(limit, str) and re.fullmatch(r"[0-9]{1,6}", limit.strip()):
         limit = int(limit)
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
         raise ReportError(f"limit: must be a whole number from 1 to {MAX_LIMIT}", "limit")
