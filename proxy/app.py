@@ -91,12 +91,12 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
     # The table in force when the call starts prices it, even if an edit lands while it runs.
     call = MeteredCall(request.method, request.path, request.headers, prices=app[LIVE].table, ledger=app[LEDGER],
                        inject_usage=settings.stream_usage == "inject", counting=app[COUNTING],
-                       sample_rate=settings.accuracy_sample_rate, metrics=app[METRICS],
+                       sample_rate=settings.accuracy_sample_rate, metrics=app[METRICS], gate=app[GATE],
                        max_meter_bytes=settings.max_meter_bytes, logs=app[CALL_LOGS])
     inflight = app[INFLIGHT]
     inflight.calls.add(call)
     try:
-        return await forward(request, call, session=app[SESSION], upstream=settings.upstream, gate=app[GATE],
+        return await forward(request, call, session=app[SESSION], upstream=settings.upstream,
                              timeout=app[TIMEOUT], first_byte=settings.first_byte_timeout,
                              idle=settings.idle_timeout)
     except asyncio.CancelledError:

@@ -1,1 +1,1 @@
-"""The byte mover: one request to the upstream and its bytes back, unchanged; header and path checks, content decoding of a copy, stream edits, the body guard."""
+"""The byte mover: one request to the upstream and its bytes back, unchanged; header and path checks, content decoding of a copy, stream edits, the body guard. It reports each call to a `CallObserver` (observer.py) and imports only core."""

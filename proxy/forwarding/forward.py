@@ -1,9 +1,10 @@
 """The forwarding core: moves one request to the upstream and its response back, byte for byte.
 
-It knows HTTP, not tokens. It tells a `MeteredCall` what happens (request, response headers, each chunk
-of a decoded copy of the body, end, failure) and holds back the end of the response until the call's
-ledger row is committed: the last chunk of a plain body, or, in a stream, everything from the offset the
-meter names (the terminal event), which is committed as soon as it is complete. Errors of its own are answered in OpenAI's shape (errors.py); the
+It knows HTTP, not tokens. It tells the call's observer (`CallObserver`, proxy.forwarding.observer) what
+happens (request, admission, response headers, each chunk of a decoded copy of the body, end, failure) and
+holds back the end of the response until the call's ledger row is committed: the last chunk of a plain
+body, or, in a stream, everything from the offset the observer names (the terminal event), which is
+committed as soon as it is complete. Errors of its own are answered in OpenAI's shape (core/errors.py); the
 upstream's own statuses and bodies pass through untouched.
 """
 
@@ -18,14 +19,13 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.control.gate import Gate, Refusal
 from proxy.core.attribution import client_headers, identity_problem, upstream_headers
 from proxy.core.errors import error_response
 from proxy.forwarding.decoding import STEP, Identity, decoder_for
 from proxy.forwarding.edits import StreamEditor
+from proxy.forwarding.observer import CallObserver, Refused
 from proxy.forwarding.redact import BodyGuard
 from proxy.forwarding.routes import canonical_problem, method_problem
-from proxy.metering.call import MeteredCall
 
 log = logging.getLogger("meterproxy")
 
@@ -109,14 +109,13 @@ def _abort(request: web.Request) -> None:
         transport.abort()
 
 
-async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.ClientSession,
-                  upstream: str, timeout: aiohttp.ClientTimeout, gate: Gate | None = None,
+async def forward(request: web.Request, call: CallObserver, *, session: aiohttp.ClientSession,
+                  upstream: str, timeout: aiohttp.ClientTimeout,
                   first_byte: float | None = None, idle: float | None = None) -> web.StreamResponse:
-    if gate is not None and gate.managed:
-        # A managed key is checked before the body is even read: an unknown caller costs no memory or parse.
-        resolved = await gate.resolve(request.headers)
-        if isinstance(resolved, Refusal):
-            return await _refuse(call, resolved)
+    # A managed key is checked before the body is even read: an unknown caller costs no memory or parse.
+    refused = await call.check_caller(request.headers)
+    if refused is not None:
+        return await _refuse(call, refused)
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
@@ -131,9 +130,7 @@ async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.C
     problem = _request_problem(request, len(body))
     if problem is not None:
         status, message, code = problem
-        if gate is not None and gate.managed:  # no key was checked: the client's X-Meter-* name no one
-            call.record.user = None
-            call.record.tags.pop("team", None)
+        call.on_unchecked_caller()  # no key was checked: the client's X-Meter-* name no one
         call.on_failure(status, message)
         await call.finish()
         return error_response(status, message, "invalid_request_error", code)
@@ -141,14 +138,10 @@ async def forward(request: web.Request, call: MeteredCall, *, session: aiohttp.C
     target = URL(upstream + rel.raw_path + (f"?{query}" if query else ""), encoded=True)
     headers = upstream_headers(request.headers)
     _decodable_encodings(headers)
-    if gate is not None:
-        # Managed keys, rate limits and budgets: decided before anything is forwarded.
-        admission = await gate.admit(request.headers, call.meter.request, request.path, method=request.method,
-                                     body_size=len(body), record=call.record, raw=body)
-        if isinstance(admission, Refusal):
-            return await _refuse(call, admission)
-        call.admitted(admission)
-        admission.apply(headers)
+    # Managed keys, rate limits and budgets: decided before anything is forwarded.
+    refused = await call.admit(request.headers, request.path, request.method, body, headers)
+    if refused is not None:
+        return await _refuse(call, refused)
     if call.edits_stream:
         # The proxy will edit the stream's bytes, so it asks for them uncompressed.
         headers["Accept-Encoding"] = "identity"
@@ -187,14 +180,13 @@ def _payload(body: bytes) -> bytes | io.BytesIO | None:
     return io.BytesIO(body) if len(body) > _ONE_PIECE else body
 
 
-async def _refuse(call: MeteredCall, refusal: Refusal) -> web.Response:
-    call.refused(refusal)
-    await call.finish()
+async def _refuse(call: CallObserver, refusal: Refused) -> web.Response:
+    await call.finish()  # the observer recorded the refusal
     return web.Response(status=refusal.status, body=refusal.body, headers=refusal.headers,
                         content_type="application/json")
 
 
-async def _relay(request: web.Request, call: MeteredCall, upstream: aiohttp.ClientResponse,
+async def _relay(request: web.Request, call: CallObserver, upstream: aiohttp.ClientResponse,
                  idle: float | None) -> web.StreamResponse:
     content_type = upstream.headers.get("Content-Type", "")
     call.on_response_headers(upstream.status, content_type)
@@ -266,7 +258,7 @@ class _Relay:
     read while the meter wants more.
     """
 
-    def __init__(self, request: web.Request, call: MeteredCall, upstream: aiohttp.ClientResponse,
+    def __init__(self, request: web.Request, call: CallObserver, upstream: aiohttp.ClientResponse,
                  is_stream: bool) -> None:
         self.request, self.call, self.is_stream = request, call, is_stream
         self.decoder = decoder_for(upstream.headers.get("Content-Encoding"))
@@ -304,7 +296,7 @@ class _Relay:
             if guard.mode == "cut" and not self.cut:
                 self.cut = True
                 log.warning("call %s: the upstream echoed the upstream key in a compressed body after bytes "
-                            "were sent; the client's connection is broken off", self.call.record.request_id)
+                            "were sent; the client's connection is broken off", self.call.request_id)
                 self.call.on_failure(None, "the upstream echoed the upstream key mid-body; the client's "
                                            "connection was broken off")
             if guard.switched:
@@ -392,7 +384,7 @@ class _Relay:
         self.guard.mode = "cut"
         self.cut = True
         log.warning("call %s: a compressed body passed max_meter_bytes (%d bytes) decoded, past which the upstream "
-                    "key cannot be watched for; the client's connection is broken off", self.call.record.request_id,
+                    "key cannot be watched for; the client's connection is broken off", self.call.request_id,
                     self.budget)
         self.call.on_failure(None, f"the compressed body passed max_meter_bytes ({self.budget} bytes) decoded: "
                                    "the upstream key could not be watched for; the client's connection was broken off")
@@ -414,7 +406,7 @@ class _Relay:
             raise aiohttp.ClientPayloadError(f"the upstream's compressed stream is corrupt: {self.decoder.error}")
 
     async def _edited(self, chunk: bytes, hold_from: int | None) -> None:
-        editor, meter = self.editor, self.call.meter
+        editor = self.editor
         assert editor is not None
         editor.feed(chunk)
         if not self.call.edits_stream:  # the meter failed or stopped: pass everything on unedited
@@ -422,11 +414,13 @@ class _Relay:
             if not self.transcode:
                 self.editor = None
             return
-        settled = meter.settled if meter.settled is not None else editor.released
+        settled = self.call.settled_offset()
+        if settled is None:
+            settled = editor.released
         if hold_from is not None:
-            await self._out(editor.take(hold_from, meter.edits))
+            await self._out(editor.take(hold_from, self.call.stream_edits()))
             await self._commit()
-        await self._out(editor.take(editor.received if self.committed else settled, meter.edits))
+        await self._out(editor.take(editor.received if self.committed else settled, self.call.stream_edits()))
 
     async def _commit(self) -> None:
         self.call.on_end()
@@ -437,8 +431,8 @@ class _Relay:
 
     async def end(self) -> web.StreamResponse:
         if not self.committed:
-            if self.decoder.error and self.call.meter.usage_error is None:
-                self.call.meter.usage_error = self.decoder.error
+            if self.decoder.error:
+                self.call.on_decode_error(self.decoder.error)
             await self._commit()
         try:
             await self._release(last=True)
@@ -462,7 +456,7 @@ class _Relay:
             await self._out(chunk)
         self.held = []
         if self.editor is not None:
-            edits = self.call.meter.edits if self.call.edits_stream else []
+            edits = self.call.stream_edits() if self.call.edits_stream else []
             await self._out(self.editor.take(self.editor.received, edits))
         if last and self.guard is not None:
             tail = self.guard.flush()

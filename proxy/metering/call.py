@@ -11,14 +11,15 @@ import logging
 import os
 import random
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.control.gate import Admission, Refusal
+from proxy.control.gate import Admission, Gate, Refusal
 from proxy.core.attribution import api_key, attribute
 from proxy.core.record import CallRecord
 from proxy.counting.counter import CallCount, CountPolicy, count_call
+from proxy.forwarding.edits import Edit
 from proxy.forwarding.redact import Secrets
 from proxy.ledger.writer import Ledger, LedgerError
 from proxy.metering.logs import CallLogs
@@ -35,13 +36,16 @@ UPSTREAM_KEY_MARK = "[upstream key]"
 
 
 class MeteredCall:
-    """Observer of one forwarded call. The forwarder calls the on_* hooks, then `await finish()`."""
+    """Observer of one forwarded call (it implements proxy.forwarding.observer.CallObserver). The forwarder
+    calls the on_* hooks, then `await finish()`; admission goes through `check_caller` and `admit`, to the
+    gate this call was given."""
 
     def __init__(self, method: str, path: str, headers: CIMultiDictProxy[str], *,
                  prices: PriceTable, ledger: Ledger, inject_usage: bool = False,
                  counting: CountPolicy | None = None, sample_rate: float = 0.0,
                  metrics: Metrics | None = None, max_meter_bytes: int = MAX_METER_BYTES,
-                 logs: CallLogs | None = None) -> None:
+                 logs: CallLogs | None = None, gate: Gate | None = None) -> None:
+        self._gate = gate
         self._metrics = metrics
         self._logs = logs
         self._prices = prices
@@ -133,6 +137,55 @@ class MeteredCall:
         self.on_failure(refusal.status, f"{refusal.code}: {refusal.message}")
         if refusal.status == 401:
             self._unauthenticated()
+
+    # -- admission, for the forwarder: the gate is reached only through the metered call --
+
+    @property
+    def request_id(self) -> str:
+        return self.record.request_id
+
+    async def check_caller(self, headers: Mapping[str, str]) -> Refusal | None:
+        """In managed mode, the presented key before the body is read: its refusal (recorded), else None."""
+        if self._gate is None or not self._gate.managed:
+            return None
+        resolved = await self._gate.resolve(headers)
+        if isinstance(resolved, Refusal):
+            self.refused(resolved)
+            return resolved
+        return None
+
+    def on_unchecked_caller(self) -> None:
+        """Refused before the key was checked: in managed mode the client's X-Meter-* names no one."""
+        if self._gate is not None and self._gate.managed:
+            self.record.user = None
+            self.record.tags.pop("team", None)
+
+    async def admit(self, headers: Mapping[str, str], path: str, method: str, body: bytes,
+                    upstream_headers: CIMultiDict[str]) -> Refusal | None:
+        """Managed keys, rate limits and budgets: the gate's refusal (recorded), or None with
+        `upstream_headers` amended by the admission (the real upstream key in managed mode)."""
+        if self._gate is None:
+            return None
+        admission = await self._gate.admit(headers, self.meter.request, path, method=method, body_size=len(body),
+                                           record=self.record, raw=body)
+        if isinstance(admission, Refusal):
+            self.refused(admission)
+            return admission
+        self.admitted(admission)
+        admission.apply(upstream_headers)
+        return None
+
+    # -- what an edited stream may release, for the forwarder --
+
+    def settled_offset(self) -> int | None:
+        return self.meter.settled
+
+    def stream_edits(self) -> list[Edit]:
+        return self.meter.edits
+
+    def on_decode_error(self, error: str) -> None:
+        if self.meter.usage_error is None:
+            self.meter.usage_error = error
 
     def _unauthenticated(self) -> None:
         # Anyone can send a call that fails authentication: its free-form X-Meter-* tags are not stored,
