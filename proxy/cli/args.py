@@ -7,6 +7,7 @@ it reads a time range, so every command says and does the same.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from typing import Any, Sequence
 
@@ -69,3 +70,23 @@ def time_range(args: argparse.Namespace) -> tuple[float | None, float | None]:
     since = parse_time(args.since, "since", tz) if args.since else None
     until = parse_time(args.until, "until", tz) if args.until else None
     return since, until
+
+
+def print_views(views: list[dict[str, Any]], columns: Sequence[str], fmt: str, single: bool = False) -> None:
+    """Print what a keys or budgets command found: JSON (one object when `single`), or a padded table."""
+    if fmt == "json":
+        print(json.dumps(views[0] if single else views, indent=2))
+        return
+    cells = [[_cell(v.get(col)) for col in columns] for v in views]
+    widths = [max([len(col), *(len(row[i]) for row in cells)]) for i, col in enumerate(columns)]
+    print("  ".join(col.ljust(w) for col, w in zip(columns, widths)).rstrip())
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)

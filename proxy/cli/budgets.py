@@ -18,7 +18,7 @@ import time
 from decimal import Decimal
 from typing import Any
 
-from proxy.cli.args import add_ledger_args, db_problem, ledger_path
+from proxy.cli.args import add_ledger_args, db_problem, ledger_path, print_views
 from proxy.config import ConfigError, load_settings
 from proxy.control.budgets import spend_since
 from proxy.control.db import ControlDB, ControlDBError
@@ -98,7 +98,7 @@ def _run(db: ControlDB, args: argparse.Namespace, config: dict[Subject, Limits],
     if command == "list":
         table = db.read_sync(read_limits)
         entries = [(s, lim, "api" if s in table else "config") for s, lim in sorted({**config, **table}.items())]
-        _print(_views(db.path, entries), args.format)
+        print_views(_views(db.path, entries), _TABLE, args.format)
         return 0
     subject = Subject(args.kind, args.name)
     if command == "set":
@@ -107,7 +107,7 @@ def _run(db: ControlDB, args: argparse.Namespace, config: dict[Subject, Limits],
             return _fail(f"{subject.name} is a managed key: set its limits with meterproxy keys update "
                          f"{subject.name}")
         db.write_sync(lambda conn: write_limits(conn, subject, limits))
-        _print(_views(db.path, [(subject, limits, "api")]), args.format, single=True)
+        print_views(_views(db.path, [(subject, limits, "api")]), _TABLE, args.format, single=True)
         return 0
     if not db.write_sync(lambda conn: delete_limits(conn, subject)):
         hint = " (limits from the config file are changed there)" if subject in config else ""
@@ -134,14 +134,3 @@ def _views(path: str, entries: list[tuple[Subject, Limits, str]]) -> list[dict[s
         return views
     finally:
         conn.close()
-
-
-def _print(views: list[dict[str, Any]], fmt: str, single: bool = False) -> None:
-    if fmt == "json":
-        print(json.dumps(views[0] if single else views, indent=2))
-        return
-    cells = [["-" if v.get(col) is None else str(v.get(col)) for col in _TABLE] for v in views]
-    widths = [max([len(col), *(len(row[i]) for row in cells)]) for i, col in enumerate(_TABLE)]
-    print("  ".join(col.ljust(w) for col, w in zip(_TABLE, widths)).rstrip())
-    for row in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())

@@ -15,7 +15,7 @@ import time
 from decimal import Decimal
 from typing import Any
 
-from proxy.cli.args import add_ledger_args, db_problem, ledger_path
+from proxy.cli.args import add_ledger_args, db_problem, ledger_path, print_views
 from proxy.config import ConfigError, load_settings
 from proxy.control.budgets import spend_since
 from proxy.control.db import ControlDB, ControlDBError
@@ -143,7 +143,7 @@ def _run(db: ControlDB, args: argparse.Namespace, fields: dict[str, Any]) -> int
     if command == "list":
         found = db.read_sync(lambda conn: list_keys(conn, user=args.user, team=args.team,
                                                     include_revoked=not args.active))
-        _print(_views(db.path, found), args.format)
+        print_views(_views(db.path, found), _TABLE, args.format)
         return 0
     key_id = args.key_id
     if command == "show":
@@ -154,7 +154,7 @@ def _run(db: ControlDB, args: argparse.Namespace, fields: dict[str, Any]) -> int
         found_key = db.write_sync(lambda conn: revoke_key(conn, key_id))
     if found_key is None:
         return _fail(f"no key {key_id!r}")
-    _print(_views(db.path, [found_key]), args.format, single=True)
+    print_views(_views(db.path, [found_key]), _TABLE, args.format, single=True)
     if command in ("update", "revoke"):
         print(f"meterproxy: a proxy running on {db.path} applies this within about a second (it polls the "
               "database for key changes)", file=sys.stderr)
@@ -175,22 +175,3 @@ def _views(path: str, keys: list[ManagedKey]) -> list[dict[str, Any]]:
         return views
     finally:
         conn.close()
-
-
-def _print(views: list[dict[str, Any]], fmt: str, single: bool = False) -> None:
-    if fmt == "json":
-        print(json.dumps(views[0] if single else views, indent=2))
-        return
-    cells = [[_cell(v.get(col)) for col in _TABLE] for v in views]
-    widths = [max([len(col), *(len(row[i]) for row in cells)]) for i, col in enumerate(_TABLE)]
-    print("  ".join(col.ljust(w) for col, w in zip(_TABLE, widths)).rstrip())
-    for row in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-
-
-def _cell(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, list):
-        return ",".join(str(v) for v in value)
-    return str(value)
