@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 from decimal import Decimal
 from pathlib import Path
 
@@ -299,12 +301,36 @@ def test_unreadable_paths(tmp_path: Path) -> None:
         assert str(caught.value).startswith(f"{path}: ") and words in str(caught.value)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
-def test_unreadable_by_permission(tmp_path: Path) -> None:
-    path = write(tmp_path, TABLE_YAML)
-    path.chmod(0)
-    with pytest.raises(PricingError, match="Permission denied"):
-        PriceTable.load(path)
+def test_unreadable_by_permission() -> None:
+    # Root reads any file whatever its mode (and CI runs as root), so the load runs in a forked child that
+    # has dropped to an unprivileged user first; the child reports what the load raised through a pipe.
+    home = Path(tempfile.mkdtemp(prefix="meterproxy-perm-"))
+    try:
+        home.chmod(0o755)  # the unprivileged child may traverse the directory, not read the file
+        path = write(home, TABLE_YAML)
+        path.chmod(0)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            try:
+                if os.geteuid() == 0:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                try:
+                    PriceTable.load(path)
+                    said = "loaded"
+                except PricingError as exc:
+                    said = f"PricingError: {exc}"
+                os.write(write_end, said.encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        os.waitpid(pid, 0)
+        with os.fdopen(read_end, "rb") as said_by_child:
+            said = said_by_child.read().decode()
+        assert said.startswith(f"PricingError: {path}: ") and "Permission denied" in said, said
+    finally:
+        shutil.rmtree(home)
 
 
 def test_undecodable_file_is_one_line_error(tmp_path: Path) -> None:
