@@ -111,10 +111,10 @@ def make_ui(settings: Settings, gate_key: web.AppKey[Gate], live_key: web.AppKey
             dim = "model"
         gate = request.config_dict[gate_key]
         try:
-            view = await in_thread(db, data.overview, time.time(), dim)
+            figures = await in_thread(db, data.overview, time.time(), dim)
         except reports.ReportDatabaseError as exc:
             return view("error.html", request, session, "overview", 503, message=str(exc))
-        return overview_page(view, await _near_limits(gate), session.csrf, base, settings.keys == "managed")
+        return overview_page(figures, await _near_limits(gate), session.csrf, base, settings.keys == "managed")
 
     async def _near_limits(gate: Gate) -> list[dict[str, Any]]:
         """Budgets (of subjects and managed keys) at 80% or more of their limit, fullest first."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import http.client
 import json
+import os
 from http.cookies import SimpleCookie
 from typing import Any, Callable
 from urllib.parse import urlencode
@@ -251,3 +252,15 @@ def test_pricing_page_shows_a_refused_edit_and_why(start_proxy: Callable[..., Pr
     status, _, page = fetch(proxy, "GET", "/admin/ui/pricing", cookie=cookie)
     refused = page.split('id="refused">', 1)[1].split("</p>", 1)[0]
     assert error["at"] in refused and error["message"] in html.unescape(refused)
+
+
+def test_overview_of_an_unreadable_ledger_is_a_503_page(proxy: ProxyServer) -> None:
+    # The overview's figures once shadowed the page renderer: a ledger it could not read was a 500.
+    cookie, _ = log_in(proxy)
+    db = proxy.settings.db
+    os.rename(db, db + ".away")
+    try:
+        status, _, page = fetch(proxy, "GET", "/admin/ui/", cookie=cookie)
+    finally:
+        os.rename(db + ".away", db)
+    assert status == 503 and "no ledger at" in page
