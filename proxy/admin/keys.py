@@ -24,7 +24,7 @@ import asyncio
 import json
 import time
 from decimal import Decimal
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 from aiohttp import web
 
@@ -92,7 +92,9 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 
 def state_json(state: BudgetState) -> dict[str, Any]:
-    money = (lambda d: None if d is None else format(d, "f"))
+    def money(d: Decimal | None) -> str | None:
+        return None if d is None else format(d, "f")
+
     return {"kind": state.subject.kind, "name": state.subject.name, "period": state.period,
             "period_start": iso(state.period_start), "budget_usd": money(state.budget),
             "spent_usd": money(state.spent), "reserved_usd": money(state.reserved), "left_usd": money(state.left)}
@@ -278,7 +280,7 @@ def meter_usage(gate_key: web.AppKey[Gate]) -> Handler:
 
 
 async def meter_report(gate: Gate, key_id: str, user: str | None, team: str | None,
-                       charges: list[tuple[Subject, Limits | None]], since: float | None, until: float | None,
+                       charges: Sequence[tuple[Subject, Limits | None]], since: float | None, until: float | None,
                        now: float) -> dict[str, Any]:
     """A key holder's own view (GET /meter/usage, /meter/ui/): usage per day and model since `since` (default:
     this month's start), and the budgets left of the key and of its user and team."""

@@ -23,8 +23,8 @@ from proxy.reports.queries import MAX_LIMIT
 __all__ = ["document"]
 
 _REF = "#/components/schemas/"
-_ADMIN_AUTH = [{"adminToken": []}]
-_KEY_AUTH = [{"apiKey": []}]
+_ADMIN_AUTH: list[dict[str, list[str]]] = [{"adminToken": []}]
+_KEY_AUTH: list[dict[str, list[str]]] = [{"apiKey": []}]
 
 
 def _ref(name: str) -> dict[str, Any]:

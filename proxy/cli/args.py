@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence, TypeVar, overload
 
 from proxy.config import Settings, load_settings
 from proxy.reports.queries import parse_time
 
 _DEFAULT_DB = Settings().db
+_N = TypeVar("_N")
 
 
 class Parser(argparse.ArgumentParser):
@@ -23,7 +24,17 @@ class Parser(argparse.ArgumentParser):
     Plain argparse hands a subcommand's leftovers back to the top-level parser, which then prints the
     top-level usage: no help to someone who mistyped a `keys create` option."""
 
-    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
+    # argparse's own three signatures (typeshed's), so a caller's namespace type is kept.
+    @overload
+    def parse_known_args(self, args: Iterable[str] | None = None,
+                         namespace: None = None) -> tuple[argparse.Namespace, list[str]]: ...
+    @overload
+    def parse_known_args(self, args: Iterable[str] | None, namespace: _N) -> tuple[_N, list[str]]: ...
+    @overload
+    def parse_known_args(self, *, namespace: _N) -> tuple[_N, list[str]]: ...
+
+    def parse_known_args(self, args: Iterable[str] | None = None,
+                         namespace: object = None) -> tuple[Any, list[str]]:
         parsed, extra = super().parse_known_args(args, namespace)
         if extra:
             self.error(f"unrecognized arguments: {' '.join(extra)}")

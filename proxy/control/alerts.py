@@ -71,7 +71,7 @@ class Alerts:
             if len(self._seen) >= _MEMORY_MAX:
                 self._seen.clear()
             self._seen.add(mark)
-            body = {
+            body: dict[str, object] = {
                 "event": "budget_threshold", "subject": {"kind": subject.kind, "name": subject.name},
                 "period": period, "period_label": label, "threshold": str(share),
                 "spend_usd": format(spent, "f"), "budget_usd": format(budget, "f"),

@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from decimal import ROUND_CEILING, Decimal
-from typing import Any, Callable, Mapping, MutableMapping
+from typing import Any, Callable, Mapping, MutableMapping, TypedDict, Unpack
 
 from proxy.control.alerts import Alerts
 from proxy.control.budgets import BudgetRefusal, Budgets, Reservation
@@ -78,6 +78,15 @@ async def open_gate(*, db_path: str, managed: bool, prices: PriceTable | LivePri
     gate.db, gate.alerts = db, alerts
     db.start_watch(watch_interval)
     return gate
+
+
+class _Who(TypedDict, total=False):
+    """The subject fields of a Refusal (its keyword arguments of the same names)."""
+
+    key_id: str | None
+    user: str | None
+    team: str | None
+    managed: bool
 
 
 class Refusal:
@@ -215,6 +224,9 @@ class Gate:
         model = body.get("model") if isinstance(body, dict) else None
         model = model if isinstance(model, str) else None
         explicit: RoutePolicy | None = None
+        key_id: str | None
+        user: str | None
+        team: str | None
         if self.managed:
             resolved = await self.resolve(headers)
             if isinstance(resolved, Refusal):
@@ -222,7 +234,7 @@ class Gate:
                 return resolved
             key = resolved
             key_id, user, team = key.key_id, key.user, key.team
-            who = {"key_id": key_id, "user": user, "team": team, "managed": True}
+            who = _Who(key_id=key.key_id, user=key.user, team=key.team, managed=True)
             if not key.route_policy.allows(method, path):
                 return Refusal(403, f"This key may not call {method} {path}; it may call: "
                                f"{', '.join(key.route_policy.specs)}. Ask your administrator to add the route.",
@@ -321,7 +333,7 @@ class Gate:
     @property
     def _table(self) -> PriceTable:
         # The live table when given one (prices edited while running).
-        return getattr(self._prices, "table", self._prices)
+        return self._prices.table if isinstance(self._prices, LivePrices) else self._prices
 
     def estimate(self, path: str, body: object, model: str | None,
                  body_size: int | None = None) -> tuple[int, Decimal]:
@@ -360,9 +372,12 @@ class Gate:
         usages = [Usage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output),
                   Usage(prompt_tokens=prompt, completion_tokens=output, reasoning_tokens=output,
                         total_tokens=prompt + output)]
-        if media:
+        if media == "audio":
             usages.append(Usage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output,
-                                **{f"{media}_prompt_tokens": prompt, f"{media}_completion_tokens": output}))
+                                audio_prompt_tokens=prompt, audio_completion_tokens=output))
+        elif media == "image":
+            usages.append(Usage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output,
+                                image_prompt_tokens=prompt, image_completion_tokens=output))
         if media == "audio" and entry.audio_minute is not None:
             # Billed per minute (whisper-1): no audio format OpenAI takes is below 100 bytes a second.
             usages.append(Usage(audio_seconds=Decimal(body_size or 0) / _MIN_AUDIO_BYTES_PER_SECOND))
@@ -383,7 +398,7 @@ class _Duplicate:
     def __init__(self, name: str) -> None:
         self.name = name
 
-    def of(self, **who: Any) -> Refusal:
+    def of(self, **who: Unpack[_Who]) -> Refusal:
         return Refusal(400, f"The request body repeats the JSON key {self.name!r}; parsers differ on which value "
                        "counts, so it cannot be checked against this key's limits. Send each key once.",
                        "invalid_request_error", "duplicate_json_key", param=self.name[:64], headers=_NO_RETRY,

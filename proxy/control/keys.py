@@ -23,7 +23,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from proxy.control.db import ControlDB
 from proxy.control.limits import (
@@ -156,7 +156,7 @@ def _policy(routes: tuple[str, ...]) -> RoutePolicy:
     return found
 
 
-_PARSERS = {
+_PARSERS: dict[str, Callable[[object], object]] = {
     "user": lambda v: parse_text(v, "user"), "team": lambda v: parse_text(v, "team"),
     "name": lambda v: parse_text(v, "name"), "budget_usd": lambda v: parse_money(v, "budget_usd"),
     "budget_period": parse_period, "expires_at": lambda v: parse_time(v, "expires_at"), "models": _models,

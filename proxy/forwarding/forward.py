@@ -94,6 +94,10 @@ class _ClientGone(Exception):
 class _Unrecorded(Exception):
     """The call's row could be neither committed nor spooled: the response must not complete."""
 
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__(response)
+        self.response = response  # the prepared response, whose end is held back
+
 
 async def _send(response: web.StreamResponse, data: bytes) -> None:
     try:
@@ -169,7 +173,7 @@ async def forward(request: web.Request, call: CallObserver, *, session: aiohttp.
             # Never a success the ledger did not see: the held end is not sent, the connection is broken off.
             upstream_resp.close()
             _abort(request)
-            return exc.args[0]
+            return exc.response
 
 
 def _payload(body: bytes) -> bytes | io.BytesIO | None:

@@ -129,7 +129,8 @@ def reprice(conn: sqlite3.Connection, table: PriceTable, *, since: float | None 
 
 
 def _filters(since: float | None, until: float | None, model: str | None) -> tuple[str, list[Any]]:
-    clauses, params = ["id > ?"], []
+    clauses: list[str] = ["id > ?"]
+    params: list[Any] = []
     if since is not None:
         clauses.append("started_at >= ?")
         params.append(since)

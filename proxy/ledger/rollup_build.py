@@ -307,7 +307,8 @@ def make_current(conn: sqlite3.Connection) -> bool:
 
 def _hours_with_calls(conn: sqlite3.Connection, since: int) -> list[int]:
     """The hours from `since` on holding any call: one index seek each, not a scan of every call."""
-    hours, at = [], since
+    hours: list[int] = []
+    at = since
     while True:
         found = conn.execute("SELECT min(started_at) FROM calls WHERE started_at >= ?", (at,)).fetchone()[0]
         if found is None:

@@ -278,7 +278,7 @@ def _copy(acc: _Acc) -> _Acc:
     return new
 
 
-def apply(conn: sqlite3.Connection, rows: list[Sequence[Any]]) -> None:
+def apply(conn: sqlite3.Connection, rows: Sequence[Sequence[Any]]) -> None:
     """The ledger's after_insert hook: add the batch's rows (COLUMNS order, just inserted) to the rollups.
 
     Runs inside the batch's transaction; a failure here rolls the whole batch back."""

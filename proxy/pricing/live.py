@@ -23,7 +23,7 @@ import signal
 import time
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, Awaitable, Callable, Protocol
 
 from aiohttp import web
 
@@ -175,7 +175,22 @@ class LivePrices:
         return {**self.summary(), **self.table.describe()}
 
 
-def admin_routes(admin: web.Application, key: web.AppKey[LivePrices]) -> None:
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class _Router(Protocol):
+    def add_get(self, path: str, handler: _Handler) -> object: ...
+    def add_post(self, path: str, handler: _Handler) -> object: ...
+
+
+class Routable(Protocol):
+    """What admin_routes adds to: a web.Application, or the admin API's guarded routes (proxy.admin)."""
+
+    @property
+    def router(self) -> _Router: ...
+
+
+def admin_routes(admin: Routable, key: web.AppKey[LivePrices]) -> None:
     """Add `GET /pricing` and `POST /pricing/reload` to the admin sub-app, before its catch-all route.
 
     `key` names the `LivePrices` in the app (or a parent app: it is read through `config_dict`)."""

@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, Inexact, InvalidOperation  # noqa: I001
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict
 
 from proxy.core.record import Usage
 from proxy.pricing.schema import RATES, TIERS, Entry, PricingError, plain, read, validate
@@ -312,7 +312,20 @@ def _set(name: str, layers: list[dict[str, Decimal]], long_layers: list[dict[str
                       max_output=max_output, audio_minute=audio_minute)
 
 
-def _filled(layers: list[dict[str, Decimal]]) -> dict[str, Decimal]:
+class _Rates(TypedDict):
+    """The eight rates of one price set, every default applied (ModelPrice's fields of the same names)."""
+
+    input: Decimal
+    cached_input: Decimal
+    output: Decimal
+    reasoning: Decimal
+    audio_input: Decimal
+    audio_output: Decimal
+    image_input: Decimal
+    image_output: Decimal
+
+
+def _filled(layers: list[dict[str, Decimal]]) -> _Rates:
     merged: dict[str, Decimal] = {}
     for layer in layers:
         merged.update(layer)

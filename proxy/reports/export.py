@@ -18,7 +18,7 @@ import json
 import os
 import sqlite3
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import IO, Any
 
 from proxy.reports import queries as reports
@@ -36,7 +36,7 @@ def columns(conn: sqlite3.Connection) -> list[str]:
 
 
 def iter_calls(conn: sqlite3.Connection, *, since: float | None = None, until: float | None = None,
-               key: str | None = None) -> Iterator[dict[str, Any]]:
+               key: str | None = None) -> Generator[dict[str, Any], None, None]:
     """Call rows started in [since, until) (and of `key`), oldest first, one dict at a time."""
     names = columns(conn)[:-1]
     select = ", ".join(f'"{n}"' for n in names)  # names come from the schema, not the caller

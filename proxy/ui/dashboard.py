@@ -155,7 +155,10 @@ def make_ui(settings: Settings, gate_key: web.AppKey[Gate], live_key: web.AppKey
         columns = []
         if report is not None:
             columns = [reports.GROUP_ROW_KEYS.get(g, g) for g in report["group_by"]]
-            label = (lambda r: " · ".join("—" if r[c] is None else str(r[c]) for c in columns) or "all")
+
+            def label(r: dict[str, Any]) -> str:
+                return " · ".join("—" if r[c] is None else str(r[c]) for c in columns) or "all"
+
             chart = svg.bars([(label(r), Decimal(r["cost_usd"])) for r in report["rows"][:40]])
         return view("usage.html", request, session, "usage", status=400 if error else 200, error=error,
                     report=report, columns=columns, chart=chart, params=params, fields=reports.GROUP_FIELDS,
@@ -176,7 +179,8 @@ def make_ui(settings: Settings, gate_key: web.AppKey[Gate], live_key: web.AppKey
     @guard
     async def calls(request: web.Request, session: Session) -> web.StreamResponse:
         params = clean(request.query, "key", "user", "model", "status", "usage_source", "before")
-        error, found = None, {"calls": [], "next": None}
+        error: str | None = None
+        found: dict[str, Any] = {"calls": [], "next": None}
         try:
             found = await in_thread(db, reports.list_calls, limit=50, **params)
         except reports.ReportError as exc:

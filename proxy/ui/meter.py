@@ -82,6 +82,8 @@ def make_meter_ui(settings: Settings, gate_key: web.AppKey[Gate]) -> web.Applica
             return redirect(base + "login")
         gate = request.config_dict[gate_key]
         key_id, now = session.subject, time.time()
+        user: str | None
+        team: str | None
         if gate.managed:
             assert gate.keys is not None
             key = await gate.keys.get(key_id)
