@@ -83,7 +83,8 @@ class ProxyRunner(web.AppRunner):
         server = await super()._make_server()
         # The app builds its own Server (routing, request factory); give it our handler class.
         server.__class__ = _Server
-        server._header_timeout = self._header_timeout  # type: ignore[attr-defined]
+        assert isinstance(server, _Server)
+        server._header_timeout = self._header_timeout
         return server
 
 

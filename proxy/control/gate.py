@@ -198,7 +198,7 @@ class Gate:
     async def resolve(self, headers: Mapping[str, str]) -> ManagedKey | Refusal:
         """The presented managed key, if usable now; else the 401 to answer."""
         assert self.keys is not None
-        presented = api_key(headers)  # type: ignore[arg-type]
+        presented = api_key(headers)
         if presented is None:
             return Refusal(401, "No API key provided: send 'Authorization: Bearer <your meterproxy key>'.",
                            "invalid_request_error", "invalid_api_key", headers=_NO_RETRY)
@@ -484,7 +484,7 @@ def _count(value: object) -> int | None:
 
 def _attribution(headers: Mapping[str, str], body: object) -> tuple[str | None, str | None, str | None]:
     """(key_id, user, team) as proxy.attribution records them, so a budget's subject is the ledger row's."""
-    presented = api_key(headers)  # type: ignore[arg-type]
+    presented = api_key(headers)
     user, team = _last(headers, "X-Meter-User"), _last(headers, "X-Meter-Team")
     if not user:
         body_user = body.get("user") if isinstance(body, dict) else None

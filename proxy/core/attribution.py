@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -52,7 +53,7 @@ def _forwardable(value: str) -> str:
     return value if value.isascii() else _SURROGATE.sub("", value)
 
 
-def api_key(headers: CIMultiDictProxy[str]) -> str | None:
+def api_key(headers: Mapping[str, str]) -> str | None:
     auth = headers.get("Authorization")
     if auth:
         auth = _forwardable(auth)

@@ -46,7 +46,8 @@ class _DecimalSum:
 def register_functions(conn: sqlite3.Connection) -> None:
     """`mp_decimal_add(a, b)` and `decimal_sum(x)` on `conn`: exact decimal text arithmetic."""
     conn.create_function("mp_decimal_add", 2, _decimal_add, deterministic=True)
-    conn.create_aggregate("decimal_sum", 1, _DecimalSum)  # type: ignore[arg-type]
+    # typeshed's aggregate protocol has step(value: int); SQLite passes any SQL value (here text or NULL).
+    conn.create_aggregate("decimal_sum", 1, _DecimalSum)  # type: ignore[arg-type]  # typeshed is too narrow
 
 
 def parse_plain(text: str) -> tuple[int, int] | None:

@@ -45,7 +45,7 @@ def plain(number: Decimal) -> Decimal:
 # --- YAML reading ----------------------------------------------------------------------------------
 
 
-class _Located(dict):  # type: ignore[type-arg]
+class _Located(dict[str, Any]):
     """A YAML mapping that remembers its own line and each key's (1-based), for error messages."""
 
     __slots__ = ("key_lines", "line")

@@ -23,6 +23,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, Inexact, InvalidOperation  # noqa: I001
+from enum import Enum
 from typing import Any, NamedTuple, TypedDict
 
 from proxy.core.record import Usage
@@ -39,7 +40,16 @@ _EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN, traps=[Inexact, In
 # Model names come from clients; only short ones are remembered, and the memory is emptied when full.
 _CACHE_MAX = 1024
 _CACHE_NAME_MAX = 200
-_MISS = object()
+
+
+class _Miss(Enum):
+    MISS = "miss"  # not in the cache (a cached None is a model known to be unpriced)
+
+
+_MISS = _Miss.MISS
+# A media rate's default: "the text price", filled in by ModelPrice.__post_init__ (matched by identity, so
+# a NaN from anywhere else is never taken for it).
+_TEXT_PRICE = Decimal("NaN")
 # What a response's `service_tier` says when the call was served at standard prices.
 STANDARD_TIERS = frozenset({None, "", "default", "auto", "scale"})
 
@@ -57,10 +67,10 @@ class ModelPrice:
     cached_input: Decimal
     output: Decimal
     reasoning: Decimal
-    audio_input: Decimal = None  # type: ignore[assignment]  # None: the text price, filled in below
-    audio_output: Decimal = None  # type: ignore[assignment]
-    image_input: Decimal = None  # type: ignore[assignment]
-    image_output: Decimal = None  # type: ignore[assignment]
+    audio_input: Decimal = _TEXT_PRICE  # by default the text price, filled in below
+    audio_output: Decimal = _TEXT_PRICE
+    image_input: Decimal = _TEXT_PRICE
+    image_output: Decimal = _TEXT_PRICE
     long_context: ModelPrice | None = None
     above: int = 0
     tiers: tuple[tuple[str, ModelPrice], ...] = ()
@@ -70,7 +80,7 @@ class ModelPrice:
     def __post_init__(self) -> None:
         for media, text in (("audio_input", "input"), ("audio_output", "output"), ("image_input", "input"),
                             ("image_output", "output")):
-            if getattr(self, media) is None:
+            if getattr(self, media) is _TEXT_PRICE:
                 object.__setattr__(self, media, getattr(self, text))
 
     def tier(self, name: str) -> ModelPrice | None:
@@ -161,7 +171,7 @@ class PriceTable:
             return found
         remembered = self._cache.get(model, _MISS)  # one lookup: safe even if another thread clears it
         if remembered is not _MISS:
-            return remembered  # type: ignore[return-value]
+            return remembered
         found = self._search(model)
         if len(model) <= _CACHE_NAME_MAX:
             if len(self._cache) >= _CACHE_MAX:
@@ -197,8 +207,8 @@ class PriceTable:
         if usage.audio_seconds is not None:
             return _per_minute(entry, usage)
         price = entry
-        if service_tier not in STANDARD_TIERS:
-            price = entry.tier(service_tier) or entry  # type: ignore[arg-type]
+        if service_tier is not None and service_tier not in STANDARD_TIERS:
+            price = entry.tier(service_tier) or entry
         prompt = max(usage.prompt_tokens, 0)
         if price.long_context is not None and prompt > price.above:
             price = price.long_context
@@ -213,16 +223,17 @@ class PriceTable:
             cost, priced = _per_minute(entry, usage)
             return Quote(cost, priced, entry.name if priced else None)
         price, tier, fallback = entry, None, False
-        if service_tier not in STANDARD_TIERS:
-            found = entry.tier(service_tier)  # type: ignore[arg-type]  # not None: None is standard
+        if service_tier is not None and service_tier not in STANDARD_TIERS:
+            found = entry.tier(service_tier)
             if found is None:
                 fallback = True
             else:
                 price, tier = found, service_tier
         prompt = max(usage.prompt_tokens, 0)
-        long = price.long_context is not None and prompt > price.above
-        if long:
-            price = price.long_context  # type: ignore[assignment]
+        long_price = price.long_context if prompt > price.above else None
+        long = long_price is not None
+        if long_price is not None:
+            price = long_price
         return Quote(_price(price, usage, prompt), True, entry.name, tier, fallback, long)
 
     # --- inspection ---------------------------------------------------------------------------------
