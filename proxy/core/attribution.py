@@ -28,11 +28,16 @@ MAX_TAG_NAME_CHARS = 64
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def key_hash(key: str) -> str:
+    """The full SHA-256 hex of an API key: what the control store keeps of a managed key."""
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
 def key_id_of(key: str) -> str:
-    """The stored identity of an API key: the first 16 hex characters of its SHA-256."""
+    """The stored identity of an API key: the first 16 hex characters of its SHA-256 (`key_hash`)."""
     known = _KEY_IDS.get(key)
     if known is None:
-        known = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        known = key_hash(key)[:16]
         if len(_KEY_IDS) >= 4096:  # a team has few keys; a flood of distinct ones must not grow this
             _KEY_IDS.clear()
         _KEY_IDS[key] = known
