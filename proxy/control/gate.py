@@ -28,7 +28,7 @@ from proxy.control.keys import KeyStore, ManagedKey
 from proxy.control.limits import Limits, LimitStore, Subject
 from proxy.control.ratelimit import RateLimiter, RateRefusal, Ticket
 from proxy.core.attribution import api_key, caller_of, key_id_of, storable, team_of
-from proxy.core.errors import error_body
+from proxy.core.errors import MeterproxyError, error_body
 from proxy.core.record import CallRecord, Usage
 from proxy.counting import count_request, encoding_for, get_encoding
 from proxy.counting.counter import CountPolicy
@@ -390,7 +390,7 @@ class _Duplicate:
                        **who)
 
 
-class _Repeated(Exception):
+class _Repeated(MeterproxyError):
     def __init__(self, name: str) -> None:
         self.name = name
 

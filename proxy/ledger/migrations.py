@@ -17,12 +17,14 @@ import sqlite3
 import stat
 from typing import NamedTuple
 
+from proxy.core.errors import MeterproxyError
+
 __all__ = ["MIGRATIONS", "Migration", "MigrationError", "create_private", "migrate", "schema_version"]
 
 log = logging.getLogger("meterproxy")
 
 
-class MigrationError(Exception):
+class MigrationError(MeterproxyError):
     """The database cannot be brought to this code's schema."""
 
 
