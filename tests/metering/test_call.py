@@ -174,3 +174,26 @@ async def test_an_unpriced_model_is_flagged_never_free(ledger: Ledger) -> None:
     await call.finish()
     r = row(ledger, call)
     assert r["priced"] == 0 and r["total_tokens"] == 10
+
+
+async def test_a_call_is_priced_by_the_model_that_answered_it(ledger: Ledger) -> None:
+    call = MeteredCall("POST", CHAT, headers(), prices=PRICES, ledger=ledger)
+    call.on_request(request("gpt-4o-mini"), "application/json")
+    call.on_response_headers(200, "application/json")
+    call.on_chunk(json.dumps({"model": "gpt-4o", "choices": [],
+                              "usage": {"prompt_tokens": 1000, "completion_tokens": 0, "total_tokens": 1000}}).encode())
+    call.on_end()
+    await call.finish()
+    r = row(ledger, call)
+    assert (r["requested_model"], r["model"]) == ("gpt-4o-mini", "gpt-4o")
+    assert Decimal(r["cost_usd"]) == Decimal("0.0025")
+
+
+async def test_a_failure_on_an_unpriced_model_is_flagged_unpriced(ledger: Ledger) -> None:
+    call = MeteredCall("POST", CHAT, headers(), prices=PRICES, ledger=ledger)
+    call.on_request(request("o9-unknown"), "application/json")
+    call.on_failure(504, "upstream timed out")
+    call.on_failure(None, "client went away")  # every failure is kept, in order
+    await call.finish()
+    r = row(ledger, call)
+    assert (r["status"], r["error"], r["priced"]) == (504, "upstream timed out; client went away", 0)

@@ -143,3 +143,17 @@ def test_without_time_buckets_the_zone_changes_nothing() -> None:
     since, until = ts(2026, 3, 1), ts(2026, 5, 1)
     assert segments(["model"], since, until, INDIA) == segments(["model"], since, until) == [
         ("month", since, until, 0)]
+
+
+def test_a_whole_hour_zone_reads_no_utc_day_that_two_local_days_share() -> None:
+    # In Berlin (+01:00) every UTC day runs 01:00 to 01:00 local: no day row fits a local day.
+    berlin = ZoneInfo("Europe/Berlin")
+    assert segments(["day"], ts(2026, 2, 2), ts(2026, 2, 5), berlin) == [
+        ("hour", ts(2026, 2, 2), ts(2026, 2, 5), 3600)]
+    # A local month: the UTC days inside it, by the hour the day that two local months share.
+    assert segments(["month"], ts(2026, 1, 15), ts(2026, 3, 15), berlin) == [
+        ("day", ts(2026, 1, 15), ts(2026, 1, 31), 3600),
+        ("hour", ts(2026, 1, 31), ts(2026, 2, 1), 3600),
+        ("day", ts(2026, 2, 1), ts(2026, 2, 28), 3600),
+        ("hour", ts(2026, 2, 28), ts(2026, 3, 1), 3600),
+        ("day", ts(2026, 3, 1), ts(2026, 3, 15), 3600)]
