@@ -180,10 +180,24 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
     # figure to both the wait for headers and the gaps between chunks.
     app[TIMEOUT] = aiohttp.ClientTimeout(total=settings.total_timeout, connect=settings.connect_timeout)
 
-    async def resources(app: web.Application) -> AsyncIterator[None]:
+    # One cleanup context per resource, in the order they open; aiohttp closes them in reverse (the calls
+    # still in flight first, the ledger and the upstream session last), and on a failed start closes those
+    # already open once the runner's cleanup runs.
+    async def price_table(app: web.Application) -> AsyncIterator[None]:
         table = prices if prices is not None else PriceTable.load(settings.pricing)
-        live = LivePrices(settings.pricing, table)
-        app[LIVE] = live
+        app[LIVE] = LivePrices(settings.pricing, table)
+        yield
+
+    async def upstream_session(app: web.Application) -> AsyncIterator[None]:
+        # Unlimited pool with keep-alive; aiohttp sets TCP_NODELAY on every connection itself.
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        # auto_decompress off: the client gets the upstream's compressed bytes; meters decode a copy.
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                         cookie_jar=aiohttp.DummyCookieJar()) as session:
+            app[SESSION] = session
+            yield
+
+    async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
         ledger = Ledger(settings.db, spool_path=spool_path(settings),
                         busy_timeout_ms=int((settings.ledger_busy_timeout or 5.0) * 1000),
                         spool_reserve_bytes=settings.spool_reserve)
@@ -193,38 +207,45 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
         await ledger.open()
         metrics.queue_depth_from(lambda: ledger.queue_depth)
         metrics.spool_from(lambda: ledger.spool_depth, lambda: 1 if ledger.accepting else 0)
-        upkeep = RetentionTask(settings.db, settings.retention_days)
         app[LEDGER] = ledger
         try:
-            gate = await open_gate(
-                db_path=settings.db, managed=settings.keys == "managed", prices=live,
-                counting=app[COUNTING], upstream_key=settings.upstream_api_key, limits=settings.limits,
-                reserve_max_tokens=settings.reserve_max_tokens, alert_webhook=settings.alert_webhook,
-                alert_thresholds=settings.alert_thresholds, unmetered_routes=settings.unmetered_routes)
-        except BaseException:
+            yield
+        finally:
             await ledger.close()
-            raise
-        app[GATE] = gate
-        live.start_watching()
-        upkeep.start()
-        # Unlimited pool with keep-alive; aiohttp sets TCP_NODELAY on every connection itself.
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-        # auto_decompress off: the client gets the upstream's compressed bytes; meters decode a copy.
-        async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                         cookie_jar=aiohttp.DummyCookieJar()) as session:
-            app[SESSION] = session
-            try:
-                yield
-            finally:
-                try:
-                    await app[INFLIGHT].close()
-                    await upkeep.stop()
-                    await live.stop()
-                    await gate.close()
-                finally:
-                    await ledger.close()
 
-    app.cleanup_ctx.append(resources)
+    async def gate_ctx(app: web.Application) -> AsyncIterator[None]:
+        gate = await open_gate(
+            db_path=settings.db, managed=settings.keys == "managed", prices=app[LIVE],
+            counting=app[COUNTING], upstream_key=settings.upstream_api_key, limits=settings.limits,
+            reserve_max_tokens=settings.reserve_max_tokens, alert_webhook=settings.alert_webhook,
+            alert_thresholds=settings.alert_thresholds, unmetered_routes=settings.unmetered_routes)
+        app[GATE] = gate
+        try:
+            yield
+        finally:
+            await gate.close()
+
+    async def price_watch(app: web.Application) -> AsyncIterator[None]:
+        app[LIVE].start_watching()
+        try:
+            yield
+        finally:
+            await app[LIVE].stop()
+
+    async def retention(app: web.Application) -> AsyncIterator[None]:
+        upkeep = RetentionTask(settings.db, settings.retention_days)
+        upkeep.start()
+        try:
+            yield
+        finally:
+            await upkeep.stop()
+
+    async def in_flight(app: web.Application) -> AsyncIterator[None]:
+        yield
+        await app[INFLIGHT].close()  # before the ledger closes: the calls still under way get their rows
+
+    app.cleanup_ctx.extend([price_table, upstream_session, ledger_ctx, gate_ctx, price_watch, retention,
+                            in_flight])
     app.router.add_get("/healthz", _healthz)
     if settings.admin_port is None:  # else /metrics is served beside the admin API, on its own address
         app.router.add_get("/metrics", metrics_handler(settings, metrics))

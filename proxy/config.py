@@ -17,12 +17,13 @@ import yaml
 from yarl import URL
 
 from proxy.control.limits import Limits, Subject, parse_limits_setting, parse_thresholds
+from proxy.core.errors import MeterproxyError
 from proxy.forwarding.routes import RouteError, parse_routes
 
 SHIPPED_PRICING = Path(__file__).resolve().parent / "pricing" / "pricing.yaml"
 
 
-class ConfigError(Exception):
+class ConfigError(MeterproxyError):
     """A setting or config file is unusable; the message is one line for the operator."""
 
 

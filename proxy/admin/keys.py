@@ -41,7 +41,7 @@ from proxy.control.limits import (
     parse_text,
     period_of,
 )
-from proxy.core.attribution import api_key, key_id_of
+from proxy.core.attribution import caller_of
 from proxy.core.errors import error_response, unknown_parameter
 from proxy.reports import queries as reports
 
@@ -256,12 +256,12 @@ def meter_usage(gate_key: web.AppKey[Gate]) -> Handler:
             key_id, user, team = key.key_id, key.user, key.team
             charges = [(Subject("key", key_id), key.limits)]
         else:
-            presented = api_key(request.headers)
-            if presented is None:
+            found = caller_of(request.headers)  # the subject exactly as the ledger row records it
+            if found.key_id is None:
                 return error_response(401, "Send your API key (Authorization: Bearer ...) to see its usage",
                                       "invalid_request_error", "invalid_api_key")
-            key_id = key_id_of(presented)
-            # Only what the key itself proves: a header could name anyone's user or team.
+            key_id = found.key_id
+            # Only what the key itself proves: X-Meter-User / X-Meter-Team could name anyone's user or team.
             user, team = None, None
             charges = [(Subject("key", key_id), gate.limits.get(Subject("key", key_id)) or Limits())]
         if (refused := unknown_parameter(request.query, ("since", "until"))) is not None:

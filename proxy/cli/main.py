@@ -174,7 +174,11 @@ async def _run(settings: Settings, prices: PriceTable, started: list[bool]) -> i
     bounds = dict(header_timeout=settings.header_timeout, keepalive_timeout=keepalive)
     runner = ProxyRunner(make_app(settings, prices), access_log=None, handle_signals=False,
                          shutdown_timeout=settings.shutdown_grace or 0.0, **bounds)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except BaseException:
+        await runner.cleanup()  # a resource failed to open: close those opened before it (make_app's cleanup_ctx)
+        raise
     admin_runner = None
     try:
         site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)

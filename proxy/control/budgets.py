@@ -27,12 +27,10 @@ from typing import Iterable, Protocol, Sequence
 
 from proxy.control.limits import Limits, Subject, period_of
 from proxy.ledger.read import connect_readonly
+from proxy.ledger.rollups import TEAM_SQL
 
-__all__ = ["TEAM_SQL", "BudgetRefusal", "BudgetState", "Budgets", "Reservation", "spend_since"]
+__all__ = ["BudgetRefusal", "BudgetState", "Budgets", "Reservation", "spend_since"]
 
-# The team of a call is its "team" tag (X-Meter-Team, or the managed key's team). Migration 3 indexes this
-# very expression; a query must spell it the same way to use the index.
-TEAM_SQL = "(CASE WHEN json_valid(tags) THEN json_extract(tags, '$.team') END)"
 _SUBJECT_SQL = {"key": "key_id = ?", "user": '"user" = ?', "team": f"{TEAM_SQL} = ?"}
 _MONEY = Context(prec=60)  # sums of ledger costs need far fewer digits; no rounding in practice
 _ZERO = Decimal(0)

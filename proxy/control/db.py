@@ -21,6 +21,7 @@ import sqlite3
 import threading
 from typing import Callable, TypeVar
 
+from proxy.core.errors import MeterproxyError
 from proxy.ledger.migrations import create_private, migrate
 
 __all__ = ["ControlDB", "ControlDBError"]
@@ -29,7 +30,7 @@ log = logging.getLogger("meterproxy")
 T = TypeVar("T")
 
 
-class ControlDBError(Exception):
+class ControlDBError(MeterproxyError):
     """The control tables cannot be opened or written; the message is one line for the operator."""
 
 

@@ -27,8 +27,8 @@ from proxy.control.db import ControlDB
 from proxy.control.keys import KeyStore, ManagedKey
 from proxy.control.limits import Limits, LimitStore, Subject
 from proxy.control.ratelimit import RateLimiter, RateRefusal, Ticket
-from proxy.core.attribution import api_key, key_id_of, storable
-from proxy.core.errors import error_body
+from proxy.core.attribution import api_key, caller_of, key_id_of, storable, team_of
+from proxy.core.errors import MeterproxyError, error_body
 from proxy.core.record import CallRecord, Usage
 from proxy.counting import count_request, encoding_for, get_encoding
 from proxy.counting.counter import CountPolicy
@@ -252,7 +252,7 @@ class Gate:
         else:
             key = None
             if record is not None:
-                key_id, user, team = record.key_id, record.user, record.tags.get("team")
+                key_id, user, team = record.key_id, record.user, team_of(record.tags)
             else:
                 key_id, user, team = _attribution(headers, body)
             charges = [(Subject("key", key_id), self.limits.get(Subject("key", key_id)))] if key_id else []
@@ -405,7 +405,7 @@ class _Duplicate:
                        **who)
 
 
-class _Repeated(Exception):
+class _Repeated(MeterproxyError):
     def __init__(self, name: str) -> None:
         self.name = name
 
@@ -483,18 +483,10 @@ def _count(value: object) -> int | None:
 
 
 def _attribution(headers: Mapping[str, str], body: object) -> tuple[str | None, str | None, str | None]:
-    """(key_id, user, team) as proxy.attribution records them, so a budget's subject is the ledger row's."""
-    presented = api_key(headers)
-    user, team = _last(headers, "X-Meter-User"), _last(headers, "X-Meter-Team")
+    """(key_id, user, team) as the ledger row records them (`caller_of`), so a budget's subject is the row's."""
+    found = caller_of(headers)
+    user = found.user
     if not user:
         body_user = body.get("user") if isinstance(body, dict) else None
-        user = body_user if isinstance(body_user, str) else None
-    return (key_id_of(presented) if presented is not None else None, storable(user) if user else None,
-            storable(team) if team else None)
-
-
-def _last(headers: Mapping[str, str], name: str) -> str | None:
-    # attribution.attribute keeps the last of repeated X-Meter-* headers.
-    getall = getattr(headers, "getall", None)
-    values = getall(name, ()) if getall is not None else [headers[name]] if name in headers else []
-    return values[-1] if values else None
+        user = storable(body_user) if isinstance(body_user, str) and body_user else None
+    return found.key_id, user, found.team

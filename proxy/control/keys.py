@@ -1,7 +1,7 @@
 """Managed keys: the proxy's own API keys, issued to users and swapped for the real upstream key.
 
 A key is "mp-" and 256 random bits (URL-safe base64). Only its SHA-256 is stored; its key_id is the first
-16 hex characters of that hash (the same identity `proxy.attribution.key_id_of` gives any key), and its
+16 hex characters of that hash (the same identity `proxy.core.attribution.key_id_of` gives any key), and its
 hint its last 4 characters. The key itself is returned once, by `create()`, and never again.
 
 `lookup()` runs on every request in managed mode: a dict lookup by hash, filled from SQLite on a miss
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-import hashlib
 import json
 import secrets
 import sqlite3
@@ -37,10 +36,11 @@ from proxy.control.limits import (
     parse_text,
     parse_time,
 )  # fmt: skip
+from proxy.core.attribution import key_hash, key_id_of
 from proxy.forwarding.routes import DEFAULT_POLICY, RouteError, RoutePolicy, parse_routes
 
 __all__ = [
-    "KEY_PREFIX", "KeyStore", "ManagedKey", "create_key", "get_key", "hash_key", "list_keys", "parse_key_fields",
+    "KEY_PREFIX", "KeyStore", "ManagedKey", "create_key", "get_key", "list_keys", "parse_key_fields",
     "revoke_key", "update_key",
 ]
 
@@ -49,11 +49,6 @@ MAX_MODELS = 100
 _NEGATIVE_MAX = 10_000  # unknown keys remembered; emptied when full (random keys would never repeat)
 _COLUMNS = ('key_id, key_hint, "user", team, name, budget_usd, budget_period, expires_at, models, rpm, tpm, '
             "created_at, updated_at, revoked_at, routes, organization, project")
-
-
-def hash_key(key: str) -> str:
-    """The full SHA-256 hex of a key; its first 16 characters are the key_id."""
-    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +197,7 @@ class KeyStore:
 
     async def lookup(self, key: str) -> ManagedKey | None:
         """The managed key presented as `key`, revoked and expired ones included; None if unknown."""
-        digest = hash_key(key)
+        digest = key_hash(key)
         found = self._known.get(digest)
         if found is not None or digest in self._unknown:
             return found
@@ -282,17 +277,17 @@ def create_key(conn: sqlite3.Connection, fields: Mapping[str, Any],
     values = _row_values(parse_key_fields(fields, creating=True))
     while True:
         key = KEY_PREFIX + secrets.token_urlsafe(32)
-        digest = hash_key(key)
+        digest = key_hash(key)
         try:
             conn.execute(
                 f"INSERT INTO api_keys (key_hash, {_COLUMNS}) VALUES ({', '.join('?' * 18)})",
-                (digest, digest[:16], key[-4:], values["user"], values["team"], values["name"],
+                (digest, key_id_of(key), key[-4:], values["user"], values["team"], values["name"],
                  values["budget_usd"], values["budget_period"], values["expires_at"], values["models"],
                  values["rpm"], values["tpm"], at, at, None, values["routes"], values["organization"],
                  values["project"]))
         except sqlite3.IntegrityError:
             continue  # a key_id collision (one in 2^64 per pair): draw again
-        created = get_key(conn, digest[:16])
+        created = get_key(conn, key_id_of(key))
         assert created is not None
         return key, created
 

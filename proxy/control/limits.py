@@ -25,6 +25,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Mapping, NamedTuple
 
 from proxy.control.db import ControlDB
+from proxy.core.errors import ParameterError
 from proxy.core.times import MAX_TIME, MAX_TIME_TEXT, iso  # re-exported: limits' callers use them
 
 __all__ = [
@@ -42,10 +43,7 @@ MAX_QUERY_VALUE = 1024  # an admin query parameter's value; none needs more (nam
 _MAX_MONEY = Decimal(10) ** 12
 
 
-class FieldError(ValueError):
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
+FieldError = ParameterError  # the one invalid-parameter error (reports call it ReportError)
 
 
 class Subject(NamedTuple):

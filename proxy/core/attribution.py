@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Mapping
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -29,11 +30,16 @@ MAX_TAG_NAME_CHARS = 64
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def key_hash(key: str) -> str:
+    """The full SHA-256 hex of an API key: what the control store keeps of a managed key."""
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
 def key_id_of(key: str) -> str:
-    """The stored identity of an API key: the first 16 hex characters of its SHA-256."""
+    """The stored identity of an API key: the first 16 hex characters of its SHA-256 (`key_hash`)."""
     known = _KEY_IDS.get(key)
     if known is None:
-        known = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        known = key_hash(key)[:16]
         if len(_KEY_IDS) >= 4096:  # a team has few keys; a flood of distinct ones must not grow this
             _KEY_IDS.clear()
         _KEY_IDS[key] = known
@@ -114,13 +120,41 @@ def storable(value: str, limit: int = MAX_VALUE_CHARS) -> str:
     return value if value.isascii() else _SURROGATE.sub("\ufffd", value)
 
 
-def attribute(headers: CIMultiDictProxy[str], attr: CallRecord) -> None:
-    """Fill the record's key_id, key_hint, user, session, operation and tags from the request headers."""
+TEAM_TAG = "team"  # a call's team is its "team" tag: X-Meter-Team, or the managed key's team
+
+
+def team_of(tags: Mapping[str, str]) -> str | None:
+    """The team of a call, from its tags (None if it has none)."""
+    return tags.get(TEAM_TAG) or None
+
+
+@dataclass(slots=True)
+class Caller:
+    """Who the request's headers say made it: the key's identity and the X-Meter-* attribution, stored as is."""
+
+    key_id: str | None = None
+    key_hint: str | None = None
+    user: str | None = None
+    session: str | None = None
+    operation: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def team(self) -> str | None:
+        return team_of(self.tags)
+
+
+def caller_of(headers: Mapping[str, str]) -> Caller:
+    """The one reading of a request's attribution headers, for the ledger row and every other place.
+
+    The last of repeated X-Meter-* headers wins; every value is cut and cleaned by `storable`.
+    """
+    found = Caller()
     key = api_key(headers)
     if key is not None:
-        attr.key_id = key_id_of(key)
+        found.key_id = key_id_of(key)
         # A hint of a short key would reveal too much of it.
-        attr.key_hint = storable(key[-4:]) if len(key) >= 8 else None
+        found.key_hint = storable(key[-4:]) if len(key) >= 8 else None
     for name, value in headers.items():
         lower = name.lower()
         if not lower.startswith(METER_PREFIX):
@@ -129,15 +163,32 @@ def attribute(headers: CIMultiDictProxy[str], attr: CallRecord) -> None:
         if not label:
             continue
         if label == "user":
-            attr.user = storable(value)
+            found.user = storable(value)
         elif label == "session":
-            attr.session = storable(value)
+            found.session = storable(value)
         elif label == "operation":
-            attr.operation = storable(value)
+            found.operation = storable(value)
         else:
             tag = storable(label, MAX_TAG_NAME_CHARS)
-            if len(attr.tags) < MAX_TAGS or tag in attr.tags:
-                attr.tags[tag] = storable(value)
+            if len(found.tags) < MAX_TAGS or tag in found.tags:
+                found.tags[tag] = storable(value)
+    return found
+
+
+def attribute(headers: Mapping[str, str], attr: CallRecord) -> None:
+    """Fill the record's key_id, key_hint, user, session, operation and tags from the request headers."""
+    found = caller_of(headers)
+    if found.key_id is not None:
+        attr.key_id, attr.key_hint = found.key_id, found.key_hint
+    if found.user is not None:
+        attr.user = found.user
+    if found.session is not None:
+        attr.session = found.session
+    if found.operation is not None:
+        attr.operation = found.operation
+    for tag, value in found.tags.items():
+        if len(attr.tags) < MAX_TAGS or tag in attr.tags:
+            attr.tags[tag] = value
 
 
 def _filtered(headers: CIMultiDictProxy[str], drop: frozenset[str], drop_meter: bool,

@@ -30,13 +30,15 @@ from pathlib import Path
 
 import tiktoken
 
+from proxy.core.errors import MeterproxyError
+
 __all__ = [
     "DEFAULT_ENCODING", "ENCODINGS", "CountingError", "EncodingStore", "count_text", "encoding_for",
     "get_encoding", "is_reasoning_model", "preload",
 ]
 
 
-class CountingError(Exception):
+class CountingError(MeterproxyError):
     """tokens cannot be counted: an encoding file is missing or corrupt, or an encoding is unknown"""
 
 

@@ -20,7 +20,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.core.attribution import client_headers, identity_problem, upstream_headers
-from proxy.core.errors import error_response
+from proxy.core.errors import MeterproxyError, error_response
 from proxy.forwarding.decoding import STEP, Identity, decoder_for
 from proxy.forwarding.edits import StreamEditor
 from proxy.forwarding.observer import CallObserver, Refused
@@ -87,11 +87,11 @@ def _describe(exc: BaseException) -> str:
     return text[:500]
 
 
-class _ClientGone(Exception):
+class _ClientGone(MeterproxyError):
     """Writing to the client failed: it disconnected."""
 
 
-class _Unrecorded(Exception):
+class _Unrecorded(MeterproxyError):
     """The call's row could be neither committed nor spooled: the response must not complete."""
 
     def __init__(self, response: web.StreamResponse) -> None:

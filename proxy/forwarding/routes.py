@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from typing import Iterable, Sequence
 
+from proxy.core.errors import MeterproxyError
+
 __all__ = [
     "DEFAULT_ROUTES", "FREE_ROUTES", "METERED_ROUTES", "RouteError", "RoutePolicy", "canonical_problem",
     "method_problem", "parse_routes",
@@ -62,7 +64,7 @@ MAX_ROUTES = 100
 _METHOD_NAMES = frozenset({"*", "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 
-class RouteError(ValueError):
+class RouteError(MeterproxyError, ValueError):
     """A route spec that cannot be used; the message is for the user."""
 
 

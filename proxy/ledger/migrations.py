@@ -17,12 +17,14 @@ import sqlite3
 import stat
 from typing import NamedTuple
 
+from proxy.core.errors import MeterproxyError
+
 __all__ = ["MIGRATIONS", "Migration", "MigrationError", "create_private", "migrate", "schema_version"]
 
 log = logging.getLogger("meterproxy")
 
 
-class MigrationError(Exception):
+class MigrationError(MeterproxyError):
     """The database cannot be brought to this code's schema."""
 
 
@@ -86,7 +88,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         # IF NOT EXISTS throughout: a repair that replays every migration's script must not trip on these.
         # keys_changes.version is bumped by triggers on every change to api_keys or subject_limits, by any
         # process (the CLI writes the file directly), so a running proxy can tell its caches are stale.
-        # The calls index is on the very expression proxy.budgets.TEAM_SQL queries (the team is the
+        # The calls index is on the very expression proxy.ledger.rollups.TEAM_SQL queries (the team is the
         # "team" tag); json_valid keeps a malformed tags value from failing a ledger insert.
         """
         CREATE TABLE IF NOT EXISTS api_keys (

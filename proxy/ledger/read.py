@@ -7,12 +7,13 @@ import os
 import sqlite3
 from pathlib import Path
 
+from proxy.core.errors import MeterproxyError
 from proxy.ledger import rollups
 
 __all__ = ["ReportDatabaseError", "connect_readonly"]
 
 
-class ReportDatabaseError(Exception):
+class ReportDatabaseError(MeterproxyError):
     """The ledger cannot be read: missing, not SQLite, or not a meterproxy ledger."""
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, Inexact, InvalidOperation
 from typing import Any
 
+from proxy.core.errors import MeterproxyError
 from proxy.core.record import Usage
 from proxy.core.times import iso
 from proxy.ledger.migrations import MigrationError, migrate
@@ -42,7 +43,7 @@ _UPDATE = ("UPDATE calls SET cost_usd = ?, priced = ?, pricing_version = ?, repr
            "original_cost_usd = COALESCE(original_cost_usd, ?) WHERE id = ?")
 
 
-class RepriceError(Exception):
+class RepriceError(MeterproxyError):
     """The ledger cannot be re-priced; the message says why in one line."""
 
 

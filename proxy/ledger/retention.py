@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from proxy.core.errors import MeterproxyError
 from proxy.ledger import rollups
 from proxy.ledger.rollup_build import in_transaction
 
@@ -34,7 +35,7 @@ log = logging.getLogger("meterproxy.retention")
 _HOUR = 3600
 
 
-class RetentionError(Exception):
+class RetentionError(MeterproxyError):
     """The ledger cannot be pruned (no rollups to keep the counts)."""
 
 

@@ -30,6 +30,7 @@ from proxy.ledger.rollups import (
     SERIES,
     SUM_COST,
     SUM_COST_SLOW,
+    TEAM_SQL,
     TOTALS,
     dim_ids,
     exact_values,
@@ -45,9 +46,9 @@ from proxy.ledger.rollups import (
 
 __all__ = ["after_reprice", "ensure", "make_current", "project_hours", "rebuild", "rebuild_dirty", "roll_days"]
 
-_HOUR_SQL = """
+_HOUR_SQL = f"""
 SELECT CAST(started_at AS INTEGER) / 3600 * 3600 AS h, key_id, model, "user", operation, endpoint, status,
-       json_extract(tags, '$."team"') AS team,
+       {TEAM_SQL} AS team,
        COUNT(*), COALESCE(SUM(status NOT BETWEEN 200 AND 299), 0), COALESCE(SUM(priced = 0), 0),
        SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), SUM(reasoning_tokens),
        SUM(total_tokens), SUM(usage_source = 'counted'),

@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from typing import Any, Callable
 
+from proxy.core.errors import MeterproxyError
 from proxy.core.record import CallRecord
 from proxy.ledger.db import COLUMNS, INSERT_SQL, LedgerDB
 from proxy.ledger.spool import Spool
@@ -53,7 +54,7 @@ Row = tuple[Any, ...]
 _Item = tuple[Row, "asyncio.Future[None]"]
 
 
-class LedgerError(Exception):
+class LedgerError(MeterproxyError):
     """The ledger could not be opened, or a record was not committed."""
 
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.control.gate import Admission, Gate, Refusal
-from proxy.core.attribution import api_key, attribute
+from proxy.core.attribution import TEAM_TAG, api_key, attribute
 from proxy.core.record import CallRecord
 from proxy.counting.counter import CallCount, CountPolicy, count_call
 from proxy.forwarding.edits import Edit
@@ -158,7 +158,7 @@ class MeteredCall:
         """Refused before the key was checked: in managed mode the client's X-Meter-* names no one."""
         if self._gate is not None and self._gate.managed:
             self.record.user = None
-            self.record.tags.pop("team", None)
+            self.record.tags.pop(TEAM_TAG, None)
 
     async def admit(self, headers: Mapping[str, str], path: str, method: str, body: bytes,
                     upstream_headers: CIMultiDict[str]) -> Refusal | None:
@@ -200,9 +200,9 @@ class MeteredCall:
         if user is not None or managed:
             rec.user = user
         if team is not None:
-            rec.tags["team"] = team
+            rec.tags[TEAM_TAG] = team
         elif managed:
-            rec.tags.pop("team", None)
+            rec.tags.pop(TEAM_TAG, None)
 
     def on_response_headers(self, status: int, content_type: str) -> None:
         self.record.status = status

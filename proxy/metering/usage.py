@@ -27,13 +27,14 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any, NamedTuple
 
+from proxy.core.errors import MeterproxyError
 from proxy.core.record import Usage
 
 __all__ = ["UnreadableUsage", "chat_usage", "image_usage", "parse_usage", "responses_usage", "served_model",
            "transcription_usage"]
 
 
-class UnreadableUsage(ValueError):
+class UnreadableUsage(MeterproxyError, ValueError):
     """a usage object is present but malformed (wrong types, negative numbers, ...)"""
 
 

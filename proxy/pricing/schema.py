@@ -21,13 +21,15 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from proxy.core.errors import MeterproxyError
+
 __all__ = ["RATES", "TIERS", "Entry", "PricingError", "plain", "read", "validate"]
 
 RATES = ("input", "cached_input", "output", "reasoning", "audio_input", "audio_output", "image_input", "image_output")
 TIERS = ("flex", "priority", "batch")
 
 
-class PricingError(ValueError):
+class PricingError(MeterproxyError, ValueError):
     """The price table cannot be used; the message names the file (and line) and the problem, in one line."""
 
 

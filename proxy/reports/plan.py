@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
+from proxy.core.attribution import TEAM_TAG
 from proxy.ledger import rollups
 
 __all__ = ["ROLLUP_GROUPS", "TIME_FIELDS", "Segment", "label_sql", "offset_spans", "plan"]
@@ -42,7 +43,7 @@ TIME_FIELDS = ("hour", "day", "week", "month")
 # Group name -> the rollup dimension (rollups.DIMS) it reads.
 ROLLUP_GROUPS = {
     "key": "key_id", "model": "model", "user": "user", "operation": "operation", "endpoint": "endpoint",
-    "status": "status", "tag:team": "team",
+    "status": "status", f"tag:{TEAM_TAG}": "team",
 }  # fmt: skip
 _PROBE_STEP = 43200  # zones change offset at most a few times a year; never twice within 12 hours
 

@@ -26,6 +26,7 @@ from decimal import Context, Decimal, Inexact
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from proxy.core.errors import ParameterError
 from proxy.core.times import MAX_TIME, MAX_TIME_TEXT
 from proxy.ledger import rollups
 from proxy.ledger.read import ReportDatabaseError, connect_readonly  # re-exported: reports' callers use them
@@ -38,12 +39,7 @@ __all__ = [
 ]  # fmt: skip
 
 
-class ReportError(ValueError):
-    """A bad query parameter; the message is meant for the user and names the parameter."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
+ReportError = ParameterError  # the one invalid-parameter error (limits and keys call it FieldError)
 
 
 GROUP_ROW_KEYS = {"key": "key_id"}  # where a group's value sits in a row, when not under its own name

@@ -13,12 +13,13 @@ from decimal import Context, Decimal, Inexact
 from typing import Any
 
 from proxy.control.limits import period_of
+from proxy.core.attribution import TEAM_TAG
 from proxy.reports import queries as reports
 
 __all__ = ["DIMENSIONS", "overview", "projection", "trend"]
 
 # The overview's "stacked by" choices: label -> usage_report group field.
-DIMENSIONS = {"model": "model", "key": "key", "user": "user", "team": "tag:team"}
+DIMENSIONS = {"model": "model", "key": "key", "user": "user", "team": f"tag:{TEAM_TAG}"}
 TOP_N = 5
 TREND_DAYS = 30
 SERIES = 10  # colours in a chart; beyond, the smallest values are drawn together as "other"

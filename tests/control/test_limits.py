@@ -16,7 +16,7 @@ from typing import AsyncIterator
 
 import pytest
 
-from proxy.control.budgets import TEAM_SQL, BudgetRefusal, Budgets, Reservation
+from proxy.control.budgets import BudgetRefusal, Budgets, Reservation
 from proxy.control.db import ControlDB
 from proxy.control.limits import (
     Limits,
@@ -28,6 +28,7 @@ from proxy.control.limits import (
 )
 from proxy.core.record import CallRecord
 from proxy.ledger.migrations import migrate
+from proxy.ledger.rollups import TEAM_SQL
 from proxy.ledger.writer import Ledger
 
 

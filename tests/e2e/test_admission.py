@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from proxy.control.limits import Limits, Subject
+from proxy.core.attribution import key_id_of
 from proxy.ledger.reprice import reprice
 from proxy.pricing.table import PriceTable
 from tests.support import ADMIN_TOKEN, FakeUpstream, ProxyServer, Reply, gzipped
@@ -460,3 +461,18 @@ def test_the_shipped_table_has_max_output_for_every_model() -> None:
     table = PriceTable.load(SHIPPED_PRICING)
     missing = [m for m in table.models() if table.resolve(m).max_output is None]  # type: ignore[union-attr]
     assert missing == []
+
+
+def test_own_usage_view_looks_up_the_subject_the_ledger_records(proxy: ProxyServer, upstream: FakeUpstream) -> None:
+    # Two X-Meter-User headers: the row keeps the last; /meter/usage must read the same caller (key_id) as the
+    # row, and show no user at all in passthrough (a header proves nothing), never the first header's.
+    upstream.json(CHAT)
+    heads = b"Authorization: Bearer sk-two-users-0001\r\nX-Meter-User: alice\r\nX-Meter-User: bob\r\n"
+    body = json.dumps({"model": "gpt-4o", "messages": HI}).encode()
+    assert raw_exchange(proxy.url, b"/v1/chat/completions", heads, body)[0] == 200
+    row = proxy.rows()[-1]
+    assert (row["user"], row["key_id"]) == ("bob", key_id_of("sk-two-users-0001"))
+    status, raw = raw_exchange(proxy.url, b"/meter/usage", heads, b"", method=b"GET")
+    view = json.loads(raw)
+    assert status == 200 and view["key_id"] == row["key_id"] and view["user"] is None
+    assert view["totals"]["calls"] == 1 and view["totals"]["cost_usd"] == row["cost_usd"]
