@@ -7,6 +7,7 @@ import pytest
 
 from tests.support import FakeUpstream, ProxyServer, Reply, proxy_settings, split
 from tests.support.paths import CAPTURES, SHARED  # noqa: F401  (re-exported: older imports name conftest)
+from tests.support.pg import ledger_target, pg_database, pg_url  # noqa: F401  (fixtures for every test)
 from tests.support.streams import openai_like
 
 
