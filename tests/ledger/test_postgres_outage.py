@@ -110,3 +110,29 @@ async def test_replaying_a_spool_twice_adds_nothing(pg_url: str, tmp_path: Path)
     ids = [r["request_id"] for r in ledger_rows(pg_url)]
     assert ids == [f"req-{n}" for n in range(30)]
     assert_exact(pg_url)  # the hook saw each row once: the rollups count 30 calls, not 60
+
+
+async def test_a_server_that_refuses_writes_is_said_at_open_and_rows_wait_in_the_spool(
+        pg_url: str, tmp_path: Path) -> None:
+    connect(pg_url).close()  # migrated while it could write
+    read_only = pg_url + "%20-cdefault_transaction_read_only%3Don"  # one more option in options=
+    ledger = Ledger(read_only, spool_path=tmp_path / "ro.jsonl", retry_interval=0.1)
+    ledger.db.after_insert.append(rollups.apply)
+    await ledger.open()
+    try:
+        assert not ledger.accepting and "read-only" in (ledger.degraded or "")
+        await asyncio.gather(*(ledger.record(make_record(n)) for n in range(5)))
+        assert ledger.stats["spooled"] == 5 and ledger.spool_depth == 5
+    finally:
+        await ledger.close()
+    assert ledger_rows(pg_url) == []
+    # Opened again on a session that may write: the spool is replayed at once.
+    ledger = Ledger(pg_url, spool_path=tmp_path / "ro.jsonl", retry_interval=0.1)
+    ledger.db.after_insert.append(rollups.apply)
+    await ledger.open()
+    try:
+        await wait_until(lambda: ledger.accepting)
+    finally:
+        await ledger.close()
+    assert [r["request_id"] for r in ledger_rows(pg_url)] == [f"req-{n}" for n in range(5)]
+    assert_exact(pg_url)
