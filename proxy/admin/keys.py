@@ -42,7 +42,7 @@ from proxy.control.limits import (
     period_of,
 )
 from proxy.core.attribution import caller_of
-from proxy.core.errors import error_response, unknown_parameter
+from proxy.forwarding.responses import error_response, unknown_parameter
 from proxy.reports import queries as reports
 
 __all__ = ["add_key_routes", "budget_views", "key_views", "meter_report", "meter_usage"]

@@ -17,7 +17,7 @@ from aiohttp import web
 from proxy.admin import openapi
 from proxy.config import ADMIN_TOKEN_ENV
 from proxy.control.limits import MAX_QUERY_VALUE
-from proxy.core.errors import error_response, unknown_parameter
+from proxy.forwarding.responses import error_response, unknown_parameter
 from proxy.reports import accuracy, render
 from proxy.reports import queries as reports
 

@@ -20,11 +20,12 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.core.attribution import client_headers, identity_problem, upstream_headers
-from proxy.core.errors import MeterproxyError, error_response
+from proxy.core.errors import MeterproxyError
 from proxy.forwarding.decoding import STEP, Identity, decoder_for
 from proxy.forwarding.edits import StreamEditor
 from proxy.forwarding.observer import CallObserver, Refused
 from proxy.forwarding.redact import BodyGuard
+from proxy.forwarding.responses import error_response
 from proxy.forwarding.routes import canonical_problem, method_problem
 
 log = logging.getLogger("meterproxy")

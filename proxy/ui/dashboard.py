@@ -23,7 +23,7 @@ from proxy.config import ADMIN_TOKEN_ENV, Settings
 from proxy.control.gate import Gate
 from proxy.control.keys import parse_key_fields
 from proxy.control.limits import KINDS, FieldError, Subject, parse_limits
-from proxy.core.errors import error_response
+from proxy.forwarding.responses import error_response
 from proxy.pricing.live import LivePrices, Outcome
 from proxy.reports import accuracy, render
 from proxy.reports import queries as reports

@@ -18,7 +18,7 @@ from proxy.config import ADMIN_TOKEN_ENV, Settings
 from proxy.control.gate import Gate, Refusal
 from proxy.control.limits import FieldError, Limits, Subject, period_of
 from proxy.core.attribution import key_id_of
-from proxy.core.errors import error_response
+from proxy.forwarding.responses import error_response
 from proxy.reports import queries as reports
 from proxy.ui import svg
 from proxy.ui.pages import HEADERS, page, read_form, redirect, refused, same_origin, secret_of, static_routes
