@@ -19,10 +19,11 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.core.attribution import client_headers, identity_problem, upstream_headers
+from proxy.core.credentials import identity_problem
 from proxy.core.errors import MeterproxyError
 from proxy.forwarding.decoding import STEP, Identity, decoder_for
 from proxy.forwarding.edits import StreamEditor
+from proxy.forwarding.headers import client_headers, upstream_headers
 from proxy.forwarding.observer import CallObserver, Refused
 from proxy.forwarding.redact import BodyGuard
 from proxy.forwarding.responses import error_response

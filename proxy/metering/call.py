@@ -16,7 +16,8 @@ from typing import Any, Callable, Mapping
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.control.gate import Admission, Gate, Refusal
-from proxy.core.attribution import TEAM_TAG, api_key, attribute
+from proxy.core.attribution import TEAM_TAG, attribute
+from proxy.core.credentials import api_key
 from proxy.core.record import CallRecord
 from proxy.counting.counter import CallCount, CountPolicy, count_call
 from proxy.forwarding.edits import Edit

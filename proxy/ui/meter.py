@@ -17,7 +17,7 @@ from proxy.admin.keys import meter_report
 from proxy.config import ADMIN_TOKEN_ENV, Settings
 from proxy.control.gate import Gate, Refusal
 from proxy.control.limits import FieldError, Limits, Subject, period_of
-from proxy.core.attribution import key_id_of
+from proxy.core.credentials import key_id_of
 from proxy.forwarding.responses import error_response
 from proxy.reports import queries as reports
 from proxy.ui import svg
