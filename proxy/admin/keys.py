@@ -42,6 +42,7 @@ from proxy.control.limits import (
     period_of,
 )
 from proxy.core.attribution import caller_of
+from proxy.core.times import parse_time
 from proxy.forwarding.responses import error_response, unknown_parameter
 from proxy.reports import queries as reports
 
@@ -268,8 +269,8 @@ def meter_usage(gate_key: web.AppKey[Gate]) -> Handler:
             return refused
         try:
             q = request.query
-            since = reports.parse_time(q["since"], "since") if "since" in q else None
-            until = reports.parse_time(q["until"], "until") if "until" in q else None
+            since = parse_time(q["since"], "since") if "since" in q else None
+            until = parse_time(q["until"], "until") if "until" in q else None
             return web.json_response(await meter_report(gate, key_id, user, team, charges, since, until, now))
         except reports.ReportError as exc:
             return _bad(str(exc), exc.param)

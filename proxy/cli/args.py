@@ -12,7 +12,7 @@ import os
 from typing import Any, Iterable, Sequence, TypeVar, overload
 
 from proxy.config import Settings, load_settings
-from proxy.reports.queries import parse_time
+from proxy.core.times import parse_time
 
 _DEFAULT_DB = Settings().db
 _N = TypeVar("_N")

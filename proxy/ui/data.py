@@ -14,6 +14,7 @@ from typing import Any
 
 from proxy.control.limits import period_of
 from proxy.core.attribution import TEAM_TAG
+from proxy.core.times import iso, utc_day
 from proxy.reports import queries as reports
 
 __all__ = ["DIMENSIONS", "overview", "projection", "trend"]
@@ -25,10 +26,6 @@ TREND_DAYS = 30
 SERIES = 10  # colours in a chart; beyond, the smallest values are drawn together as "other"
 _DIVIDE = Context(prec=28)
 _EXACT = Context(prec=200, traps=[Inexact])
-
-
-def _day(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
 
 
 def projection(month_cost: Decimal, month_start: float, now: float) -> Decimal:
@@ -48,7 +45,7 @@ def trend(conn: sqlite3.Connection, dim: str, now: float, days: int = TREND_DAYS
     days x values rows (30 x 400 users). team has no filter in the API: it is asked as group_by=day,tag:team."""
     today = period_of("day", now)[0]
     since = today - (days - 1) * 86400
-    labels = [_day(since + i * 86400) for i in range(days)]
+    labels = [utc_day(since + i * 86400) for i in range(days)]
     field = DIMENSIONS[dim]
     out_key = reports.GROUP_ROW_KEYS.get(field, field)
     totals = reports.usage_report(conn, group_by=["day"], since=since)
@@ -102,7 +99,7 @@ def overview(conn: sqlite3.Connection, now: float, dim: str = "model") -> dict[s
     month_cost = Decimal(month["totals"]["cost_usd"])
     calls = month["totals"]["calls"]
     return {
-        "now": reports.iso_time(now), "today": today, "month": month,
+        "now": iso(now), "today": today, "month": month,
         "projected_usd": projection(month_cost, month_start, now),
         "counted_share": None if not calls else month["totals"]["counted_calls"] / calls,
         "top": top, "trend": chart, "dim": dim,

@@ -8,7 +8,6 @@ admin_keys.meter_report's, the answer of GET /meter/usage.
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from decimal import Decimal
 
 from aiohttp import web
@@ -18,6 +17,7 @@ from proxy.config import ADMIN_TOKEN_ENV, Settings
 from proxy.control.gate import Gate, Refusal
 from proxy.control.limits import FieldError, Limits, Subject, period_of
 from proxy.core.credentials import key_id_of
+from proxy.core.times import utc_day
 from proxy.forwarding.responses import error_response
 from proxy.reports import queries as reports
 from proxy.ui import svg
@@ -101,7 +101,7 @@ def make_meter_ui(settings: Settings, gate_key: web.AppKey[Gate]) -> web.Applica
             return page("error.html", 503, nav=(), active="", csrf=session.csrf, base=base, managed=False,
                          message=str(exc))
         start = period_of("month", now)[0]  # every day of the month so far, as on the overview
-        days = [datetime.fromtimestamp(start + i * 86400, UTC).strftime("%Y-%m-%d")
+        days = [utc_day(start + i * 86400)
                 for i in range(int((period_of("day", now)[0] - start) // 86400) + 1)]
         models = sorted({str(r["model"]) for r in view["rows"]})
         series = [(m, [sum((Decimal(r["cost_usd"]) for r in view["rows"] if r["day"] == d and str(r["model"]) == m),
