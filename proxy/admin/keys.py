@@ -42,6 +42,7 @@ from proxy.control.limits import (
     period_of,
 )
 from proxy.core.attribution import caller_of
+from proxy.core.money import usd_text
 from proxy.core.times import parse_time
 from proxy.forwarding.responses import error_response, unknown_parameter
 from proxy.reports import queries as reports
@@ -93,12 +94,9 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 
 def state_json(state: BudgetState) -> dict[str, Any]:
-    def money(d: Decimal | None) -> str | None:
-        return None if d is None else format(d, "f")
-
     return {"kind": state.subject.kind, "name": state.subject.name, "period": state.period,
-            "period_start": iso(state.period_start), "budget_usd": money(state.budget),
-            "spent_usd": money(state.spent), "reserved_usd": money(state.reserved), "left_usd": money(state.left)}
+            "period_start": iso(state.period_start), "budget_usd": usd_text(state.budget),
+            "spent_usd": usd_text(state.spent), "reserved_usd": usd_text(state.reserved), "left_usd": usd_text(state.left)}
 
 
 async def key_views(gate: Gate, keys: list[ManagedKey]) -> list[dict[str, Any]]:

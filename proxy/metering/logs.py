@@ -20,6 +20,7 @@ import sys
 import time
 from typing import Callable
 
+from proxy.core.money import usd_text
 from proxy.core.record import CallRecord
 
 __all__ = ["ACCESS", "CallLogs", "setup"]
@@ -110,5 +111,5 @@ def access_line(rec: CallRecord) -> dict[str, object]:
         "stream": rec.stream, "status": rec.status,
         "latency_ms": None if rec.latency_ms is None else round(rec.latency_ms, 1),
         "total_tokens": rec.total_tokens, "usage_source": rec.usage_source,
-        "cost_usd": format(rec.cost_usd, "f"), "priced": rec.priced,
+        "cost_usd": usd_text(rec.cost_usd), "priced": rec.priced,
     }  # fmt: skip

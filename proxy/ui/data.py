@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import sqlite3
 from datetime import UTC, datetime, timedelta
-from decimal import Context, Decimal, Inexact
+from decimal import Context, Decimal
 from typing import Any
 
 from proxy.control.limits import period_of
 from proxy.core.attribution import TEAM_TAG
+from proxy.core.money import EXACT, exact_sum
 from proxy.core.times import iso, utc_day
 from proxy.reports import queries as reports
 
@@ -25,7 +26,6 @@ TOP_N = 5
 TREND_DAYS = 30
 SERIES = 10  # colours in a chart; beyond, the smallest values are drawn together as "other"
 _DIVIDE = Context(prec=28)
-_EXACT = Context(prec=200, traps=[Inexact])
 
 
 def projection(month_cost: Decimal, month_start: float, now: float) -> Decimal:
@@ -55,7 +55,7 @@ def trend(conn: sqlite3.Connection, dim: str, now: float, days: int = TREND_DAYS
         per: dict[str, dict[str, Decimal]] = {}
         for row in report["rows"]:
             per.setdefault(_name(row[out_key]), {})[row["day"]] = Decimal(row["cost_usd"])
-        ranked = sorted(per, key=lambda n: (-sum(per[n].values(), Decimal(0)), n))
+        ranked = sorted(per, key=lambda n: (-exact_sum(per[n].values()), n))
         top = [(name, per[name]) for name in ranked[:SERIES - 1]]
         rest = len(ranked) - len(top)
     else:
@@ -69,7 +69,7 @@ def trend(conn: sqlite3.Connection, dim: str, now: float, days: int = TREND_DAYS
         rest = len(ranked_rows) - len(top)
     series = [(name, [values.get(d, Decimal(0)) for d in labels]) for name, values in top]
     if rest:
-        other = [_EXACT.subtract(per_day_total.get(d, Decimal(0)), sum((v[i] for _, v in series), Decimal(0)))
+        other = [EXACT.subtract(per_day_total.get(d, Decimal(0)), exact_sum(v[i] for _, v in series))
                  for i, d in enumerate(labels)]
         if any(other):
             series.append((f"other ({rest})", other))
