@@ -115,11 +115,6 @@ class MeteredCall:
     def max_meter_bytes(self) -> int:
         return self._max_meter_bytes
 
-    @property
-    def meter_room(self) -> int:
-        """Bytes of the decoded copy the meter may still read before max_meter_bytes stops it."""
-        return self._max_meter_bytes - self._fed
-
     def _stop(self, note: str) -> None:
         self._stopped = note
         self.meter.discard()

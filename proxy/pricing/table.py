@@ -87,13 +87,6 @@ class ModelPrice:
                 return price
         return None
 
-    def peak(self) -> tuple[Decimal, Decimal]:
-        """(highest prompt price, highest completion price) over every set: a call's worst case."""
-        sets = [self, *(p for _, p in self.tiers)]
-        sets += [p.long_context for p in sets if p.long_context is not None]
-        return (max(max(p.input, p.cached_input, p.audio_input, p.image_input) for p in sets),
-                max(max(p.output, p.reasoning, p.audio_output, p.image_output) for p in sets))
-
 
 class Quote(NamedTuple):
     """A call's price and how it was arrived at."""

@@ -17,6 +17,7 @@ from proxy.core.attribution import TEAM_TAG
 from proxy.core.money import EXACT, exact_sum
 from proxy.core.times import iso, utc_day
 from proxy.reports import queries as reports
+from proxy.ui import svg
 
 __all__ = ["DIMENSIONS", "overview", "projection", "trend"]
 
@@ -24,7 +25,7 @@ __all__ = ["DIMENSIONS", "overview", "projection", "trend"]
 DIMENSIONS = {"model": "model", "key": "key", "user": "user", "team": f"tag:{TEAM_TAG}"}
 TOP_N = 5
 TREND_DAYS = 30
-SERIES = 10  # colours in a chart; beyond, the smallest values are drawn together as "other"
+SERIES = len(svg.PALETTE)  # colours in a chart; beyond, the smallest values are drawn together as "other"
 _DIVIDE = Context(prec=28)
 
 

@@ -18,7 +18,6 @@ __all__ = ["PALETTE", "bars", "meter", "stacked"]
 
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
            "#bab0ac")
-MAX_SERIES = len(PALETTE)  # beyond it, the smallest series are drawn together as "other"
 
 
 def _num(value: Decimal | int) -> float:

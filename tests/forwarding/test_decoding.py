@@ -9,11 +9,20 @@ import zlib
 import brotli
 import pytest
 
-from proxy.forwarding.decoding import STEP, decode_all, decoder_for
+from proxy.forwarding.decoding import STEP, BodyDecoder, decoder_for
 from tests.support import split
 
 PLAIN = b"".join(b'data: {"id":"c-%d","choices":[{"delta":{"content":"word %d "}}]}\n\n' % (i, i * i)
                  for i in range(3000)) + random.Random(7).randbytes(5000)
+
+
+def decode_all(decoder: BodyDecoder, data: bytes, limit: int = 1 << 62) -> bytes:
+    """Feed `data` and read everything it decodes to, up to `limit` bytes."""
+    decoder.feed(data)
+    out = bytearray()
+    while len(out) < limit and (piece := decoder.read(limit - len(out))):
+        out += piece
+    return bytes(out)
 
 
 def _raw_deflate(data: bytes) -> bytes:

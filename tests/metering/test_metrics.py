@@ -106,7 +106,7 @@ def test_each_app_has_its_own_registry() -> None:
 
 def test_ledger_queue_depth_and_commits() -> None:
     m = Metrics()
-    m.set_queue_depth(17)
+    m.queue_depth_from(lambda: 17)
     m.observe_commit(0.004, 32)
     m.observe_commit(0.5, 1000)
     assert value(m, "meterproxy_ledger_queue_depth") == 17
