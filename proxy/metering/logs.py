@@ -1,7 +1,8 @@
 """Operator logs: the one `meterproxy` logger tree, the access log, and warnings that come once, not per call.
 
 Every logger of the project is `meterproxy` or below it, so one setting (`--log-level`, or a logging
-config naming `meterproxy`) reaches them all. `CallLogs.observe` sees each call once its row is settled:
+config naming `meterproxy`) reaches them all. `CallLogs.observe` sees each call once its row is stored
+(committed or spooled) or refused by the ledger:
 - `access_log`: one JSON line per call on `meterproxy.access` — request id, key id, user, model, status,
   latency and cost. Never the key itself, never a body, never a header value beyond the attributed user.
 - an unreachable upstream is a WARNING once per burst (the first failure, then at most once a minute while
