@@ -24,6 +24,7 @@ import os
 import sqlite3
 from typing import Any, Callable
 
+from proxy.core.errors import MeterproxyError
 from proxy.ledger.migrations import create_private, migrate
 from proxy.ledger.sqlconn import Conn, connect_postgres, wrap_sqlite
 from proxy.ledger.target import Target, parse_target
@@ -47,7 +48,7 @@ INSERT_SQL = "INSERT INTO calls ({}) VALUES ({})".format(
 )
 
 
-class WritesRefused(Exception):
+class WritesRefused(MeterproxyError):
     """PostgreSQL would refuse a write: a read-only server, session or role (the message says which)."""
 
 
