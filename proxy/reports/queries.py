@@ -319,7 +319,10 @@ def _check_limit(limit: Any) -> int:
 def _call(row: tuple[Any, ...]) -> dict[str, Any]:
     call = dict(zip(calls_read.CALL_FIELDS, row[1:]))
     call["ts"] = iso_time(call["ts"])
-    call["tags"] = json.loads(call["tags"])
+    try:
+        call["tags"] = json.loads(call["tags"])
+    except ValueError:
+        pass  # written by another tool: shown as stored, the page must not fail on one odd row
     call["stream"] = bool(call["stream"])
     call["priced"] = bool(call["priced"])
     call["approximate"] = bool(call["approximate"])
