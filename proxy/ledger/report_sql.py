@@ -206,7 +206,9 @@ def _raw_query(conn: Conn, lo: float | None, hi: float | None, offset: int, grou
         values = list(row[:width])
         for i, tag in tag_names.items():
             values[i] = _tag_value(values[i], tag, in_sql, conn.is_postgres)
-        yield tuple(values), tuple(int(v) for v in row[width:width + _WIDTH]), Decimal(row[-1] or 0)
+        # Not `row[-1] or 0`: PostgreSQL's numeric 0.000 is a Decimal, falsy, and its exponent counts.
+        cost = Decimal(0) if row[-1] is None else Decimal(row[-1])
+        yield tuple(values), tuple(int(v) for v in row[width:width + _WIDTH]), cost
 
 
 def _is_bad_json(conn: Conn, exc: Exception) -> bool:

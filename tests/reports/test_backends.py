@@ -50,6 +50,7 @@ def odd_calls() -> list[CallRecord]:
              completion_tokens=10, total_tokens=110, counted_prompt_tokens=97, counted_completion_tokens=12),
         call(90_005, "2026-02-04 13:00:00", model="gpt-4o", usage_source="upstream", prompt_tokens=0,
              completion_tokens=3, total_tokens=3, counted_prompt_tokens=1, counted_completion_tokens=3),
+        call(90_007, "2026-02-05 09:00:00", model="free-model", cost_usd=Decimal("0.000")),  # a zero of 3 places
         call(90_006, BAD_TAGS_AT, tags={"team": "ads"}, cost_usd=Decimal("0.0625")),  # its tags are spoilt below
     ]  # fmt: skip
 
