@@ -41,10 +41,15 @@ def connect_readonly(db: str | os.PathLike[str] | Target) -> Conn:
 
 @contextmanager
 def open_read(db: str | os.PathLike[str] | Target) -> Iterator[Conn]:
-    """`with open_read(db) as conn:` — connect_readonly, closed when the block ends."""
+    """`with open_read(db) as conn:` — connect_readonly, closed when the block ends.
+
+    A database error inside the block (the server went away, a lock timed out) is raised as
+    ReportDatabaseError, one line naming the ledger: callers answer it as "the ledger cannot be read"."""
     conn = connect_readonly(db)
     try:
         yield conn
+    except conn.Error as exc:
+        raise ReportDatabaseError(f"reading ledger {conn.shown} failed: {_first_line(exc)}") from exc
     finally:
         conn.close()
 

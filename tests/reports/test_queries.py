@@ -699,3 +699,17 @@ def test_a_report_reads_one_snapshot_and_leaves_a_callers_transaction_open(db: s
         assert db.in_transaction  # the caller's is not ended for it
     finally:
         db.execute("ROLLBACK")
+
+
+def test_a_postgres_server_lost_mid_read_is_a_ledger_error(pg_url: str) -> None:
+    import psycopg
+
+    write_target(pg_url, CALLS)
+    with pytest.raises(ReportDatabaseError, match="reading ledger .* failed") as caught:
+        with reports.open_read(pg_url) as conn:
+            assert reports.usage_report(conn)["totals"]["calls"] == 8
+            pid = conn.raw.info.backend_pid
+            with psycopg.connect(pg_url, autocommit=True) as admin:  # as a server restart would
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            reports.usage_report(conn, group_by=["model"])
+    assert parse_target(pg_url).shown in str(caught.value) and "\n" not in str(caught.value)
