@@ -12,7 +12,7 @@ from collections.abc import Generator, Sequence
 from decimal import Decimal
 from typing import Any
 
-from proxy.ledger.rollups import TEAM_SQL
+from proxy.ledger import rollups
 from proxy.ledger.sqlconn import Conn, pg_sql
 
 __all__ = [
@@ -133,14 +133,14 @@ def accuracy_rows(conn: Conn, *, since: float | None, until: float | None,
     return [tuple(row) for row in conn.execute(sql, params)]
 
 
-_SUBJECT_SQL = {"key": "key_id = ?", "user": '"user" = ?', "team": f"{TEAM_SQL} = ?"}
-_SUBJECT_SQL_PG = {**_SUBJECT_SQL, "team": "meter_team(tags) = ?"}  # the expression its index is on
+_SUBJECT_SQL = {"key": "key_id = ?", "user": '"user" = ?'}
 
 
 def spend_since(conn: Conn, kind: str, name: str, since: float) -> Decimal:
     """Exact spend of calls of the subject (kind "key", "user" or "team"; `name`) started at or after
     `since`."""
-    subject = (_SUBJECT_SQL_PG if conn.is_postgres else _SUBJECT_SQL)[kind]
+    # The team: the very expression its index is on.
+    subject = f"{rollups.team_sql(conn)} = ?" if kind == "team" else _SUBJECT_SQL[kind]
     sql = f"SELECT decimal_sum(cost_usd) FROM calls WHERE {subject} AND started_at >= ?"
     (total,) = conn.execute(sql, (name, since)).fetchone()
     return Decimal(total) if total is not None else Decimal(0)

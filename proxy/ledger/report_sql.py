@@ -104,7 +104,7 @@ def _suffix(offset: int) -> str:
 
 def _whole_seconds(conn: Conn, column: str) -> str:
     # SQLite's CAST truncates (times are positive: the floor); PostgreSQL's rounds, so floor first.
-    return f"CAST(floor({column}) AS BIGINT)" if conn.is_postgres else f"CAST({column} AS INTEGER)"
+    return rollups.hour_sql(conn, column)
 
 
 def calls_extent(conn: Conn) -> tuple[int, int] | None:

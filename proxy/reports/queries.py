@@ -121,7 +121,7 @@ def usage_report(
     # One read transaction: every query sees the same snapshot, so a batch committed meanwhile is
     # counted in full or not at all, never in the rollups and in calls both.
     with read_snapshot(conn):
-        state = rollups.read_state(_db(conn)) if use_rollups else rollups.State(False, False, None)
+        state = rollups.read_state(conn) if use_rollups else rollups.State(False, False, None)
         segments = plan_segments(conn, [name for name, _ in groups], since, until, zone, state)
         sums: dict[tuple[Any, ...], list[Any]] = {}
         for segment in segments:
@@ -167,18 +167,13 @@ def plan_segments(conn: Conn, names: list[str], since: float | None, until: floa
     """The sources that answer a report (for tests and the benchmark: which path a report takes)."""
     if not state.exists and (zone is None or not any(n in report_plan.TIME_FIELDS for n in names)):
         return [report_plan.Segment("raw", since, until)]
-    extent = rollups.extent(_db(conn)) if state.exists else report_sql.calls_extent(conn)
+    extent = rollups.extent(conn) if state.exists else report_sql.calls_extent(conn)
     dirty: list[int] = []
     if state.exists and extent is not None:
-        dirty = rollups.dirty_hours(_db(conn), extent[0] if since is None else since,
+        dirty = rollups.dirty_hours(conn, extent[0] if since is None else since,
                                     extent[1] if until is None else until)
     return report_plan.plan(names=names, since=since, until=until, zone=zone, state=state, extent=extent,
                             dirty=dirty)
-
-
-def _db(conn: Conn) -> Any:
-    """`conn` for the rollups' read functions (typed for sqlite3 until the ledger's seam types them Conn)."""
-    return conn
 
 
 def parse_tz(name: str | None) -> ZoneInfo | None:

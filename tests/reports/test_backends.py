@@ -1,7 +1,8 @@
 """The same calls give the same reports on SQLite and PostgreSQL, equal to a plain sum of the rows.
 
-Random calls (every dimension varied, None and "" included, costs of every shape) are written into a SQLite
-ledger and into a PostgreSQL one; every report shape of docs/reports.md (group_bys, ranges, zones,
+Random calls (every dimension varied, None and "" included, costs of every shape) are written through the
+real ledger (rollups and all, 25 days rolled up into days and months) into a SQLite ledger and into a
+PostgreSQL one; every report shape of docs/reports.md (group_bys, ranges, zones,
 filters), a page of calls, one call, the export and the accuracy report are compared as JSON. Tag values are
 what JSON holds on both: text stays text, a JSON number is an integer (or a real), true is 1, and tags that
 are not JSON read as no tag (null) on both instead of failing the report.
@@ -9,6 +10,7 @@ are not JSON read as no tag (null) on both instead of failing the report.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -22,11 +24,11 @@ import psycopg
 import pytest
 
 from proxy.core.record import CallRecord
+from proxy.ledger import rollups
 from proxy.ledger.sqlconn import Conn
 from proxy.reports import accuracy, export
 from proxy.reports import queries as reports
-from tests.reports.support import write_target
-from tests.support.ledger import EXACT, T0, call, random_call
+from tests.support.ledger import EXACT, T0, call, connect, random_call, write_through_ledger
 
 GROUPINGS = [
     [], ["key"], ["model"], ["user"], ["session"], ["operation"], ["endpoint"], ["status"], ["tag:team"],
@@ -67,12 +69,18 @@ def pair(tmp_path_factory: pytest.TempPathFactory, pg_database: str) -> Iterator
 
     calls = all_calls()
     path = str(tmp_path_factory.mktemp("backends") / "ledger.db")
-    write_target(path, calls)
     schema = "backends_" + str(random.randrange(10**6))
     with psycopg.connect(pg_database, autocommit=True) as admin:
         admin.execute(f'CREATE SCHEMA "{schema}"')
     url = with_schema(pg_database, schema)
-    write_target(url, calls)
+    for where in (path, url):  # through the real ledger and its rollups; 25 days rolled up into days
+        asyncio.run(write_through_ledger(where, calls, random.Random(7)))
+        conn = connect(where)
+        try:
+            rollups.ensure(conn, until=T0 + 25 * 86400)
+            assert rollups.read_state(conn).current
+        finally:
+            conn.close()
     # A row whose tags are not JSON (written by some other tool): both must still report.
     with sqlite3.connect(path) as raw:
         raw.execute("UPDATE calls SET tags = 'not json {' WHERE request_id = 'r90006'")
@@ -113,6 +121,9 @@ def test_totals_equal_the_raw_rows_sum_to_the_last_digit(pair: tuple[Conn, Conn]
     for c in inside:
         cost = EXACT.add(cost, c.cost_usd)
     for conn in pair:
+        state = rollups.read_state(conn)
+        plan = reports.plan_segments(conn, ["model"], since, until, None, state)
+        assert {s.source for s in plan} >= {"day", "hour"}  # the rollups answer, on both
         totals = reports.usage_report(conn, since=since, until=until)["totals"]
         assert totals["calls"] == len(inside)
         assert totals["total_tokens"] == sum(c.total_tokens for c in inside)

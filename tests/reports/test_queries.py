@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import sqlite3
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -550,18 +551,32 @@ GROUPINGS = [
 R0 = at("2026-01-27 00:00:00")  # 70 days over three month ends and Europe's and Australia's DST changes
 
 
-@pytest.fixture(scope="module")
-def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def big(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """4,000 random calls through the real ledger (SQLite, then PostgreSQL), 60 days rolled up, a few
+    hours dirty after a re-pricing."""
     import asyncio
     import random
 
-    from tests.support.ledger import random_call, write_through_ledger
+    from tests.support.ledger import connect, random_call, write_through_ledger
 
+    schema = None
+    if request.param == "sqlite":
+        where = str(tmp_path_factory.mktemp("big") / "ledger.db")
+    else:
+        import psycopg
+
+        from tests.support.pg import with_schema
+
+        database = request.getfixturevalue("pg_database")
+        schema = f"big_{random.randrange(10**6)}"
+        with psycopg.connect(database, autocommit=True) as admin:
+            admin.execute(f'CREATE SCHEMA "{schema}"')
+        where = with_schema(database, schema)
     rng = random.Random(42)
-    path = tmp_path_factory.mktemp("big") / "ledger.db"
     calls = [random_call(rng, n, start=R0, span=70 * 86400) for n in range(4000)]
-    asyncio.run(write_through_ledger(path, calls, rng))
-    conn = sqlite3.connect(path, isolation_level=None)
+    asyncio.run(write_through_ledger(where, calls, rng))
+    conn = connect(where)
     try:
         rollups.ensure(conn, until=R0 + 60 * 86400)  # days and months for the first 60 days
         # A re-pricing changed a few calls after they were rolled up (in March): their hours are dirty.
@@ -570,7 +585,12 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
         assert conn.execute("SELECT count(*) FROM rollup_dirty").fetchone()[0] > 3
     finally:
         conn.close()
-    return path
+    yield where
+    if schema is not None:
+        import psycopg
+
+        with psycopg.connect(request.getfixturevalue("pg_database"), autocommit=True) as admin:
+            admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
 def both_ways(conn: sqlite3.Connection, **kwargs: Any) -> dict[str, Any]:
@@ -585,7 +605,7 @@ def both_ways(conn: sqlite3.Connection, **kwargs: Any) -> dict[str, Any]:
     "span",
     [(None, None), ("2026-02-01", "2026-03-01"), (R0 + 3.5 * 86400 + 1234.5, R0 + 25 * 86400 + 17)],
 )  # fmt: skip
-def test_rollups_and_calls_give_identical_reports(big: Path, tz: str | None, span: tuple[Any, Any]) -> None:
+def test_rollups_and_calls_give_identical_reports(big: str, tz: str | None, span: tuple[Any, Any]) -> None:
     since, until = (reports.parse_time(v, "since", tz) if isinstance(v, str) else v for v in span)
     conn = reports.connect_readonly(big)
     try:
@@ -603,7 +623,7 @@ def sources(conn: sqlite3.Connection, group_by: list[str], since: float | None, 
     return [s.source for s in reports.plan_segments(conn, group_by, since, until, reports.parse_tz(tz), state)]
 
 
-def test_reports_do_read_the_rollups(big: Path) -> None:
+def test_reports_do_read_the_rollups(big: str) -> None:
     conn = reports.connect_readonly(big)
     try:
         feb = (at("2026-02-01 00:00:00"), at("2026-03-01 00:00:00"))
