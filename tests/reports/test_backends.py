@@ -207,3 +207,20 @@ def test_the_cli_prints_the_same_bytes_from_both_backends(pair: tuple[Conn, Conn
 
 
 _URLS: dict[int, str] = {}
+
+
+def test_budget_spend_is_the_same_exact_sum_on_both(pair: tuple[Conn, Conn]) -> None:
+    from proxy.control.budgets import spend_since
+    from proxy.control.limits import Subject
+
+    calls = all_calls()
+    since = T0 + 10 * 86400 + 0.5
+    for subject, match in ((Subject("key", "k1"), lambda c: c.key_id == "k1"),
+                           (Subject("user", ""), lambda c: c.user == ""),
+                           (Subject("team", "ads"), lambda c: c.tags.get("team") == "ads" and c.request_id != "r90006")):
+        expected = Decimal(0)
+        for c in calls:
+            if c.started_at >= since and match(c):
+                expected = EXACT.add(expected, c.cost_usd)
+        spent = [spend_since(conn, subject, since) for conn in pair]
+        assert spent[0] == spent[1] == expected and format(spent[0], "f") == format(spent[1], "f"), subject
