@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from proxy.core.times import iso
 from proxy.ledger.calls_read import accuracy_rows
 from proxy.ledger.sqlconn import Conn
-from proxy.reports.queries import iso_time
 
 _SIDES = ("prompt", "completion")
 
@@ -27,8 +27,8 @@ def accuracy_report(conn: Conn, *, since: float | None = None, until: float | No
             row[side] = {"calls": n or 0, "mean_error": _round(mean), "mean_abs_error": _round(mean_abs),
                          "worst_abs_error": worst, "mean_abs_error_pct": _round(pct)}
         rows.append(row)
-    return {"since": iso_time(since) if since is not None else None,
-            "until": iso_time(until) if until is not None else None, "models": rows}
+    return {"since": iso(since),
+            "until": iso(until), "models": rows}
 
 
 def _round(value: float | None) -> float | None:

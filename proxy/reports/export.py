@@ -21,9 +21,9 @@ import tempfile
 from collections.abc import Generator, Iterator
 from typing import IO, Any
 
+from proxy.core.times import iso
 from proxy.ledger import calls_read
 from proxy.ledger.sqlconn import Conn
-from proxy.reports import queries as reports
 from proxy.reports.render import csv_cell
 
 __all__ = ["columns", "iter_calls", "write", "write_csv", "write_file", "write_jsonl"]
@@ -44,7 +44,7 @@ def iter_calls(conn: Conn, *, since: float | None = None, until: float | None = 
     try:
         for row in rows:
             call = dict(zip(names, row))
-            call["ts"] = reports.iso_time(call["started_at"])
+            call["ts"] = iso(call["started_at"])
             yield call
     finally:
         rows.close()

@@ -221,9 +221,6 @@ def _check_time(value: float | None, param: str) -> None:
         raise ReportError(f"{param}: must be unix seconds, got {value!r}", param)
 
 
-where_sql = calls_read.where_sql  # kept for callers of the old name
-
-
 def _sort_keys(row: dict[str, Any], groups: list[tuple[str, str]]) -> list[tuple[bool, bool, Any]]:
     # None sorts last; the middle flag keeps ints and strs (a tag may hold either) apart.
     keys = []
