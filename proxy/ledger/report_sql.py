@@ -21,6 +21,7 @@ from decimal import Context, Decimal, Inexact
 from typing import Any, cast
 
 from proxy.core.attribution import TEAM_TAG
+from proxy.core.errors import MeterproxyError
 from proxy.ledger import rollups
 from proxy.ledger.sqlconn import Conn
 
@@ -66,7 +67,7 @@ _WIDTH = len(rollups.INT_COUNTERS)
 Found = tuple[tuple[Any, ...], tuple[int, ...], Decimal]
 
 
-class _BadTags(Exception):
+class _BadTags(MeterproxyError):
     """A row's tags are not JSON: the segment is read again, tags parsed in Python."""
 
 
