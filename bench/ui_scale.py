@@ -26,17 +26,19 @@ from pathlib import Path
 
 from bench.report_scale import BYTES_PER_CALL, END, build
 from proxy.ledger import rollups
+from proxy.ledger.sqlconn import Conn, wrap_sqlite
 from proxy.ui import data
 from proxy.ui.dashboard import overview_page
 
 NOW = END - 60  # the ledger's last minute: "today" is its last day, "this month" its last month
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path) -> Conn:
     # immutable: no lock, no -wal or -shm file; the ledger is read as it is on disk, never written.
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True, check_same_thread=False)
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True, check_same_thread=False,
+                           isolation_level=None)
     rollups.register_functions(conn)
-    return conn
+    return wrap_sqlite(conn, str(path))
 
 
 def measure(path: Path, runs: int) -> list[tuple[str, float, float, float]]:

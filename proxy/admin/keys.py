@@ -296,8 +296,5 @@ async def meter_report(gate: Gate, key_id: str, user: str | None, team: str | No
 
 
 def _usage(path: str, key_id: str, since: float, until: float | None) -> dict[str, Any]:
-    conn = reports.connect_readonly(path)
-    try:
+    with reports.open_read(path) as conn:
         return reports.usage_report(conn, group_by=["day", "model"], since=since, until=until, key=key_id)
-    finally:
-        conn.close()

@@ -90,21 +90,15 @@ def _report_failed(exc: Exception) -> web.Response:
 
 async def _in_thread(path: str, fn: Callable[..., dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
     def run() -> dict[str, Any]:
-        conn = reports.connect_readonly(path)
-        try:
+        with reports.open_read(path) as conn:
             return fn(conn, **kwargs)
-        finally:
-            conn.close()
 
     return await asyncio.to_thread(run)
 
 
 def _one_call(path: str, request_id: str) -> dict[str, Any] | None:
-    conn = reports.connect_readonly(path)
-    try:
+    with reports.open_read(path) as conn:
         return reports.get_call(conn, request_id)
-    finally:
-        conn.close()
 
 
 def make_admin_app(db: str, token: str | None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sqlite3
 import sys
 from typing import Any
 
@@ -46,7 +45,7 @@ def run_export(args: argparse.Namespace) -> int:
             write_file(args.output, args.format, calls, columns(conn))
     except BrokenPipeError:
         raise  # the reader went away (`| head`): the CLI ends quietly
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, conn.Error) as exc:
         print(f"meterproxy: export failed: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -216,11 +216,8 @@ async def _run(settings: Settings, prices: PriceTable, started: list[bool]) -> i
 def _accuracy(args: argparse.Namespace) -> int:
     try:
         since, until = time_range(args)
-        conn = reports.connect_readonly(ledger_path(args))
-        try:
+        with reports.open_read(ledger_path(args)) as conn:
             result = accuracy.accuracy_report(conn, since=since, until=until, model=args.model)
-        finally:
-            conn.close()
     except (ConfigError, reports.ReportError, reports.ReportDatabaseError) as exc:
         return _fail(str(exc))
     if args.format == "json":
@@ -239,12 +236,9 @@ def _report(args: argparse.Namespace) -> int:
     try:
         group_by = [g.strip() for g in args.group_by.split(",") if g.strip()]
         since, until = time_range(args)
-        conn = reports.connect_readonly(ledger_path(args))
-        try:
+        with reports.open_read(ledger_path(args)) as conn:
             report = reports.usage_report(conn, group_by=group_by, since=since, until=until,
                                           key=args.key, user=args.user, model=args.model, tz=args.tz)
-        finally:
-            conn.close()
     except (ConfigError, reports.ReportError, reports.ReportDatabaseError) as exc:
         return _fail(str(exc))
     if args.format == "json":

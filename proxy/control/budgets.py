@@ -20,18 +20,17 @@ loads of one tracker race (the second would forget the first's reservations).
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from dataclasses import dataclass
 from decimal import Context, Decimal
 from typing import Iterable, Protocol, Sequence
 
 from proxy.control.limits import Limits, Subject, period_of
-from proxy.ledger.read import connect_readonly
-from proxy.ledger.rollups import TEAM_SQL
+from proxy.ledger import calls_read
+from proxy.ledger.read import open_read
+from proxy.ledger.sqlconn import Conn
 
 __all__ = ["BudgetRefusal", "BudgetState", "Budgets", "Reservation", "spend_since"]
 
-_SUBJECT_SQL = {"key": "key_id = ?", "user": '"user" = ?', "team": f"{TEAM_SQL} = ?"}
 _MONEY = Context(prec=60)  # sums of ledger costs need far fewer digits; no rounding in practice
 _ZERO = Decimal(0)
 
@@ -41,11 +40,9 @@ class AlertSink(Protocol):
                 refused: bool = False) -> None: ...
 
 
-def spend_since(conn: sqlite3.Connection, subject: Subject, since: float) -> Decimal:
-    """Exact spend of a subject in calls started at or after `since` (a connection from connect_readonly)."""
-    sql = f"SELECT decimal_sum(cost_usd) FROM calls WHERE {_SUBJECT_SQL[subject.kind]} AND started_at >= ?"
-    (total,) = conn.execute(sql, (subject.name, since)).fetchone()
-    return Decimal(total) if total is not None else _ZERO
+def spend_since(conn: Conn, subject: Subject, since: float) -> Decimal:
+    """Exact spend of a subject in calls started at or after `since` (a connection from open_read)."""
+    return calls_read.spend_since(conn, subject.kind, subject.name, since)
 
 
 class _Tracker:
@@ -174,11 +171,8 @@ class Budgets:
             await wait
 
     def _query(self, items: list[tuple[Subject, float]]) -> list[Decimal]:
-        conn = connect_readonly(self.ledger_path)
-        try:
+        with open_read(self.ledger_path) as conn:
             return [spend_since(conn, subject, since) for subject, since in items]
-        finally:
-            conn.close()
 
     def try_reserve(self, holds: Sequence[_Hold], worst_usd: Decimal) -> Reservation | BudgetRefusal:
         """Hold `worst_usd` against every budget, or refuse without holding anything. Never awaits."""

@@ -1,45 +1,116 @@
-"""Read connections to the ledger: the one way reports, control and the UI open it (read-only, `decimal_sum`
-registered). The writer is `proxy.ledger.writer`; nothing outside the ledger opens the file for writing."""
+"""Read connections to the ledger: the one way reports, control, the admin API and the UI open it.
+
+`connect_readonly(db)` takes a `--db` value (a SQLite path or a PostgreSQL URL) and returns a `Conn`:
+SQLite opened read-only with `decimal_sum` registered, PostgreSQL in read-only transactions. `open_read(db)`
+is the same as a context manager (closed at the end of the block); `read_snapshot(conn)` holds one
+consistent snapshot over several queries. The writer is `proxy.ledger.writer`.
+"""
 
 from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from proxy.core.errors import MeterproxyError
-from proxy.ledger import rollups
+from proxy.ledger import picodollars
+from proxy.ledger.sqlconn import Conn, connect_postgres, wrap_sqlite
+from proxy.ledger.target import Target, parse_target
 
-__all__ = ["ReportDatabaseError", "connect_readonly"]
+__all__ = ["ReportDatabaseError", "connect_readonly", "open_read", "read_snapshot"]
 
 
 class ReportDatabaseError(MeterproxyError):
-    """The ledger cannot be read: missing, not SQLite, or not a meterproxy ledger."""
+    """The ledger cannot be read: missing, unreachable, or not a meterproxy ledger."""
 
 
-def connect_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
-    """A read-only connection to the ledger at `path`, with `decimal_sum` registered.
+def connect_readonly(db: str | os.PathLike[str] | Target) -> Conn:
+    """A read-only connection to the ledger `db` (a SQLite path or a PostgreSQL URL).
 
-    check_same_thread is off so the admin API may reuse it from worker threads, one at a time.
+    Raises ReportDatabaseError, with a one-line message naming the ledger (never its password), when it is
+    missing, cannot be reached or is not a meterproxy ledger. A SQLite connection may be used from worker
+    threads, one at a time (check_same_thread is off).
     """
-    file = Path(path)
+    target = db if isinstance(db, Target) else parse_target(db)
+    if target.is_postgres:
+        return _postgres(target)
+    return _sqlite(target)
+
+
+@contextmanager
+def open_read(db: str | os.PathLike[str] | Target) -> Iterator[Conn]:
+    """`with open_read(db) as conn:` — connect_readonly, closed when the block ends.
+
+    A database error inside the block (the server went away, a lock timed out) is raised as
+    ReportDatabaseError, one line naming the ledger: callers answer it as "the ledger cannot be read"."""
+    conn = connect_readonly(db)
+    try:
+        yield conn
+    except conn.Error as exc:
+        raise ReportDatabaseError(f"reading ledger {conn.shown} failed: {_first_line(exc)}") from exc
+    finally:
+        conn.close()
+
+
+@contextmanager
+def read_snapshot(conn: Conn) -> Iterator[Conn]:
+    """Every query in the block sees one snapshot (a batch committed meanwhile is seen whole or not at all).
+
+    Inside a transaction the caller already holds, the block joins it and leaves it open."""
+    if conn.in_transaction:
+        yield conn
+        return
+    # PostgreSQL's default READ COMMITTED takes a snapshot per statement; REPEATABLE READ keeps one.
+    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if conn.is_postgres else "BEGIN")
+    try:
+        yield conn
+    finally:
+        conn.rollback()
+
+
+def _sqlite(target: Target) -> Conn:
+    shown = target.shown
+    file = Path(target.where)
     if not file.is_file():
-        raise ReportDatabaseError(f"no ledger at {os.fspath(path)}: file not found")
+        raise ReportDatabaseError(f"no ledger at {shown}: file not found")
     uri = file.resolve().as_uri() + "?mode=ro"
     try:
-        conn = sqlite3.connect(uri, uri=True, timeout=5.0, check_same_thread=False)
+        raw = sqlite3.connect(uri, uri=True, timeout=5.0, check_same_thread=False, isolation_level=None)
     except sqlite3.Error as exc:
-        raise ReportDatabaseError(f"cannot open ledger {os.fspath(path)}: {exc}") from exc
+        raise ReportDatabaseError(f"cannot open ledger {shown}: {exc}") from exc
     try:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        has_calls = conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'calls'"
-        ).fetchone()
+        version = raw.execute("PRAGMA user_version").fetchone()[0]
+        has_calls = raw.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'calls'").fetchone()
     except sqlite3.Error as exc:
-        conn.close()
-        raise ReportDatabaseError(f"cannot read ledger {os.fspath(path)}: {exc}") from exc
+        raw.close()
+        raise ReportDatabaseError(f"cannot read ledger {shown}: {exc}") from exc
     if version < 1 or has_calls is None:
+        raw.close()
+        raise ReportDatabaseError(f"{shown} is not a meterproxy ledger")
+    picodollars.register_functions(raw)
+    return wrap_sqlite(raw, shown)
+
+
+def _postgres(target: Target) -> Conn:
+    from proxy.ledger import migrations_postgres
+
+    try:
+        conn = connect_postgres(target, application_name="meterproxy-read", read_only=True)
+    except Exception as exc:  # psycopg.Error; libpq's message never carries the password
+        raise ReportDatabaseError(f"cannot reach ledger {target.shown}: {_first_line(exc)}") from exc
+    try:
+        version = migrations_postgres.schema_version(conn)
+    except conn.Error as exc:
         conn.close()
-        raise ReportDatabaseError(f"{os.fspath(path)} is not a meterproxy ledger")
-    rollups.register_functions(conn)
+        raise ReportDatabaseError(f"cannot read ledger {target.shown}: {_first_line(exc)}") from exc
+    if version < 1:
+        conn.close()
+        raise ReportDatabaseError(f"{target.shown} is not a meterproxy ledger (no meterproxy schema in it)")
     return conn
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -3,47 +3,26 @@
 A share of calls that carry the provider's usage (`accuracy_sample_rate`) are counted as well; the ledger
 keeps both figures. This reports, per model: calls sampled, and for prompt and completion tokens the mean
 error (signed: negative means the count is low), the mean and worst absolute error, and the mean absolute
-error as a percentage of the provider's figure. Never writes; values are bound parameters.
+error as a percentage of the provider's figure. The SQL is ledger/calls_read.py: accuracy_rows.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
 from proxy.core.times import iso
-from proxy.reports.queries import where_sql
+from proxy.ledger.calls_read import accuracy_rows
+from proxy.ledger.sqlconn import Conn
 
-_SIDES = (("prompt", "counted_prompt_tokens", "prompt_tokens"),
-          ("completion", "counted_completion_tokens", "completion_tokens"))
-
-
-def _side_sql(counted: str, actual: str) -> list[str]:
-    diff = f"({counted} - {actual})"
-    present = f"{counted} IS NOT NULL"
-    return [
-        f"SUM({present})",
-        f"AVG(CASE WHEN {present} THEN {diff} END)",
-        f"AVG(CASE WHEN {present} THEN ABS({diff}) END)",
-        f"MAX(CASE WHEN {present} THEN ABS({diff}) END)",
-        f"AVG(CASE WHEN {present} AND {actual} > 0 THEN 100.0 * ABS({diff}) / {actual} END)",
-    ]
+_SIDES = ("prompt", "completion")
 
 
-def accuracy_report(conn: sqlite3.Connection, *, since: float | None = None, until: float | None = None,
+def accuracy_report(conn: Conn, *, since: float | None = None, until: float | None = None,
                     model: str | None = None) -> dict[str, Any]:
-    where, params = where_sql(
-        ("usage_source = ?", "upstream"), ("started_at >= ?", since), ("started_at < ?", until),
-        ("model = ?", model),
-    )
-    sampled = "(counted_prompt_tokens IS NOT NULL OR counted_completion_tokens IS NOT NULL)"
-    select = ["model", "COUNT(*)"] + [sql for _, counted, actual in _SIDES for sql in _side_sql(counted, actual)]
-    sql = (f"SELECT {', '.join(select)} FROM calls{where}{' AND' if where else ' WHERE'} {sampled} "
-           "GROUP BY model ORDER BY COUNT(*) DESC, model")
     rows = []
-    for record in conn.execute(sql, params):
+    for record in accuracy_rows(conn, since=since, until=until, model=model):
         row: dict[str, Any] = {"model": record[0], "calls_sampled": record[1]}
-        for i, (side, _, _) in enumerate(_SIDES):
+        for i, side in enumerate(_SIDES):
             n, mean, mean_abs, worst, pct = record[2 + 5 * i:7 + 5 * i]
             row[side] = {"calls": n or 0, "mean_error": _round(mean), "mean_abs_error": _round(mean_abs),
                          "worst_abs_error": worst, "mean_abs_error_pct": _round(pct)}

@@ -4,7 +4,8 @@ Every column of `calls` is exported, in the table's own order (so columns added 
 follow), plus `ts` (started_at as ISO 8601). In JSON Lines money columns are decimal strings, exactly as
 stored; tags are an object; flags are booleans. In CSV tags are compact JSON, and any text cell a
 spreadsheet would run as a formula (= + - @) is neutralised as in report CSVs. Rows are streamed in
-(started_at, id) order straight from a read-only cursor, never loaded all at once; with --output the file
+(started_at, id) order straight from a cursor (ledger/calls_read.py: iter_call_rows, SQLite or
+PostgreSQL), never loaded all at once; with --output the file
 appears only when complete (written beside it, then renamed).
 
 This module must never write to the ledger, never turn money into a float, and never leave a partial
@@ -16,41 +17,37 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sqlite3
 import tempfile
 from collections.abc import Generator, Iterator
 from typing import IO, Any
 
 from proxy.core.times import iso
-from proxy.reports import queries as reports
+from proxy.ledger import calls_read
+from proxy.ledger.sqlconn import Conn
 from proxy.reports.render import csv_cell
 
 __all__ = ["columns", "iter_calls", "write", "write_csv", "write_file", "write_jsonl"]
 
 _FLAGS = frozenset({"stream", "priced", "approximate", "lower_bound"})
-_FETCH = 2000
 
 
-def columns(conn: sqlite3.Connection) -> list[str]:
+def columns(conn: Conn) -> list[str]:
     """The calls table's columns, in order, then "ts"."""
-    return [row[1] for row in conn.execute("PRAGMA table_info(calls)")] + ["ts"]
+    return [*calls_read.call_columns(conn), "ts"]
 
 
-def iter_calls(conn: sqlite3.Connection, *, since: float | None = None, until: float | None = None,
+def iter_calls(conn: Conn, *, since: float | None = None, until: float | None = None,
                key: str | None = None) -> Generator[dict[str, Any], None, None]:
     """Call rows started in [since, until) (and of `key`), oldest first, one dict at a time."""
     names = columns(conn)[:-1]
-    select = ", ".join(f'"{n}"' for n in names)  # names come from the schema, not the caller
-    where, params = reports.where_sql(("started_at >= ?", since), ("started_at < ?", until), ("key_id = ?", key))
-    cursor = conn.execute(f"SELECT {select} FROM calls{where} ORDER BY started_at, id", params)
+    rows = calls_read.iter_call_rows(conn, names, since=since, until=until, key=key)
     try:
-        while batch := cursor.fetchmany(_FETCH):
-            for row in batch:
-                call = dict(zip(names, row))
-                call["ts"] = iso(call["started_at"])
-                yield call
+        for row in rows:
+            call = dict(zip(names, row))
+            call["ts"] = iso(call["started_at"])
+            yield call
     finally:
-        cursor.close()
+        rows.close()
 
 
 def _json_ready(call: dict[str, Any]) -> dict[str, Any]:

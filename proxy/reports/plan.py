@@ -17,12 +17,11 @@ A report's range is cut into segments, each read from one source:
   a zone's local boundary cuts counts whole in the local bucket where it starts; and a range edge that
   cuts an hour there counts none of that hour (ranges are whole hours in effect).
 
-A time bucket's label is computed by the same SQL expression over `started_at` or a rollup's bucket
-start, with the zone's offset at that instant: a segment never spans an offset change. So both sources
+A time bucket's label is computed by the same SQL expression (ledger/report_sql.py: label_sql) over
+`started_at` or a rollup's bucket start, with the zone's offset at that instant: a segment never spans an offset change. So both sources
 label a bucket identically; tests compare them report for report.
 
-This module must never put a caller's text into SQL: labels are built from field names of a fixed set
-and integer offsets only.
+This module holds no SQL: ledger/report_sql.py reads each segment.
 """
 
 from __future__ import annotations
@@ -34,17 +33,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
-from proxy.core.attribution import TEAM_TAG
 from proxy.ledger import rollups
+from proxy.ledger.report_sql import ROLLUP_GROUPS, TIME_FIELDS
 
-__all__ = ["ROLLUP_GROUPS", "TIME_FIELDS", "Segment", "label_sql", "offset_spans", "plan"]
+__all__ = ["ROLLUP_GROUPS", "TIME_FIELDS", "Segment", "offset_spans", "plan"]  # the first two are report_sql's
 
-TIME_FIELDS = ("hour", "day", "week", "month")
-# Group name -> the rollup dimension (rollups.DIMS) it reads.
-ROLLUP_GROUPS = {
-    "key": "key_id", "model": "model", "user": "user", "operation": "operation", "endpoint": "endpoint",
-    "status": "status", f"tag:{TEAM_TAG}": "team",
-}  # fmt: skip
 _PROBE_STEP = 43200  # zones change offset at most a few times a year; never twice within 12 hours
 
 
@@ -58,28 +51,6 @@ class Segment:
     offset: int = 0
     lossy: bool = False  # rollups answering groups they do not hold (pruned period): those read null
     projected: bool = False  # every bucket in it has each dimension's own rows (rollups.py, "Projections")
-
-
-def label_sql(field: str, seconds: str, offset: int, utc: bool) -> str:
-    """SQL for a time bucket's label from the integer unix seconds expression `seconds`."""
-    local = f"{seconds} + {int(offset)}" if offset else seconds
-    if field == "hour":
-        return f"strftime('%Y-%m-%dT%H:00', {local}, 'unixepoch') || '{'Z' if utc else _suffix(offset)}'"
-    if field == "day":
-        return f"strftime('%Y-%m-%d', {local}, 'unixepoch')"
-    if field == "month":
-        return f"strftime('%Y-%m', {local}, 'unixepoch')"
-    # ISO 8601 week: the week (Monday first) belongs to the year of its Thursday.
-    thursday = f"date({local}, 'unixepoch', '-3 days', 'weekday 4')"
-    return (f"strftime('%Y', {thursday}) || '-W' || "
-            f"printf('%02d', (CAST(strftime('%j', {thursday}) AS INTEGER) + 6) / 7)")
-
-
-def _suffix(offset: int) -> str:
-    sign = "-" if offset < 0 else "+"
-    h, rest = divmod(abs(int(offset)), 3600)
-    m, s = divmod(rest, 60)
-    return f"{sign}{h:02d}:{m:02d}" + (f":{s:02d}" if s else "")
 
 
 def _offset(zone: ZoneInfo, t: int) -> int:

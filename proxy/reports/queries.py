@@ -1,17 +1,17 @@
 """Read-only usage reports over the ledger, shared by the admin API and the CLI.
 
-Everything is synchronous sqlite3 on a read-only connection of its own; the admin API runs these
-functions in a thread. Money is summed exactly: `cost_usd` is decimal text and is added up by a
-Python aggregate of `Decimal`s (or as integer picodollars from the rollups), never by SQLite's float SUM.
-Usage reports read the hour/day/month rollups where they can and `calls` for the rest
-(report_plan.py decides, report_sql.py queries); either way the answer is the same to the last digit.
+Synchronous, on a read connection of its own (`ledger.read.open_read`: SQLite or PostgreSQL); the admin
+API runs these functions in a thread. Money is summed exactly (decimal_sum over decimal text or NUMERIC, or
+integer picodollars from the rollups), never as floats. Usage reports read the hour/day/month rollups where
+they can and `calls` for the rest (reports/plan.py decides, ledger/report_sql.py queries); either way the
+answer is the same to the last digit, and the same on both backends. This module holds no SQL: the
+storage modules (ledger/report_sql.py, ledger/calls_read.py) do.
 
 Errors:
     ReportError (ValueError)    a bad query parameter; `param` names it, the message is for the user
     ReportDatabaseError         the ledger file is missing, unreadable or not a meterproxy ledger
 
-This module must never write to the ledger, never put a caller's value into SQL text (values are
-bound parameters, grouping columns come from a fixed whitelist), and never round money.
+This module must never write to the ledger and never round money.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Context, Decimal, Inexact
@@ -28,14 +27,19 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from proxy.core.errors import ParameterError
 from proxy.core.times import MAX_TIME, MAX_TIME_TEXT
-from proxy.ledger import rollups
-from proxy.ledger.read import ReportDatabaseError, connect_readonly  # re-exported: reports' callers use them
+from proxy.ledger import calls_read, report_sql, rollups
+from proxy.ledger.read import (  # re-exported: reports' callers use them
+    ReportDatabaseError,
+    connect_readonly,
+    open_read,
+    read_snapshot,
+)
+from proxy.ledger.sqlconn import Conn
 from proxy.reports import plan as report_plan
-from proxy.reports import sql as report_sql
 
 __all__ = [
     "COUNTERS", "GROUP_FIELDS", "GROUP_ROW_KEYS", "ReportDatabaseError", "ReportError",
-    "USAGE_SOURCES", "connect_readonly", "get_call", "list_calls", "parse_time", "parse_tz", "plan_segments", "usage_report",
+    "USAGE_SOURCES", "connect_readonly", "get_call", "list_calls", "open_read", "read_snapshot", "parse_time", "parse_tz", "plan_segments", "usage_report",
 ]  # fmt: skip
 
 
@@ -52,16 +56,6 @@ _TOKENS = ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tok
 COUNTERS: tuple[str, ...] = (
     "calls", "errors", "unpriced_calls", *_TOKENS, "cost_usd", "counted_calls", "counted_tokens",
 )  # fmt: skip
-# list_calls output, in SELECT order; "ts" is started_at rendered.
-_CALL_FIELDS = (
-    "request_id", "ts", "key_id", "key_hint", "user", "session", "operation", "tags", "method",
-    "endpoint", "model", "requested_model", "stream", "status", "error", "latency_ms", "ttfb_ms",
-    *_TOKENS, "usage_source", "priced", "cost_usd", "approximate", "lower_bound", "usage_note",
-    "counted_prompt_tokens", "counted_completion_tokens",
-)  # fmt: skip
-_CALL_SQL = ", ".join(
-    {"ts": "started_at", "user": '"user"'}.get(name, name) for name in ("id", *_CALL_FIELDS)
-)
 MAX_LIMIT = 1000
 USAGE_SOURCES = ("upstream", "counted", "none")  # where a row's token figures came from
 
@@ -101,7 +95,7 @@ def parse_time(value: str, param: str, tz: str | None = None) -> float:
 
 
 def usage_report(
-    conn: sqlite3.Connection,
+    conn: Conn,
     *,
     group_by: Sequence[str] = (),
     since: float | None = None,
@@ -126,24 +120,20 @@ def usage_report(
     filters = {"key": key, "user": user, "model": model}
     # One read transaction: every query sees the same snapshot, so a batch committed meanwhile is
     # counted in full or not at all, never in the rollups and in calls both.
-    own = not conn.in_transaction
-    if own:
-        conn.execute("BEGIN")
-    try:
+    with read_snapshot(conn):
         state = rollups.read_state(conn) if use_rollups else rollups.State(False, False, None)
         segments = plan_segments(conn, [name for name, _ in groups], since, until, zone, state)
         sums: dict[tuple[Any, ...], list[Any]] = {}
         for segment in segments:
-            for found in report_sql.run(conn, segment, groups, filters, utc=zone is None):
+            for found in report_sql.run(conn, source=segment.source, lo=segment.lo, hi=segment.hi,
+                                        offset=segment.offset, projected=segment.projected, groups=groups,
+                                        filters=filters, utc=zone is None):
                 known = sums.get(found[0])
                 if known is None:
                     sums[found[0]] = [list(found[1]), found[2]]
                 else:
                     known[0] = [a + b for a, b in zip(known[0], found[1])]
                     known[1] = _EXACT.add(known[1], found[2])
-    finally:
-        if own and conn.in_transaction:
-            conn.execute("ROLLBACK")
     rows, costs = [], []
     for values, (ints, cost) in sums.items():
         if not ints[0]:
@@ -172,24 +162,18 @@ def usage_report(
     return report
 
 
-def plan_segments(conn: sqlite3.Connection, names: list[str], since: float | None, until: float | None,
+def plan_segments(conn: Conn, names: list[str], since: float | None, until: float | None,
                   zone: ZoneInfo | None, state: rollups.State) -> list[report_plan.Segment]:
     """The sources that answer a report (for tests and the benchmark: which path a report takes)."""
     if not state.exists and (zone is None or not any(n in report_plan.TIME_FIELDS for n in names)):
         return [report_plan.Segment("raw", since, until)]
-    extent = rollups.extent(conn) if state.exists else _calls_extent(conn)
+    extent = rollups.extent(conn) if state.exists else report_sql.calls_extent(conn)
     dirty: list[int] = []
     if state.exists and extent is not None:
         dirty = rollups.dirty_hours(conn, extent[0] if since is None else since,
                                     extent[1] if until is None else until)
     return report_plan.plan(names=names, since=since, until=until, zone=zone, state=state, extent=extent,
                             dirty=dirty)
-
-
-def _calls_extent(conn: sqlite3.Connection) -> tuple[int, int] | None:
-    lo, hi = conn.execute("SELECT (SELECT CAST(min(started_at) AS INTEGER) FROM calls), "
-                          "(SELECT CAST(max(started_at) AS INTEGER) + 1 FROM calls)").fetchone()
-    return None if lo is None else (lo, hi)
 
 
 def parse_tz(name: str | None) -> ZoneInfo | None:
@@ -237,13 +221,6 @@ def _check_time(value: float | None, param: str) -> None:
         raise ReportError(f"{param}: must be unix seconds, got {value!r}", param)
 
 
-def where_sql(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:
-    used = [(sql, value) for sql, value in conditions if value is not None]
-    if not used:
-        return "", []
-    return " WHERE " + " AND ".join(sql for sql, _ in used), [value for _, value in used]
-
-
 def _sort_keys(row: dict[str, Any], groups: list[tuple[str, str]]) -> list[tuple[bool, bool, Any]]:
     # None sorts last; the middle flag keeps ints and strs (a tag may hold either) apart.
     keys = []
@@ -268,7 +245,7 @@ def iso_time(ts: float) -> str:
 
 
 def list_calls(
-    conn: sqlite3.Connection,
+    conn: Conn,
     *,
     key: str | None = None,
     limit: int = 50,
@@ -295,10 +272,8 @@ def list_calls(
         status = int(str(status).strip())
     if usage_source is not None and usage_source not in USAGE_SOURCES:
         raise ReportError(f"usage_source: must be one of {', '.join(USAGE_SOURCES)}", "usage_source")
-    where, params = where_sql(("key_id = ?", key), ('"user" = ?', user), ("model = ?", model),
-                              ("status = ?", status), ("usage_source = ?", usage_source), ("id < ?", cursor))
-    sql = f"SELECT {_CALL_SQL} FROM calls{where} ORDER BY id DESC LIMIT ?"
-    found = conn.execute(sql, [*params, limit + 1]).fetchall()  # one extra: is there a next page?
+    found = calls_read.calls_page(conn, key=key, user=user, model=model, status=status,  # one extra: a next page?
+                                  usage_source=usage_source, before_id=cursor, limit=limit + 1)
     page = found[:limit]
     return {
         "calls": [_call(row) for row in page],
@@ -306,16 +281,14 @@ def list_calls(
     }
 
 
-def get_call(conn: sqlite3.Connection, request_id: str) -> dict[str, Any] | None:
+def get_call(conn: Conn, request_id: str) -> dict[str, Any] | None:
     """Every column of one call's row, by its request_id (None when there is none): what list_calls gives
     and the rest (pricing version, audio tokens, service tier, re-pricing, ...); "ts" is started_at rendered."""
     if not isinstance(request_id, str) or not request_id or len(request_id) > 200:
         return None
-    cursor = conn.execute("SELECT * FROM calls WHERE request_id = ?", (request_id,))
-    found = cursor.fetchone()
-    if found is None:
+    call = calls_read.call_by_request_id(conn, request_id)
+    if call is None:
         return None
-    call = dict(zip((d[0] for d in cursor.description), found))
     call["ts"] = iso_time(call["started_at"])
     try:
         call["tags"] = json.loads(call["tags"]) if call.get("tags") else {}
@@ -336,9 +309,12 @@ def _check_limit(limit: Any) -> int:
 
 
 def _call(row: tuple[Any, ...]) -> dict[str, Any]:
-    call = dict(zip(_CALL_FIELDS, row[1:]))
+    call = dict(zip(calls_read.CALL_FIELDS, row[1:]))
     call["ts"] = iso_time(call["ts"])
-    call["tags"] = json.loads(call["tags"])
+    try:
+        call["tags"] = json.loads(call["tags"])
+    except ValueError:
+        pass  # written by another tool: shown as stored, the page must not fail on one odd row
     call["stream"] = bool(call["stream"])
     call["priced"] = bool(call["priced"])
     call["approximate"] = bool(call["approximate"])

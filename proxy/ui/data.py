@@ -2,12 +2,11 @@
 
 Nothing here queries the ledger itself: every figure is a `reports.usage_report` (or `list_calls`,
 `accuracy_report`) answer, so a page and `/admin/usage` asked the same question agree to the last digit.
-Synchronous, on a read-only connection: run it in a thread.
+Synchronous, on a read connection (`reports.open_read`, SQLite or PostgreSQL): run it in a thread.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import UTC, datetime, timedelta
 from decimal import Context, Decimal
 from typing import Any
@@ -16,6 +15,7 @@ from proxy.control.limits import period_of
 from proxy.core.attribution import TEAM_TAG
 from proxy.core.money import EXACT, exact_sum
 from proxy.core.times import iso, utc_day
+from proxy.ledger.sqlconn import Conn
 from proxy.reports import queries as reports
 from proxy.ui import svg
 
@@ -37,7 +37,7 @@ def projection(month_cost: Decimal, month_start: float, now: float) -> Decimal:
     return _DIVIDE.multiply(month_cost, _DIVIDE.divide(Decimal(end - month_start), Decimal(elapsed)))
 
 
-def trend(conn: sqlite3.Connection, dim: str, now: float, days: int = TREND_DAYS) -> dict[str, Any]:
+def trend(conn: Conn, dim: str, now: float, days: int = TREND_DAYS) -> dict[str, Any]:
     """Spend per UTC day over the last `days` days (today included), per value of `dim`: the biggest
     SERIES - 1 values each on their own, the rest together as "other" (the day's total less theirs, exactly).
 
@@ -81,12 +81,11 @@ def _name(value: Any) -> str:
     return "(none)" if value is None else str(value)
 
 
-def overview(conn: sqlite3.Connection, now: float, dim: str = "model") -> dict[str, Any]:
+def overview(conn: Conn, now: float, dim: str = "model") -> dict[str, Any]:
     """The overview's figures: today, this month (UTC), the projection, the trend and the top spenders."""
     day_start = period_of("day", now)[0]
     month_start = period_of("month", now)[0]
-    conn.execute("BEGIN")  # one snapshot for every figure on the page
-    try:
+    with reports.read_snapshot(conn):  # one snapshot for every figure on the page
         today = reports.usage_report(conn, since=day_start)
         month = reports.usage_report(conn, since=month_start)
         top = {}
@@ -95,8 +94,6 @@ def overview(conn: sqlite3.Connection, now: float, dim: str = "model") -> dict[s
             out_key = reports.GROUP_ROW_KEYS.get(field, field)
             top[label] = [{"name": r[out_key], **r} for r in report["rows"][:TOP_N]]
         chart = trend(conn, dim, now)
-    finally:
-        conn.execute("ROLLBACK")
     month_cost = Decimal(month["totals"]["cost_usd"])
     calls = month["totals"]["calls"]
     return {

@@ -161,11 +161,8 @@ def secret_of(settings: Settings) -> bytes:
 
 def in_thread(db: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Awaitable[Any]:
     def run() -> Any:
-        conn = reports.connect_readonly(db)
-        try:
+        with reports.open_read(db) as conn:
             return fn(conn, *args, **kwargs)
-        finally:
-            conn.close()
 
     return asyncio.to_thread(run)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from proxy.cli import export as export_cli
+from proxy.ledger.sqlconn import wrap_sqlite
 from proxy.reports import export
 from tests.support.ledger import at, call, write_calls
 
@@ -133,7 +134,7 @@ def test_rows_are_streamed(tmp_path: Path) -> None:
     statements: list[str] = []
     conn.set_trace_callback(statements.append)
     try:
-        rows = export.iter_calls(conn)
+        rows = export.iter_calls(wrap_sqlite(conn))
         first = next(rows)  # one row out, the rest still in the cursor
         assert first["request_id"] == "r0"
         assert sum(1 for _ in rows) == 4999

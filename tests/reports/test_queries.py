@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import sqlite3
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,14 @@ from typing import Any
 import pytest
 
 from proxy.ledger import rollups
+from proxy.ledger.sqlconn import Conn
+from proxy.ledger.target import parse_target
 from proxy.ledger.writer import Ledger
 from proxy.reports import queries as reports
 from proxy.reports import render
 from proxy.reports.queries import COUNTERS, GROUP_FIELDS, ReportDatabaseError, ReportError
-from tests.support.ledger import at, call, write_calls
+from tests.reports.support import write_target
+from tests.support.ledger import at, call
 
 # Eight calls over three days and two months, two keys, two users, two models, one failure, one
 # unpriced call, tags on some. Costs chosen so float addition would show (0.1 + 0.2).
@@ -44,10 +48,9 @@ CALLS = [
 
 
 @pytest.fixture
-def db(tmp_path: Path):
-    path = tmp_path / "ledger.db"
-    write_calls(path, CALLS)
-    conn = reports.connect_readonly(path)
+def db(ledger_target: str):
+    write_target(ledger_target, CALLS)
+    conn = reports.connect_readonly(ledger_target)
     yield conn
     conn.close()
 
@@ -178,9 +181,9 @@ def test_filters(db: sqlite3.Connection, filters: dict[str, str], ids: set[int])
     assert totals["cost_usd"] == format(sum((c.cost_usd for c in expected), Decimal(0)), "f")
 
 
-def test_empty_ledger_reports_zeros(tmp_path: Path) -> None:
-    write_calls(tmp_path / "empty.db", [])
-    conn = reports.connect_readonly(tmp_path / "empty.db")
+def test_empty_ledger_reports_zeros(ledger_target: str) -> None:
+    write_target(ledger_target, [])
+    conn = reports.connect_readonly(ledger_target)
     try:
         report = reports.usage_report(conn, group_by=["model"])
         assert report["rows"] == []
@@ -190,7 +193,7 @@ def test_empty_ledger_reports_zeros(tmp_path: Path) -> None:
         conn.close()
 
 
-def test_money_sums_are_exact(tmp_path: Path) -> None:
+def test_money_sums_are_exact(ledger_target: str) -> None:
     tiny = [call(n, "2026-11-23 12:00:00", model="tiny", cost_usd=Decimal("0.000000001"))
             for n in range(10_000)]  # fmt: skip
     odd = [
@@ -199,8 +202,8 @@ def test_money_sums_are_exact(tmp_path: Path) -> None:
         call(20_003, "2026-11-23 12:00:00", model="big", cost_usd=Decimal("123456789012.345678901")),
         call(20_004, "2026-11-23 12:00:00", model="big", cost_usd=Decimal("0.000000000000000001")),
     ]
-    write_calls(tmp_path / "money.db", tiny + odd)
-    conn = reports.connect_readonly(tmp_path / "money.db")
+    write_target(ledger_target, tiny + odd)
+    conn = reports.connect_readonly(ledger_target)
     try:
         report = reports.usage_report(conn, group_by=["model"])
     finally:
@@ -236,12 +239,12 @@ def test_group_by_accepts_commas_and_repeats_once(db: sqlite3.Connection) -> Non
     assert report["group_by"] == ["model", "day"]
 
 
-def test_tag_names_with_dots_and_dashes(tmp_path: Path) -> None:
-    write_calls(tmp_path / "t.db", [
+def test_tag_names_with_dots_and_dashes(ledger_target: str) -> None:
+    write_target(ledger_target, [
         call(1, "2026-11-23 12:00:00", tags={"cost.centre": "R-1", "a": "x"}, cost_usd=Decimal("1")),
         call(2, "2026-11-23 12:00:00", tags={"cost": "flat"}, cost_usd=Decimal("2")),
     ])  # fmt: skip
-    conn = reports.connect_readonly(tmp_path / "t.db")
+    conn = reports.connect_readonly(ledger_target)
     try:
         report = reports.usage_report(conn, group_by=["tag:cost.centre"])
     finally:
@@ -386,9 +389,24 @@ def test_connect_readonly_refuses(tmp_path: Path, kind: str, says: str) -> None:
     assert kind != "missing" or not path.exists()  # and it did not create the file
 
 
-def test_read_connection_cannot_write(db: sqlite3.Connection) -> None:
-    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+def test_read_connection_cannot_write(db: Conn) -> None:
+    with pytest.raises(db.Error, match="readonly|read-only"):
         db.execute("DELETE FROM calls")
+
+
+def test_connect_readonly_refuses_a_postgres_database_without_the_schema(pg_url: str) -> None:
+    with pytest.raises(ReportDatabaseError, match="not a meterproxy ledger") as caught:
+        reports.connect_readonly(pg_url)
+    assert parse_target(pg_url).shown in str(caught.value)
+
+
+def test_connect_readonly_names_an_unreachable_server_without_its_password() -> None:
+    url = "postgresql://meter:s3cret-pw@127.0.0.1:1/ledger"
+    with pytest.raises(ReportDatabaseError, match="cannot reach ledger") as caught:
+        reports.connect_readonly(url)
+    message = str(caught.value)
+    assert "s3cret-pw" not in message and "postgresql://meter:***@127.0.0.1:1/ledger" in message
+    assert "\n" not in message
 
 
 async def test_reports_read_what_the_ledger_wrote(tmp_path: Path) -> None:
@@ -443,9 +461,9 @@ def test_csv_without_group_fields(db: sqlite3.Connection) -> None:
         ("a=b", "a=b"),
     ],
 )
-def test_csv_neutralises_formulas(tmp_path: Path, user: str, cell: str) -> None:
-    write_calls(tmp_path / "c.db", [call(1, "2026-11-23 12:00:00", user=user, cost_usd=Decimal("1"))])
-    conn = reports.connect_readonly(tmp_path / "c.db")
+def test_csv_neutralises_formulas(ledger_target: str, user: str, cell: str) -> None:
+    write_target(ledger_target, [call(1, "2026-11-23 12:00:00", user=user, cost_usd=Decimal("1"))])
+    conn = reports.connect_readonly(ledger_target)
     try:
         text = render.to_csv(reports.usage_report(conn, group_by=["user"]))
     finally:
@@ -470,10 +488,10 @@ def test_table_shows_the_figures(db: sqlite3.Connection) -> None:
     assert len({line.rindex(".") for line in costs}) == 1
 
 
-def test_table_pads_costs_without_rounding(tmp_path: Path) -> None:
-    write_calls(tmp_path / "p.db", [call(1, "2026-11-23 12:00:00", user="a", cost_usd=Decimal("2")),
+def test_table_pads_costs_without_rounding(ledger_target: str) -> None:
+    write_target(ledger_target, [call(1, "2026-11-23 12:00:00", user="a", cost_usd=Decimal("2")),
                                     call(2, "2026-11-23 12:00:00", user="b", cost_usd=Decimal("0.0000125"))])
-    conn = reports.connect_readonly(tmp_path / "p.db")
+    conn = reports.connect_readonly(ledger_target)
     try:
         lines = render.to_table(reports.usage_report(conn, group_by=["user"])).splitlines()
     finally:
@@ -482,11 +500,11 @@ def test_table_pads_costs_without_rounding(tmp_path: Path) -> None:
     assert lines[-1].split()[-1] == "2.0000125"
 
 
-def test_table_escapes_control_characters(tmp_path: Path) -> None:
-    write_calls(tmp_path / "t.db", [
+def test_table_escapes_control_characters(ledger_target: str) -> None:
+    write_target(ledger_target, [
         call(1, "2026-11-23 12:00:00", user="evil\x1b[2J\nname", cost_usd=Decimal("1")),
     ])  # fmt: skip
-    conn = reports.connect_readonly(tmp_path / "t.db")
+    conn = reports.connect_readonly(ledger_target)
     try:
         text = render.to_table(reports.usage_report(conn, group_by=["user"]))
     finally:
@@ -500,19 +518,19 @@ def test_table_escapes_control_characters(tmp_path: Path) -> None:
     [(0, True), (199, True), (200, False), (204, False), (299, False), (304, True), (400, True),
      (503, True)],
 )  # fmt: skip
-def test_errors_are_calls_without_a_2xx_status(tmp_path: Path, status: int, is_error: bool) -> None:
-    write_calls(tmp_path / "s.db", [call(1, "2026-11-23 12:00:00", status=status)])
-    conn = reports.connect_readonly(tmp_path / "s.db")
+def test_errors_are_calls_without_a_2xx_status(ledger_target: str, status: int, is_error: bool) -> None:
+    write_target(ledger_target, [call(1, "2026-11-23 12:00:00", status=status)])
+    conn = reports.connect_readonly(ledger_target)
     try:
         assert reports.usage_report(conn)["totals"]["errors"] == int(is_error)
     finally:
         conn.close()
 
 
-def test_time_buckets_agree_with_the_range_at_a_fraction_before_the_edge(tmp_path: Path) -> None:
+def test_time_buckets_agree_with_the_range_at_a_fraction_before_the_edge(ledger_target: str) -> None:
     edge = at("2026-12-01 00:00:00")
-    write_calls(tmp_path / "e.db", [call(1, "2026-11-30 23:59:59", started_at=edge - 0.0001)])
-    conn = reports.connect_readonly(tmp_path / "e.db")
+    write_target(ledger_target, [call(1, "2026-11-30 23:59:59", started_at=edge - 0.0001)])
+    conn = reports.connect_readonly(ledger_target)
     try:
         report = reports.usage_report(conn, group_by=["hour", "day", "month"], until=edge)
     finally:
@@ -533,18 +551,32 @@ GROUPINGS = [
 R0 = at("2026-01-27 00:00:00")  # 70 days over three month ends and Europe's and Australia's DST changes
 
 
-@pytest.fixture(scope="module")
-def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def big(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """4,000 random calls through the real ledger (SQLite, then PostgreSQL), 60 days rolled up, a few
+    hours dirty after a re-pricing."""
     import asyncio
     import random
 
-    from tests.support.ledger import random_call, write_through_ledger
+    from tests.support.ledger import connect, random_call, write_through_ledger
 
+    schema = None
+    if request.param == "sqlite":
+        where = str(tmp_path_factory.mktemp("big") / "ledger.db")
+    else:
+        import psycopg
+
+        from tests.support.pg import with_schema
+
+        database = request.getfixturevalue("pg_database")
+        schema = f"big_{random.randrange(10**6)}"
+        with psycopg.connect(database, autocommit=True) as admin:
+            admin.execute(f'CREATE SCHEMA "{schema}"')
+        where = with_schema(database, schema)
     rng = random.Random(42)
-    path = tmp_path_factory.mktemp("big") / "ledger.db"
     calls = [random_call(rng, n, start=R0, span=70 * 86400) for n in range(4000)]
-    asyncio.run(write_through_ledger(path, calls, rng))
-    conn = sqlite3.connect(path, isolation_level=None)
+    asyncio.run(write_through_ledger(where, calls, rng))
+    conn = connect(where)
     try:
         rollups.ensure(conn, until=R0 + 60 * 86400)  # days and months for the first 60 days
         # A re-pricing changed a few calls after they were rolled up (in March): their hours are dirty.
@@ -553,7 +585,12 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
         assert conn.execute("SELECT count(*) FROM rollup_dirty").fetchone()[0] > 3
     finally:
         conn.close()
-    return path
+    yield where
+    if schema is not None:
+        import psycopg
+
+        with psycopg.connect(request.getfixturevalue("pg_database"), autocommit=True) as admin:
+            admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
 def both_ways(conn: sqlite3.Connection, **kwargs: Any) -> dict[str, Any]:
@@ -568,7 +605,7 @@ def both_ways(conn: sqlite3.Connection, **kwargs: Any) -> dict[str, Any]:
     "span",
     [(None, None), ("2026-02-01", "2026-03-01"), (R0 + 3.5 * 86400 + 1234.5, R0 + 25 * 86400 + 17)],
 )  # fmt: skip
-def test_rollups_and_calls_give_identical_reports(big: Path, tz: str | None, span: tuple[Any, Any]) -> None:
+def test_rollups_and_calls_give_identical_reports(big: str, tz: str | None, span: tuple[Any, Any]) -> None:
     since, until = (reports.parse_time(v, "since", tz) if isinstance(v, str) else v for v in span)
     conn = reports.connect_readonly(big)
     try:
@@ -586,7 +623,7 @@ def sources(conn: sqlite3.Connection, group_by: list[str], since: float | None, 
     return [s.source for s in reports.plan_segments(conn, group_by, since, until, reports.parse_tz(tz), state)]
 
 
-def test_reports_do_read_the_rollups(big: Path) -> None:
+def test_reports_do_read_the_rollups(big: str) -> None:
     conn = reports.connect_readonly(big)
     try:
         feb = (at("2026-02-01 00:00:00"), at("2026-03-01 00:00:00"))
@@ -682,3 +719,17 @@ def test_a_report_reads_one_snapshot_and_leaves_a_callers_transaction_open(db: s
         assert db.in_transaction  # the caller's is not ended for it
     finally:
         db.execute("ROLLBACK")
+
+
+def test_a_postgres_server_lost_mid_read_is_a_ledger_error(pg_url: str) -> None:
+    import psycopg
+
+    write_target(pg_url, CALLS)
+    with pytest.raises(ReportDatabaseError, match="reading ledger .* failed") as caught:
+        with reports.open_read(pg_url) as conn:
+            assert reports.usage_report(conn)["totals"]["calls"] == 8
+            pid = conn.raw.info.backend_pid
+            with psycopg.connect(pg_url, autocommit=True) as admin:  # as a server restart would
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            reports.usage_report(conn, group_by=["model"])
+    assert parse_target(pg_url).shown in str(caught.value) and "\n" not in str(caught.value)
