@@ -12,6 +12,7 @@ import os
 from typing import Any, Iterable, Sequence, TypeVar, overload
 
 from proxy.config import Settings, load_settings
+from proxy.ledger.target import parse_target
 from proxy.reports.queries import parse_time
 
 _DEFAULT_DB = Settings().db
@@ -43,7 +44,9 @@ class Parser(argparse.ArgumentParser):
 
 def db_problem(path: str) -> str | None:
     """What stops a ledger from being created at `path`, said plainly (SQLite would only say "unable to
-    open database file"); None when it can be opened or created."""
+    open database file"); None when it can be opened or created (a PostgreSQL URL: the server says)."""
+    if parse_target(path).is_postgres:
+        return None
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         return f"database {path}: is a directory, not a file"
@@ -52,6 +55,14 @@ def db_problem(path: str) -> str | None:
     if not os.path.isdir(folder):
         return f"database {path}: {folder} is not a directory"
     return None
+
+
+def missing_ledger(db: str) -> str | None:
+    """"no ledger at PATH" when a SQLite ledger file does not exist (a command that only reads must not
+    create one); None when it does, and for a PostgreSQL URL (connecting tells)."""
+    if parse_target(db).is_postgres or os.path.isfile(db):
+        return None
+    return f"no ledger at {db}: file not found"
 
 
 def add_ledger_args(parser: argparse.ArgumentParser, config_help: str = "YAML config file, for its db setting"
