@@ -119,26 +119,53 @@ class ControlDB:
 
     # --- running statements --------------------------------------------------------------------
     def read_sync(self, fn: Callable[[Conn], T]) -> T:
+        """Run `fn` on the read connection; a connection found broken is replaced and `fn` run once more
+        (a read is safe to repeat)."""
         with self._read_lock:
-            conn = self._reader = self._usable(self._reader)
-            try:
-                result = fn(conn)
-            except conn.Error as exc:
-                self._reader = self._failed(conn, exc)
-                raise ControlDBError(f"cannot read the control tables of {self.shown}: {_line(exc)}") from exc
-            self._up()
-            return result
+            for attempt in (1, 2):
+                conn = self._reader = self._usable(self._reader)
+                try:
+                    result = fn(conn)
+                except conn.Error as exc:
+                    self._reader = self._failed(conn, exc)
+                    if attempt == 1 and self._reader is None:
+                        continue
+                    raise ControlDBError(f"cannot read the control tables of {self.shown}: {_line(exc)}") from exc
+                self._up()
+                return result
+            raise AssertionError("unreachable")
 
     def write_sync(self, fn: Callable[[Conn], T]) -> T:
-        """Run `fn` in one write transaction: all of it commits, or none of it."""
+        """Run `fn` in one write transaction: all of it commits, or none of it. A connection found broken
+        when the transaction begins (nothing sent yet) is replaced and the transaction begun there."""
         with self._write_lock:
             conn = self._writer = self._usable(self._writer)
             try:
-                with conn.transaction():
-                    result = fn(conn)
+                conn.begin()
             except conn.Error as exc:
                 self._writer = self._failed(conn, exc)
-                raise ControlDBError(f"cannot write the control tables of {self.shown}: {_line(exc)}") from exc
+                if self._writer is not None:
+                    raise ControlDBError(f"cannot write the control tables of {self.shown}: {_line(exc)}") from exc
+                conn = self._writer = self._usable(None)
+                try:
+                    conn.begin()
+                except conn.Error as again:
+                    self._writer = self._failed(conn, again)
+                    raise ControlDBError(f"cannot write the control tables of {self.shown}: {_line(again)}"
+                                         ) from again
+            try:
+                result = fn(conn)
+                conn.commit()
+            except BaseException as exc:
+                broken = isinstance(exc, conn.Error)
+                try:
+                    conn.rollback()
+                except conn.Error:
+                    broken = True
+                if broken:
+                    self._writer = self._failed(conn, exc)
+                    raise ControlDBError(f"cannot write the control tables of {self.shown}: {_line(exc)}") from exc
+                raise
             self._up()
             return result
 
