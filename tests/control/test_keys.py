@@ -6,19 +6,27 @@ in-process through its own parser.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from proxy.control.db import ControlDB
+from proxy.control.budgets import Budgets
+from proxy.control.db import ControlDB, ControlDBError
+from proxy.control.gate import Gate, Refusal
 from proxy.control.keys import KeyStore, parse_key_fields
-from proxy.control.limits import FieldError
+from proxy.control.limits import FieldError, LimitStore
+from proxy.control.ratelimit import RateLimiter
 from proxy.core.attribution import key_id_of
+from proxy.counting.counter import CountPolicy
+from proxy.pricing.table import PriceTable
 from tests.support.cli import cli
-from tests.support.control import other_process, stored_bytes
+from tests.support.control import other_process, query, stored_bytes
 
 
 @pytest.fixture
@@ -189,9 +197,6 @@ async def test_money_and_times_are_stored_exactly(store: KeyStore) -> None:
 # --- several replicas on one PostgreSQL ------------------------------------------------------------
 async def _until(check: Any, timeout: float = 5.0) -> float:
     """Seconds until `await check()` is true (fails after `timeout`)."""
-    import asyncio
-    import time
-
     start = time.monotonic()
     while not await check():
         assert time.monotonic() - start < timeout, "not seen in time"
@@ -238,8 +243,6 @@ async def test_lost_connections_are_opened_again(pg_url: str, caplog: pytest.Log
         key, record = await keys_a.create({"user": "alice"})
         assert await keys_b.lookup(key) is not None
         # The server ends every connection of b (as a restart or a network cut would).
-        from tests.support.control import query
-
         pids = [c.raw.info.backend_pid for c in (b._reader, b._writer) if c is not None]
         query(pg_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ANY(?)"
                       " OR application_name = 'meterproxy control listen'", (pids,))
@@ -264,8 +267,99 @@ async def test_lost_connections_are_opened_again(pg_url: str, caplog: pytest.Log
 
 async def test_an_unreachable_server_is_one_line_without_the_password() -> None:
     db = ControlDB("postgresql://meter:s3cret-pw@127.0.0.1:9/ledger", connect_timeout=2)
-    with pytest.raises(Exception) as err:
+    with pytest.raises(ControlDBError) as err:
         await db.open()
     message = str(err.value)
     assert "s3cret-pw" not in message and "\n" not in message and "127.0.0.1" in message
-    assert type(err.value).__name__ == "ControlDBError"
+
+
+class _Relay:
+    """A TCP relay on loopback to the PostgreSQL server, that the test can cut (every connection dropped,
+    new ones refused) and restore: the database "goes down" without stopping the shared server."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.server: Any = None
+        self.listen_port = 0
+        self._writers: set[Any] = set()
+
+    async def start(self, port: int = 0) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", port)
+        self.listen_port = self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: Any, writer: Any) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        except OSError:
+            writer.close()
+            return
+        self._writers |= {writer, up_writer}
+
+        async def pipe(src: Any, dst: Any) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def cut(self) -> None:
+        self.server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+        await self.server.wait_closed()
+
+    async def restore(self) -> None:
+        await self.start(self.listen_port)
+
+
+def _through(url: str, port: int) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)
+    host = f"127.0.0.1:{port}"
+    return urlunsplit((parts.scheme, f"{netloc[0]}@{host}" if len(netloc) == 2 else host, parts.path,
+                       parts.query, ""))
+
+
+async def test_while_the_database_is_down_cached_keys_work_and_the_rest_is_a_clear_error(
+        pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    server = urlsplit(pg_url)
+    relay = _Relay(server.hostname or "127.0.0.1", server.port or 5432)
+    await relay.start()
+    db = ControlDB(_through(pg_url, relay.listen_port), connect_timeout=1)
+    await db.open()
+    try:
+        db.start_watch(interval=0.2)
+        keys = KeyStore(db)
+        gate = Gate(managed=True, keys=keys, limits=LimitStore(db), budgets=Budgets(db.path), rates=RateLimiter(),
+                    prices=PriceTable.from_mapping({"models": {}}), counting=CountPolicy(),
+                    upstream_key="sk-real")
+        known, _ = await keys.create({"user": "alice"})
+        other, _ = await keys.create({"user": "bob"})
+        await asyncio.sleep(0.3)  # our own writes' notifications and the next poll drop the caches once more
+        await db.check_changes()
+        assert await keys.lookup(known) is not None
+        await relay.cut()
+        # A cached key is still answered from memory; an uncached one is a 503, not a 500.
+        assert not isinstance(await gate.resolve({"Authorization": f"Bearer {known}"}), Refusal)
+        refused = await gate.resolve({"Authorization": f"Bearer {other}"})
+        assert isinstance(refused, Refusal) and refused.status == 503, refused
+        assert refused.body.startswith(b'{"error": {"message": "The key store is unreachable')
+        with pytest.raises(ControlDBError) as err:
+            await keys.create({"user": "carol"})
+        assert "\n" not in str(err.value) and db.down is not None
+        assert "Traceback" not in db.down
+        await relay.restore()
+        # Back: the next statements reconnect.
+        assert await keys.lookup(other) is not None
+        assert db.down is None
+        assert any("reachable again" in r.getMessage() for r in caplog.records)
+    finally:
+        await db.close()
+        if relay.server is not None:
+            relay.server.close()
