@@ -363,3 +363,12 @@ async def test_while_the_database_is_down_cached_keys_work_and_the_rest_is_a_cle
         await db.close()
         if relay.server is not None:
             relay.server.close()
+
+
+@pytest.mark.parametrize("command", [("keys", "list"), ("keys", "create", "--user", "a"), ("budgets", "list")])
+def test_cli_on_an_unreachable_server_is_one_line_without_the_password(
+        capsys: pytest.CaptureFixture[str], command: tuple[str, ...]) -> None:
+    assert cli(*command, "--db", "postgresql://meter:s3cret-pw@127.0.0.1:9/ledger") == 2
+    err = capsys.readouterr().err
+    assert "s3cret-pw" not in err and "Traceback" not in err
+    assert [line for line in err.splitlines() if "127.0.0.1" in line] == [err.splitlines()[-1]]  # one line says it
