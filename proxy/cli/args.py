@@ -12,8 +12,8 @@ import os
 from typing import Any, Iterable, Sequence, TypeVar, overload
 
 from proxy.config import Settings, load_settings
+from proxy.core.times import parse_time
 from proxy.ledger.target import parse_target
-from proxy.reports.queries import parse_time
 
 _DEFAULT_DB = Settings().db
 _N = TypeVar("_N")

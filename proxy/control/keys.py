@@ -35,7 +35,7 @@ from proxy.control.limits import (
     parse_text,
     parse_time,
 )  # fmt: skip
-from proxy.core.attribution import key_hash, key_id_of
+from proxy.core.credentials import key_hash, key_id_of
 from proxy.forwarding.routes import DEFAULT_POLICY, RouteError, RoutePolicy, parse_routes
 from proxy.ledger import control_store as store
 from proxy.ledger.sqlconn import Conn

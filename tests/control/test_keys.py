@@ -22,7 +22,7 @@ from proxy.control.gate import Gate, Refusal
 from proxy.control.keys import KeyStore, parse_key_fields
 from proxy.control.limits import FieldError, LimitStore
 from proxy.control.ratelimit import RateLimiter
-from proxy.core.attribution import key_id_of
+from proxy.core.credentials import key_id_of
 from proxy.counting.counter import CountPolicy
 from proxy.pricing.table import PriceTable
 from tests.support.cli import cli

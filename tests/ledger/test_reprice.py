@@ -288,7 +288,7 @@ def test_command_prints_what_changed(db: Path, new: PriceTable, capsys: pytest.C
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert f"pricing {new.source} (version {new.version})" in lines[0]
-    assert "calls in range: 9; changed: 7 (started 2026-05-28T21:26:40Z .. 2026-05-29T01:26:40Z)" in lines[1]
+    assert "calls in range: 9; changed: 7 (started 2026-05-28T21:26:40.000Z .. 2026-05-29T01:26:40.000Z)" in lines[1]
     table = {line.split()[0]: line.split()[1:] for line in lines[2:] if line and not line.startswith("recorded")}
     assert table["model"] == ["calls", "old_cost_usd", "new_cost_usd", "newly_priced"]
     assert table["llama-local"] == ["2", "0", "0.00022", "2"]
