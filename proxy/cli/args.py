@@ -44,7 +44,7 @@ class Parser(argparse.ArgumentParser):
 
 def db_problem(path: str) -> str | None:
     """What stops a ledger from being created at `path`, said plainly (SQLite would only say "unable to
-    open database file"); None when it can be opened or created (a PostgreSQL URL: the server says)."""
+    open database file"); None when it can be opened or created. A PostgreSQL URL is not a path: None."""
     if parse_target(path).is_postgres:
         return None
     folder = os.path.dirname(os.path.abspath(path))
