@@ -12,7 +12,6 @@ import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, AsyncIterator
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -27,6 +26,7 @@ from proxy.counting.counter import CountPolicy
 from proxy.pricing.table import PriceTable
 from tests.support.cli import cli
 from tests.support.control import other_process, query, stored_bytes
+from tests.support.relay import Relay
 
 
 @pytest.fixture
@@ -273,65 +273,10 @@ async def test_an_unreachable_server_is_one_line_without_the_password() -> None:
     assert "s3cret-pw" not in message and "\n" not in message and "127.0.0.1" in message
 
 
-class _Relay:
-    """A TCP relay on loopback to the PostgreSQL server, that the test can cut (every connection dropped,
-    new ones refused) and restore: the database "goes down" without stopping the shared server."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self.server: Any = None
-        self.listen_port = 0
-        self._writers: set[Any] = set()
-
-    async def start(self, port: int = 0) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", port)
-        self.listen_port = self.server.sockets[0].getsockname()[1]
-
-    async def _serve(self, reader: Any, writer: Any) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
-        except OSError:
-            writer.close()
-            return
-        self._writers |= {writer, up_writer}
-
-        async def pipe(src: Any, dst: Any) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except (OSError, asyncio.CancelledError):
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    async def cut(self) -> None:
-        self.server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._writers.clear()
-        await self.server.wait_closed()
-
-    async def restore(self) -> None:
-        await self.start(self.listen_port)
-
-
-def _through(url: str, port: int) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)
-    host = f"127.0.0.1:{port}"
-    return urlunsplit((parts.scheme, f"{netloc[0]}@{host}" if len(netloc) == 2 else host, parts.path,
-                       parts.query, ""))
-
-
 async def test_while_the_database_is_down_cached_keys_work_and_the_rest_is_a_clear_error(
         pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    server = urlsplit(pg_url)
-    relay = _Relay(server.hostname or "127.0.0.1", server.port or 5432)
-    await relay.start()
-    db = ControlDB(_through(pg_url, relay.listen_port), connect_timeout=1)
+    relay = Relay.to(pg_url)
+    db = ControlDB(relay.url(pg_url), connect_timeout=1)
     await db.open()
     try:
         db.start_watch(interval=0.2)
@@ -344,7 +289,7 @@ async def test_while_the_database_is_down_cached_keys_work_and_the_rest_is_a_cle
         await asyncio.sleep(0.3)  # our own writes' notifications and the next poll drop the caches once more
         await db.check_changes()
         assert await keys.lookup(known) is not None
-        await relay.cut()
+        relay.cut()
         # A cached key is still answered from memory; an uncached one is a 503, not a 500.
         assert not isinstance(await gate.resolve({"Authorization": f"Bearer {known}"}), Refusal)
         refused = await gate.resolve({"Authorization": f"Bearer {other}"})
@@ -354,15 +299,14 @@ async def test_while_the_database_is_down_cached_keys_work_and_the_rest_is_a_cle
             await keys.create({"user": "carol"})
         assert "\n" not in str(err.value) and db.down is not None
         assert "Traceback" not in db.down
-        await relay.restore()
+        relay.restore()
         # Back: the next statements reconnect.
         assert await keys.lookup(other) is not None
         assert db.down is None
         assert any("reachable again" in r.getMessage() for r in caplog.records)
     finally:
         await db.close()
-        if relay.server is not None:
-            relay.server.close()
+        relay.close()
 
 
 @pytest.mark.parametrize("command", [("keys", "list"), ("keys", "create", "--user", "a"), ("budgets", "list")])
