@@ -29,6 +29,7 @@ from typing import Any, Awaitable, Callable, Sequence
 from aiohttp import web
 
 from proxy.control.budgets import BudgetState
+from proxy.control.db import ControlDBError
 from proxy.control.gate import Gate, Refusal
 from proxy.control.keys import KeyStore, ManagedKey, parse_key_fields
 from proxy.control.limits import (
@@ -112,8 +113,38 @@ async def key_views(gate: Gate, keys: list[ManagedKey]) -> list[dict[str, Any]]:
     return out
 
 
+def _unavailable(handler: Handler) -> Handler:
+    """`handler`, answering 503 in OpenAI's shape while the control tables or the ledger cannot be reached."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ControlDBError as exc:
+            return error_response(503, f"The key and limit store is unavailable: {exc}", "server_error",
+                                  "control_store_unavailable")
+        except reports.ReportDatabaseError as exc:
+            return error_response(503, f"The ledger cannot be read: {exc}", "server_error", "ledger_unavailable")
+
+    return guarded
+
+
+class _Guarded:
+    """The admin app's router, with every handler behind `_unavailable`."""
+
+    def __init__(self, admin: Any) -> None:
+        self._admin = admin
+        self.router = self
+
+    def __getattr__(self, name: str) -> Any:
+        add = getattr(self._admin.router, name)
+        if not name.startswith("add_"):
+            return add
+        return lambda path, handler, *args, **kwargs: add(path, _unavailable(handler), *args, **kwargs)
+
+
 def add_key_routes(admin: Any, gate_key: web.AppKey[Gate]) -> None:
     """Add the routes above. Call it before the admin app's catch-all route (routes match in order)."""
+    admin = _Guarded(admin)
 
     def store(request: web.Request) -> tuple[Gate, KeyStore]:
         gate = request.config_dict[gate_key]

@@ -57,6 +57,14 @@ def db_problem(path: str) -> str | None:
     return None
 
 
+def missing_ledger(db: str) -> str | None:
+    """"no ledger at PATH" when a SQLite ledger file does not exist (a command that only reads must not
+    create one); None when it does, and for a PostgreSQL URL (connecting tells)."""
+    if parse_target(db).is_postgres or os.path.isfile(db):
+        return None
+    return f"no ledger at {db}: file not found"
+
+
 def add_ledger_args(parser: argparse.ArgumentParser, config_help: str = "YAML config file, for its db setting"
                     ) -> None:
     parser.add_argument("--config", help=config_help)

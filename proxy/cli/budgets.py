@@ -2,8 +2,8 @@
 
 The command-line twin of `/admin/budgets`: `list` is `GET /admin/budgets` (the config's `limits:` and the
 ones set through the API or this command, with spend so far), `set KIND NAME` is `PUT`, `delete KIND NAME`
-is `DELETE`. It writes the same `subject_limits` table, so a running proxy on the same file picks a change
-up within about a second (ControlDB polls its change counter). Limits set in the config file are read-only
+is `DELETE`. It writes the same `subject_limits` table (`--db`: a SQLite file or a PostgreSQL URL), so a
+running proxy on the same database picks a change up within about a second. Limits set in the config file are read-only
 here, as in the API; a managed key's limits are the key's own (`meterproxy keys update`).
 Every operator mistake ends with one line on stderr and exit status 2, never a traceback.
 """
@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
-from proxy.cli.args import add_ledger_args, db_problem, ledger_path, print_views
+from proxy.cli.args import add_ledger_args, db_problem, ledger_path, missing_ledger, print_views
 from proxy.config import ConfigError, load_settings
 from proxy.control.budgets import spend_since
 from proxy.control.db import ControlDB, ControlDBError
@@ -36,7 +35,7 @@ from proxy.control.limits import (
     read_limits,
     write_limits,
 )
-from proxy.ledger.read import ReportDatabaseError, connect_readonly
+from proxy.ledger.read import ReportDatabaseError
 
 __all__ = ["add_budgets_parser", "run_budgets"]
 
@@ -81,8 +80,8 @@ def run_budgets(args: argparse.Namespace) -> int:
             raw = {name: getattr(args, name) for name in ("budget_usd", "budget_period", "rpm", "tpm")
                    if getattr(args, name) is not None}
             limits = parse_limits(raw)
-        elif not os.path.isfile(path):
-            return _fail(f"no ledger at {path}: file not found")
+        elif (problem := missing_ledger(path)) is not None:
+            return _fail(problem)
         db = ControlDB(path)
         db.open_sync()
         try:
@@ -98,7 +97,7 @@ def _run(db: ControlDB, args: argparse.Namespace, config: dict[Subject, Limits],
     if command == "list":
         table = db.read_sync(read_limits)
         entries = [(s, lim, "api" if s in table else "config") for s, lim in sorted({**config, **table}.items())]
-        print_views(_views(db.path, entries), _TABLE, args.format)
+        print_views(_views(db, entries), _TABLE, args.format)
         return 0
     subject = Subject(args.kind, args.name)
     if command == "set":
@@ -107,7 +106,7 @@ def _run(db: ControlDB, args: argparse.Namespace, config: dict[Subject, Limits],
             return _fail(f"{subject.name} is a managed key: set its limits with meterproxy keys update "
                          f"{subject.name}")
         db.write_sync(lambda conn: write_limits(conn, subject, limits))
-        print_views(_views(db.path, [(subject, limits, "api")]), _TABLE, args.format, single=True)
+        print_views(_views(db, [(subject, limits, "api")]), _TABLE, args.format, single=True)
         return 0
     if not db.write_sync(lambda conn: delete_limits(conn, subject)):
         hint = " (limits from the config file are changed there)" if subject in config else ""
@@ -119,18 +118,15 @@ def _run(db: ControlDB, args: argparse.Namespace, config: dict[Subject, Limits],
     return 0
 
 
-def _views(path: str, entries: list[tuple[Subject, Limits, str]]) -> list[dict[str, Any]]:
+def _views(db: ControlDB, entries: list[tuple[Subject, Limits, str]]) -> list[dict[str, Any]]:
     now = time.time()
-    conn = connect_readonly(path)
-    try:
-        views = []
-        for subject, limits, source in entries:
-            start, _ = period_of(limits.budget_period, now)
-            spent = spend_since(conn, subject, start)
-            left = None if limits.budget_usd is None else max(limits.budget_usd - spent, Decimal(0))
-            views.append({"kind": subject.kind, "name": subject.name, "source": source,
-                          "period": limits.budget_period, "period_start": iso(start), **limits.public(),
-                          "spent_usd": format(spent, "f"), "left_usd": None if left is None else format(left, "f")})
-        return views
-    finally:
-        conn.close()
+    starts = [period_of(limits.budget_period, now)[0] for _, limits, _ in entries]
+    spent = db.read_sync(lambda conn: [spend_since(cast(Any, conn), subject, start)
+                                       for (subject, _, _), start in zip(entries, starts)])
+    views = []
+    for (subject, limits, source), start, total in zip(entries, starts, spent):
+        left = None if limits.budget_usd is None else max(limits.budget_usd - total, Decimal(0))
+        views.append({"kind": subject.kind, "name": subject.name, "source": source,
+                      "period": limits.budget_period, "period_start": iso(start), **limits.public(),
+                      "spent_usd": format(total, "f"), "left_usd": None if left is None else format(left, "f")})
+    return views

@@ -1,7 +1,8 @@
 """`meterproxy keys create|list|show|update|revoke`: managed keys, on the database file directly.
 
-Works whether or not a proxy is running on the same file: a running proxy notices the change within
-about a second (it polls ControlDB's change counter once a second). `create` prints the new key once; nothing can show it again.
+Works on a SQLite file or a PostgreSQL URL (`--db`), whether or not proxies are running on it: a running
+proxy notices the change within about a second (PostgreSQL tells it at once; it also polls ControlDB's
+change counter once a second). `create` prints the new key once; nothing can show it again.
 Every operator mistake ends with one line on stderr and exit status 2, never a traceback.
 """
 
@@ -9,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
-from proxy.cli.args import add_ledger_args, db_problem, ledger_path, print_views
+from proxy.cli.args import add_ledger_args, db_problem, ledger_path, missing_ledger, print_views
 from proxy.config import ConfigError, load_settings
 from proxy.control.budgets import spend_since
 from proxy.control.db import ControlDB, ControlDBError
@@ -29,7 +29,7 @@ from proxy.control.keys import (
     update_key,
 )
 from proxy.control.limits import PERIODS, FieldError, Subject, iso, period_of
-from proxy.ledger.read import ReportDatabaseError, connect_readonly
+from proxy.ledger.read import ReportDatabaseError
 
 __all__ = ["add_keys_parser", "run_keys"]
 
@@ -112,8 +112,8 @@ def _warn_if_passthrough(config: str | None) -> None:
 def run_keys(args: argparse.Namespace) -> int:
     try:
         path = ledger_path(args)
-        if args.keys_command != "create" and not os.path.isfile(path):
-            return _fail(f"no ledger at {path}: file not found")
+        if args.keys_command != "create" and (problem := missing_ledger(path)) is not None:
+            return _fail(problem)
         fields = _fields(args) if args.keys_command in ("create", "update") else {}
         if args.keys_command == "create":
             problem = db_problem(path)
@@ -134,7 +134,7 @@ def _run(db: ControlDB, args: argparse.Namespace, fields: dict[str, Any]) -> int
     command = args.keys_command
     if command == "create":
         key, record = db.write_sync(lambda conn: create_key(conn, fields))
-        view = _views(db.path, [record])[0]
+        view = _views(db, [record])[0]
         if args.format == "json":
             print(json.dumps({"key": key, **view}, indent=2))
         else:
@@ -143,7 +143,7 @@ def _run(db: ControlDB, args: argparse.Namespace, fields: dict[str, Any]) -> int
     if command == "list":
         found = db.read_sync(lambda conn: list_keys(conn, user=args.user, team=args.team,
                                                     include_revoked=not args.active))
-        print_views(_views(db.path, found), _TABLE, args.format)
+        print_views(_views(db, found), _TABLE, args.format)
         return 0
     key_id = args.key_id
     if command == "show":
@@ -154,24 +154,21 @@ def _run(db: ControlDB, args: argparse.Namespace, fields: dict[str, Any]) -> int
         found_key = db.write_sync(lambda conn: revoke_key(conn, key_id))
     if found_key is None:
         return _fail(f"no key {key_id!r}")
-    print_views(_views(db.path, [found_key]), _TABLE, args.format, single=True)
+    print_views(_views(db, [found_key]), _TABLE, args.format, single=True)
     if command in ("update", "revoke"):
-        print(f"meterproxy: a proxy running on {db.path} applies this within about a second (it polls the "
-              "database for key changes)", file=sys.stderr)
+        print(f"meterproxy: a proxy running on {db.shown} applies this within about a second (it is told of key "
+              "changes, or polls for them)", file=sys.stderr)
     return 0
 
 
-def _views(path: str, keys: list[ManagedKey]) -> list[dict[str, Any]]:
+def _views(db: ControlDB, keys: list[ManagedKey]) -> list[dict[str, Any]]:
     now = time.time()
-    conn = connect_readonly(path)
-    try:
-        views = []
-        for key in keys:
-            start, _ = period_of(key.budget_period, now)
-            spent = spend_since(conn, Subject("key", key.key_id), start)
-            left = None if key.budget_usd is None else max(key.budget_usd - spent, Decimal(0))
-            views.append({**key.public(now), "period_start": iso(start), "spent_usd": format(spent, "f"),
-                          "left_usd": None if left is None else format(left, "f")})
-        return views
-    finally:
-        conn.close()
+    starts = [period_of(key.budget_period, now)[0] for key in keys]
+    spent = db.read_sync(lambda conn: [spend_since(cast(Any, conn), Subject("key", key.key_id), start)
+                                       for key, start in zip(keys, starts)])
+    views = []
+    for key, start, total in zip(keys, starts, spent):
+        left = None if key.budget_usd is None else max(key.budget_usd - total, Decimal(0))
+        views.append({**key.public(now), "period_start": iso(start), "spent_usd": format(total, "f"),
+                      "left_usd": None if left is None else format(left, "f")})
+    return views

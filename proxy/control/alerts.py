@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from decimal import Decimal
 from typing import Sequence
@@ -31,6 +30,7 @@ import aiohttp
 
 from proxy.control.db import ControlDB
 from proxy.control.limits import Subject, iso
+from proxy.ledger import control_store as store
 
 __all__ = ["Alerts"]
 
@@ -85,20 +85,20 @@ class Alerts:
     async def _fire(self, subject: Subject, period: str, share: Decimal, body: dict[str, object]) -> None:
         key = (subject.kind, subject.name, period, str(share))
         try:
-            claimed = await self._db.write(lambda conn: _claim(conn, key), keys_or_limits=False)
+            claimed = await self._db.write(lambda conn: store.claim_alert(conn, key, time.time()),
+                                           keys_or_limits=False)
         except Exception as exc:  # cannot remember it: sending could repeat it after a restart
             log.error("alert %s %s %s: not sent, cannot record it: %s", subject, period, share, exc)
             return
         if not claimed:
-            return  # sent before (by an earlier run)
+            return  # claimed before: by an earlier run, or by another replica
         outcome, attempts = await self._deliver(body)
         level = logging.INFO if outcome == "sent" else logging.ERROR
         log.log(level, "alert %s %s at %s of budget: %s after %d attempt(s)", subject, period, share, outcome,
                 attempts)
         try:
-            await self._db.write(lambda conn: conn.execute(
-                "UPDATE budget_alerts SET outcome = ?, attempts = ?, finished_at = ? WHERE kind = ? AND name = ?"
-                " AND period = ? AND threshold = ?", (outcome, attempts, time.time(), *key)), keys_or_limits=False)
+            await self._db.write(lambda conn: store.finish_alert(conn, key, outcome, attempts, time.time()),
+                                 keys_or_limits=False)
         except Exception as exc:
             log.error("alert %s %s %s: outcome not recorded: %s", subject, period, share, exc)
 
@@ -145,10 +145,3 @@ class Alerts:
         if self._own_session and self._session is not None:
             await self._session.close()
             self._session = None
-
-
-def _claim(conn: sqlite3.Connection, key: tuple[str, str, str, str]) -> bool:
-    cursor = conn.execute(
-        "INSERT OR IGNORE INTO budget_alerts (kind, name, period, threshold, created_at) VALUES (?, ?, ?, ?, ?)",
-        (*key, time.time()))
-    return cursor.rowcount == 1

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, MutableMapping, TypedDict, Unpack
 
 from proxy.control.alerts import Alerts
 from proxy.control.budgets import BudgetRefusal, Budgets, Reservation
-from proxy.control.db import ControlDB
+from proxy.control.db import ControlDB, ControlDBError
 from proxy.control.keys import KeyStore, ManagedKey
 from proxy.control.limits import Limits, LimitStore, Subject
 from proxy.control.ratelimit import RateLimiter, RateRefusal, Ticket
@@ -203,7 +203,12 @@ class Gate:
         if presented is None:
             return Refusal(401, "No API key provided: send 'Authorization: Bearer <your meterproxy key>'.",
                            "invalid_request_error", "invalid_api_key", headers=_NO_RETRY)
-        key = await self.keys.lookup(presented)
+        try:
+            key = await self.keys.lookup(presented)
+        except ControlDBError as exc:  # the database is down and the key is not in memory: refuse, say why
+            log.error("managed key lookup failed: %s", exc)
+            return Refusal(503, "The key store is unreachable, so this key cannot be checked now; retry shortly.",
+                           "server_error", "key_store_unavailable", key_id=key_id_of(presented))
         status = key.status(self._clock()) if key is not None else "unknown"
         if key is None or status != "active":
             hint = presented[-4:] if len(presented) >= 8 else ""

@@ -4,7 +4,7 @@ A key is "mp-" and 256 random bits (URL-safe base64). Only its SHA-256 is stored
 16 hex characters of that hash (the same identity `proxy.core.attribution.key_id_of` gives any key), and its
 hint its last 4 characters. The key itself is returned once, by `create()`, and never again.
 
-`lookup()` runs on every request in managed mode: a dict lookup by hash, filled from SQLite on a miss
+`lookup()` runs on every request in managed mode: a dict lookup by hash, filled from the database on a miss
 (in a worker thread) and emptied whenever the control tables change (`ControlDB` notifies on our own
 writes at once and on other processes' within its poll interval).
 
@@ -18,7 +18,6 @@ import asyncio
 import fnmatch
 import json
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass
 from decimal import Decimal
@@ -38,6 +37,8 @@ from proxy.control.limits import (
 )  # fmt: skip
 from proxy.core.credentials import key_hash, key_id_of
 from proxy.forwarding.routes import DEFAULT_POLICY, RouteError, RoutePolicy, parse_routes
+from proxy.ledger import control_store as store
+from proxy.ledger.sqlconn import Conn
 
 __all__ = [
     "KEY_PREFIX", "KeyStore", "ManagedKey", "create_key", "get_key", "list_keys", "parse_key_fields",
@@ -47,8 +48,6 @@ __all__ = [
 KEY_PREFIX = "mp-"
 MAX_MODELS = 100
 _NEGATIVE_MAX = 10_000  # unknown keys remembered; emptied when full (random keys would never repeat)
-_COLUMNS = ('key_id, key_hint, "user", team, name, budget_usd, budget_period, expires_at, models, rpm, tpm, '
-            "created_at, updated_at, revoked_at, routes, organization, project")
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +210,7 @@ class KeyStore:
 
     async def _fetch(self, digest: str) -> ManagedKey | None:
         generation = self._generation
-        row = await self._db.read(lambda conn: _select(conn, "key_hash = ?", digest))
+        row = await self._db.read(lambda conn: _by_hash(conn, digest))
         if generation == self._generation:
             if row is not None:
                 self._known[digest] = row
@@ -261,84 +260,64 @@ def _row_values(fields: Mapping[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _from_row(row: tuple[Any, ...]) -> ManagedKey:
+def _from_row(row: tuple[Any, ...] | None) -> ManagedKey | None:
+    if row is None:
+        return None
     (key_id, hint, user, team, name, budget, period, expires, models, rpm, tpm, created, updated,
      revoked, routes, organization, project) = row
+    # budget_usd is text on SQLite and NUMERIC (a Decimal already) on PostgreSQL: exact either way.
     return ManagedKey(key_id, hint, user, team, name, None if budget is None else Decimal(budget), period,
                       expires, None if models is None else tuple(json.loads(models)), rpm, tpm, created,
                       updated, revoked, None if routes is None else tuple(json.loads(routes)), organization,
                       project)
 
 
-def create_key(conn: sqlite3.Connection, fields: Mapping[str, Any],
-               now: float | None = None) -> tuple[str, ManagedKey]:
+def create_key(conn: Conn, fields: Mapping[str, Any], now: float | None = None) -> tuple[str, ManagedKey]:
     """Insert a new key with `fields` (validated here); returns (the key, its record)."""
     at = time.time() if now is None else now
     values = _row_values(parse_key_fields(fields, creating=True))
     while True:
         key = KEY_PREFIX + secrets.token_urlsafe(32)
-        digest = key_hash(key)
-        try:
-            conn.execute(
-                f"INSERT INTO api_keys (key_hash, {_COLUMNS}) VALUES ({', '.join('?' * 18)})",
-                (digest, key_id_of(key), key[-4:], values["user"], values["team"], values["name"],
-                 values["budget_usd"], values["budget_period"], values["expires_at"], values["models"],
-                 values["rpm"], values["tpm"], at, at, None, values["routes"], values["organization"],
-                 values["project"]))
-        except sqlite3.IntegrityError:
+        key_id = key_id_of(key)
+        row = {**values, "key_id": key_id, "key_hint": key[-4:], "created_at": at, "updated_at": at}
+        if not store.insert_key(conn, key_hash(key), row):
             continue  # a key_id collision (one in 2^64 per pair): draw again
-        created = get_key(conn, key_id_of(key))
+        created = get_key(conn, key_id)
         assert created is not None
         return key, created
 
 
-def get_key(conn: sqlite3.Connection, key_id: str) -> ManagedKey | None:
-    return _select(conn, "key_id = ?", key_id)
+def get_key(conn: Conn, key_id: str) -> ManagedKey | None:
+    return _from_row(store.select_key(conn, key_id=key_id))
 
 
-def _select(conn: sqlite3.Connection, where: str, value: str) -> ManagedKey | None:
-    row = conn.execute(f"SELECT {_COLUMNS} FROM api_keys WHERE {where}", (value,)).fetchone()
-    return None if row is None else _from_row(row)
+def _by_hash(conn: Conn, digest: str) -> ManagedKey | None:
+    return _from_row(store.select_key(conn, key_hash=digest))
 
 
-def list_keys(conn: sqlite3.Connection, *, user: str | None = None, team: str | None = None,
+def list_keys(conn: Conn, *, user: str | None = None, team: str | None = None,
               include_revoked: bool = True) -> list[ManagedKey]:
-    clauses, params = [], []
-    if user is not None:
-        clauses.append('"user" = ?')
-        params.append(user)
-    if team is not None:
-        clauses.append("team = ?")
-        params.append(team)
-    if not include_revoked:
-        clauses.append("revoked_at IS NULL")
-    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-    rows = conn.execute(f"SELECT {_COLUMNS} FROM api_keys{where} ORDER BY created_at, key_id", params)
-    return [_from_row(row) for row in rows]
+    rows = store.select_keys(conn, user=user, team=team, include_revoked=include_revoked)
+    return [key for key in map(_from_row, rows) if key is not None]
 
 
-def update_key(conn: sqlite3.Connection, key_id: str, fields: Mapping[str, Any],
+def update_key(conn: Conn, key_id: str, fields: Mapping[str, Any],
                now: float | None = None) -> ManagedKey | None:
-    current = _select(conn, "key_id = ?", key_id)
+    current = get_key(conn, key_id)
     if current is None:
         return None
-    # Validated here: column names are formatted into the statement, so only known ones may reach it.
     fields = parse_key_fields(fields, creating=False)
     if not fields:
         return current
     values = _row_values({**_fields_of(current), **fields})
-    sets = ", ".join(f'"{name}" = ?' for name in fields)
-    conn.execute(f"UPDATE api_keys SET {sets}, updated_at = ? WHERE key_id = ?",
-                 (*(values[name] for name in fields), time.time() if now is None else now, key_id))
-    return _select(conn, "key_id = ?", key_id)
+    store.update_key(conn, key_id, {name: values[name] for name in fields}, time.time() if now is None else now)
+    return get_key(conn, key_id)
 
 
-def revoke_key(conn: sqlite3.Connection, key_id: str, now: float | None = None) -> ManagedKey | None:
+def revoke_key(conn: Conn, key_id: str, now: float | None = None) -> ManagedKey | None:
     """Revoke (keeping the row, so reports still name the key); revoking twice keeps the first time."""
-    at = time.time() if now is None else now
-    conn.execute("UPDATE api_keys SET revoked_at = ?, updated_at = ? WHERE key_id = ? AND revoked_at IS NULL",
-                 (at, at, key_id))
-    return _select(conn, "key_id = ?", key_id)
+    store.revoke_key(conn, key_id, time.time() if now is None else now)
+    return get_key(conn, key_id)
 
 
 def _fields_of(key: ManagedKey) -> dict[str, Any]:

@@ -6,7 +6,7 @@ admin API); a table row wins over the config for the same subject. Managed keys 
 
 Parsing accepts what JSON, YAML and a command line give: money as a decimal string, an int, a `Decimal`
 (JSON read with parse_float=Decimal) or a YAML float (read back from its shortest repr, which is what was
-written). This module must never hold money as a float and never read SQLite on the event loop.
+written). This module must never hold money as a float and never read the database on the event loop.
 
     FieldError (ValueError)   a bad value; `param` names the field, the message is for the user
 """
@@ -17,7 +17,6 @@ import asyncio
 import logging
 import math
 import re
-import sqlite3
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,6 +26,8 @@ from typing import Any, Mapping, NamedTuple
 from proxy.control.db import ControlDB
 from proxy.core.errors import ParameterError
 from proxy.core.times import MAX_TIME, MAX_TIME_TEXT, iso  # re-exported: limits' callers use them
+from proxy.ledger import control_store as store
+from proxy.ledger.sqlconn import Conn
 
 __all__ = [
     "KINDS", "MAX_COUNT", "MAX_NAME", "MAX_QUERY_VALUE", "MAX_TIME", "MAX_TIME_TEXT", "PERIODS", "FieldError",
@@ -270,29 +271,27 @@ class LimitStore:
         return deleted
 
 
-def write_limits(conn: sqlite3.Connection, subject: Subject, limits: Limits) -> None:
+def write_limits(conn: Conn, subject: Subject, limits: Limits) -> None:
     """Set a subject's limits in `subject_limits` (the API's and `meterproxy budgets set`'s table)."""
-    row = (subject.kind, subject.name, _money_text(limits.budget_usd), limits.budget_period, limits.rpm,
-           limits.tpm, time.time())
-    conn.execute("INSERT OR REPLACE INTO subject_limits (kind, name, budget_usd, budget_period, rpm, tpm, "
-                 "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+    store.upsert_limits(conn, subject.kind, subject.name, _money_text(limits.budget_usd), limits.budget_period,
+                        limits.rpm, limits.tpm, time.time())
 
 
-def delete_limits(conn: sqlite3.Connection, subject: Subject) -> bool:
+def delete_limits(conn: Conn, subject: Subject) -> bool:
     """Remove a subject's limits from `subject_limits`; False if it had none there."""
-    return bool(conn.execute("DELETE FROM subject_limits WHERE kind = ? AND name = ?", subject).rowcount)
+    return store.delete_limits(conn, subject.kind, subject.name)
 
 
 def _money_text(value: Decimal | None) -> str | None:
     return None if value is None else format(value, "f")
 
 
-def read_limits(conn: sqlite3.Connection) -> dict[Subject, Limits]:
+def read_limits(conn: Conn) -> dict[Subject, Limits]:
     """Every subject's limits in `subject_limits`."""
     return _read_table(conn)
 
 
-def _read_table(conn: sqlite3.Connection) -> dict[Subject, Limits]:
-    rows = conn.execute("SELECT kind, name, budget_usd, budget_period, rpm, tpm FROM subject_limits")
+def _read_table(conn: Conn) -> dict[Subject, Limits]:
+    # budget_usd is text on SQLite and NUMERIC (a Decimal already) on PostgreSQL: exact either way.
     return {Subject(kind, name): Limits(None if budget is None else Decimal(budget), period, rpm, tpm)
-            for kind, name, budget, period, rpm, tpm in rows}
+            for kind, name, budget, period, rpm, tpm in store.select_limits(conn)}

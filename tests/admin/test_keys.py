@@ -186,3 +186,15 @@ async def test_usage_view_in_passthrough_is_by_the_presented_key(client_for: Cal
     mine = await call(client, "GET", "/meter/usage", 200, headers={"Authorization": "Bearer sk-own-key-1234"})
     assert mine["totals"]["cost_usd"] == "0.125" and mine["budgets"][0]["budget_usd"] is None
     assert mine["budgets"][0]["spent_usd"] == "0.125"
+
+
+async def test_an_unusable_control_store_is_a_503_in_openai_shape(client_for: Callable[..., Any]) -> None:
+    client = await client_for()
+    gate = client.server.app[GATE]
+    assert gate.db is not None
+    gate.db.close_sync()  # its connections gone (as when the database cannot be reached)
+    for method, path, body in (("POST", "/admin/keys", '{"user": "a"}'), ("GET", "/admin/keys", None),
+                               ("PUT", "/admin/budgets/user/x", '{"budget_usd": 1}')):
+        error = (await call(client, method, path, 503, data=body))["error"]
+        assert error["type"] == "server_error" and error["code"] == "control_store_unavailable", error
+        assert set(error) == {"message", "type", "param", "code"}

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import sqlite3
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -17,6 +17,7 @@ from proxy.control.budgets import Budgets, Reservation
 from proxy.control.db import ControlDB
 from proxy.control.limits import Limits, Subject
 from proxy.ledger.writer import Ledger
+from tests.support.control import query
 
 SHARES = (Decimal("0.8"), Decimal("1.0"))
 ALICE = Subject("user", "alice")
@@ -35,13 +36,26 @@ class Hook:
         return web.Response(status=status)
 
 
-@pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[ControlDB]:
-    led = Ledger(tmp_path / "ledger.db")  # the ledger makes the file, as in the proxy
-    await led.open()
-    await led.close()
-    control = ControlDB(led.path)
+async def _open(db: str) -> ControlDB:
+    if not db.startswith("postgresql://"):
+        led = Ledger(db)  # the ledger makes the file, as in the proxy
+        await led.open()
+        await led.close()
+    control = ControlDB(db)
     await control.open()
+    return control
+
+
+@pytest.fixture
+async def db(ledger_target: str) -> AsyncIterator[ControlDB]:
+    control = await _open(ledger_target)
+    yield control
+    await control.close()
+
+
+@pytest.fixture
+async def sqlite_db(tmp_path: Path) -> AsyncIterator[ControlDB]:
+    control = await _open(str(tmp_path / "ledger.db"))
     yield control
     await control.close()
 
@@ -57,13 +71,8 @@ def hook_url(aiohttp_server: Callable[..., Any]) -> Callable[[Hook], Any]:
     return start
 
 
-def outcomes(db: ControlDB) -> list[tuple[str, str, str, str, str | None, int]]:
-    conn = sqlite3.connect(db.path)
-    try:
-        return conn.execute("SELECT kind, name, period, threshold, outcome, attempts FROM budget_alerts"
-                            " ORDER BY threshold").fetchall()
-    finally:
-        conn.close()
+def outcomes(db: ControlDB) -> list[tuple[Any, ...]]:
+    return sorted(query(db.path, "SELECT kind, name, period, threshold, outcome, attempts FROM budget_alerts"))
 
 
 async def test_retried_with_backoff_then_sent_once_even_after_a_restart(
@@ -121,8 +130,9 @@ async def test_an_unreachable_webhook_fails_after_its_attempts(db: ControlDB) ->
     assert row[4] is not None and row[4].startswith("failed") and row[5] == 2
 
 
-async def test_a_budget_refusal_fires_the_shares_up_to_one(db: ControlDB, tmp_path: Path,
-                                                           hook_url: Callable[[Hook], Any]) -> None:
+async def test_a_budget_refusal_fires_the_shares_up_to_one(sqlite_db: ControlDB, hook_url: Callable[[Hook], Any]
+                                                           ) -> None:
+    db = sqlite_db
     hook = Hook([])
     alerts = Alerts(db, await hook_url(hook), (Decimal("0.5"), Decimal("1"), Decimal("1.5")), base_delay=0.01)
     budgets = Budgets(db.path, alerts=alerts)
@@ -144,3 +154,27 @@ async def test_no_webhook_or_a_zero_budget_sends_nothing(db: ControlDB) -> None:
         assert not alerts._tasks
         await alerts.close()
     assert outcomes(db) == []
+
+
+async def test_replicas_claiming_the_same_alert_at_once_send_it_once(ledger_target: str,
+                                                                     hook_url: Callable[[Hook], Any]) -> None:
+    """Three stores (as three replicas) see every subject pass the same share at the same moment: one send
+    per subject, period and share, whichever claims it first."""
+    hook = Hook([])
+    url = await hook_url(hook)
+    replicas = [await _open(ledger_target) for _ in range(3)]
+    senders = [Alerts(db, url, SHARES, base_delay=0.01) for db in replicas]
+    try:
+        periods = [f"2026-{month:02d}" for month in range(1, 13)]
+        for label in periods:
+            for alerts in senders:  # each replica schedules its own claim; they run concurrently
+                alerts.observe(ALICE, "month", label, Decimal(9), Decimal(10))
+        await asyncio.gather(*(alerts.idle() for alerts in senders))
+        got = sorted(body["period_label"] for body in hook.bodies)
+        assert got == periods  # each once, none twice, none lost
+        assert len(outcomes(replicas[0])) == len(periods)
+    finally:
+        for alerts in senders:
+            await alerts.close()
+        for db in replicas:
+            await db.close()

@@ -1,28 +1,37 @@
 """Managed keys: issued random and stored as a hash, looked up from memory, changed and revoked anywhere.
 
-Real SQLite in tmp_path; the CLI is run in-process through its own parser.
+On both backends (`ledger_target`: real SQLite in tmp_path, then a real PostgreSQL schema); the CLI is run
+in-process through its own parser.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import sqlite3
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 import pytest
 
-from proxy.control.db import ControlDB
+from proxy.control.budgets import Budgets
+from proxy.control.db import ControlDB, ControlDBError
+from proxy.control.gate import Gate, Refusal
 from proxy.control.keys import KeyStore, parse_key_fields
-from proxy.control.limits import FieldError
+from proxy.control.limits import FieldError, LimitStore
+from proxy.control.ratelimit import RateLimiter
 from proxy.core.credentials import key_id_of
+from proxy.counting.counter import CountPolicy
+from proxy.pricing.table import PriceTable
 from tests.support.cli import cli
+from tests.support.control import other_process, query, stored_bytes
+from tests.support.relay import Relay
 
 
 @pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[ControlDB]:
-    control = ControlDB(tmp_path / "ledger.db")
+async def db(ledger_target: str) -> AsyncIterator[ControlDB]:
+    control = ControlDB(ledger_target)
     await control.open()
     yield control
     await control.close()
@@ -38,7 +47,8 @@ async def test_a_key_is_random_shown_once_and_stored_only_as_its_hash(store: Key
     other, _ = await store.create({"user": "alice"})
     assert key.startswith("mp-") and len(key) >= 3 + 43 and key != other  # 32 random bytes, base64url
     assert record.key_id == key_id_of(key) and record.key_hint == key[-4:]
-    raw = Path(db.path).read_bytes() + Path(db.path + "-wal").read_bytes()
+    raw = stored_bytes(db.path)
+    assert record.key_id.encode() in raw  # what is stored is there to be seen
     assert key.encode() not in raw and key[3:].encode() not in raw
     assert "key" not in record.public()
     assert key not in json.dumps(record.public())
@@ -48,10 +58,7 @@ async def test_lookup_is_served_from_memory_until_a_change_anywhere(store: KeySt
     key, record = await store.create({"user": "alice"})
     assert (await store.lookup(key)) == record
     # Another process (the CLI) revokes it: the cache still answers until the change counter is polled.
-    other = sqlite3.connect(db.path)
-    other.execute("UPDATE api_keys SET revoked_at = 1 WHERE key_id = ?", (record.key_id,))
-    other.commit()
-    other.close()
+    other_process(db.path, "UPDATE api_keys SET revoked_at = 1 WHERE key_id = ?", (record.key_id,))
     cached = await store.lookup(key)
     assert cached is not None and cached.revoked_at is None
     assert await db.check_changes() is True
@@ -133,8 +140,8 @@ async def test_expiry_and_allowed_models(store: KeyStore) -> None:
     assert [record.allows(m) for m in ("gpt-4o-mini", "o3-mini", "gpt-4o", None)] == [True, True, False, False]
 
 
-def test_cli_create_list_update_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    db = str(tmp_path / "cli.db")
+def test_cli_create_list_update_revoke(ledger_target: str, capsys: pytest.CaptureFixture[str]) -> None:
+    db = ledger_target
     assert cli("keys", "create", "--db", db, "--user", "erin", "--team", "ml", "--budget-usd", "25.50",
                "--budget-period", "month", "--model", "gpt-4o*", "--rpm", "60", "--format", "json") == 0
     created = json.loads(capsys.readouterr().out)
@@ -162,9 +169,9 @@ def test_cli_create_list_update_revoke(tmp_path: Path, capsys: pytest.CaptureFix
     (("keys", "create", "--user", "x", "--budget-usd", "lots"), "budget_usd"),
     (("keys", "create", "--user", "x", "--rpm", "-3"), "rpm"),
 ])
-def test_cli_mistakes_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: tuple[str, ...],
+def test_cli_mistakes_are_one_line(ledger_target: str, capsys: pytest.CaptureFixture[str], argv: tuple[str, ...],
                                    message: str) -> None:
-    db = str(tmp_path / "cli.db")
+    db = ledger_target
     assert cli("keys", "create", "--db", db, "--user", "seed") == 0
     capsys.readouterr()
     assert cli(*argv, "--db", db) == 2
@@ -175,3 +182,137 @@ def test_cli_mistakes_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_cli_on_a_missing_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli("keys", "list", "--db", str(tmp_path / "none.db")) == 2
     assert "none.db" in capsys.readouterr().err
+
+
+async def test_money_and_times_are_stored_exactly(store: KeyStore) -> None:
+    _, record = await store.create(parse_key_fields(
+        {"user": "fay", "budget_usd": "12.3456789012345678901", "expires_at": 1767225600.25}, creating=True))
+    again = await store.get(record.key_id)
+    assert again is not None and again.budget_usd == Decimal("12.3456789012345678901")
+    assert again.public()["budget_usd"] == "12.3456789012345678901" and again.expires_at == 1767225600.25
+    _, cents = await store.create(parse_key_fields({"user": "fay", "budget_usd": "2.50"}, creating=True))
+    assert (await store.get(cents.key_id)).public()["budget_usd"] == "2.50"  # type: ignore[union-attr]
+
+
+# --- several replicas on one PostgreSQL ------------------------------------------------------------
+async def _until(check: Any, timeout: float = 5.0) -> float:
+    """Seconds until `await check()` is true (fails after `timeout`)."""
+    start = time.monotonic()
+    while not await check():
+        assert time.monotonic() - start < timeout, "not seen in time"
+        await asyncio.sleep(0.005)
+    return time.monotonic() - start
+
+
+async def test_a_revoke_on_one_replica_reaches_another_at_once_by_listen(pg_url: str) -> None:
+    a, b = ControlDB(pg_url), ControlDB(pg_url)
+    await a.open()
+    await b.open()
+    try:
+        b.start_watch(interval=3600)  # no poll in the test's time: only the LISTEN connection can tell b
+        await _until(lambda: _true(b.listening))
+        keys_a, keys_b = KeyStore(a), KeyStore(b)
+        key, record = await keys_a.create({"user": "alice"})
+        assert (await keys_b.lookup(key)) is not None  # cached on b now
+        await keys_a.revoke(record.key_id)
+
+        async def revoked_on_b() -> bool:
+            found = await keys_b.lookup(key)
+            return found is not None and found.revoked_at is not None
+
+        delay = await _until(revoked_on_b)
+        assert delay < 1.0
+        print(f"revoke seen by the other replica after {delay * 1000:.1f} ms")
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_lost_connections_are_opened_again(pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    a, b = ControlDB(pg_url), ControlDB(pg_url)
+    await a.open()
+    await b.open()
+    try:
+        b.start_watch(interval=3600)
+        await _until(lambda: _true(b.listening))
+        keys_a, keys_b = KeyStore(a), KeyStore(b)
+        key, record = await keys_a.create({"user": "alice"})
+        assert await keys_b.lookup(key) is not None
+        # The server ends every connection of b (as a restart or a network cut would).
+        pids = [c.raw.info.backend_pid for c in (b._reader, b._writer) if c is not None]
+        query(pg_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ANY(?)"
+                      " OR application_name = 'meterproxy control listen'", (pids,))
+        await _until(lambda: _true(not b.listening))
+        # A read and a write meet the dead connections: each is run again on a new one.
+        assert (await keys_b.get(record.key_id)) is not None and b.down is None
+        assert (await keys_b.update(record.key_id, {"rpm": 7})) is not None
+        assert any("terminating connection" in r.getMessage() for r in caplog.records)
+        # The LISTEN connection is back too: a revoke on a reaches b at once.
+        await _until(lambda: _true(b.listening))
+        await keys_a.revoke(record.key_id)
+
+        async def revoked_on_b() -> bool:
+            found = await keys_b.lookup(key)
+            return found is not None and found.revoked_at is not None
+
+        assert await _until(revoked_on_b) < 1.0
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_an_unreachable_server_is_one_line_without_the_password() -> None:
+    db = ControlDB("postgresql://meter:s3cret-pw@127.0.0.1:9/ledger", connect_timeout=2)
+    with pytest.raises(ControlDBError) as err:
+        await db.open()
+    message = str(err.value)
+    assert "s3cret-pw" not in message and "\n" not in message and "127.0.0.1" in message
+
+
+async def test_while_the_database_is_down_cached_keys_work_and_the_rest_is_a_clear_error(
+        pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    relay = Relay.to(pg_url)
+    db = ControlDB(relay.url(pg_url), connect_timeout=1)
+    await db.open()
+    try:
+        db.start_watch(interval=0.2)
+        keys = KeyStore(db)
+        gate = Gate(managed=True, keys=keys, limits=LimitStore(db), budgets=Budgets(db.path), rates=RateLimiter(),
+                    prices=PriceTable.from_mapping({"models": {}}), counting=CountPolicy(),
+                    upstream_key="sk-real")
+        known, _ = await keys.create({"user": "alice"})
+        other, _ = await keys.create({"user": "bob"})
+        await asyncio.sleep(0.3)  # our own writes' notifications and the next poll drop the caches once more
+        await db.check_changes()
+        assert await keys.lookup(known) is not None
+        relay.cut()
+        # A cached key is still answered from memory; an uncached one is a 503, not a 500.
+        assert not isinstance(await gate.resolve({"Authorization": f"Bearer {known}"}), Refusal)
+        refused = await gate.resolve({"Authorization": f"Bearer {other}"})
+        assert isinstance(refused, Refusal) and refused.status == 503, refused
+        assert refused.body.startswith(b'{"error": {"message": "The key store is unreachable')
+        with pytest.raises(ControlDBError) as err:
+            await keys.create({"user": "carol"})
+        assert "\n" not in str(err.value) and db.down is not None
+        assert "Traceback" not in db.down
+        relay.restore()
+        # Back: the next statements reconnect.
+        assert await keys.lookup(other) is not None
+        assert db.down is None
+        assert any("reachable again" in r.getMessage() for r in caplog.records)
+    finally:
+        await db.close()
+        relay.close()
+
+
+@pytest.mark.parametrize("command", [("keys", "list"), ("keys", "create", "--user", "a"), ("budgets", "list")])
+def test_cli_on_an_unreachable_server_is_one_line_without_the_password(
+        capsys: pytest.CaptureFixture[str], command: tuple[str, ...]) -> None:
+    assert cli(*command, "--db", "postgresql://meter:s3cret-pw@127.0.0.1:9/ledger") == 2
+    err = capsys.readouterr().err
+    assert "s3cret-pw" not in err and "Traceback" not in err
+    assert [line for line in err.splitlines() if "127.0.0.1" in line] == [err.splitlines()[-1]]  # one line says it

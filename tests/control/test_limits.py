@@ -30,6 +30,7 @@ from proxy.core.record import CallRecord
 from proxy.ledger.migrations import migrate
 from proxy.ledger.rollups import TEAM_SQL
 from proxy.ledger.writer import Ledger
+from tests.support.control import other_process
 
 
 def ts(text: str) -> float:
@@ -185,8 +186,8 @@ async def test_a_new_day_starts_from_the_ledger_again(ledger: Ledger) -> None:
     assert isinstance(await budgets.reserve(charges, Decimal("0.5"), tomorrow), BudgetRefusal)
 
 
-async def test_limit_store_table_wins_over_config_and_reloads_on_change(tmp_path: Path) -> None:
-    db = ControlDB(tmp_path / "ledger.db")
+async def test_limit_store_table_wins_over_config_and_reloads_on_change(ledger_target: str) -> None:
+    db = ControlDB(ledger_target)
     await db.open()
     try:
         alice = Subject("user", "alice")
@@ -196,10 +197,9 @@ async def test_limit_store_table_wins_over_config_and_reloads_on_change(tmp_path
         await store.put(alice, Limits(Decimal("7.5"), "month", rpm=3))
         assert store.get(alice) == Limits(Decimal("7.5"), "month", 3)
         assert store.entries() == [(alice, Limits(Decimal("7.5"), "month", 3), "api")]
-        other = sqlite3.connect(db.path)  # another process removes it
-        other.execute("DELETE FROM subject_limits")
-        other.commit()
-        other.close()
+        await store.put(alice, Limits(Decimal("0.000000000001"), "total", tpm=10**12))  # an upsert, exactly
+        assert store.get(alice) == Limits(Decimal("0.000000000001"), "total", tpm=10**12)
+        other_process(db.path, "DELETE FROM subject_limits")  # another process removes it
         assert await db.check_changes()
         await store.settled()
         assert store.get(alice) == Limits(Decimal(5), "day")

@@ -1,4 +1,4 @@
-"""Running the meterproxy command line in tests: as a subprocess, or in-process for `keys`."""
+"""Running the meterproxy command line in tests: as a subprocess, or in-process for `keys` and `budgets`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+from proxy.cli.budgets import add_budgets_parser, run_budgets
 from proxy.cli.keys import add_keys_parser, run_keys
 from tests.support.paths import ROOT
 
@@ -26,5 +27,8 @@ def free_port() -> int:
 # --- the CLI --------------------------------------------------------------------------------------
 def cli(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="meterproxy")
-    add_keys_parser(parser.add_subparsers(dest="command", required=True))
-    return run_keys(parser.parse_args(list(argv)))
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_keys_parser(commands)
+    add_budgets_parser(commands)
+    args = parser.parse_args(list(argv))
+    return run_keys(args) if args.command == "keys" else run_budgets(args)

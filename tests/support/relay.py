@@ -50,6 +50,10 @@ class Relay:
     def close(self) -> None:
         self._closed = True
         self.cut()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() in progress (close alone may not)
+        except OSError:
+            pass
         self._listener.close()
         self._thread.join(timeout=5)
 
