@@ -218,7 +218,8 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
             db_path=settings.db, managed=settings.keys == "managed", prices=app[LIVE],
             counting=app[COUNTING], upstream_key=settings.upstream_api_key, limits=settings.limits,
             reserve_max_tokens=settings.reserve_max_tokens, alert_webhook=settings.alert_webhook,
-            alert_thresholds=settings.alert_thresholds, unmetered_routes=settings.unmetered_routes)
+            alert_thresholds=settings.alert_thresholds, unmetered_routes=settings.unmetered_routes,
+            reservation_lease_seconds=settings.reservation_lease_seconds)
         app[GATE] = gate
         try:
             yield

@@ -375,4 +375,4 @@ class MeteredCall:
             except Exception:  # a log line must never cost a call its budget release
                 log.exception("call logs failed on %s", self.record.request_id)
         if self._admission is not None:  # release the budget hold; the real cost is on the ledger now
-            self._admission.settle(self.record.cost_usd, self.record.total_tokens)
+            self._admission.settle(self.record.cost_usd, self.record.total_tokens, recorded=bool(self.recorded))
