@@ -26,12 +26,12 @@ from decimal import Context, Decimal
 from typing import Iterable, Protocol, Sequence
 
 from proxy.control.limits import Limits, Subject, period_of
+from proxy.ledger.budget_store import spend_since as ledger_spend
 from proxy.ledger.read import connect_readonly
-from proxy.ledger.rollups import TEAM_SQL
+from proxy.ledger.sqlconn import Conn, wrap_sqlite
 
 __all__ = ["BudgetRefusal", "BudgetState", "Budgets", "Reservation", "spend_since"]
 
-_SUBJECT_SQL = {"key": "key_id = ?", "user": '"user" = ?', "team": f"{TEAM_SQL} = ?"}
 _MONEY = Context(prec=60)  # sums of ledger costs need far fewer digits; no rounding in practice
 _ZERO = Decimal(0)
 
@@ -41,11 +41,10 @@ class AlertSink(Protocol):
                 refused: bool = False) -> None: ...
 
 
-def spend_since(conn: sqlite3.Connection, subject: Subject, since: float) -> Decimal:
-    """Exact spend of a subject in calls started at or after `since` (a connection from connect_readonly)."""
-    sql = f"SELECT decimal_sum(cost_usd) FROM calls WHERE {_SUBJECT_SQL[subject.kind]} AND started_at >= ?"
-    (total,) = conn.execute(sql, (subject.name, since)).fetchone()
-    return Decimal(total) if total is not None else _ZERO
+def spend_since(conn: sqlite3.Connection | Conn, subject: Subject, since: float) -> Decimal:
+    """Exact spend of a subject in calls started at or after `since` (a connection from connect_readonly,
+    or a `Conn` on either backend)."""
+    return ledger_spend(conn if isinstance(conn, Conn) else wrap_sqlite(conn), subject.kind, subject.name, since)
 
 
 class _Tracker:
