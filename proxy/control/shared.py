@@ -224,35 +224,47 @@ class SharedLimits:
                      worst_usd: Decimal) -> SharedHold | RateRefusal | BudgetRefusal:
         keys = [b.key for b in budgets]
         subjects = [(s.kind, s.name) for s, _, _ in rates]
-        with conn.transaction():
-            conn.execute("SET LOCAL synchronous_commit = off")  # a lost reservation is a lease's worth
+        store.begin_reservation(conn)
+        try:
             spent = store.lock_spend(conn, keys)
             locked = store.lock_rate_subjects(conn, subjects)
             if len(spent) < len(set(keys)) or len(locked) < len(set(subjects)):
                 raise _Missing([b for b in budgets if b.key not in spent],
                                [s for s in subjects if s not in locked])
-            now = store.db_now(conn)
-            shown: list[tuple[int | None, int | None, Figures]] = []
-            if rates:
-                windows = store.rate_windows(conn, subjects, now - WINDOW)
-                for (subject, rpm, tpm), key in zip(rates, subjects):
-                    count, used, latest = windows.get(key, (0, 0, 0.0))
-                    if (rpm is not None and count + 1 > rpm) or (tpm is not None and used + tokens > tpm):
-                        refusal = refusal_of(subject, store.rate_entries(conn, key, now - WINDOW), rpm, tpm,
-                                             tokens, now)
-                        if refusal is not None:
-                            return refusal
-                    shown.append((rpm, tpm, Figures(count + 1, used + tokens, now)))
-            held = store.live_holds(conn, keys, now)
-            for b in budgets:
-                s, h = spent[b.key], held.get(b.key, _ZERO)
-                if s >= b.budget or s + h + worst_usd > b.budget:
-                    return BudgetRefusal(b.subject, b.period, b.label, b.budget, s, h, worst_usd)
-            if budgets:
-                store.insert_holds(conn, request_id, self.replica, keys, worst_usd, now + self.lease)
-            if rates:
-                store.insert_rate_events(conn, request_id, subjects, now, tokens)
+            now, held = store.holds_now(conn, keys)
+            refusal = self._refusal(conn, budgets, spent, held, rates, subjects, tokens, worst_usd, now)
+            if isinstance(refusal, (RateRefusal, BudgetRefusal)):
+                conn.rollback()
+                return refusal
+            store.commit_reservation(conn, request_id, self.replica, keys, worst_usd, now + self.lease, subjects,
+                                     now, tokens)
+        except BaseException:
+            conn.rollback()
+            raise
+        shown = refusal
         return SharedHold(self, request_id, budgets, spent, bool(rates), headers_of(shown, now) if shown else {})
+
+    def _refusal(self, conn: Conn, budgets: list[_Budget], spent: dict[store.SpendKey, Decimal],
+                 held: dict[store.SpendKey, Decimal], rates: list[tuple[Subject, int | None, int | None]],
+                 subjects: list[store.RateKey], tokens: int, worst_usd: Decimal,
+                 now: float) -> RateRefusal | BudgetRefusal | list[tuple[int | None, int | None, Figures]]:
+        """The first limit the request would pass (rate limits first, as in process), else the windows as
+        they will be with it (for the x-ratelimit-* headers)."""
+        shown: list[tuple[int | None, int | None, Figures]] = []
+        if rates:
+            windows = store.rate_windows(conn, subjects, now - WINDOW)
+            for (subject, rpm, tpm), key in zip(rates, subjects):
+                count, used, _ = windows.get(key, (0, 0, 0.0))
+                if (rpm is not None and count + 1 > rpm) or (tpm is not None and used + tokens > tpm):
+                    refusal = refusal_of(subject, store.rate_entries(conn, key, now - WINDOW), rpm, tpm, tokens, now)
+                    if refusal is not None:
+                        return refusal
+                shown.append((rpm, tpm, Figures(count + 1, used + tokens, now)))
+        for b in budgets:
+            s, h = spent[b.key], held.get(b.key, _ZERO)
+            if s >= b.budget or s + h + worst_usd > b.budget:
+                return BudgetRefusal(b.subject, b.period, b.label, b.budget, s, h, worst_usd)
+        return shown
 
     # --- reading, for the admin API --------------------------------------------------------------
     def _states(self, conn: Conn, items: list[tuple[Subject, str, Decimal | None]],

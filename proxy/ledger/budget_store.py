@@ -24,7 +24,7 @@ from proxy.ledger.rollups import TEAM_SQL
 from proxy.ledger.sqlconn import Conn
 
 __all__ = [
-    "SpendKey", "adjust_tokens", "create_spend", "create_rate_subjects", "db_now", "insert_holds",
+    "SpendKey", "adjust_tokens", "begin_reservation", "commit_reservation", "create_spend", "holds_now", "create_rate_subjects", "db_now", "insert_holds",
     "insert_rate_events", "live_holds", "lock_rate_subjects", "lock_spend", "period_labels", "prune",
     "rate_entries", "rate_windows", "release", "renew", "settle_rows", "spend_since",
 ]
@@ -108,6 +108,35 @@ def live_holds(conn: Conn, keys: Sequence[SpendKey], now: float) -> dict[SpendKe
         f"{_in('kind, name, period, label', 4, len(keys))} AND expires_at > ? GROUP BY kind, name, period, label",
         [*_flat(keys), now]).fetchall()
     return {(r[0], r[1], r[2], r[3]): Decimal(r[4]) for r in rows}
+
+
+def begin_reservation(conn: Conn) -> None:
+    """Open a reservation's transaction: not waited for on disk (a lost reservation costs a lease at most;
+    rows are what must be durable). One round trip."""
+    conn.execute("BEGIN; SET LOCAL synchronous_commit = off")
+
+
+def holds_now(conn: Conn, keys: Sequence[SpendKey]) -> tuple[float, dict[SpendKey, Decimal]]:
+    """The database's clock and what unexpired reservations hold against each key, in one round trip."""
+    if not keys:
+        return db_now(conn), {}
+    rows = conn.execute(
+        "WITH t AS (SELECT extract(epoch FROM clock_timestamp())::float8 AS now) "
+        "SELECT t.now, r.kind, r.name, r.period, r.label, decimal_sum(r.worst_usd) FROM t LEFT JOIN reservations r"
+        f" ON {_in('r.kind, r.name, r.period, r.label', 4, len(keys))} AND r.expires_at > t.now"
+        " GROUP BY t.now, r.kind, r.name, r.period, r.label", _flat(keys)).fetchall()
+    return float(rows[0][0]), {(r[1], r[2], r[3], r[4]): Decimal(r[5]) for r in rows if r[1] is not None}
+
+
+def commit_reservation(conn: Conn, reservation: str, replica: str, keys: Sequence[SpendKey], worst_usd: Decimal,
+                       expires_at: float, subjects: Sequence[RateKey], at: float, tokens: int) -> None:
+    """Insert the holds and the rate events and commit, pipelined: one round trip."""
+    with conn.raw.pipeline():
+        if keys:
+            insert_holds(conn, reservation, replica, keys, worst_usd, expires_at)
+        if subjects:
+            insert_rate_events(conn, reservation, subjects, at, tokens)
+        conn.commit()
 
 
 def insert_holds(conn: Conn, reservation: str, replica: str, keys: Sequence[SpendKey], worst_usd: Decimal,
