@@ -234,3 +234,13 @@ async def test_spend_stays_the_exact_row_sum_while_rows_are_written_during_its_c
     assert written[0] > 10
     total = Decimal(conn.execute("SELECT decimal_sum(cost_usd) FROM calls").fetchone()[0])
     assert team_spend(conn, "day") == team_spend(conn, "month") == team_spend(conn, "total") == total
+
+
+async def test_budget_states_read_spend_and_every_replicas_holds(replicas: list[SharedLimits], conn: Conn) -> None:
+    from proxy.control.shared import SharedBudgets
+
+    write_rows(conn, [row("s1", "0.25")])
+    assert isinstance(await replicas[0].acquire("s2", budget("1"), 0, Decimal("0.3"), time.time()), SharedHold)
+    assert isinstance(await replicas[1].acquire("s3", budget("1"), 0, Decimal("0.2"), time.time()), SharedHold)
+    (state,) = await SharedBudgets(replicas[2], "").states([(TEAM, "day", Decimal("1"))], time.time())
+    assert (state.spent, state.reserved, state.left) == (Decimal("0.25"), Decimal("0.5"), Decimal("0.25"))
