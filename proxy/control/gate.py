@@ -8,7 +8,8 @@ ends) or a `Refusal` (an OpenAI-shaped error to answer instead; nothing is forwa
 Plain data in and out, no aiohttp web objects: headers are any case-insensitive mapping (multidict).
 
 This module must never forward, log or repr the upstream key, and never await between a rate-limit check
-and the budget hold that follows it (together they are one step, or concurrency would pass the limits).
+and the budget hold that follows it (together they are one step, or concurrency would pass the limits). On
+PostgreSQL that step is one database transaction shared by every replica (`control/shared.py`).
 """
 
 from __future__ import annotations
