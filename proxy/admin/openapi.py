@@ -158,7 +158,8 @@ _SCHEMAS: dict[str, Any] = {
         "until": _nullable(_TIME), "budgets": {"type": "array", "items": _ref("BudgetState")},
         "rows": {"type": "array", "items": _ref("UsageRow")}, "totals": _ref("Counters"),
     }),  # fmt: skip
-    "Health": _obj({"status": {"const": "ok"}}),
+    "Health": _obj({"status": {"const": "ok"}, "backend": {"enum": ["sqlite", "postgres"]},
+                    "db": {"type": "string", "description": "the ledger: a path, or a URL without its password"}}),
 }
 
 _ERRORS = {
