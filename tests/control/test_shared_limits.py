@@ -244,3 +244,30 @@ async def test_budget_states_read_spend_and_every_replicas_holds(replicas: list[
     assert isinstance(await replicas[1].acquire("s3", budget("1"), 0, Decimal("0.2"), time.time()), SharedHold)
     (state,) = await SharedBudgets(replicas[2], "").states([(TEAM, "day", Decimal("1"))], time.time())
     assert (state.spent, state.reserved, state.left) == (Decimal("0.25"), Decimal("0.5"), Decimal("0.25"))
+
+
+async def test_the_ledger_writer_settles_a_reservation_with_its_row(pg_url: str) -> None:
+    from proxy.ledger.writer import Ledger
+
+    ledger = Ledger(pg_url)
+    ledger.db.after_insert.append(budget_store.settle_rows)  # as app.py does on PostgreSQL
+    await ledger.open()  # migrates the schema
+    shared = SharedLimits(parse_target(pg_url))
+    await shared.open()
+    try:
+        held = await shared.acquire("w1", budget("1"), 0, Decimal("0.9"), time.time())
+        assert isinstance(held, SharedHold)
+        await ledger.record(CallRecord(request_id="w1", started_at=time.time(), method="POST",
+                                       endpoint="/v1/chat/completions", ended_at=time.time(), status=200,
+                                       tags={"team": "ml"}, cost_usd=Decimal("0.0625"), priced=True))
+        held.settle(Decimal("0.0625"))
+        conn = connect_postgres(parse_target(pg_url))
+        try:
+            assert team_spend(conn) == Decimal("0.0625")
+            assert conn.execute("SELECT count(*) FROM reservations").fetchone()[0] == 0
+        finally:
+            conn.close()
+        assert isinstance(await shared.acquire("w2", budget("1"), 0, Decimal("0.9"), time.time()), SharedHold)
+    finally:
+        await shared.close()
+        await ledger.close()
