@@ -117,15 +117,22 @@ class SharedLimits:
             self._conn = None
 
     def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        conn = self._connection()
-        try:
-            return fn(conn, *args)
-        except Exception as exc:
-            if isinstance(exc, conn.OperationalError) or conn.closed:
+        """`fn` on the connection; once more on a new one if the connection was lost (a server restart,
+        a failover), so only a database that stays away costs a call its admission."""
+        for attempt in (1, 2):
+            conn = self._connection()
+            try:
+                return fn(conn, *args)
+            except Exception as exc:
+                lost = isinstance(exc, conn.OperationalError) or conn.closed
+                if not lost:
+                    conn.rollback()
+                    raise
                 self._drop()  # opened anew by the next call
-            else:
-                conn.rollback()
-            raise
+                if attempt == 2:
+                    raise
+                log.warning("shared limits on %s: connection lost (%s); connecting again", self.target, exc)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(conn, *args)` on the worker thread."""

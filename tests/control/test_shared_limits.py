@@ -271,3 +271,17 @@ async def test_the_ledger_writer_settles_a_reservation_with_its_row(pg_url: str)
     finally:
         await shared.close()
         await ledger.close()
+
+
+async def test_a_lost_connection_is_opened_anew_and_an_unreachable_database_raises(
+        replicas: list[SharedLimits], conn: Conn) -> None:
+    assert isinstance(await replicas[0].acquire("c1", budget("1"), 0, Decimal("0.1"), time.time()), SharedHold)
+    killed = conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                          " WHERE application_name = 'meterproxy-limits'").fetchone()[0]
+    assert killed == 3
+    assert isinstance(await replicas[0].acquire("c2", budget("1"), 0, Decimal("0.1"), time.time()), SharedHold)
+    away = SharedLimits(parse_target("postgresql://nobody:secret-pw@127.0.0.1:1/none"))
+    with pytest.raises(Exception) as caught:
+        await away.acquire("c3", budget("1"), 0, Decimal("0.1"), time.time())
+    assert "secret-pw" not in str(caught.value)
+    await away.close()
