@@ -25,6 +25,7 @@ from proxy.cli.args import Parser, add_ledger_args, add_range_args, db_problem, 
 from proxy.cli.budgets import add_budgets_parser, run_budgets
 from proxy.cli.export import add_export_parser, run_export
 from proxy.cli.keys import add_keys_parser, run_keys
+from proxy.cli.migrate import add_migrate_parser, run_migrate
 from proxy.cli.reprice import add_reprice_parser, run_reprice
 from proxy.cli.serving import ProxyRunner, raise_open_file_limit
 from proxy.config import SETTINGS, ConfigError, Settings, load_settings, spool_path
@@ -78,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     add_keys_parser(sub)
     add_budgets_parser(sub)
     add_reprice_parser(sub)
+    add_migrate_parser(sub)
     add_export_parser(sub)
 
     acc = sub.add_parser("accuracy", help="how far the proxy's token counts fall from the provider's, per model",
@@ -100,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = {
         "serve": _serve, "accuracy": _accuracy, "keys": run_keys, "budgets": run_budgets, "export": run_export,
         "reprice": lambda a: run_reprice(a, after=rollups.after_reprice),  # rebuild the rollup hours it changed
-        "report": _report,
+        "report": _report, "migrate": run_migrate,
     }[args.command]
     try:
         status = run(args)

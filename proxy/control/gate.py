@@ -30,7 +30,8 @@ from proxy.control.keys import KeyStore, ManagedKey
 from proxy.control.limits import Limits, LimitStore, Subject
 from proxy.control.ratelimit import RateLimiter, RateRefusal, Ticket
 from proxy.control.shared import DEFAULT_LEASE, SharedBudgets, SharedLimits
-from proxy.core.attribution import api_key, caller_of, key_id_of, storable, team_of
+from proxy.core.attribution import caller_of, storable, team_of
+from proxy.core.credentials import api_key, key_id_of
 from proxy.core.errors import MeterproxyError, error_body
 from proxy.core.record import CallRecord, Usage
 from proxy.counting import count_request, encoding_for, get_encoding
