@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence, TypeVar
 from proxy.control.budgets import AlertSink, BudgetRefusal, Budgets, BudgetState
 from proxy.control.limits import Limits, Subject, period_of
 from proxy.control.ratelimit import WINDOW, Figures, RateRefusal, headers_of, refusal_of
+from proxy.core.errors import MeterproxyError
 from proxy.ledger import budget_store as store
 from proxy.ledger.sqlconn import Conn, connect_postgres
 from proxy.ledger.target import Target
@@ -50,7 +51,7 @@ class _Budget:
         return (self.subject.kind, self.subject.name, self.period, self.label)
 
 
-class _Missing(Exception):
+class _Missing(MeterproxyError):
     """Rows to create before the reservation can lock them (a subject's first call in a period)."""
 
     def __init__(self, spend: list[_Budget], rates: list[store.RateKey]) -> None:
