@@ -23,7 +23,7 @@ from proxy.control.gate import Gate, open_gate
 from proxy.counting.counter import CountPolicy
 from proxy.forwarding.forward import forward
 from proxy.forwarding.responses import error_response
-from proxy.ledger import rollups
+from proxy.ledger import budget_store, rollups
 from proxy.ledger.retention import RetentionTask
 from proxy.ledger.sqlconn import Conn
 from proxy.ledger.writer import Ledger
@@ -203,6 +203,8 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
                         busy_timeout_ms=int((settings.ledger_busy_timeout or 5.0) * 1000),
                         spool_reserve_bytes=settings.spool_reserve)
         ledger.db.after_insert.append(rollups.apply)  # rollups move with their rows, in the same transaction
+        if ledger.db.target.is_postgres:  # shared budgets: spend and reservations settle with their rows
+            ledger.db.after_insert.append(budget_store.settle_rows)
         ledger.db.on_open.append(_mark_stale_rollups)  # rows written without rollups: marked for the upkeep
         ledger.on_commit = metrics.observe_commit
         await ledger.open()
@@ -219,7 +221,8 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
             db_path=settings.db, managed=settings.keys == "managed", prices=app[LIVE],
             counting=app[COUNTING], upstream_key=settings.upstream_api_key, limits=settings.limits,
             reserve_max_tokens=settings.reserve_max_tokens, alert_webhook=settings.alert_webhook,
-            alert_thresholds=settings.alert_thresholds, unmetered_routes=settings.unmetered_routes)
+            alert_thresholds=settings.alert_thresholds, unmetered_routes=settings.unmetered_routes,
+            reservation_lease_seconds=settings.reservation_lease_seconds)
         app[GATE] = gate
         try:
             yield

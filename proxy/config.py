@@ -255,6 +255,8 @@ SETTINGS: tuple[Setting, ...] = (
             "{budget_usd, budget_period: day|month|total, rpm, tpm}}}", parse_limits_setting),
     Setting("reserve_max_tokens", 4096, "output tokens a budget or tpm limit reserves for a call that sets no "
             "output limit, when its model has no max_output in the price table", _size),
+    Setting("reservation_lease_seconds", 60.0, "PostgreSQL: seconds a call's budget reservation outlives its "
+            "replica's last renewal (a replica that died holds nothing for longer)", lambda v: _required(_seconds(v))),
     Setting("unmetered_routes", (), "routes allowed under a budget or tpm limit although the proxy cannot meter "
             "them (they reserve nothing), e.g. ['GET /v1/files', 'POST /v1/files']", _route_list),
     Setting("alert_webhook", None, "URL that gets a JSON POST when spend crosses an alert threshold",
@@ -320,6 +322,7 @@ class Settings:
     upstream_api_key: str | None = _default("upstream_api_key", shown=False)
     limits: dict[Subject, Limits] = _default("limits")
     reserve_max_tokens: int = _default("reserve_max_tokens")
+    reservation_lease_seconds: float = _default("reservation_lease_seconds")
     unmetered_routes: tuple[str, ...] = _default("unmetered_routes")
     alert_webhook: str | None = _default("alert_webhook")
     alert_thresholds: tuple[Decimal, ...] = _default("alert_thresholds")

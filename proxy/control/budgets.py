@@ -25,7 +25,7 @@ from decimal import Context, Decimal
 from typing import Iterable, Protocol, Sequence
 
 from proxy.control.limits import Limits, Subject, period_of
-from proxy.ledger import calls_read
+from proxy.ledger.budget_store import spend_since as ledger_spend
 from proxy.ledger.read import open_read
 from proxy.ledger.sqlconn import Conn
 
@@ -42,7 +42,7 @@ class AlertSink(Protocol):
 
 def spend_since(conn: Conn, subject: Subject, since: float) -> Decimal:
     """Exact spend of a subject in calls started at or after `since` (a connection from open_read)."""
-    return calls_read.spend_since(conn, subject.kind, subject.name, since)
+    return ledger_spend(conn, subject.kind, subject.name, since)
 
 
 class _Tracker:

@@ -8,7 +8,8 @@ ends) or a `Refusal` (an OpenAI-shaped error to answer instead; nothing is forwa
 Plain data in and out, no aiohttp web objects: headers are any case-insensitive mapping (multidict).
 
 This module must never forward, log or repr the upstream key, and never await between a rate-limit check
-and the budget hold that follows it (together they are one step, or concurrency would pass the limits).
+and the budget hold that follows it (together they are one step, or concurrency would pass the limits). On
+PostgreSQL that step is one database transaction shared by every replica (`control/shared.py`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import asyncio
 import json
 import logging
 import math
+import os
 import time
 from decimal import ROUND_CEILING, Decimal
-from typing import Any, Callable, Mapping, MutableMapping, TypedDict, Unpack
+from typing import Any, Callable, Mapping, MutableMapping, Protocol, TypedDict, Unpack
 
 from proxy.control.alerts import Alerts
 from proxy.control.budgets import BudgetRefusal, Budgets, Reservation
@@ -27,6 +29,7 @@ from proxy.control.db import ControlDB, ControlDBError
 from proxy.control.keys import KeyStore, ManagedKey
 from proxy.control.limits import Limits, LimitStore, Subject
 from proxy.control.ratelimit import RateLimiter, RateRefusal, Ticket
+from proxy.control.shared import DEFAULT_LEASE, SharedBudgets, SharedLimits
 from proxy.core.attribution import caller_of, storable, team_of
 from proxy.core.credentials import api_key, key_id_of
 from proxy.core.errors import MeterproxyError, error_body
@@ -35,6 +38,7 @@ from proxy.counting import count_request, encoding_for, get_encoding
 from proxy.counting.counter import CountPolicy
 from proxy.forwarding.forms import form_fields
 from proxy.forwarding.routes import FREE_POLICY, METERED_POLICY, RoutePolicy
+from proxy.ledger.target import parse_target
 from proxy.pricing.live import LivePrices
 from proxy.pricing.table import PriceTable
 
@@ -61,19 +65,32 @@ async def open_gate(*, db_path: str, managed: bool, prices: PriceTable | LivePri
                     upstream_key: str | None = None, limits: Mapping[Subject, Limits] | None = None,
                     reserve_max_tokens: int = 4096, alert_webhook: str | None = None,
                     alert_thresholds: tuple[Decimal, ...] = (Decimal("0.8"), Decimal(1)),
-                    watch_interval: float = 1.0, unmetered_routes: tuple[str, ...] = ()) -> Gate:
-    """Open the control tables on the ledger's file (after the ledger: it must exist) and build the gate."""
+                    watch_interval: float = 1.0, unmetered_routes: tuple[str, ...] = (),
+                    reservation_lease_seconds: float = DEFAULT_LEASE) -> Gate:
+    """Open the control tables on the ledger's file (after the ledger: it must exist) and build the gate.
+
+    On PostgreSQL budgets and rate limits are shared by every replica (`control/shared.py`); on SQLite
+    (one process) they are kept in memory."""
     db = ControlDB(db_path)
     await db.open()
+    shared: SharedLimits | None = None
     try:
         store = LimitStore(db, limits)
         await store.load()
         alerts = Alerts(db, alert_webhook, alert_thresholds)
-        gate = Gate(managed=managed, keys=KeyStore(db), limits=store,
-                    budgets=Budgets(db_path, alerts=alerts), rates=RateLimiter(), prices=prices,
-                    counting=counting, upstream_key=upstream_key, reserve_max_tokens=reserve_max_tokens,
-                    unmetered_routes=RoutePolicy(unmetered_routes) if unmetered_routes else None)
+        budgets = Budgets(db_path, alerts=alerts)
+        target = parse_target(db_path)
+        if target.is_postgres:
+            shared = SharedLimits(target, lease=reservation_lease_seconds, alerts=alerts)
+            await shared.open()
+            budgets = SharedBudgets(shared, db_path)
+        gate = Gate(managed=managed, keys=KeyStore(db), limits=store, budgets=budgets, rates=RateLimiter(),
+                    prices=prices, counting=counting, upstream_key=upstream_key,
+                    reserve_max_tokens=reserve_max_tokens,
+                    unmetered_routes=RoutePolicy(unmetered_routes) if unmetered_routes else None, shared=shared)
     except BaseException:
+        if shared is not None:
+            await shared.close()
         await db.close()
         raise
     gate.db, gate.alerts = db, alerts
@@ -111,24 +128,36 @@ class Refusal:
         return f"Refusal({self.status}, {self.code!r})"
 
 
+class Hold(Protocol):
+    """What a call holds in shared limits until it ends (control/shared.py: SharedHold)."""
+
+    @property
+    def headers(self) -> dict[str, str]: ...
+
+    def settle(self, cost_usd: Decimal, tokens: int | None = None, recorded: bool = True) -> None: ...
+
+
 class Admission:
     """A call let through: how to authenticate upstream, whom to attribute it to, and its holds."""
 
-    __slots__ = ("_budgets", "_reservation", "_settled", "_ticket", "authorization", "key", "key_id", "managed",
-                 "team", "user")
+    __slots__ = ("_budgets", "_hold", "_reservation", "_settled", "_ticket", "authorization", "key", "key_id",
+                 "managed", "team", "user")
 
     def __init__(self, *, key_id: str | None, user: str | None, team: str | None,
                  authorization: str | None = None, key: ManagedKey | None = None, budgets: Budgets | None = None,
-                 reservation: Reservation | None = None, ticket: Ticket | None = None) -> None:
+                 reservation: Reservation | None = None, ticket: Ticket | None = None,
+                 hold: Hold | None = None) -> None:
         self.key_id, self.user, self.team, self.key = key_id, user, team, key
         self.authorization = authorization  # the real key, managed mode only; None: send the client's
         self.managed = authorization is not None  # the subject is the key's, never the client's X-Meter-*
-        self._budgets, self._reservation, self._ticket = budgets, reservation, ticket
+        self._budgets, self._reservation, self._ticket, self._hold = budgets, reservation, ticket, hold
         self._settled = False
 
     @property
     def headers(self) -> dict[str, str]:
         """The proxy's own x-ratelimit-* for this call (empty without rate limits)."""
+        if self._hold is not None:
+            return self._hold.headers
         return self._ticket.headers if self._ticket is not None else {}
 
     def apply(self, upstream_headers: MutableMapping[str, str]) -> None:
@@ -156,11 +185,14 @@ class Admission:
     def settled(self) -> bool:
         return self._settled
 
-    def settle(self, cost_usd: Decimal, tokens: int | None = None) -> None:
-        """The call ended (its row is committed): release its hold, count its real cost and tokens. Once."""
+    def settle(self, cost_usd: Decimal, tokens: int | None = None, recorded: bool = True) -> None:
+        """The call ended (its row is committed, or `recorded` is False: it could not be stored): release its
+        hold, count its real cost and tokens. Once."""
         if self._settled:
             return
         self._settled = True
+        if self._hold is not None:
+            self._hold.settle(cost_usd, tokens, recorded)
         if self._reservation is not None and self._budgets is not None:
             self._budgets.settle(self._reservation, cost_usd)
         if self._ticket is not None and tokens is not None:
@@ -174,7 +206,8 @@ class Gate:
     def __init__(self, *, managed: bool, keys: KeyStore | None, limits: LimitStore, budgets: Budgets,
                  rates: RateLimiter, prices: PriceTable | LivePrices, counting: CountPolicy,
                  upstream_key: str | None = None, reserve_max_tokens: int = 4096,
-                 unmetered_routes: RoutePolicy | None = None, clock: Callable[[], float] = time.time) -> None:
+                 unmetered_routes: RoutePolicy | None = None, clock: Callable[[], float] = time.time,
+                 shared: SharedLimits | None = None) -> None:
         if managed and (keys is None or not upstream_key):
             raise ValueError(f"managed keys need a key store and the upstream key ({UPSTREAM_KEY_ENV})")
         self.managed = managed
@@ -184,10 +217,13 @@ class Gate:
         self.reserve_max_tokens = reserve_max_tokens  # output reserved for a model without max_output
         self.unmetered_routes = unmetered_routes  # routes allowed under a budget or tpm without a meter
         self._clock = clock
+        self.shared = shared  # PostgreSQL: budgets and rate limits in the database, shared by replicas
         self.db: ControlDB | None = None  # set by open_gate, closed by close()
         self.alerts: Alerts | None = None
 
     async def close(self) -> None:
+        if self.shared is not None:
+            await self.shared.close()
         if self.alerts is not None:
             await self.alerts.close()
         if self.db is not None:
@@ -275,7 +311,8 @@ class Gate:
             duplicate = await self._duplicate(raw, body)
             if duplicate is not None:
                 return duplicate.of(key_id=key_id, user=user, team=team)
-        return await self._limit(active, admission, method, path, body, model, body_size, explicit)
+        request_id = record.request_id if record is not None else os.urandom(16).hex()
+        return await self._limit(active, admission, method, path, body, model, body_size, explicit, request_id)
 
     async def _duplicate(self, raw: bytes | None, body: object) -> _Duplicate | None:
         """A request whose JSON repeats a key: upstream parsers may read either value, so no policy can."""
@@ -289,7 +326,7 @@ class Gate:
 
     async def _limit(self, active: list[tuple[Subject, Limits]], admission: dict[str, Any], method: str,
                      path: str, body: object, model: str | None, body_size: int | None,
-                     explicit: RoutePolicy | None = None) -> Admission | Refusal:
+                     explicit: RoutePolicy | None = None, request_id: str = "") -> Admission | Refusal:
         who: dict[str, Any] = {k: admission[k] for k in ("key_id", "user", "team")}
         who["managed"] = self.managed
         tokens, worst = 0, _ZERO
@@ -313,6 +350,8 @@ class Gate:
                     tokens, worst = self.estimate(path, body, model, body_size)
                 else:
                     tokens, worst = await asyncio.to_thread(self.estimate, path, body, model, body_size)
+        if self.shared is not None:
+            return await self._shared(active, admission, who, tokens, worst, request_id)
         try:
             holds = await self.budgets.prepare(active, self._clock())
         except Exception as exc:  # the ledger cannot be read: a budget that cannot be checked does not pass
@@ -331,6 +370,23 @@ class Gate:
             return Refusal(429, reservation.message, "insufficient_quota", "budget_exceeded", headers=_NO_RETRY,
                            **who)
         return Admission(**admission, budgets=self.budgets, reservation=reservation, ticket=ticket)
+
+    async def _shared(self, active: list[tuple[Subject, Limits]], admission: dict[str, Any], who: dict[str, Any],
+                      tokens: int, worst: Decimal, request_id: str) -> Admission | Refusal:
+        assert self.shared is not None
+        try:
+            held = await self.shared.acquire(request_id, active, tokens, worst, self._clock())
+        except Exception as exc:  # the database is away: limits that cannot be checked do not pass
+            log.error("budgets: cannot reserve in %s: %s", self.shared.target, exc)
+            return Refusal(503, "Budgets and rate limits cannot be checked right now (the database is "
+                           "unreachable); the request was not forwarded. Retry shortly.", "server_error",
+                           "budget_unavailable", headers={"Retry-After": "1"}, **who)
+        if isinstance(held, RateRefusal):
+            headers = held.headers if held.retry_after is not None else {**held.headers, **_NO_RETRY}
+            return Refusal(429, held.message, held.kind, "rate_limit_exceeded", headers=headers, **who)
+        if isinstance(held, BudgetRefusal):
+            return Refusal(429, held.message, "insufficient_quota", "budget_exceeded", headers=_NO_RETRY, **who)
+        return Admission(**admission, hold=held)
 
     def _allowed_unmetered(self, method: str, path: str, explicit: RoutePolicy | None) -> bool:
         return ((self.unmetered_routes is not None and self.unmetered_routes.allows(method, path))

@@ -23,11 +23,13 @@ from typing import Callable, Sequence
 
 from proxy.control.limits import Subject
 
-__all__ = ["WINDOW", "RateLimiter", "RateRefusal", "Ticket", "format_duration"]
+__all__ = ["WINDOW", "Figures", "RateLimiter", "RateRefusal", "Ticket", "format_duration", "headers_of",
+           "refusal_of"]
 
 WINDOW = 60.0
 Demand = tuple[Subject, "int | None", "int | None"]  # (subject, rpm, tpm)
 _Checked = tuple[Subject, "int | None", "int | None", "_Window"]
+_Shown = tuple[Subject, "int | None", "int | None", "_Window | Figures"]
 
 
 class _Entry:
@@ -44,6 +46,10 @@ class _Window:
     def __init__(self) -> None:
         self.entries: deque[_Entry] = deque()
         self.tokens = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.entries)
 
     def prune(self, now: float) -> None:
         cutoff = now - WINDOW
@@ -71,6 +77,34 @@ class _Window:
     def reset(self, now: float) -> float:
         """Seconds until everything counted now has left the window (OpenAI's 'reset')."""
         return self.entries[-1].at + WINDOW - now if self.entries else 0.0
+
+
+class Figures:
+    """A window as counted elsewhere (the shared windows in the database): what the headers need."""
+
+    __slots__ = ("count", "latest", "tokens")
+
+    def __init__(self, count: int, tokens: int, latest: float | None) -> None:
+        self.count, self.tokens, self.latest = count, tokens, latest
+
+    def reset(self, now: float) -> float:
+        return self.latest + WINDOW - now if self.latest is not None and self.count else 0.0
+
+
+def refusal_of(subject: Subject, entries: Sequence[tuple[float, int]], rpm: int | None, tpm: int | None,
+               tokens: int, now: float) -> RateRefusal | None:
+    """The refusal of one more request of `tokens` against a window of (time, tokens) entries, oldest first
+    (all within the last minute), or None if it fits: the same answer the in-process limiter gives."""
+    window = _Window()
+    for at, used in entries:
+        window.entries.append(_Entry(at, used))
+        window.tokens += used
+    return _check(subject, window, rpm, tpm, tokens, now)
+
+
+def headers_of(checked: Sequence[tuple[int | None, int | None, Figures]], now: float) -> dict[str, str]:
+    """x-ratelimit-* of the tightest of (rpm, tpm, figures) windows, as `Ticket.headers` gives them."""
+    return _headers([(Subject("key", ""), rpm, tpm, figures) for rpm, tpm, figures in checked], now)
 
 
 def format_duration(seconds: float) -> str:
@@ -209,10 +243,10 @@ def _check(subject: Subject, window: _Window, rpm: int | None, tpm: int | None, 
     return None
 
 
-def _headers(checked: Sequence[_Checked], now: float) -> dict[str, str]:
+def _headers(checked: Sequence[_Shown], now: float) -> dict[str, str]:
     """x-ratelimit-* of the tightest limit among the subjects (the one with the least remaining)."""
     out: dict[str, str] = {}
-    requests = [(rpm - len(w.entries), rpm, w) for _, rpm, _, w in checked if rpm is not None]
+    requests = [(rpm - w.count, rpm, w) for _, rpm, _, w in checked if rpm is not None]
     if requests:
         remaining, limit, window = min(requests, key=lambda r: r[0])
         out["x-ratelimit-limit-requests"] = str(limit)

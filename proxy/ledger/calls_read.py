@@ -12,12 +12,11 @@ from collections.abc import Generator, Sequence
 from decimal import Decimal
 from typing import Any
 
-from proxy.ledger import rollups
 from proxy.ledger.sqlconn import Conn, pg_sql
 
 __all__ = [
     "CALL_FIELDS", "accuracy_rows", "call_by_request_id", "call_columns", "calls_page", "iter_call_rows",
-    "spend_since", "where_sql",
+    "where_sql",
 ]  # fmt: skip
 
 _TOKENS = ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "total_tokens")
@@ -133,14 +132,3 @@ def accuracy_rows(conn: Conn, *, since: float | None, until: float | None,
     return [tuple(row) for row in conn.execute(sql, params)]
 
 
-_SUBJECT_SQL = {"key": "key_id = ?", "user": '"user" = ?'}
-
-
-def spend_since(conn: Conn, kind: str, name: str, since: float) -> Decimal:
-    """Exact spend of calls of the subject (kind "key", "user" or "team"; `name`) started at or after
-    `since`."""
-    # The team: the very expression its index is on.
-    subject = f"{rollups.team_sql(conn)} = ?" if kind == "team" else _SUBJECT_SQL[kind]
-    sql = f"SELECT decimal_sum(cost_usd) FROM calls WHERE {subject} AND started_at >= ?"
-    (total,) = conn.execute(sql, (name, since)).fetchone()
-    return Decimal(total) if total is not None else Decimal(0)

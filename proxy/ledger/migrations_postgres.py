@@ -8,7 +8,8 @@ which is NULL for text that is not a JSON object. `decimal_sum` is an aggregate 
 addition: exact), so report SQL is the same on both engines.
 
 `migrate(conn)` takes `pg_advisory_lock(MIGRATION_LOCK)` for the whole run, so replicas starting together
-run each migration once: the second waits, then finds the schema current. The version is the highest
+run each migration once: the second waits, then finds the schema current. Migration 2 holds the shared
+budgets and rate limits of replicas (`ledger/budget_store.py`). The version is the highest
 `version` in `meterproxy_schema`.
 """
 
@@ -84,7 +85,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             AND usage_source = 'upstream';
 
         -- The team of a call: its "team" tag as text, NULL when tags is not a JSON object.
-        CREATE FUNCTION meter_team(tags TEXT) RETURNS TEXT LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+        CREATE FUNCTION meter_team(tags TEXT) RETURNS TEXT LANGUAGE plpgsql IMMUTABLE PARALLEL RESTRICTED AS $$
         BEGIN
             RETURN CASE WHEN jsonb_typeof(tags::jsonb) = 'object' THEN tags::jsonb ->> 'team' END;
         EXCEPTION WHEN others THEN
@@ -233,6 +234,52 @@ MIGRATIONS: tuple[Migration, ...] = (
               OR OLD.usage_source IS DISTINCT FROM NEW.usage_source OR OLD.priced IS DISTINCT FROM NEW.priced
               OR OLD.cost_usd IS DISTINCT FROM NEW.cost_usd)
             EXECUTE FUNCTION meter_rollup_dirty();
+        """,
+    ),
+    Migration(
+        "shared budgets and rate limits: settled spend per subject-period, leased reservations, rate events",
+        r"""
+        -- A subject-period's settled spend: the exact ledger sum at its creation, then every row's cost.
+        CREATE TABLE budget_spend (
+            kind TEXT NOT NULL,
+            name TEXT NOT NULL,
+            period TEXT NOT NULL,
+            label TEXT NOT NULL,
+            spent NUMERIC NOT NULL,
+            PRIMARY KEY (kind, name, period, label)
+        );
+        -- A call in flight's worst case, one row per budget it counts against, until its row is written
+        -- (or its lease runs out: a replica that died holds nothing for long).
+        CREATE TABLE reservations (
+            id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            name TEXT NOT NULL,
+            period TEXT NOT NULL,
+            label TEXT NOT NULL,
+            replica TEXT NOT NULL,
+            worst_usd NUMERIC NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (id, kind, name, period, label)
+        );
+        CREATE INDEX reservations_subject ON reservations (kind, name, period, label, expires_at);
+        CREATE INDEX reservations_expires ON reservations (expires_at);
+        -- One row per rate-limited subject, locked while a request is counted against its window.
+        CREATE TABLE rate_subjects (
+            kind TEXT NOT NULL,
+            name TEXT NOT NULL,
+            PRIMARY KEY (kind, name)
+        );
+        -- The sliding log of admitted requests (pruned once they are a minute old).
+        CREATE TABLE rate_events (
+            id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            name TEXT NOT NULL,
+            at DOUBLE PRECISION NOT NULL,
+            tokens BIGINT NOT NULL,
+            PRIMARY KEY (id, kind, name)
+        );
+        CREATE INDEX rate_events_subject_at ON rate_events (kind, name, at);
+        CREATE INDEX rate_events_at ON rate_events (at);
         """,
     ),
 )

@@ -371,4 +371,4 @@ class MeteredCall:
             except Exception:  # a log line must never keep a call's budget hold
                 log.exception("call logs failed on %s", self.record.request_id)
         if self._admission is not None:  # settle: charge the hold with the recorded cost
-            self._admission.settle(self.record.cost_usd, self.record.total_tokens)
+            self._admission.settle(self.record.cost_usd, self.record.total_tokens, recorded=bool(self.recorded))

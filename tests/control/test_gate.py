@@ -255,3 +255,26 @@ def test_managed_mode_needs_the_upstream_key() -> None:
     with pytest.raises(ValueError, match="OPENAI_API_KEY"):
         Gate(managed=True, keys=None, limits=None, budgets=None, rates=RateLimiter(),  # type: ignore[arg-type]
              prices=PRICES, counting=CountPolicy())
+
+
+async def test_an_unreachable_shared_store_refuses_limited_calls_with_503(ledger_path: str) -> None:
+    from proxy.control.shared import SharedLimits
+    from proxy.ledger.target import parse_target
+
+    db = ControlDB(ledger_path)
+    await db.open()
+    shared = SharedLimits(parse_target("postgresql://meter:pw-not-shown@127.0.0.1:1/ledger"))
+    try:
+        store = LimitStore(db, {Subject("user", "u"): Limits(Decimal(1), "day"), Subject("user", "r"): Limits(rpm=5)})
+        await store.load()
+        gate = Gate(managed=False, keys=None, limits=store, budgets=Budgets(ledger_path), rates=RateLimiter(),
+                    prices=PRICES, counting=CountPolicy(), shared=shared)
+        for user in ("u", "r"):
+            refused = refusal(await gate.admit(headers("sk-x", **{"X-Meter-User": user}), chat(), CHAT), 503,
+                              "budget_unavailable")
+            assert "pw-not-shown" not in refused.message and refused.headers["Retry-After"] == "1"
+        assert isinstance(await gate.admit(headers("sk-x", **{"X-Meter-User": "v"}), chat(), CHAT), Admission)
+    finally:
+        await shared.close()
+        await db.close()
+

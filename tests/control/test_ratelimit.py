@@ -121,3 +121,27 @@ def test_idle_subjects_are_swept(limiter: RateLimiter, clock: Clock) -> None:
 ])
 def test_durations_in_openai_form(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
+
+
+def test_a_window_counted_elsewhere_gets_the_same_refusals_and_headers(limiter: RateLimiter, clock: Clock) -> None:
+    # The shared limits (PostgreSQL) answer from the window's entries and counts: the same words, waits and
+    # headers as the in-process limiter, request for request.
+    import random
+
+    from proxy.control.ratelimit import Figures, headers_of, refusal_of
+
+    rng = random.Random(14)
+    entries: list[tuple[float, int]] = []
+    for _ in range(300):
+        clock.now += rng.choice([0.0, 0.4, 3.0, 17.0])
+        tokens = rng.choice([10, 200, 900])
+        entries = [(at, used) for at, used in entries if at > clock.now - 60]
+        ours = refusal_of(KEY, entries, 12, 3000, tokens, clock.now)
+        theirs = limiter.try_acquire([(KEY, 12, 3000)], tokens)
+        if isinstance(theirs, RateRefusal):
+            assert ours == theirs
+            continue
+        assert ours is None
+        entries.append((clock.now, tokens))
+        figures = Figures(len(entries), sum(t for _, t in entries), clock.now)
+        assert headers_of([(12, 3000, figures)], clock.now) == theirs.headers

@@ -1,0 +1,257 @@
+"""The SQL of budgets and rate limits: a subject's spend in the ledger, and the shared state of replicas.
+
+`spend_since` reads either backend. The rest is PostgreSQL's (migration 2), used by
+`control/shared.py`: settled spend per subject-period (`budget_spend`), leased reservations of calls in
+flight (`reservations`), and the sliding log of admitted requests (`rate_events`, locked through
+`rate_subjects`). Locks are always taken in one order (budget_spend rows, then rate_subjects rows, each
+sorted by key in SQL), so no two transactions wait on each other in a cycle. `settle_rows` is the ledger's
+`after_insert` hook on PostgreSQL: inside the batch's transaction every row's cost joins the spend rows of
+its subjects and its reservation goes, so the spend and the row commit together, or neither.
+Design notes: docs/budgets.md.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+from proxy.core.attribution import TEAM_TAG
+from proxy.ledger import rollups
+from proxy.ledger.db import COLUMNS
+from proxy.ledger.sqlconn import Conn
+
+__all__ = [
+    "SpendKey", "adjust_tokens", "begin_reservation", "commit_reservation", "create_spend", "holds_now", "create_rate_subjects", "db_now", "insert_holds",
+    "insert_rate_events", "live_holds", "lock_rate_subjects", "lock_spend", "period_labels", "prune",
+    "rate_entries", "rate_windows", "release", "renew", "settle_rows", "spend_since",
+]
+
+SpendKey = tuple[str, str, str, str]  # (kind, name, period, label)
+RateKey = tuple[str, str]  # (kind, name)
+_ZERO = Decimal(0)
+_SUBJECT = {"key": "key_id = ?", "user": '"user" = ?'}
+_I = {name: i for i, name in enumerate(COLUMNS)}
+_ID, _STARTED, _KEY, _USER, _TAGS, _COST = (_I[c] for c in ("request_id", "started_at", "key_id", "user",
+                                                              "tags", "cost_usd"))
+
+
+def _subject_sql(conn: Conn, kind: str) -> str:
+    return f"{rollups.team_sql(conn)} = ?" if kind == "team" else _SUBJECT[kind]
+
+
+def spend_since(conn: Conn, kind: str, name: str, since: float, until: float | None = None) -> Decimal:
+    """Exact spend of a subject in calls started at or after `since` (and before `until`, if given)."""
+    sql = f"SELECT decimal_sum(cost_usd) FROM calls WHERE {_subject_sql(conn, kind)} AND started_at >= ?"
+    params: list[Any] = [name, since]
+    if until is not None:
+        sql += " AND started_at < ?"
+        params.append(until)
+    (total,) = conn.execute(sql, params).fetchone()
+    return Decimal(total) if total is not None else _ZERO
+
+
+def period_labels(started_at: float) -> tuple[tuple[str, str], ...]:
+    """(period, label) of every budget period holding `started_at`, spelled as `control.limits.period_of`."""
+    moment = datetime.fromtimestamp(started_at, timezone.utc)
+    return ("day", moment.strftime("%Y-%m-%d")), ("month", moment.strftime("%Y-%m")), ("total", "total")
+
+
+def db_now(conn: Conn) -> float:
+    """The database's clock (unix seconds): one clock for every replica's windows and leases."""
+    return float(conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()[0])
+
+
+def _in(columns: str, width: int, count: int) -> str:
+    one = "(" + ", ".join("?" * width) + ")"
+    return f"({columns}) IN ({', '.join([one] * count)})"
+
+
+def _flat(keys: Iterable[Sequence[Any]]) -> list[Any]:
+    return [part for key in keys for part in key]
+
+
+# --- reservations ------------------------------------------------------------------------------------
+def lock_spend(conn: Conn, keys: Sequence[SpendKey]) -> dict[SpendKey, Decimal]:
+    """Lock the spend rows of `keys` (in the transaction) and read them; a key without a row is absent."""
+    if not keys:
+        return {}
+    rows = conn.execute(
+        f"SELECT kind, name, period, label, spent FROM budget_spend WHERE {_in('kind, name, period, label', 4, len(keys))}"
+        " ORDER BY kind, name, period, label FOR UPDATE", _flat(keys)).fetchall()
+    return {(r[0], r[1], r[2], r[3]): Decimal(r[4]) for r in rows}
+
+
+def create_spend(conn: Conn, key: SpendKey, since: float, until: float | None) -> None:
+    """Make the spend row of `key` from the exact ledger sum of its period (its own transaction, not in
+    another). Ledger writes wait meanwhile (a SHARE lock on calls): a row committed before it is in the sum,
+    a row committed after finds the spend row and adds itself (`settle_rows`); none is counted twice."""
+    kind, name, period, label = key
+    with conn.transaction():
+        conn.execute("LOCK TABLE calls IN SHARE MODE")
+        if conn.execute("SELECT 1 FROM budget_spend WHERE kind = ? AND name = ? AND period = ? AND label = ?",
+                        key).fetchone() is None:
+            spent = spend_since(conn, kind, name, since, until)
+            conn.execute("INSERT INTO budget_spend (kind, name, period, label, spent) VALUES (?, ?, ?, ?, ?)"
+                         " ON CONFLICT DO NOTHING", (kind, name, period, label, spent))
+
+
+def live_holds(conn: Conn, keys: Sequence[SpendKey], now: float) -> dict[SpendKey, Decimal]:
+    """What unexpired reservations hold against each key (keys without any are absent)."""
+    if not keys:
+        return {}
+    rows = conn.execute(
+        "SELECT kind, name, period, label, decimal_sum(worst_usd) FROM reservations WHERE "
+        f"{_in('kind, name, period, label', 4, len(keys))} AND expires_at > ? GROUP BY kind, name, period, label",
+        [*_flat(keys), now]).fetchall()
+    return {(r[0], r[1], r[2], r[3]): Decimal(r[4]) for r in rows}
+
+
+def begin_reservation(conn: Conn) -> None:
+    """Open a reservation's transaction: not waited for on disk (a lost reservation costs a lease at most;
+    rows are what must be durable). One round trip."""
+    conn.execute("BEGIN; SET LOCAL synchronous_commit = off")
+
+
+def holds_now(conn: Conn, keys: Sequence[SpendKey]) -> tuple[float, dict[SpendKey, Decimal]]:
+    """The database's clock and what unexpired reservations hold against each key, in one round trip."""
+    if not keys:
+        return db_now(conn), {}
+    rows = conn.execute(
+        "WITH t AS (SELECT extract(epoch FROM clock_timestamp())::float8 AS now) "
+        "SELECT t.now, r.kind, r.name, r.period, r.label, decimal_sum(r.worst_usd) FROM t LEFT JOIN reservations r"
+        f" ON {_in('r.kind, r.name, r.period, r.label', 4, len(keys))} AND r.expires_at > t.now"
+        " GROUP BY t.now, r.kind, r.name, r.period, r.label", _flat(keys)).fetchall()
+    return float(rows[0][0]), {(r[1], r[2], r[3], r[4]): Decimal(r[5]) for r in rows if r[1] is not None}
+
+
+def commit_reservation(conn: Conn, reservation: str, replica: str, keys: Sequence[SpendKey], worst_usd: Decimal,
+                       expires_at: float, subjects: Sequence[RateKey], at: float, tokens: int) -> None:
+    """Insert the holds and the rate events and commit, pipelined: one round trip."""
+    with conn.raw.pipeline():
+        if keys:
+            insert_holds(conn, reservation, replica, keys, worst_usd, expires_at)
+        if subjects:
+            insert_rate_events(conn, reservation, subjects, at, tokens)
+        conn.commit()
+
+
+def insert_holds(conn: Conn, reservation: str, replica: str, keys: Sequence[SpendKey], worst_usd: Decimal,
+                 expires_at: float) -> None:
+    conn.executemany(
+        "INSERT INTO reservations (id, kind, name, period, label, replica, worst_usd, expires_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [(reservation, *key, replica, worst_usd, expires_at) for key in keys])
+
+
+def renew(conn: Conn, reservations: Sequence[str], expires_at: float) -> int:
+    """Extend the lease of these reservations (the calls in flight of a live replica); how many rows."""
+    if not reservations:
+        return 0
+    return conn.execute("UPDATE reservations SET expires_at = ? WHERE id = ANY(?)",
+                        (expires_at, list(reservations))).rowcount
+
+
+def release(conn: Conn, reservation: str) -> None:
+    """Take back a call's holds and rate events (it was not forwarded, or its row could not be stored)."""
+    with conn.transaction():
+        conn.execute("SET LOCAL synchronous_commit = off")
+        conn.execute("DELETE FROM reservations WHERE id = ?", (reservation,))
+        conn.execute("DELETE FROM rate_events WHERE id = ?", (reservation,))
+
+
+def prune(conn: Conn, now: float, window: float, day_label: str, month_label: str) -> None:
+    """Drop expired reservations, rate events out of the window, spend rows of periods before these labels."""
+    conn.execute("DELETE FROM reservations WHERE expires_at <= ?", (now,))
+    conn.execute("DELETE FROM rate_events WHERE at <= ?", (now - window,))
+    conn.execute("DELETE FROM budget_spend WHERE (period = 'day' AND label < ?) OR (period = 'month' AND label < ?)",
+                 (day_label, month_label))
+
+
+# --- rate windows ------------------------------------------------------------------------------------
+def lock_rate_subjects(conn: Conn, subjects: Sequence[RateKey]) -> set[RateKey]:
+    """Lock the rate rows of `subjects` (in the transaction); the ones that exist."""
+    if not subjects:
+        return set()
+    rows = conn.execute(f"SELECT kind, name FROM rate_subjects WHERE {_in('kind, name', 2, len(subjects))}"
+                        " ORDER BY kind, name FOR UPDATE", _flat(subjects)).fetchall()
+    return {(r[0], r[1]) for r in rows}
+
+
+def create_rate_subjects(conn: Conn, subjects: Sequence[RateKey]) -> None:
+    """Make missing rate rows (outside any transaction: each commits on its own)."""
+    for subject in sorted(subjects):
+        conn.execute("INSERT INTO rate_subjects (kind, name) VALUES (?, ?) ON CONFLICT DO NOTHING", subject)
+
+
+def rate_windows(conn: Conn, subjects: Sequence[RateKey], since: float) -> dict[RateKey, tuple[int, int, float]]:
+    """(requests, tokens, latest time) in each subject's window of events after `since`."""
+    if not subjects:
+        return {}
+    rows = conn.execute(
+        f"SELECT kind, name, count(*), COALESCE(sum(tokens), 0), max(at) FROM rate_events WHERE "
+        f"{_in('kind, name', 2, len(subjects))} AND at > ? GROUP BY kind, name",
+        [*_flat(subjects), since]).fetchall()
+    return {(r[0], r[1]): (int(r[2]), int(r[3]), float(r[4])) for r in rows}
+
+
+def rate_entries(conn: Conn, subject: RateKey, since: float) -> list[tuple[float, int]]:
+    """The (time, tokens) of a subject's window, oldest first (read only to say when to retry)."""
+    rows = conn.execute("SELECT at, tokens FROM rate_events WHERE kind = ? AND name = ? AND at > ? ORDER BY at, id",
+                        (*subject, since)).fetchall()
+    return [(float(r[0]), int(r[1])) for r in rows]
+
+
+def insert_rate_events(conn: Conn, request: str, subjects: Sequence[RateKey], at: float, tokens: int) -> None:
+    conn.executemany("INSERT INTO rate_events (id, kind, name, at, tokens) VALUES (?, ?, ?, ?, ?)",
+                     [(request, *subject, at, tokens) for subject in subjects])
+
+
+def adjust_tokens(conn: Conn, request: str, tokens: int) -> None:
+    """Replace a request's estimated tokens with the real count."""
+    conn.execute("UPDATE rate_events SET tokens = ? WHERE id = ?", (tokens, request))
+
+
+# --- settlement, in the ledger's transaction ---------------------------------------------------------
+def _team(tags: object) -> str | None:
+    if not isinstance(tags, str) or TEAM_TAG not in tags:
+        return None
+    try:
+        parsed = json.loads(tags)
+    except ValueError:
+        return None
+    team = parsed.get(TEAM_TAG) if isinstance(parsed, dict) else None
+    return team if isinstance(team, str) and team else None
+
+
+def settle_rows(conn: Conn, rows: list[tuple[Any, ...]]) -> None:
+    """The ledger's `after_insert` hook (PostgreSQL): add each row's cost to the spend rows of its key, user
+    and team in its day, month and total, and delete its reservation, in the batch's own transaction."""
+    if conn.dialect != "postgres" or not rows:
+        return
+    amounts: dict[SpendKey, Decimal] = {}
+    for row in rows:
+        cost = Decimal(row[_COST])
+        if not cost:
+            continue
+        labels = period_labels(float(row[_STARTED]))
+        for kind, name in (("key", row[_KEY]), ("user", row[_USER]), ("team", _team(row[_TAGS]))):
+            if not name:
+                continue
+            for period, label in labels:
+                key = (kind, name, period, label)
+                amounts[key] = amounts.get(key, _ZERO) + cost
+    conn.execute("DELETE FROM reservations WHERE id = ANY(?)", ([row[_ID] for row in rows],))
+    if not amounts:
+        return
+    keys = list(amounts)
+    found = conn.execute(
+        "SELECT kind, name, period, label FROM budget_spend WHERE (kind, name, period, label) IN "
+        "(SELECT * FROM unnest(?::text[], ?::text[], ?::text[], ?::text[])) ORDER BY kind, name, period, label"
+        " FOR UPDATE", [[k[i] for k in keys] for i in range(4)]).fetchall()
+    if found:
+        conn.executemany("UPDATE budget_spend SET spent = spent + ? WHERE kind = ? AND name = ? AND period = ?"
+                         " AND label = ?", [(amounts[(r[0], r[1], r[2], r[3])], r[0], r[1], r[2], r[3])
+                                            for r in found])

@@ -1,0 +1,287 @@
+"""Shared budgets and rate limits on a real PostgreSQL: several SharedLimits (one connection and thread each,
+as replicas have) on one schema; rows settled by the ledger's hook inside their own transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from decimal import Decimal
+from typing import AsyncIterator, Iterator
+
+import pytest
+
+from proxy.control.budgets import BudgetRefusal
+from proxy.control.limits import Limits, Subject, period_of
+from proxy.control.ratelimit import RateLimiter, RateRefusal
+from proxy.control.shared import SharedHold, SharedLimits
+from proxy.core.record import CallRecord
+from proxy.ledger import budget_store
+from proxy.ledger.db import INSERT_SQL
+from proxy.ledger.migrations_postgres import migrate
+from proxy.ledger.sqlconn import Conn, connect_postgres
+from proxy.ledger.target import parse_target
+from proxy.ledger.writer import record_row
+
+TEAM = Subject("team", "ml")
+
+
+@pytest.fixture
+def conn(pg_url: str) -> Iterator[Conn]:
+    c = connect_postgres(parse_target(pg_url))
+    migrate(c)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+async def replicas(pg_url: str, conn: Conn) -> AsyncIterator[list[SharedLimits]]:
+    opened = [SharedLimits(parse_target(pg_url), lease=60) for _ in range(3)]
+    for shared in opened:
+        await shared.open()
+    yield opened
+    for shared in opened:
+        await shared.close()
+
+
+def row(request_id: str, cost: str, *, team: str = "ml", started: float | None = None) -> tuple[object, ...]:
+    return record_row(CallRecord(request_id=request_id, started_at=started or time.time(), method="POST",
+                                 endpoint="/v1/chat/completions", ended_at=time.time(), status=200,
+                                 tags={"team": team}, cost_usd=Decimal(cost), priced=True))
+
+
+def write_rows(conn: Conn, rows: list[tuple[object, ...]], *, commit: bool = True) -> None:
+    """What the ledger's batch transaction does on PostgreSQL: insert the rows, run the hook, commit."""
+    conn.begin()
+    try:
+        conn.executemany(INSERT_SQL, rows)
+        budget_store.settle_rows(conn, list(rows))
+    except BaseException:
+        conn.rollback()
+        raise
+    if commit:
+        conn.commit()
+    else:
+        conn.rollback()
+
+
+def team_spend(conn: Conn, period: str = "day") -> Decimal:
+    _, label = period_of(period, time.time())
+    found = conn.execute("SELECT spent FROM budget_spend WHERE kind = 'team' AND name = 'ml' AND period = ? "
+                         "AND label = ?", (period, label)).fetchone()
+    return Decimal(found[0]) if found else Decimal(-1)
+
+
+def budget(usd: str, period: str = "day") -> list[tuple[Subject, Limits]]:
+    return [(TEAM, Limits(budget_usd=Decimal(usd), budget_period=period))]
+
+
+@pytest.fixture
+async def many(pg_url: str, conn: Conn) -> AsyncIterator[list[SharedLimits]]:
+    opened = [SharedLimits(parse_target(pg_url), lease=60) for _ in range(8)]
+    for shared in opened:
+        await shared.open()
+    yield opened
+    for shared in opened:
+        await shared.close()
+
+
+async def test_concurrent_reservations_on_eight_connections_never_pass_the_budget(
+        many: list[SharedLimits]) -> None:
+    # 200 calls at once, spread over eight connections (replicas), against a budget that fits 10 worst cases.
+    calls = [many[i % 8].acquire(os.urandom(8).hex(), budget("1.00"), 0, Decimal("0.10"), time.time())
+             for i in range(200)]
+    results = await asyncio.gather(*calls)
+    granted = [r for r in results if isinstance(r, SharedHold)]
+    refused = [r for r in results if isinstance(r, BudgetRefusal)]
+    assert len(granted) == 10 and len(refused) == 190
+    assert refused[-1].reserved == Decimal("1.00") and refused[-1].spent == 0
+    assert "Budget exceeded: team 'ml' may spend 1.00 USD per day" in refused[-1].message
+
+
+async def test_settled_rows_free_their_holds_and_spend_never_passes_the_budget(
+        replicas: list[SharedLimits], conn: Conn) -> None:
+    # Each call reserves 0.10 and really costs 0.03: settling lets more in, never past 1.00 in total.
+    admitted = 0
+    for _ in range(11):
+        results = await asyncio.gather(*[
+            replicas[i % 3].acquire(os.urandom(8).hex(), budget("1.00"), 0, Decimal("0.10"), time.time())
+            for i in range(12)])
+        holds = [r for r in results if isinstance(r, SharedHold)]
+        admitted += len(holds)
+        write_rows(conn, [row(h.id, "0.03") for h in holds])
+        for h in holds:
+            h.settle(Decimal("0.03"))
+    total = conn.execute("SELECT decimal_sum(cost_usd) FROM calls").fetchone()[0]
+    assert Decimal(total) <= Decimal("1.00") and team_spend(conn) == Decimal(total)
+    assert admitted == 31  # 0.93 spent; a 32nd would need 0.10 of the 0.07 left
+    assert conn.execute("SELECT count(*) FROM reservations").fetchone()[0] == 0
+
+
+async def test_spend_row_starts_from_the_exact_ledger_sum(replicas: list[SharedLimits], conn: Conn) -> None:
+    write_rows(conn, [row("a", "0.000000000001"), row("b", "0.4"), row("c", "9", team="other"),
+                      row("d", "5", started=period_of("day", time.time())[0] - 1)])  # yesterday: not today's
+    held = await replicas[0].acquire("e", budget("1"), 0, Decimal("0.5"), time.time())
+    assert isinstance(held, SharedHold)
+    assert team_spend(conn) == Decimal("0.400000000001")
+    refused = await replicas[1].acquire("f", budget("1"), 0, Decimal("0.1"), time.time())
+    assert isinstance(refused, BudgetRefusal)
+    assert (refused.spent, refused.reserved) == (Decimal("0.400000000001"), Decimal("0.5"))
+    assert team_spend(conn, "month") == -1  # only the periods asked for get rows
+
+
+async def test_a_rolled_back_batch_settles_nothing(replicas: list[SharedLimits], conn: Conn) -> None:
+    held = await replicas[0].acquire("r1", budget("1"), 0, Decimal("0.6"), time.time())
+    assert isinstance(held, SharedHold)
+    write_rows(conn, [row("r1", "0.2")], commit=False)
+    assert team_spend(conn) == 0
+    assert conn.execute("SELECT count(*) FROM reservations WHERE id = 'r1'").fetchone()[0] == 1
+    assert isinstance(await replicas[1].acquire("r2", budget("1"), 0, Decimal("0.6"), time.time()), BudgetRefusal)
+    write_rows(conn, [row("r1", "0.2")])
+    assert team_spend(conn) == Decimal("0.2")
+    assert conn.execute("SELECT count(*) FROM reservations").fetchone()[0] == 0
+    assert isinstance(await replicas[1].acquire("r2", budget("1"), 0, Decimal("0.6"), time.time()), SharedHold)
+
+
+async def test_an_expired_lease_frees_its_hold_and_a_renewed_one_does_not(pg_url: str, conn: Conn) -> None:
+    target = parse_target(pg_url)
+    dying, living, other = (SharedLimits(target, lease=0.6) for _ in range(3))
+    for shared in (dying, living, other):
+        await shared.open()
+    try:
+        assert isinstance(await dying.acquire("d", budget("1"), 0, Decimal("0.5"), time.time()), SharedHold)
+        assert isinstance(await living.acquire("l", budget("1"), 0, Decimal("0.5"), time.time()), SharedHold)
+        await dying.close()  # a replica that died: nobody renews its lease
+        assert isinstance(await other.acquire("o", budget("1"), 0, Decimal("0.5"), time.time()), BudgetRefusal)
+        await asyncio.sleep(1.3)  # two leases: the living replica renewed its own (every 0.2 s)
+        freed = await other.acquire("o", budget("1"), 0, Decimal("0.5"), time.time())
+        assert isinstance(freed, SharedHold)
+        again = await other.acquire("o2", budget("1"), 0, Decimal("0.1"), time.time())
+        assert isinstance(again, BudgetRefusal) and again.reserved == Decimal("1.0")
+    finally:
+        await living.close()
+        await other.close()
+
+
+async def test_a_call_not_recorded_gives_its_hold_back(replicas: list[SharedLimits], conn: Conn) -> None:
+    held = await replicas[0].acquire("x", budget("1"), 0, Decimal("0.9"), time.time())
+    assert isinstance(held, SharedHold)
+    held.settle(Decimal("0.1"), recorded=False)
+    await replicas[0].close()  # waits for the release it started
+    assert isinstance(await replicas[1].acquire("y", budget("1"), 0, Decimal("0.9"), time.time()), SharedHold)
+
+
+async def test_shared_rpm_admits_at_most_its_limit_across_replicas(many: list[SharedLimits]) -> None:
+    limits = [(TEAM, Limits(rpm=30))]
+    results = await asyncio.gather(*[many[i % 8].acquire(f"q{i}", limits, 5, Decimal(0), time.time())
+                                     for i in range(200)])
+    granted = [r for r in results if isinstance(r, SharedHold)]
+    refused = [r for r in results if isinstance(r, RateRefusal)]
+    assert len(granted) == 30 and len(refused) == 170
+    # The same words and headers as the in-process limiter's refusal of a 31st request.
+    local = RateLimiter()
+    for _ in range(30):
+        local.try_acquire([(TEAM, 30, None)], 5)
+    expected = local.try_acquire([(TEAM, 30, None)], 5)
+    assert isinstance(expected, RateRefusal)
+    assert refused[0].message.split(" Please")[0] == expected.message.split(" Please")[0]
+    assert refused[0].headers.keys() == expected.headers.keys()
+    assert refused[0].headers["x-ratelimit-remaining-requests"] == "0"
+    assert 58 < refused[0].retry_after <= 60  # type: ignore[operator]
+
+
+async def test_shared_tpm_counts_real_tokens_once_adjusted(replicas: list[SharedLimits], conn: Conn) -> None:
+    limits = [(TEAM, Limits(tpm=1000))]
+    first = await replicas[0].acquire("t1", limits, 900, Decimal(0), time.time())
+    assert isinstance(first, SharedHold) and first.headers["x-ratelimit-remaining-tokens"] == "100"
+    refused = await replicas[1].acquire("t2", limits, 200, Decimal(0), time.time())
+    assert isinstance(refused, RateRefusal) and refused.kind == "tokens" and refused.used == 900
+    too_big = await replicas[1].acquire("t3", limits, 1001, Decimal(0), time.time())
+    assert isinstance(too_big, RateRefusal) and too_big.retry_after is None
+    first.settle(Decimal(0), tokens=50)
+    await replicas[0].close()  # waits for the adjustment it started
+    assert isinstance(await replicas[1].acquire("t2", limits, 200, Decimal(0), time.time()), SharedHold)
+
+
+async def test_spend_stays_the_exact_row_sum_while_rows_are_written_during_its_creation(
+        replicas: list[SharedLimits], pg_url: str, conn: Conn) -> None:
+    # A writer commits rows of the team on its own connection while the spend row is being created: every
+    # row is in the created sum or added by the hook, never both, never neither.
+    writer = connect_postgres(parse_target(pg_url))
+    stop = threading.Event()
+    written: list[int] = []
+
+    def write() -> None:
+        n = 0
+        while not stop.is_set():
+            write_rows(writer, [row(f"w{n}-{i}", "0.001") for i in range(3)])
+            n += 1
+        written.append(n)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    try:
+        for period in ("day", "month", "total"):
+            await asyncio.sleep(0.05)
+            held = await replicas[0].acquire(f"c-{period}", budget("1000", period), 0, Decimal(0), time.time())
+            assert isinstance(held, SharedHold)
+        await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join()
+        writer.close()
+    assert written[0] > 10
+    total = Decimal(conn.execute("SELECT decimal_sum(cost_usd) FROM calls").fetchone()[0])
+    assert team_spend(conn, "day") == team_spend(conn, "month") == team_spend(conn, "total") == total
+
+
+async def test_budget_states_read_spend_and_every_replicas_holds(replicas: list[SharedLimits], conn: Conn) -> None:
+    from proxy.control.shared import SharedBudgets
+
+    write_rows(conn, [row("s1", "0.25")])
+    assert isinstance(await replicas[0].acquire("s2", budget("1"), 0, Decimal("0.3"), time.time()), SharedHold)
+    assert isinstance(await replicas[1].acquire("s3", budget("1"), 0, Decimal("0.2"), time.time()), SharedHold)
+    (state,) = await SharedBudgets(replicas[2], "").states([(TEAM, "day", Decimal("1"))], time.time())
+    assert (state.spent, state.reserved, state.left) == (Decimal("0.25"), Decimal("0.5"), Decimal("0.25"))
+
+
+async def test_the_ledger_writer_settles_a_reservation_with_its_row(pg_url: str) -> None:
+    from proxy.ledger.writer import Ledger
+
+    ledger = Ledger(pg_url)
+    ledger.db.after_insert.append(budget_store.settle_rows)  # as app.py does on PostgreSQL
+    await ledger.open()  # migrates the schema
+    shared = SharedLimits(parse_target(pg_url))
+    await shared.open()
+    try:
+        held = await shared.acquire("w1", budget("1"), 0, Decimal("0.9"), time.time())
+        assert isinstance(held, SharedHold)
+        await ledger.record(CallRecord(request_id="w1", started_at=time.time(), method="POST",
+                                       endpoint="/v1/chat/completions", ended_at=time.time(), status=200,
+                                       tags={"team": "ml"}, cost_usd=Decimal("0.0625"), priced=True))
+        held.settle(Decimal("0.0625"))
+        conn = connect_postgres(parse_target(pg_url))
+        try:
+            assert team_spend(conn) == Decimal("0.0625")
+            assert conn.execute("SELECT count(*) FROM reservations").fetchone()[0] == 0
+        finally:
+            conn.close()
+        assert isinstance(await shared.acquire("w2", budget("1"), 0, Decimal("0.9"), time.time()), SharedHold)
+    finally:
+        await shared.close()
+        await ledger.close()
+
+
+async def test_a_lost_connection_is_opened_anew_and_an_unreachable_database_raises(
+        replicas: list[SharedLimits], conn: Conn) -> None:
+    assert isinstance(await replicas[0].acquire("c1", budget("1"), 0, Decimal("0.1"), time.time()), SharedHold)
+    killed = conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                          " WHERE application_name = 'meterproxy-limits'").fetchone()[0]
+    assert killed == 3
+    assert isinstance(await replicas[0].acquire("c2", budget("1"), 0, Decimal("0.1"), time.time()), SharedHold)
+    away = SharedLimits(parse_target("postgresql://nobody:secret-pw@127.0.0.1:1/none"))
+    with pytest.raises(Exception) as caught:
+        await away.acquire("c3", budget("1"), 0, Decimal("0.1"), time.time())
+    assert "secret-pw" not in str(caught.value)
+    await away.close()
