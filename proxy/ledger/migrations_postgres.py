@@ -235,6 +235,23 @@ MIGRATIONS: tuple[Migration, ...] = (
             EXECUTE FUNCTION meter_rollup_dirty();
         """,
     ),
+    # Migration 2 is the budgets work's (not merged on this branch yet): this one is numbered 3 in the plan
+    # and sits after it once both are on main; the lead renumbers at merge.
+    Migration(
+        "replicas: one row per running proxy, its heartbeat (replica_store.py); SQLite migration 8",
+        """
+        CREATE TABLE replicas (
+            id TEXT PRIMARY KEY,
+            host TEXT NOT NULL,
+            pid BIGINT NOT NULL,
+            version TEXT NOT NULL,
+            pricing_version TEXT,
+            started_at DOUBLE PRECISION NOT NULL,
+            seen_at DOUBLE PRECISION NOT NULL,
+            interval_s DOUBLE PRECISION NOT NULL
+        );
+        """,
+    ),
 )
 
 
