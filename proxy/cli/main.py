@@ -23,6 +23,7 @@ from proxy import __version__
 from proxy.app import GATE, LIVE, METRICS, counting_policy, make_admin_site, make_app
 from proxy.cli.args import Parser, add_ledger_args, add_range_args, db_problem, ledger_path, time_range
 from proxy.cli.budgets import add_budgets_parser, run_budgets
+from proxy.cli.copy_ledger import add_copy_parser, run_copy
 from proxy.cli.export import add_export_parser, run_export
 from proxy.cli.keys import add_keys_parser, run_keys
 from proxy.cli.reprice import add_reprice_parser, run_reprice
@@ -79,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     add_budgets_parser(sub)
     add_reprice_parser(sub)
     add_export_parser(sub)
+    add_copy_parser(sub)
 
     acc = sub.add_parser("accuracy", help="how far the proxy's token counts fall from the provider's, per model",
                          description="How far the proxy's token counts fall from the provider's, per model, "
@@ -100,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = {
         "serve": _serve, "accuracy": _accuracy, "keys": run_keys, "budgets": run_budgets, "export": run_export,
         "reprice": lambda a: run_reprice(a, after=rollups.after_reprice),  # rebuild the rollup hours it changed
-        "report": _report,
+        "report": _report, "copy-ledger": run_copy,
     }[args.command]
     try:
         status = run(args)
