@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sqlite3
 from decimal import Decimal
 from pathlib import Path
@@ -175,3 +176,25 @@ def test_workers_refuse_a_sqlite_ledger(tmp_path: Path) -> None:
 def test_workers_refuse_port_0(pg_url: str) -> None:
     done = run_cli("serve", "--workers", "2", "--db", pg_url, "--port", "0")
     assert done.returncode == 2 and "needs a fixed port" in done.stderr, done.stderr
+
+
+def test_a_worker_that_dies_is_reported_and_the_other_serves_on(upstream: FakeUpstream, pg_url: str,
+                                                                tmp_path: Path) -> None:
+    upstream.handler = scripted
+    parent = Replica(tmp_path, "workers", pg_url, upstream.url, workers=2)
+    try:
+        parent.wait_healthy()
+        wait_for(lambda: len(pids_in(get_json(parent.url, "/admin/replicas")[1])) == 2, what="two workers' rows")
+        first, second = sorted(pids_in(get_json(parent.url, "/admin/replicas")[1]))
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: f"(pid {first}) was killed by signal 9; 1 of 2 still serving" in parent.output,
+                 what="the parent to report the dead worker")
+        assert parent.proc.poll() is None  # the parent and the other worker serve on
+        for _ in range(5):
+            with openai.OpenAI(base_url=parent.url + "/v1", api_key="sk-test-key-0001", max_retries=0) as client:
+                client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    finally:
+        code = parent.stop()
+    assert code == 128 + signal.SIGKILL  # a worker died: the parent's status says so
+    assert ledger_rows(pg_url, "SELECT pid FROM replicas") == [(first,)]  # the killed one could not delete its row
+    assert second != first
