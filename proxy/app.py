@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from typing import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -26,6 +25,7 @@ from proxy.counting.counter import CountPolicy
 from proxy.forwarding.forward import forward
 from proxy.ledger import rollups
 from proxy.ledger.retention import RetentionTask
+from proxy.ledger.sqlconn import Conn
 from proxy.ledger.writer import Ledger
 from proxy.metering.call import MeteredCall
 from proxy.metering.logs import CallLogs
@@ -112,8 +112,9 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
 async def _healthz(request: web.Request) -> web.Response:
     ledger = request.app[LEDGER]
     reason = ledger.degraded
+    backend = {"backend": ledger.target.kind, "db": ledger.target.shown}  # never the password
     if reason is None:
-        return web.json_response({"status": "ok"})
+        return web.json_response({"status": "ok", **backend})
     # Serving on with rows only in the spool is degraded, not down; when calls are refused (`reject`, or
     # neither the database nor the spool takes rows): 503.
     if not ledger.storing:
@@ -121,7 +122,7 @@ async def _healthz(request: web.Request) -> web.Response:
     else:
         state = "rejecting" if request.app[SETTINGS].on_ledger_error == "reject" else "spooling"
     return web.json_response({"status": "degraded", "ledger": state, "reason": reason,
-                              "spool_depth": ledger.spool_depth}, status=200 if state == "spooling" else 503)
+                              "spool_depth": ledger.spool_depth, **backend}, status=200 if state == "spooling" else 503)
 
 
 def _not_found_on(serves: str) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -161,7 +162,7 @@ def _quiet_request_parser_logs() -> None:
         server_log.addFilter(_NoRequestLines())
 
 
-def _mark_stale_rollups(conn: sqlite3.Connection) -> None:
+def _mark_stale_rollups(conn: Conn) -> None:
     if rollups.make_current(conn):
         logging.getLogger("meterproxy.rollups").warning(
             "ledger has calls written without rollups (another tool, or an older meterproxy): their hours are "

@@ -7,11 +7,13 @@ Every problem is a `ConfigError` whose message names the file and the problem in
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
 
 import yaml
 from yarl import URL
@@ -19,6 +21,7 @@ from yarl import URL
 from proxy.control.limits import Limits, Subject, parse_limits_setting, parse_thresholds
 from proxy.core.errors import MeterproxyError
 from proxy.forwarding.routes import RouteError, parse_routes
+from proxy.ledger.target import parse_target, redact_url
 
 SHIPPED_PRICING = Path(__file__).resolve().parent / "pricing" / "pricing.yaml"
 
@@ -31,6 +34,22 @@ def _text(value: object) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError("must be a non-empty string")
     return value
+
+
+def _db(value: object) -> str:
+    """A SQLite path, or a postgresql:// (postgres://) URL: a URL is never taken for a path."""
+    text = _text(value)
+    scheme = text.split("://", 1)[0].lower() if "://" in text else None
+    if scheme is None:
+        return text
+    if scheme not in ("postgresql", "postgres"):
+        raise ValueError(f"must be a SQLite path or a postgresql:// URL, not a {scheme}:// URL")
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as exc:
+        raise ValueError(f"is not a valid PostgreSQL URL ({exc}): {redact_url(text)}") from None
+    return text
 
 
 def _port(value: object) -> int:
@@ -173,7 +192,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("port", 8080, "port the proxy listens on", _port, flag=True),
     Setting("upstream", "https://api.openai.com",
             "base URL of the real API; may carry a path prefix (https://host/openai)", _url, flag=True),
-    Setting("db", "./meterproxy.db", "path of the SQLite ledger (created if missing)", _text, flag=True),
+    Setting("db", "./meterproxy.db", "the ledger: a SQLite path (created if missing) or a postgresql:// URL "
+            "(password best in PGPASSWORD or ~/.pgpass)", _db, flag=True),
     Setting("pricing", str(SHIPPED_PRICING),
             "path of the pricing table (USD per 1M tokens); default: the shipped config/pricing.yaml",
             _text, flag=True),
@@ -208,8 +228,8 @@ SETTINGS: tuple[Setting, ...] = (
             "when the database refuses a row (locked, disk full, read-only): keep serving and 'spool' rows to a "
             "fsynced file replayed later, or 'reject' new calls with 503 until it works again (rows of calls "
             "already under way are spooled either way)", _choice("spool", "reject")),
-    Setting("spool", None, "path of the spool file; null: the db path plus '.spool.jsonl' (best on another "
-            "disk than the db)", _optional_text),
+    Setting("spool", None, "path of the spool file; null: the db path plus '.spool.jsonl' (a PostgreSQL db: "
+            "./meterproxy-<hash of the URL>.spool.jsonl; best on another disk than a SQLite db)", _optional_text),
     Setting("spool_reserve", 8 * 1024 * 1024,
             "bytes of disk held beside the spool (<spool>.reserve) and released to it when the disk fills, so "
             "that a full disk shared with the db still leaves the spool room; 0: none", _size0),
@@ -356,4 +376,12 @@ def load_settings(config_path: str | None = None, flags: Mapping[str, object] | 
 
 
 def spool_path(settings: Settings) -> str:
-    return settings.spool or f"{settings.db}.spool.jsonl"
+    """The spool: `spool`, else beside a SQLite ledger; for a PostgreSQL ledger a local file named after the
+    URL (without its password), so that proxies on different databases never share one."""
+    if settings.spool:
+        return settings.spool
+    target = parse_target(settings.db)
+    if target.is_postgres:
+        digest = hashlib.sha256(target.shown.encode()).hexdigest()[:10]
+        return f"./meterproxy-{digest}.spool.jsonl"
+    return f"{settings.db}.spool.jsonl"

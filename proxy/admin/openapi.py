@@ -158,7 +158,8 @@ _SCHEMAS: dict[str, Any] = {
         "until": _nullable(_TIME), "budgets": {"type": "array", "items": _ref("BudgetState")},
         "rows": {"type": "array", "items": _ref("UsageRow")}, "totals": _ref("Counters"),
     }),  # fmt: skip
-    "Health": _obj({"status": {"const": "ok"}}),
+    "Health": _obj({"status": {"const": "ok"}, "backend": {"enum": ["sqlite", "postgres"]},
+                    "db": {"type": "string", "description": "the ledger: a path, or a URL without its password"}}),
     "Replica": _obj({
         "id": _TEXT, "host": _TEXT, "pid": _INT, "version": _TEXT, "pricing_version": _nullable(_TEXT),
         "started_at": _TIME, "last_seen": _TIME, "seen_seconds_ago": {"type": "number", "minimum": 0},

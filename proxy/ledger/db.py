@@ -1,13 +1,20 @@
-"""The ledger's write connection: plain, blocking sqlite3, used from the ledger writer's one thread.
+"""The ledger's write connection, SQLite or PostgreSQL, used from the ledger writer's one thread.
 
 Each method is one round trip from the event loop: a whole batch is inserted, extended by the registered
 `after_insert` hooks (rollups, in the same transaction) and committed in a single call, so the writer wakes
 the loop once per batch. Every failure rolls the transaction back before it is raised: a failed batch is
-never committed later by accident. A database file (or its WAL) deleted or replaced under the proxy is
-noticed before a batch, and opened anew; and after each commit, so that a batch that went into the file
-being deleted while it ran is written again into the new one, before anyone is told it is committed.
+never committed later by accident; `insert` returns only once the batch is committed (SQLite
+synchronous=FULL; PostgreSQL synchronous_commit as the server has it, `on` by default).
 
-Never called from the event loop itself (it blocks on fsync), never from two threads at once.
+SQLite: a database file (or its WAL) deleted or replaced under the proxy is noticed before a batch, and
+opened anew; and after each commit, so that a batch that went into the file being deleted while it ran is
+written again into the new one, before anyone is told it is committed. PostgreSQL: a broken connection is
+opened anew before the next batch; `insert_each` isolates a bad row with a SAVEPOINT per row (an error
+aborts a PostgreSQL transaction); every write transaction takes the ledger's write lock first
+(`rollups.lock_ledger`), as SQLite's BEGIN IMMEDIATE does, so replicas' batches commit one at a time and
+`rollup_state.covered_id` stays right (see rollups.py).
+
+Never called from the event loop itself (it blocks on the commit), never from two threads at once.
 """
 
 from __future__ import annotations
@@ -18,12 +25,14 @@ import sqlite3
 from typing import Any, Callable
 
 from proxy.ledger.migrations import create_private, migrate
+from proxy.ledger.sqlconn import Conn, connect_postgres, wrap_sqlite
+from proxy.ledger.target import Target, parse_target
 
 log = logging.getLogger("meterproxy.ledger")
 
 Row = tuple[Any, ...]
-AfterInsert = Callable[[sqlite3.Connection, list[Row]], None]
-
+AfterInsert = Callable[[Conn, list[Row]], None]
+OnOpen = Callable[[Conn], Any]
 COLUMNS: tuple[str, ...] = (
     "request_id", "started_at", "ended_at", "key_id", "key_hint", "user", "session", "operation",
     "tags", "method", "endpoint", "requested_model", "model", "stream", "status", "error",
@@ -38,45 +47,101 @@ INSERT_SQL = "INSERT INTO calls ({}) VALUES ({})".format(
 )
 
 
+class WritesRefused(Exception):
+    """PostgreSQL would refuse a write: a read-only server, session or role (the message says which)."""
+
+
+def lock_ledger(conn: Conn) -> None:
+    """Take the ledger's write lock for the open transaction (PostgreSQL; on SQLite BEGIN IMMEDIATE has it).
+
+    SHARE ROW EXCLUSIVE on `calls` conflicts with itself and with every INSERT, UPDATE and DELETE of calls:
+    the batches of every replica, and the upkeep, commit one at a time, and a plain INSERT by another tool
+    is either committed and visible, or waits until this transaction has committed. Readers never wait."""
+    if conn.dialect == "postgres":
+        conn.execute("LOCK TABLE calls IN SHARE ROW EXCLUSIVE MODE")
+
+
 class LedgerDB:
-    def __init__(self, path: str, busy_timeout_ms: int) -> None:
-        self.path = path
+    def __init__(self, target: Target | str | os.PathLike[str], busy_timeout_ms: int) -> None:
+        self.target = target if isinstance(target, Target) else parse_target(target)
+        self.path = self.target.shown  # for messages: the SQLite path, or the URL without its password
         self._busy_timeout_ms = busy_timeout_ms
-        self._conn: sqlite3.Connection | None = None
+        self._conn: Conn | None = None
         self._identity: tuple[tuple[int, int] | None, tuple[int, int] | None] | None = None
         self.after_insert: list[AfterInsert] = []
-        self.on_open: list[Callable[[sqlite3.Connection], Any]] = []  # after migrations, before any batch
+        self.on_open: list[OnOpen] = []  # after migrations, before any batch
+        if self.target.is_postgres:
+            import psycopg
+
+            self.IntegrityError: type[Exception] = psycopg.IntegrityError
+            self.Error: type[Exception] = psycopg.Error
+        else:
+            self.IntegrityError = sqlite3.IntegrityError
+            self.Error = sqlite3.Error
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.target.is_postgres
 
     def open(self) -> None:
-        """Create or migrate the file and open the write connection (WAL, synchronous=FULL)."""
-        create_private(self.path)
-        conn = sqlite3.connect(self.path, timeout=self._busy_timeout_ms / 1000, isolation_level=None,
-                               check_same_thread=False)
+        """Create or migrate the database and open the write connection (SQLite: WAL, synchronous=FULL)."""
+        conn = self._open_postgres() if self.is_postgres else self._open_sqlite()
         try:
-            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise sqlite3.DatabaseError(f"journal_mode is {mode!r}, WAL is required (is it a file?)")
-            conn.execute("PRAGMA synchronous = FULL")
-            migrate(conn)
             for hook in self.on_open:
                 hook(conn)
-            self._identity = self._files()
+            if not self.is_postgres:
+                self._identity = self._files()
         except BaseException:
             conn.close()
             raise
         self._conn = conn
 
+    def _open_sqlite(self) -> Conn:
+        path = self.target.where
+        create_private(path)
+        raw = sqlite3.connect(path, timeout=self._busy_timeout_ms / 1000, isolation_level=None,
+                              check_same_thread=False)
+        try:
+            raw.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+            mode = raw.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise sqlite3.DatabaseError(f"journal_mode is {mode!r}, WAL is required (is it a file?)")
+            raw.execute("PRAGMA synchronous = FULL")
+            migrate(raw)
+        except BaseException:
+            raw.close()
+            raise
+        return wrap_sqlite(raw, self.path)
+
+    def _open_postgres(self) -> Conn:
+        from proxy.ledger import migrations_postgres
+
+        conn = connect_postgres(self.target, application_name="meterproxy-ledger",
+                                connect_timeout=max(1.0, self._busy_timeout_ms / 1000))
+        try:
+            # A write waits this long for the ledger's write lock (another replica's batch), as SQLite's
+            # busy timeout: then the batch goes to the spool rather than hold every call up.
+            conn.execute(f"SET lock_timeout = {int(self._busy_timeout_ms)}")
+            migrations_postgres.migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
     def close(self) -> None:
         if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
 
     def _files(self) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
         """Which database file and WAL the open connection writes to (SQLite keeps both open)."""
-        return file_identity(self.path), file_identity(self.path + "-wal")
+        return file_identity(self.target.where), file_identity(self.target.where + "-wal")
 
     def _moved(self) -> bool:
+        if self.is_postgres:
+            return False
         files = self._files()
         if files == self._identity and files[0] is not None:
             return False
@@ -85,24 +150,37 @@ class LedgerDB:
             return False
         return True
 
-    def _current(self) -> sqlite3.Connection:
-        if self._conn is None or self._moved():
+    def _broken(self) -> bool:
+        assert self._conn is not None
+        return self.is_postgres and bool(self._conn.raw.closed or self._conn.raw.broken)
+
+    def _current(self) -> Conn:
+        if self._conn is None or self._broken() or self._moved():
             if self._conn is not None:
-                log.warning("ledger %s: the database file was deleted or replaced; opening it anew", self.path)
+                if self.is_postgres:
+                    log.warning("ledger %s: the connection was lost; connecting again", self.path)
+                else:
+                    log.warning("ledger %s: the database file was deleted or replaced; opening it anew",
+                                self.path)
             self.close()
             self.open()
         assert self._conn is not None
         return self._conn
 
-    def _transaction(self, rows: list[Row], skip_present: bool = False) -> None:
+    def _transaction(self, rows: list[Row], skip_present: bool = False, lock_timeout_ms: int | None = None) -> None:
         conn = self._current()
-        conn.execute("BEGIN IMMEDIATE")
+        if conn.dialect == "postgres":
+            rows = [_pg_row(row) for row in rows]
+        conn.begin()
         try:
+            if lock_timeout_ms is not None and conn.dialect == "postgres":
+                conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
+            lock_ledger(conn)
             fresh = _absent(conn, rows) if skip_present else rows
             conn.executemany(INSERT_SQL, fresh)
             for hook in self.after_insert:
                 hook(conn, fresh)
-            conn.execute("COMMIT")
+            conn.commit()
         except BaseException:
             _rollback(conn)
             raise
@@ -121,20 +199,30 @@ class LedgerDB:
         """The rows one statement each, in one transaction: a row that breaks a constraint is left out
         (its error returned in its place), the rest commit."""
         conn = self._current()
+        postgres = conn.dialect == "postgres"
         outcome: list[BaseException | None] = []
         good: list[Row] = []
-        conn.execute("BEGIN IMMEDIATE")
+        conn.begin()
         try:
+            lock_ledger(conn)
             for row in rows:
+                if postgres:
+                    row = _pg_row(row)
+                    conn.execute("SAVEPOINT meterproxy_row")  # an error aborts the transaction, not this
                 try:
                     conn.execute(INSERT_SQL, row)
-                    outcome.append(None)
-                    good.append(row)
-                except sqlite3.IntegrityError as exc:  # aborts the statement, not the transaction
+                except conn.IntegrityError as exc:  # SQLite: aborts the statement, not the transaction
+                    if postgres:
+                        conn.execute("ROLLBACK TO SAVEPOINT meterproxy_row")
                     outcome.append(exc)
+                    continue
+                if postgres:
+                    conn.execute("RELEASE SAVEPOINT meterproxy_row")
+                outcome.append(None)
+                good.append(row)
             for hook in self.after_insert:
                 hook(conn, good)
-            conn.execute("COMMIT")
+            conn.commit()
         except BaseException:
             _rollback(conn)
             raise
@@ -147,6 +235,12 @@ class LedgerDB:
         probe that the database takes writes at all. `busy_timeout_ms`: how long this attempt waits for a
         lock held elsewhere (the writer retries it later, rather than hold up the rows behind it)."""
         conn = self._current()
+        if conn.dialect == "postgres":
+            if rows:
+                self._transaction(rows, skip_present=True, lock_timeout_ms=busy_timeout_ms)
+            else:
+                self._probe(commit=True)
+            return
         if busy_timeout_ms is not None:
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         try:
@@ -162,24 +256,48 @@ class LedgerDB:
         """Why the database would refuse a write now (a read-only file, say), or None; writes nothing."""
         try:
             self._probe(commit=False)
-        except sqlite3.Error as exc:
-            return str(exc)
+        except (self.Error, WritesRefused, OSError) as exc:
+            return str(exc).strip() or type(exc).__name__
         return None
 
     def _probe(self, commit: bool) -> None:
         conn = self._current()
-        conn.execute("BEGIN IMMEDIATE")
+        if conn.dialect == "postgres":
+            # Writes nothing: whether this session could write `calls` at all (a hot standby, a read-only
+            # session or database, a role without INSERT), in one round trip.
+            ro, standby, may = conn.execute(
+                "SELECT current_setting('transaction_read_only'), pg_is_in_recovery(),"
+                " has_table_privilege('calls', 'INSERT')").fetchone()
+            if standby:
+                raise WritesRefused(f"{self.path} is a standby server (read-only)")
+            if ro == "on":
+                raise WritesRefused(f"{self.path}: the session is read-only (default_transaction_read_only)")
+            if not may:
+                raise WritesRefused(f"{self.path}: this role may not insert into calls")
+            return
+        conn.begin()
         try:
             # The value itself, not `= user_version`: SQLite reads a name there as 0 and would reset it.
             (version,) = conn.execute("PRAGMA user_version").fetchone()
             conn.execute(f"PRAGMA user_version = {int(version)}")
-            conn.execute("COMMIT" if commit else "ROLLBACK")
+            if commit:
+                conn.commit()
+            else:
+                conn.rollback()
         except BaseException:
             _rollback(conn)
             raise
 
 
-def _absent(conn: sqlite3.Connection, rows: list[Row]) -> list[Row]:
+def _pg_row(row: Row) -> Row:
+    """PostgreSQL text cannot hold NUL: one in a value (from a header, an escape in JSON) becomes U+FFFD,
+    as record_row does for lone surrogates, so that the row, not the batch, is what it changes."""
+    if any(isinstance(v, str) and "\x00" in v for v in row):
+        return tuple(v.replace("\x00", "\ufffd") if isinstance(v, str) else v for v in row)
+    return row
+
+
+def _absent(conn: Conn, rows: list[Row]) -> list[Row]:
     """The rows whose request_id (column 0) is not in the ledger yet, so hooks see each row once."""
     present: set[str] = set()
     for i in range(0, len(rows), 500):
@@ -194,9 +312,11 @@ def _absent(conn: sqlite3.Connection, rows: list[Row]) -> list[Row]:
     return fresh
 
 
-def _rollback(conn: sqlite3.Connection) -> None:
-    if conn.in_transaction:
-        conn.execute("ROLLBACK")
+def _rollback(conn: Conn) -> None:
+    try:
+        conn.rollback()
+    except conn.Error:  # a broken connection: nothing is committed, it is opened anew before the next batch
+        pass
 
 
 def file_identity(path: str) -> tuple[int, int] | None:

@@ -4,7 +4,8 @@ A cost that is a whole, non-negative number of picodollars (1e-12 USD, below 2**
 integer together with the smallest exponent of the costs summed into it, so that SQL can add costs as
 integers and still print exactly what adding the decimals would (`pico`, `pico_text`, `from_pico`,
 SUM_COST / `summed_values`); any other cost is summed as exact decimal text by the SQLite functions
-`mp_decimal_add(a, b)` and `decimal_sum(x)` (`register_functions`).
+`mp_decimal_add(a, b)` and `decimal_sum(x)` (`register_functions`). On PostgreSQL the costs are NUMERIC,
+which adds exactly by itself, and `decimal_sum` is an aggregate of the schema (migrations_postgres.py).
 
 This module must never round a cost and never read one through a float.
 """
@@ -15,6 +16,8 @@ import sqlite3
 from collections.abc import Sequence
 from decimal import Context, Decimal, Inexact
 from typing import Any
+
+from proxy.ledger.sqlconn import Conn
 
 __all__ = [
     "EXACT", "PICO_DIGITS", "PICO_LIMIT", "SUM_COST", "SUM_COST_SLOW", "exact_values", "from_pico", "parse_plain",
@@ -43,8 +46,14 @@ class _DecimalSum:
         return format(self.total, "f")
 
 
-def register_functions(conn: sqlite3.Connection) -> None:
-    """`mp_decimal_add(a, b)` and `decimal_sum(x)` on `conn`: exact decimal text arithmetic."""
+def register_functions(conn: sqlite3.Connection | Conn) -> None:
+    """`mp_decimal_add(a, b)` and `decimal_sum(x)` on `conn`: exact decimal text arithmetic. Nothing to do on
+    PostgreSQL (NUMERIC; `decimal_sum` is in the schema)."""
+    if isinstance(conn, Conn):
+        if conn.dialect == "postgres":
+            return
+        conn = conn.raw
+    assert isinstance(conn, sqlite3.Connection)
     conn.create_function("mp_decimal_add", 2, _decimal_add, deterministic=True)
     # typeshed's aggregate protocol has step(value: int); SQLite passes any SQL value (here text or NULL).
     conn.create_aggregate("decimal_sum", 1, _DecimalSum)  # type: ignore[arg-type]  # typeshed is too narrow

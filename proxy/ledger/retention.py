@@ -10,6 +10,8 @@ answer the pruned period from the rollups (report_plan.py says which groups lose
 finished days up into day and month rows, then prunes when `retention_days` is set; every transaction is
 `paced`, so the ledger writer is never starved.
 Its blocking work runs in a thread on a connection of its own; stop() lets the current batch finish.
+Both backends: the task takes a db string or Target; `prune` and `paced` take a Conn (or a sqlite3
+connection), and every transaction holds the ledger's write lock (`rollup_build.in_transaction`).
 
 This module must never delete a call the rollups do not hold, never delete part of an hour, and never
 hold the write lock for more than one batch at a time.
@@ -28,6 +30,9 @@ from typing import Any
 from proxy.core.errors import MeterproxyError
 from proxy.ledger import rollups
 from proxy.ledger.rollup_build import in_transaction
+from proxy.ledger.rollups import AnyConn, as_conn
+from proxy.ledger.sqlconn import Conn, connect_postgres, wrap_sqlite
+from proxy.ledger.target import Target, parse_target
 
 __all__ = ["RetentionError", "RetentionTask", "prune"]
 
@@ -39,7 +44,7 @@ class RetentionError(MeterproxyError):
     """The ledger cannot be pruned (no rollups to keep the counts)."""
 
 
-def paced(conn: sqlite3.Connection, work: Callable[[], Any], stop: threading.Event | None = None,
+def paced(conn: AnyConn, work: Callable[[], Any], stop: threading.Event | None = None,
           gap: float = 0.0) -> Any:
     """`work()` in one IMMEDIATE transaction, then a pause as long as the transaction held the lock (at
     least `gap` seconds; cut short by `stop`). Back to back, maintenance transactions starve the ledger
@@ -56,10 +61,11 @@ def paced(conn: sqlite3.Connection, work: Callable[[], Any], stop: threading.Eve
     return result
 
 
-def prune(conn: sqlite3.Connection, older_than: float, batch_size: int = 5000,
+def prune(conn: AnyConn, older_than: float, batch_size: int = 5000,
           stop: threading.Event | None = None, gap: float = 0.0) -> int:
     """Delete calls started before the hour `older_than` falls in; returns how many. `conn` must be in
     autocommit mode (isolation_level=None): each batch is its own transaction, `paced` by `gap`."""
+    conn = as_conn(conn)
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     cutoff = int(older_than) // _HOUR * _HOUR
@@ -83,7 +89,7 @@ def prune(conn: sqlite3.Connection, older_than: float, batch_size: int = 5000,
     return deleted
 
 
-def _prepare(conn: sqlite3.Connection, cutoff: int) -> None:
+def _prepare(conn: Conn, cutoff: int) -> None:
     """Rebuild the dirty hours about to lose their raw rows, then move pruned_before to `cutoff`."""
     pruned = rollups.read_state(conn).pruned_before
     if pruned is not None and pruned >= cutoff:
@@ -93,7 +99,7 @@ def _prepare(conn: sqlite3.Connection, cutoff: int) -> None:
     conn.execute("UPDATE rollup_state SET pruned_before = ? WHERE id = 1", (cutoff,))
 
 
-def _delete_batch(conn: sqlite3.Connection, cutoff: int, batch_size: int) -> int:
+def _delete_batch(conn: Conn, cutoff: int, batch_size: int) -> int:
     if not rollups.read_state(conn).current:
         # Rows arrived without the hook since prune() began: the next run rebuilds first.
         raise RetentionError("rollups stopped being current while pruning; try again")
@@ -111,12 +117,13 @@ class RetentionTask:
     `retention_days` None keeps every call (the upkeep still runs). start() and `await stop()` from the
     event loop; stop() waits for the batch under way, never for a whole prune."""
 
-    def __init__(self, db_path: str, retention_days: float | None, *, interval: float = 3600.0,
+    def __init__(self, db_path: str | Target, retention_days: float | None, *, interval: float = 3600.0,
                  batch_size: int = 5000, busy_timeout_ms: int = 5000,
                  clock: Callable[[], float] = time.time, gap: float = 0.1) -> None:
         if retention_days is not None and not retention_days > 0:
             raise ValueError("retention_days must be more than 0")
-        self._path = db_path
+        self._target = db_path if isinstance(db_path, Target) else parse_target(db_path)
+        self._path = self._target.shown  # for messages
         self._days = retention_days
         self._interval = interval
         self._batch = batch_size
@@ -165,10 +172,18 @@ class RetentionTask:
             except TimeoutError:
                 pass
 
+    def _connect(self) -> Conn:
+        if self._target.is_postgres:
+            conn = connect_postgres(self._target, application_name="meterproxy-upkeep")
+            conn.execute(f"SET lock_timeout = {int(self._busy_ms)}")
+            return conn
+        raw = sqlite3.connect(self._target.where, timeout=self._busy_ms / 1000, isolation_level=None)
+        raw.execute(f"PRAGMA busy_timeout = {int(self._busy_ms)}")
+        return wrap_sqlite(raw, self._path)
+
     def _once(self) -> dict[str, int]:
-        conn = sqlite3.connect(self._path, timeout=self._busy_ms / 1000, isolation_level=None)
+        conn = self._connect()
         try:
-            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_ms)}")
             if not rollups.read_state(conn).exists:
                 return {"days_rolled": 0, "dirty_rebuilt": 0, "pruned": 0}
             now = self._clock()

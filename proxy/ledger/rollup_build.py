@@ -7,6 +7,8 @@ rebuilds dirty hours (those, or a re-pricing's), a few per transaction, and roll
 once its last dirty hour is done; `rebuild(conn, since, until)` recomputes a range at once. The proxy's
 upkeep (retention.RetentionTask) runs them in the background; `ensure` runs them all, for tools and
 tests. The caller owns the transaction (except in `make_current` and `ensure`, which take their own).
+Both backends, on a `Conn` (a plain sqlite3 connection is wrapped); `in_transaction` takes the ledger's
+write lock on PostgreSQL as BEGIN IMMEDIATE does on SQLite, so upkeep and batches never interleave.
 
 This module must never recompute an hour before `pruned_before` (its raw calls are gone; the rollup is
 all that is left), and never round a cost.
@@ -15,13 +17,12 @@ all that is left), and never round a cost.
 from __future__ import annotations
 
 import math
-import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
 
+from proxy.ledger.db import lock_ledger
 from proxy.ledger.rollups import (
-    ADD_BUCKET,
     DAY,
     DIMS,
     HOUR,
@@ -30,11 +31,14 @@ from proxy.ledger.rollups import (
     SERIES,
     SUM_COST,
     SUM_COST_SLOW,
-    TEAM_SQL,
     TOTALS,
+    AnyConn,
+    add_bucket_sql,
+    as_conn,
     dim_ids,
     exact_values,
     extent,
+    hour_sql,
     month_start,
     next_month,
     projected,
@@ -42,20 +46,23 @@ from proxy.ledger.rollups import (
     read_state,
     register_functions,
     summed_values,
+    team_sql,
 )  # fmt: skip
+from proxy.ledger.sqlconn import Conn
 
 __all__ = ["after_reprice", "ensure", "make_current", "project_hours", "rebuild", "rebuild_dirty", "roll_days"]
 
-_HOUR_SQL = f"""
-SELECT CAST(started_at AS INTEGER) / 3600 * 3600 AS h, key_id, model, "user", operation, endpoint, status,
-       {TEAM_SQL} AS team,
-       COUNT(*), COALESCE(SUM(status NOT BETWEEN 200 AND 299), 0), COALESCE(SUM(priced = 0), 0),
+_HOUR_SQL = """
+SELECT {hour} / 3600 * 3600 AS h, key_id, model, "user", operation, endpoint, status,
+       {team} AS team,
+       COUNT(*), COALESCE(SUM(CASE WHEN status NOT BETWEEN 200 AND 299 THEN 1 ELSE 0 END), 0),
+       COALESCE(SUM(CASE WHEN priced = 0 THEN 1 ELSE 0 END), 0),
        SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), SUM(reasoning_tokens),
-       SUM(total_tokens), SUM(usage_source = 'counted'),
+       SUM(total_tokens), SUM(CASE WHEN usage_source = 'counted' THEN 1 ELSE 0 END),
        SUM(CASE WHEN usage_source = 'counted' THEN total_tokens ELSE 0 END), decimal_sum(cost_usd)
 FROM calls WHERE started_at >= ? AND started_at < ?
 GROUP BY h, key_id, model, "user", operation, endpoint, status, team
-"""
+"""  # {hour}, {team}: hour_sql and team_sql of the connection
 _INTS = ", ".join(f"SUM(r.{c})" for c in INT_COUNTERS)
 _REGROUP_SQL = f"""
 SELECT r.dim_id, {_INTS}, {{cost}}
@@ -68,44 +75,52 @@ FROM rollups r WHERE r.grain = 0 AND r.bucket >= ? AND r.bucket < ? GROUP BY r.b
 # One dimension's own rows for each hour of a day, from the hours' full dimension sets.
 _PROJECT_SQL = f"""
 SELECT r.bucket, d."{{dim}}", {_INTS}, {{cost}}
-FROM rollups r CROSS JOIN rollup_dims d ON d.id = r.dim_id
+FROM rollups r {{join}} rollup_dims d ON d.id = r.dim_id
 WHERE r.grain = {HOUR} AND r.bucket >= ? AND r.bucket < ? GROUP BY r.bucket, d."{{dim}}"
-"""  # {dim}: a name from DIMS only
+"""  # {dim}: a name from DIMS only; {join}: SQLite's CROSS JOIN fixes the join order, PostgreSQL plans it
 _INSERT = f"""INSERT INTO rollups (grain, bucket, dim_id, {", ".join(INT_COUNTERS)}, cost_usd, cost_pico, cost_exp)
 VALUES ({", ".join("?" * (3 + len(INT_COUNTERS) + 3))})"""
 _DAY = 86400
 
 
-def _sums(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...], keys: int,
+def _sums(conn: Conn, sql: str, params: tuple[Any, ...], keys: int,
           **names: str) -> list[tuple[Any, ...]]:
     """Rows of `sql` (a template with {cost}): `keys` leading group values, then the counter values."""
+    width = keys + len(INT_COUNTERS)
+    if conn.dialect == "postgres":
+        # SUM of BIGINT is NUMERIC there (it never overflows): whole numbers, made ints here.
+        found = conn.execute(sql.format(cost=SUM_COST, join="JOIN", **names), params).fetchall()
+        return [(*r[:keys], *summed_values([int(v) for v in r[keys:width]],
+                                           None if r[width] is None else int(r[width]), r[width + 1],
+                                           None if r[width + 2] is None else format(r[width + 2], "f")))
+                for r in found]
     try:
-        found = conn.execute(sql.format(cost=SUM_COST, **names), params).fetchall()
-    except sqlite3.OperationalError as exc:
+        found = conn.execute(sql.format(cost=SUM_COST, join="CROSS JOIN", **names), params).fetchall()
+    except conn.OperationalError as exc:
         if "overflow" not in str(exc):
             raise
-        found = conn.execute(sql.format(cost=SUM_COST_SLOW, **names), params).fetchall()
-    width = keys + len(INT_COUNTERS)
+        found = conn.execute(sql.format(cost=SUM_COST_SLOW, join="CROSS JOIN", **names), params).fetchall()
     return [(*r[:keys], *summed_values(r[keys:width], *r[width:])) for r in found]
 
 
-def _state(conn: sqlite3.Connection) -> tuple[int | None, int | None, int | None]:
+def _state(conn: Conn) -> tuple[int | None, int | None, int | None]:
     """days_until, pruned_before, projected_until."""
     days_until, pruned, projected_until = conn.execute(
         "SELECT days_until, pruned_before, projected_until FROM rollup_state WHERE id = 1").fetchone()
     return days_until, pruned, projected_until
 
 
-def _first_day(conn: sqlite3.Connection, target: int) -> int:
+def _first_day(conn: Conn, target: int) -> int:
     """The first day with data, or `target` if it is earlier or there is none."""
     whole = extent(conn)
     return target if whole is None else min(target, whole[0] - whole[0] % _DAY)
 
 
-def rebuild(conn: sqlite3.Connection, since: float | None = None, until: float | None = None) -> int:
+def rebuild(conn: AnyConn, since: float | None = None, until: float | None = None) -> int:
     """Recompute the hours [since, until) touches from `calls`, then the day and month rows over them;
     hours before `pruned_before` are left alone. With no bounds everything is rebuilt and the rollups are
     marked current (covered_id = max(calls.id)). Returns the hour rows written."""
+    conn = as_conn(conn)
     register_functions(conn)
     days_until, pruned, projected_until = _state(conn)
     lo = int(since) // 3600 * 3600 if since is not None else None
@@ -129,8 +144,10 @@ def rebuild(conn: sqlite3.Connection, since: float | None = None, until: float |
     return written
 
 
-def _rebuild_hours(conn: sqlite3.Connection, lo: int, hi: int) -> int:
-    found = conn.execute(_HOUR_SQL, (lo, hi)).fetchall()
+def _rebuild_hours(conn: Conn, lo: int, hi: int) -> int:
+    found = conn.execute(_HOUR_SQL.format(hour=hour_sql(conn), team=team_sql(conn)), (lo, hi)).fetchall()
+    if conn.dialect == "postgres":  # SUMs are NUMERIC there, the cost a Decimal: as SQLite gives them
+        found = [(*r[:8], *(int(v) for v in r[8:18]), format(r[18], "f")) for r in found]
     ids = dim_ids(conn, {tuple(r[1:8]) for r in found})
     conn.execute("DELETE FROM rollups WHERE grain IN (?, ?) AND bucket >= ? AND bucket < ?",
                  (HOUR, HOUR + TOTALS, lo, hi))
@@ -140,7 +157,7 @@ def _rebuild_hours(conn: sqlite3.Connection, lo: int, hi: int) -> int:
     return len(found)
 
 
-def _roll_up(conn: sqlite3.Connection, lo: int, hi: int, fresh: bool = False) -> None:
+def _roll_up(conn: Conn, lo: int, hi: int, fresh: bool = False) -> None:
     """Day rows for the days in [lo, hi) (day-aligned lo) from their hours, then their months from days.
 
     `fresh`: the days are at or after `days_until`, so no month row holds them yet: each day's rows are
@@ -151,13 +168,13 @@ def _roll_up(conn: sqlite3.Connection, lo: int, hi: int, fresh: bool = False) ->
         if fresh:
             month = month_start(day)
             for into, of in _MONTH_FROM_DAY:
-                conn.execute(ADD_BUCKET, (into, month, of, day))
+                conn.execute(add_bucket_sql(conn), (into, month, of, day))
     if not fresh:
         for month in sorted({month_start(d) for d in days}):
             _roll_month(conn, month)
 
 
-def _roll_day(conn: sqlite3.Connection, day: int) -> None:
+def _roll_day(conn: Conn, day: int) -> None:
     """A day's rows from its hours: its full dimension sets and totals, and every dimension's own rows for
     the day from its hours' own rows (which must be there)."""
     end = day + _DAY
@@ -167,7 +184,7 @@ def _roll_day(conn: sqlite3.Connection, day: int) -> None:
         _regroup(conn, projected(DAY, dim), projected(HOUR, dim), day, end)
 
 
-def _project_hours(conn: sqlite3.Connection, lo: int, hi: int) -> None:
+def _project_hours(conn: Conn, lo: int, hi: int) -> None:
     """Every dimension's own rows for the hours in [lo, hi), from their full dimension sets."""
     for i, dim in enumerate(DIMS):
         hour_grain = projected(HOUR, dim)
@@ -181,23 +198,24 @@ _MONTH_FROM_DAY = ((MONTH, DAY), (MONTH + TOTALS, DAY + TOTALS),
                    *((projected(MONTH, dim), projected(DAY, dim)) for dim in DIMS))
 
 
-def _roll_month(conn: sqlite3.Connection, month: int) -> None:
+def _roll_month(conn: Conn, month: int) -> None:
     end = next_month(month)
     for into, of in _MONTH_FROM_DAY:
         _regroup(conn, into, of, month, end)
 
 
-def _regroup(conn: sqlite3.Connection, into: int, of: int, start: int, end: int) -> None:
+def _regroup(conn: Conn, into: int, of: int, start: int, end: int) -> None:
     """The `into` rows of the bucket at `start` from the `of` rows in [start, end), dimension set by set."""
     conn.execute("DELETE FROM rollups WHERE grain = ? AND bucket = ?", (into, start))
     found = _sums(conn, _REGROUP_SQL, (of, start, end), 1)
     conn.executemany(_INSERT, [(into, start, *r) for r in found])
 
 
-def project_hours(conn: sqlite3.Connection, until: float | None = None, max_hours: int = 24) -> int:
+def project_hours(conn: AnyConn, until: float | None = None, max_hours: int = 24) -> int:
     """Give the hours after `projected_until` of the days that ended by `until` (default: now), at most
     `max_hours` of them, each dimension's own rows, and move `projected_until` on: the costly part of
     rolling a day up, done a few hours per transaction ahead of it. Returns the hours done."""
+    conn = as_conn(conn)
     register_functions(conn)
     _, _, projected_until = _state(conn)
     target = int(time.time() if until is None else until) // _DAY * _DAY
@@ -210,10 +228,11 @@ def project_hours(conn: sqlite3.Connection, until: float | None = None, max_hour
     return max(0, (end - start) // 3600)
 
 
-def roll_days(conn: sqlite3.Connection, until: float | None = None, max_days: int = 62) -> int:
+def roll_days(conn: AnyConn, until: float | None = None, max_days: int = 62) -> int:
     """Roll up the days after `days_until` that end by `until` (default: now), at most `max_days` of them,
     into day and month rows, and move `days_until` on; hours `project_hours` has not reached yet get
     their own rows first. Returns the days rolled up."""
+    conn = as_conn(conn)
     register_functions(conn)
     days_until, _, projected_until = _state(conn)
     target = int(time.time() if until is None else until) // _DAY * _DAY
@@ -229,11 +248,12 @@ def roll_days(conn: sqlite3.Connection, until: float | None = None, max_days: in
     return max(0, (end - start) // _DAY)
 
 
-def rebuild_dirty(conn: sqlite3.Connection, max_hours: int | None = 24, before: int | None = None) -> int:
+def rebuild_dirty(conn: AnyConn, max_hours: int | None = 24, before: int | None = None) -> int:
     """Rebuild the hours marked dirty (oldest first, at most `max_hours`, None: all; only those before
     `before` if given), then the days and months they are in that have no dirty hour left (reports read
     a day or month with a dirty hour from its hours, so it is rolled up once, when its last one is
     rebuilt). Returns how many hours."""
+    conn = as_conn(conn)
     register_functions(conn)
     sql, params = "SELECT hour FROM rollup_dirty", []
     if before is not None:
@@ -269,24 +289,25 @@ def rebuild_dirty(conn: sqlite3.Connection, max_hours: int | None = 24, before: 
     return len(hours)
 
 
-def _has_dirty(conn: sqlite3.Connection, lo: int, hi: int) -> bool:
+def _has_dirty(conn: Conn, lo: int, hi: int) -> bool:
     return conn.execute("SELECT 1 FROM rollup_dirty WHERE hour >= ? AND hour < ? LIMIT 1", (lo, hi)).fetchone() is not None
 
 
-def after_reprice(conn: sqlite3.Connection, report: object = None) -> None:
+def after_reprice(conn: AnyConn, report: object = None) -> None:
     """For `proxy.reprice.reprice(after=...)`: rebuild, inside the re-pricing's own transaction, every hour
     it changed (its UPDATEs marked them dirty), so reports read the new costs from the rollups at once."""
     if read_state(conn).exists:
         rebuild_dirty(conn, max_hours=None)
 
 
-def make_current(conn: sqlite3.Connection) -> bool:
+def make_current(conn: AnyConn) -> bool:
     """If the rollups are not current (rows written without the hook, a ledger from before migration 5),
     mark every hour holding calls or rollups dirty and call the rollups current: reports read those
     hours from `calls` (right, if slower) until `rebuild_dirty` has rebuilt them, an hour per
     transaction, in the background (RetentionTask). One short IMMEDIATE transaction, whatever the
     ledger's size. Returns whether it marked anything. `conn` must be in autocommit mode
     (isolation_level=None)."""
+    conn = as_conn(conn)
     state = read_state(conn)
     if not state.exists or state.current:
         return False
@@ -298,7 +319,8 @@ def make_current(conn: sqlite3.Connection) -> bool:
         hours = set(_hours_with_calls(conn, pruned or 0))
         hours.update(h for (h,) in conn.execute("SELECT bucket FROM rollups WHERE grain = ? AND bucket >= ?",
                                                 (HOUR + TOTALS, pruned or 0)))
-        conn.executemany("INSERT OR IGNORE INTO rollup_dirty (hour) VALUES (?)", [(h,) for h in sorted(hours)])
+        conn.executemany("INSERT INTO rollup_dirty (hour) VALUES (?) ON CONFLICT DO NOTHING",
+                         [(h,) for h in sorted(hours)])
         newest = conn.execute("SELECT coalesce(max(id), 0) FROM calls").fetchone()[0]
         conn.execute("UPDATE rollup_state SET covered_id = ? WHERE id = 1", (newest,))
         return True
@@ -306,7 +328,7 @@ def make_current(conn: sqlite3.Connection) -> bool:
     return bool(in_transaction(conn, mark_if_stale))
 
 
-def _hours_with_calls(conn: sqlite3.Connection, since: int) -> list[int]:
+def _hours_with_calls(conn: Conn, since: int) -> list[int]:
     """The hours from `since` on holding any call: one index seek each, not a scan of every call."""
     hours: list[int] = []
     at = since
@@ -314,15 +336,16 @@ def _hours_with_calls(conn: sqlite3.Connection, since: int) -> list[int]:
         found = conn.execute("SELECT min(started_at) FROM calls WHERE started_at >= ?", (at,)).fetchone()[0]
         if found is None:
             return hours
-        hour = int(found) // 3600 * 3600
+        hour = math.floor(found) // 3600 * 3600
         hours.append(hour)
         at = hour + 3600
 
 
-def ensure(conn: sqlite3.Connection, until: float | None = None) -> bool:
+def ensure(conn: AnyConn, until: float | None = None) -> bool:
     """make_current, then rebuild every dirty hour and roll every finished day up (a day or an hour per
     transaction): what the proxy's RetentionTask does in the background, all at once (for tests, the
     benchmark and tools). Returns whether make_current marked anything."""
+    conn = as_conn(conn)
     marked = make_current(conn)
     if read_state(conn).exists:
         while in_transaction(conn, lambda: roll_days(conn, until, max_days=1)):
@@ -332,14 +355,16 @@ def ensure(conn: sqlite3.Connection, until: float | None = None) -> bool:
     return marked
 
 
-def in_transaction(conn: sqlite3.Connection, work: Callable[[], Any]) -> Any:
-    """Run `work` in one IMMEDIATE transaction on an autocommit connection; roll back if it raises."""
-    conn.execute("BEGIN IMMEDIATE")
+def in_transaction(conn: AnyConn, work: Callable[[], Any]) -> Any:
+    """Run `work` in one write transaction on an autocommit connection, holding the ledger's write lock
+    (SQLite: BEGIN IMMEDIATE; PostgreSQL: db.lock_ledger); roll back if it raises."""
+    c = as_conn(conn)
+    c.begin()
     try:
+        lock_ledger(c)
         result = work()
-        conn.execute("COMMIT")
+        c.commit()
     except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
+        c.rollback()
         raise
     return result

@@ -27,6 +27,21 @@ per bucket where the full dimension sets are thousands. Their dim_id names a rol
 dimension's value and NULL for the others (`projection_dims`); only the projected column of it means
 anything.
 
+Both backends: every function takes a `Conn` (a plain sqlite3 connection is wrapped). The SQL is shared
+where the engines agree; the cost upsert, the hour of a timestamp and the team expression are spelled
+per dialect beside each other (`upsert_sql`, `add_bucket_sql`, `hour_sql`, `team_sql`).
+
+covered_id — the rule, on both backends: every write transaction that adds calls rows holds the ledger's
+write lock from before its first INSERT to its commit (SQLite: BEGIN IMMEDIATE; PostgreSQL:
+`db.lock_ledger`, SHARE ROW EXCLUSIVE on calls, which every other INSERT waits for too). So the batches
+of every replica commit one at a time, ids are handed out to one of them at a time, and when `apply`
+runs, every row another transaction added is committed and visible. `apply` then moves covered_id to
+max(calls.id) if the only rows above covered_id are the batch's own, and sets it to -1 (not current)
+otherwise. SQLite reuses the ids of a rolled-back batch, so there "only the batch's" is covered_id +
+len(rows) == max(id); a PostgreSQL sequence leaves gaps after a rollback, so there it is a count of the
+rows above covered_id. Ids committing out of order cannot happen under the lock; without it (a plain
+INSERT by another tool racing a batch) the lock makes that INSERT wait, and the next batch sees it.
+
 This module must never round a cost, never recompute an hour whose raw calls were pruned, and never
 commit or roll back: its callers own the transaction.
 """
@@ -57,10 +72,12 @@ from proxy.ledger.picodollars import (
     register_functions,
     summed_values,
 )  # fmt: skip
+from proxy.ledger.sqlconn import Conn, wrap_sqlite
 
 __all__ = [
     "ADD_BUCKET", "DAY", "DIMS", "GRAINS", "HOUR", "INT_COUNTERS", "MONTH", "PROJECTED", "SERIES", "SUM_COST",
-    "SUM_COST_SLOW", "TEAM_SQL", "TOTALS", "State", "after_reprice", "apply", "dim_ids", "dirty_hours", "ensure", "exact_values",
+    "SUM_COST_SLOW", "TEAM_SQL", "TOTALS", "AnyConn", "State", "add_bucket_sql", "as_conn", "hour_sql", "team_sql",
+    "upsert_sql", "after_reprice", "apply", "dim_ids", "dirty_hours", "ensure", "exact_values",
     "extent", "from_pico", "make_current", "month_start", "next_month", "pico", "pico_text", "project_hours", "projected",
     "projection_dims", "read_state", "rebuild", "rebuild_dirty", "register_functions", "roll_days", "summed_values",
 ]  # fmt: skip
@@ -102,10 +119,45 @@ ON CONFLICT (grain, bucket, dim_id) DO UPDATE SET
     cost_pico = CASE WHEN {_FITS} THEN {_P} END,
     cost_exp = CASE WHEN {_FITS} THEN {_E} END
 """
+# PostgreSQL: NUMERIC adds exactly by itself; the picodollars stay while both sides have them and the sum
+# fits (both are below 2**62, so the sum cannot overflow BIGINT before it is compared).
+_PG_P = "(rollups.cost_pico + excluded.cost_pico)"
+_PG_FITS = f"rollups.cost_pico IS NOT NULL AND excluded.cost_pico IS NOT NULL AND {_PG_P} < {PICO_LIMIT}"
+_PG_UPSERT = f"""
+{_INTO} VALUES ({", ".join("?" * (3 + len(INT_COUNTERS) + 3))})
+ON CONFLICT (grain, bucket, dim_id) DO UPDATE SET
+    {", ".join(f"{c} = rollups.{c} + excluded.{c}" for c in INT_COUNTERS)},
+    cost_usd = rollups.cost_usd + excluded.cost_usd,
+    cost_pico = CASE WHEN {_PG_FITS} THEN {_PG_P} END,
+    cost_exp = CASE WHEN {_PG_FITS} THEN least(rollups.cost_exp, excluded.cost_exp) END
+"""
+_BUCKET_SELECT = (f"SELECT ?, ?, dim_id, {_COUNTER_COLUMNS} FROM rollups WHERE grain = ? AND bucket = ? "
+                  "ORDER BY dim_id")
 # Add the rows of one bucket (grain ?, bucket ?) into another bucket (grain ?, bucket ?), row by row.
-ADD_BUCKET = _UPSERT.replace(
-    f"VALUES ({', '.join('?' * (3 + len(INT_COUNTERS) + 3))})",
-    f"SELECT ?, ?, dim_id, {_COUNTER_COLUMNS} FROM rollups WHERE grain = ? AND bucket = ? ORDER BY dim_id")
+ADD_BUCKET = _UPSERT.replace(f"VALUES ({', '.join('?' * (3 + len(INT_COUNTERS) + 3))})", _BUCKET_SELECT)
+_PG_ADD_BUCKET = _PG_UPSERT.replace(f"VALUES ({', '.join('?' * (3 + len(INT_COUNTERS) + 3))})", _BUCKET_SELECT)
+
+AnyConn = Conn | sqlite3.Connection
+
+
+def as_conn(conn: AnyConn) -> Conn:
+    """`conn` as a Conn: a plain sqlite3 connection (autocommit, isolation_level=None) is wrapped."""
+    return conn if isinstance(conn, Conn) else wrap_sqlite(conn)
+
+
+def upsert_sql(conn: Conn) -> str:
+    """Add one rollup row's counters (VALUES) into the row of its (grain, bucket, dim_id)."""
+    return _PG_UPSERT if conn.dialect == "postgres" else _UPSERT
+
+
+def add_bucket_sql(conn: Conn) -> str:
+    """ADD_BUCKET in the dialect of `conn`."""
+    return _PG_ADD_BUCKET if conn.dialect == "postgres" else ADD_BUCKET
+
+
+def hour_sql(conn: Conn, column: str = "started_at") -> str:
+    """The whole seconds of a unix time column, in SQL (truncated; PostgreSQL's CAST would round)."""
+    return f"floor({column})::BIGINT" if conn.dialect == "postgres" else f"CAST({column} AS INTEGER)"
 
 
 def projected(grain: int, dim: str) -> int:
@@ -168,6 +220,12 @@ class _Acc:
 # on a record, TEAM_SQL on a stored row, `_team` on a row about to be stored (what TEAM_SQL will read).
 # Migration 3 indexes this very expression; a query must spell it the same way to use the index.
 TEAM_SQL = f"(CASE WHEN json_valid(tags) THEN json_extract(tags, '$.{TEAM_TAG}') END)"
+_PG_TEAM_SQL = "meter_team(tags)"  # migrations_postgres: text, NULL when tags is not a JSON object
+
+
+def team_sql(conn: Conn) -> str:
+    """TEAM_SQL in the dialect of `conn` (the expression its team index is on)."""
+    return _PG_TEAM_SQL if conn.dialect == "postgres" else TEAM_SQL
 
 
 def _team(tags: str) -> Any:
@@ -179,14 +237,26 @@ def _team(tags: str) -> Any:
     return json.dumps(value, separators=(",", ":"))
 
 
-def _aggregate(rows: Iterable[Sequence[Any]]) -> dict[tuple[int, tuple[Any, ...]], _Acc]:
+def _pg_team(tags: str) -> Any:
+    """What meter_team(tags) (jsonb ->> 'team') returns: always text."""
+    if tags == "{}":
+        return None
+    value = json.loads(tags).get(TEAM_TAG)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value, separators=(", ", ": "))
+
+
+def _aggregate(rows: Iterable[Sequence[Any]], team_of: Any = _team) -> dict[tuple[int, tuple[Any, ...]], _Acc]:
     """Sums per (hour, dims) over the batch's rows."""
     c = _COL
     teams: dict[str, Any] = {}
     out: dict[tuple[int, tuple[Any, ...]], _Acc] = {}
     for row in rows:
         tags = row[c["tags"]]
-        team = teams[tags] if tags in teams else teams.setdefault(tags, _team(tags))
+        team = teams[tags] if tags in teams else teams.setdefault(tags, team_of(tags))
         status = row[c["status"]]
         key = (int(row[c["started_at"]]) // 3600 * 3600,
                (row[c["key_id"]], row[c["model"]], row[c["user"]], row[c["operation"]], row[c["endpoint"]],
@@ -217,29 +287,56 @@ _DIM_CACHE: dict[int, tuple[tuple[Any, ...] | None, dict[tuple[Any, ...], int]]]
 _DIM_CACHE_MAX = 200_000
 
 
-def dim_ids(conn: sqlite3.Connection, dims: Iterable[tuple[Any, ...]]) -> dict[tuple[Any, ...], int]:
-    """The rollup_dims id of each dimension tuple (DIMS order), added where missing."""
+_PG_DIM_SQL = " AND ".join(f'"{d}" IS NOT DISTINCT FROM ?' for d in DIMS)
+
+
+def dim_ids(conn: AnyConn, dims: Iterable[tuple[Any, ...]]) -> dict[tuple[Any, ...], int]:
+    """The rollup_dims id of each dimension tuple (DIMS order), added where missing (in sorted order, so
+    that two transactions adding the same new tuples meet in the same order)."""
+    conn = as_conn(conn)
+    postgres = conn.dialect == "postgres"
     newest = conn.execute(f"SELECT id, {_DIM_COLUMNS} FROM rollup_dims ORDER BY id DESC LIMIT 1").fetchone()
-    seen, ids = _DIM_CACHE.get(id(conn), (None, {}))
+    if newest is not None:
+        newest = tuple(newest)
+    seen, ids = _DIM_CACHE.get(id(conn.raw), (None, {}))
     if seen != newest or len(ids) > _DIM_CACHE_MAX:
         ids = {}
-    for d in dims:
-        if d in ids:
+    missing = [d for d in dims if d not in ids]
+    if postgres and len(missing) > 1:
+        missing.sort(key=_sort_key)
+    for d in missing:
+        if postgres:
+            found = conn.execute(f"SELECT id FROM rollup_dims WHERE {_PG_DIM_SQL}", d).fetchone()
+            if found is None:
+                found = conn.execute(f"INSERT INTO rollup_dims ({_DIM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                                     "ON CONFLICT DO NOTHING RETURNING id", d).fetchone()
+                if found is None:  # added by another transaction meanwhile
+                    found = conn.execute(f"SELECT id FROM rollup_dims WHERE {_PG_DIM_SQL}", d).fetchone()
+                newest = None  # read again next time
+            ids[d] = int(found[0])
             continue
         found = conn.execute(f"SELECT id FROM rollup_dims WHERE {_DIM_SQL}", d).fetchone()
         if found is None:
-            cur = conn.execute(f"INSERT INTO rollup_dims ({_DIM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", d)
+            cur: Any = conn.raw.execute(f"INSERT INTO rollup_dims ({_DIM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", d)
             newest = (cur.lastrowid, *d)
             ids[d] = int(cur.lastrowid or 0)
         else:
             ids[d] = found[0]
     if len(_DIM_CACHE) > 16:  # connections come and go in tests; the ledger keeps one
         _DIM_CACHE.clear()
-    _DIM_CACHE[id(conn)] = (None if newest is None else tuple(newest), ids)
+    if postgres and missing:
+        found = conn.execute(f"SELECT id, {_DIM_COLUMNS} FROM rollup_dims ORDER BY id DESC LIMIT 1").fetchone()
+        newest = None if found is None else tuple(found)
+    _DIM_CACHE[id(conn.raw)] = (newest, ids)
     return ids
 
 
-def _upsert(conn: sqlite3.Connection, hours: dict[tuple[int, tuple[Any, ...]], _Acc],
+def _sort_key(value: Sequence[Any]) -> tuple[Any, ...]:
+    """A total order over tuples holding None, text and numbers (None first, then by type, then value)."""
+    return tuple((v is not None, type(v).__name__, v if v is not None else 0) for v in value)
+
+
+def _upsert(conn: Conn, hours: dict[tuple[int, tuple[Any, ...]], _Acc],
             days_until: int | None, projected_until: int | None) -> None:
     late = [(hour, dims) for hour, dims in hours if projected_until is not None and hour < projected_until]
     ids = dim_ids(conn, {dims for _, dims in hours}
@@ -268,6 +365,12 @@ def _upsert(conn: sqlite3.Connection, hours: dict[tuple[int, tuple[Any, ...]], _
             else:
                 summed[key] = _copy(acc)
     rows += [(*key, *acc.values()) for key, acc in summed.items()]
+    if conn.dialect == "postgres":
+        # In key order: two batches upserting some of the same rows lock them in the same order, so
+        # they cannot deadlock even without the ledger lock (retention, an import).
+        rows.sort(key=lambda r: (r[0], r[1], r[2]))
+        conn.executemany(_PG_UPSERT, rows)
+        return
     try:
         conn.executemany(_UPSERT, rows)
     except sqlite3.OperationalError as exc:
@@ -285,17 +388,28 @@ def _copy(acc: _Acc) -> _Acc:
     return new
 
 
-def apply(conn: sqlite3.Connection, rows: Sequence[Sequence[Any]]) -> None:
+def apply(conn: AnyConn, rows: Sequence[Sequence[Any]]) -> None:
     """The ledger's after_insert hook: add the batch's rows (COLUMNS order, just inserted) to the rollups.
 
-    Runs inside the batch's transaction; a failure here rolls the whole batch back."""
+    Runs inside the batch's transaction, under the ledger's write lock (see the module docstring on
+    covered_id); a failure here rolls the whole batch back."""
+    conn = as_conn(conn)
+    postgres = conn.dialect == "postgres"
     covered, days_until, projected_until = conn.execute(
         "SELECT covered_id, days_until, projected_until FROM rollup_state WHERE id = 1").fetchone()
     if rows:
-        _upsert(conn, _aggregate(rows), days_until, projected_until)
-    # The rows just inserted took ids max-n+1..max; anything else means rows arrived without this hook.
-    newest = conn.execute("SELECT coalesce(max(id), 0) FROM calls").fetchone()[0]
-    if covered >= 0 and covered + len(rows) == newest:
+        _upsert(conn, _aggregate(rows, _pg_team if postgres else _team), days_until, projected_until)
+    if postgres:
+        # Ids from a sequence: gaps after a rollback, so count the rows above covered_id instead.
+        above, newest = conn.execute("SELECT count(*), coalesce(max(id), 0) FROM calls WHERE id > ?",
+                                     (max(covered, 0),)).fetchone()
+        newest = max(newest, covered)
+        only_ours = above == len(rows)
+    else:
+        # The rows just inserted took ids max-n+1..max; anything else means rows arrived without this hook.
+        newest = conn.execute("SELECT coalesce(max(id), 0) FROM calls").fetchone()[0]
+        only_ours = covered + len(rows) == newest
+    if covered >= 0 and only_ours:
         if rows:
             conn.execute("UPDATE rollup_state SET covered_id = ? WHERE id = 1", (newest,))
     elif covered != -1:
@@ -315,7 +429,15 @@ class State:
         self.days_until, self.pruned_before, self.projected_until = days_until, pruned_before, projected_until
 
 
-def read_state(conn: sqlite3.Connection) -> State:
+def read_state(conn: AnyConn) -> State:
+    conn = as_conn(conn)
+    if conn.dialect == "postgres":  # one schema, migration 1 on: every column is there
+        found = conn.execute("SELECT covered_id, days_until, pruned_before, projected_until FROM rollup_state "
+                             "WHERE id = 1").fetchone()
+        if found is None:
+            return State(False, False)
+        newest = conn.execute("SELECT coalesce(max(id), 0) FROM calls").fetchone()[0]
+        return State(True, found[0] >= 0 and found[0] == newest, found[1], found[2], found[3])
     try:
         found = conn.execute("SELECT covered_id, days_until, pruned_before, projected_until FROM rollup_state "
                              "WHERE id = 1").fetchone()
@@ -331,69 +453,71 @@ def read_state(conn: sqlite3.Connection) -> State:
     return State(True, found[0] >= 0 and found[0] == newest, found[1], found[2], found[3])
 
 
-def dirty_hours(conn: sqlite3.Connection, lo: float, hi: float) -> list[int]:
+def dirty_hours(conn: AnyConn, lo: float, hi: float) -> list[int]:
     """The hours overlapping [lo, hi) whose calls changed after they were rolled up, in order."""
-    found = conn.execute("SELECT hour FROM rollup_dirty WHERE hour > ? AND hour < ? ORDER BY hour", (lo - 3600, hi))
+    found = as_conn(conn).execute("SELECT hour FROM rollup_dirty WHERE hour > ? AND hour < ? ORDER BY hour", (lo - 3600, hi))
     return [h for (h,) in found]
 
 
-def extent(conn: sqlite3.Connection) -> tuple[int, int] | None:
+def extent(conn: AnyConn) -> tuple[int, int] | None:
     """[first hour, last hour + 1h) of everything in calls, hour rollups and dirty marks; None if empty."""
+    conn = as_conn(conn)
+    lo, hi = hour_sql(conn, "min(started_at)"), hour_sql(conn, "max(started_at)")
     # One min or max per subquery: SQLite answers each from an index edge instead of a scan.
     found = conn.execute(
-        "SELECT (SELECT CAST(min(started_at) AS INTEGER) FROM calls), (SELECT min(bucket) FROM rollups WHERE grain = 0),"
-        " (SELECT min(hour) FROM rollup_dirty), (SELECT CAST(max(started_at) AS INTEGER) FROM calls),"
+        f"SELECT (SELECT {lo} FROM calls), (SELECT min(bucket) FROM rollups WHERE grain = 0),"
+        f" (SELECT min(hour) FROM rollup_dirty), (SELECT {hi} FROM calls),"
         " (SELECT max(bucket) FROM rollups WHERE grain = 0), (SELECT max(hour) FROM rollup_dirty)").fetchone()
     lows, highs = [v for v in found[:3] if v is not None], [v for v in found[3:] if v is not None]
     if not lows:
         return None
-    return min(lows) // 3600 * 3600, max(highs) // 3600 * 3600 + 3600
+    return int(min(lows)) // 3600 * 3600, int(max(highs)) // 3600 * 3600 + 3600
 
 
 # --- rebuilding (rollup_build.py), here under the names the rest of the proxy uses ------------------
-def rebuild(conn: sqlite3.Connection, since: float | None = None, until: float | None = None) -> int:
+def rebuild(conn: AnyConn, since: float | None = None, until: float | None = None) -> int:
     """See rollup_build.rebuild."""
     from proxy.ledger import rollup_build
 
     return rollup_build.rebuild(conn, since, until)
 
 
-def roll_days(conn: sqlite3.Connection, until: float | None = None, max_days: int = 62) -> int:
+def roll_days(conn: AnyConn, until: float | None = None, max_days: int = 62) -> int:
     """See rollup_build.roll_days."""
     from proxy.ledger import rollup_build
 
     return rollup_build.roll_days(conn, until, max_days)
 
 
-def project_hours(conn: sqlite3.Connection, until: float | None = None, max_hours: int = 24) -> int:
+def project_hours(conn: AnyConn, until: float | None = None, max_hours: int = 24) -> int:
     """See rollup_build.project_hours."""
     from proxy.ledger import rollup_build
 
     return rollup_build.project_hours(conn, until, max_hours)
 
 
-def rebuild_dirty(conn: sqlite3.Connection, max_hours: int | None = 24, before: int | None = None) -> int:
+def rebuild_dirty(conn: AnyConn, max_hours: int | None = 24, before: int | None = None) -> int:
     """See rollup_build.rebuild_dirty."""
     from proxy.ledger import rollup_build
 
     return rollup_build.rebuild_dirty(conn, max_hours, before)
 
 
-def after_reprice(conn: sqlite3.Connection, report: object = None) -> None:
+def after_reprice(conn: AnyConn, report: object = None) -> None:
     """See rollup_build.after_reprice: pass it as `proxy.reprice.reprice(..., after=rollups.after_reprice)`."""
     from proxy.ledger import rollup_build
 
     rollup_build.after_reprice(conn, report)
 
 
-def ensure(conn: sqlite3.Connection, until: float | None = None) -> bool:
+def ensure(conn: AnyConn, until: float | None = None) -> bool:
     """See rollup_build.ensure."""
     from proxy.ledger import rollup_build
 
     return rollup_build.ensure(conn, until)
 
 
-def make_current(conn: sqlite3.Connection) -> bool:
+def make_current(conn: AnyConn) -> bool:
     """See rollup_build.make_current."""
     from proxy.ledger import rollup_build
 

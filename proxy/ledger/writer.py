@@ -1,4 +1,4 @@
-"""The ledger writer: the one owner of the SQLite write connection, with group commit.
+"""The ledger writer: the one owner of the ledger's write connection (SQLite or PostgreSQL), with group commit.
 
 Callers hand `Ledger.record()` a `CallRecord` and get control back only once the transaction holding
 that row has committed (synchronous=FULL: it is on disk). A single writer task takes every row queued
@@ -18,6 +18,11 @@ the database or the spool takes rows again (probed every `retry_interval`). A da
 replaced under the proxy is noticed before the next batch and opened anew, and after each commit: a batch
 that may have gone into the deleted file is written again into the new one.
 
+On PostgreSQL (`path` a postgresql:// URL) the same holds with the server in the database's place: a
+server that cannot be reached, restarts or refuses writes sends rows to the spool (always a local file),
+and they are replayed in order, each once (request_id is unique; a replay skips rows already there),
+once it takes writes again; the connection is opened anew before the next attempt.
+
 Errors:
     LedgerError       the ledger cannot be opened, or a row was neither committed nor spooled
 
@@ -31,7 +36,6 @@ import asyncio
 import json
 import logging
 import os
-import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
@@ -41,6 +45,7 @@ from proxy.core.errors import MeterproxyError
 from proxy.core.record import CallRecord
 from proxy.ledger.db import COLUMNS, INSERT_SQL, LedgerDB
 from proxy.ledger.spool import Spool
+from proxy.ledger.target import Target, parse_target
 
 __all__ = ["COLUMNS", "INSERT_SQL", "Ledger", "LedgerError", "record_row"]
 
@@ -107,18 +112,20 @@ def _storable(value: object) -> bool:
 
 
 class Ledger:
-    """Appends `CallRecord`s to the SQLite ledger at `path`; see the module docstring.
+    """Appends `CallRecord`s to the ledger at `path` (a SQLite path, a PostgreSQL URL or a Target); see the
+    module docstring.
 
     `stats` counts: rows_committed, batches (committed transactions), last_batch_size,
     max_batch_size, errors (records whose record() raised because their write failed), spooled, replayed.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, max_batch: int = 2000,
+    def __init__(self, path: str | os.PathLike[str] | Target, *, max_batch: int = 2000,
                  spool_path: str | os.PathLike[str] | None = None, busy_timeout_ms: int = _BUSY_TIMEOUT_MS,
                  retry_interval: float = 1.0, spool_reserve_bytes: int = 0) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
-        self._path = os.fspath(path)
+        self.target = path if isinstance(path, Target) else parse_target(path)
+        self._path = self.target.shown  # never the password: it is in every message
         self._max_batch = max_batch
         self._spool = Spool(spool_path, spool_reserve_bytes) if spool_path is not None else None
         self._retry_interval = retry_interval
@@ -129,7 +136,7 @@ class Ledger:
         self._storing = True  # False: the last row was neither committed nor spooled
         self._refusal: str | None = None  # what the database said when it last refused a write
         self._spool_rows = 0  # rows waiting in the spool
-        self.db = LedgerDB(self._path, busy_timeout_ms)  # its methods run on the writer thread only
+        self.db = LedgerDB(self.target, busy_timeout_ms)  # its methods run on the writer thread only
         self._thread: ThreadPoolExecutor | None = None
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
@@ -216,7 +223,7 @@ class Ledger:
                             "the spool no room either", self._path, spool.reserve_bytes, spool.reserve_path)
         except OSError as exc:
             log.warning("ledger %s: cannot make the spool's reserve %s: %s", self._path, spool.reserve_path, exc)
-        if _same_file_system(self._path, spool.path):
+        if not self.target.is_postgres and _same_file_system(self.target.where, spool.path):
             log.warning("ledger %s: the spool %s is on the same file system: a full disk fills both (%s); "
                         "set `spool` to a path on another disk", self._path, spool.path,
                         f"a reserve of {spool.reserve_bytes} bytes is kept for it" if spool.reserve_bytes
@@ -332,7 +339,7 @@ class Ledger:
         started = time.perf_counter()
         try:
             await self._on_thread(self.db.insert, rows)
-        except sqlite3.IntegrityError as exc:
+        except self.db.IntegrityError as exc:
             if len(batch) == 1:
                 self._fail(batch, exc)
             else:

@@ -160,7 +160,7 @@ def test_get_models_forwarded_and_recorded(upstream: FakeUpstream, proxy: ProxyS
 
 def test_healthz(proxy: ProxyServer) -> None:
     status, _, got = request(proxy.url, method="GET", path="/healthz", body=None)
-    assert (status, json.loads(got)) == (200, {"status": "ok"})
+    assert (status, json.loads(got)) == (200, {"status": "ok", "backend": "sqlite", "db": proxy.settings.db})
 
 
 def test_request_too_large_gets_413(upstream: FakeUpstream, start_proxy: Callable[..., ProxyServer]) -> None:

@@ -183,7 +183,8 @@ def test_a_read_only_ledger_is_said_at_start_and_on_healthz(tmp_path: Path, upst
 
 
 def test_healthz_is_ok_while_the_ledger_takes_rows(proxy: ProxyServer) -> None:
-    assert http("GET", f"{proxy.url}/healthz", token=None) == (200, {"status": "ok"})
+    assert http("GET", f"{proxy.url}/healthz", token=None) == (
+        200, {"status": "ok", "backend": "sqlite", "db": proxy.settings.db})
 
 
 # --- the CLI as a Unix tool -----------------------------------------------------------------------------

@@ -53,9 +53,9 @@ async def test_prune_deletes_whole_hours_in_batches_and_reports_still_answer(tmp
         kept = conn.execute("SELECT count(*) FROM calls WHERE started_at >= ?", (HOUR_CUT,)).fetchone()[0]
         roll = actual_rollups(conn)
         statements: list[str] = []
-        conn.set_trace_callback(statements.append)
+        conn.raw.set_trace_callback(statements.append)
         assert retention.prune(conn, CUTOFF, batch_size=100) == old
-        conn.set_trace_callback(None)
+        conn.raw.set_trace_callback(None)
         assert sum(s.startswith("DELETE FROM calls") for s in statements) == old // 100 + 1
         assert conn.execute("SELECT count(*) FROM calls").fetchone()[0] == kept
         assert conn.execute("SELECT min(started_at) FROM calls").fetchone()[0] >= HOUR_CUT
@@ -183,7 +183,7 @@ def test_a_ledger_without_rollups_is_not_pruned(tmp_path: Path) -> None:
     conn = plain_writer(path)
     try:
         for number, migration in enumerate(MIGRATIONS[:4], start=1):
-            _apply(conn, number, migration)
+            _apply(conn.raw, number, migration)
         with pytest.raises(retention.RetentionError, match="no rollups"):
             retention.prune(conn, CUTOFF)
     finally:

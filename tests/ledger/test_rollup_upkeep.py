@@ -143,7 +143,7 @@ def test_upgrading_to_migration_6_reads_hours_until_the_days_are_rolled_up_again
     same_reports(path, "Europe/Berlin")  # read as it is (reports never migrate): day rows, no own rows
     conn = writer(path)
     try:
-        assert migrate(conn) == len(MIGRATIONS)
+        assert migrate(conn.raw) == len(MIGRATIONS)
         assert rollups.read_state(conn).days_until is None
         assert conn.execute("SELECT count(*) FROM rollups WHERE grain NOT IN (0, 3)").fetchone()[0] == 0
     finally:

@@ -7,12 +7,15 @@ import json
 import sqlite3
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from proxy.core.record import CallRecord
 from proxy.ledger.migrations import MIGRATIONS, Migration, MigrationError, _apply, migrate
 from proxy.ledger.writer import Ledger, LedgerError
+from tests.support import ledger_rows
+from tests.support.ledger import connect
 
 
 def make_record(n: int = 0, **fields: object) -> CallRecord:
@@ -26,19 +29,26 @@ def make_record(n: int = 0, **fields: object) -> CallRecord:
     return CallRecord(**values)  # type: ignore[arg-type]
 
 
-def read_rows(path: Path) -> dict[str, sqlite3.Row]:
-    """The ledger's rows by request_id, through a connection of the test's own."""
-    conn = sqlite3.connect(path)
-    conn.row_factory = sqlite3.Row
-    try:
-        return {row["request_id"]: row for row in conn.execute("SELECT * FROM calls")}
-    finally:
-        conn.close()
+def read_rows(path: Path | str) -> dict[str, dict[str, Any]]:
+    """The ledger's rows by request_id, through a connection of the test's own (either backend; money as
+    the exact text SQLite holds, NUMERIC formatted the same)."""
+    rows = ledger_rows(str(path))
+    return {row["request_id"]: {k: format(v, "f") if isinstance(v, Decimal) else v for k, v in row.items()}
+            for row in rows}
 
 
 @pytest.fixture
 async def ledger(tmp_path: Path):
     led = Ledger(tmp_path / "ledger.db")
+    await led.open()
+    yield led
+    await led.close()
+
+
+@pytest.fixture
+async def any_ledger(ledger_target: str):
+    """A Ledger on each backend: a SQLite file, then a PostgreSQL schema."""
+    led = Ledger(ledger_target)
     await led.open()
     yield led
     await led.close()
@@ -70,9 +80,9 @@ FULL = make_record(
 )
 
 
-async def test_full_record_round_trips_exactly(ledger: Ledger) -> None:
-    await ledger.record(FULL)
-    row = read_rows(Path(ledger.path))["req-1"]
+async def test_full_record_round_trips_exactly(any_ledger: Ledger) -> None:
+    await any_ledger.record(FULL)
+    row = read_rows(any_ledger.target.where)["req-1"]
     assert row["tags"] == '{"env":"prod","team":"search","ünï":"cödé"}'
     assert json.loads(row["tags"]) == FULL.tags
     assert (row["stream"], row["priced"]) == (1, 1)
@@ -84,9 +94,9 @@ async def test_full_record_round_trips_exactly(ledger: Ledger) -> None:
         assert row[name] == getattr(FULL, name), name
 
 
-async def test_defaults_round_trip(ledger: Ledger) -> None:
-    await ledger.record(make_record(2, status=502, error="upstream reset"))
-    row = read_rows(Path(ledger.path))["req-2"]
+async def test_defaults_round_trip(any_ledger: Ledger) -> None:
+    await any_ledger.record(make_record(2, status=502, error="upstream reset"))
+    row = read_rows(any_ledger.target.where)["req-2"]
     assert row["tags"] == "{}"
     assert (row["stream"], row["priced"], row["usage_source"]) == (0, 0, "none")
     assert (row["key_id"], row["user"], row["ttfb_ms"]) == (None, None, None)
@@ -103,37 +113,37 @@ async def test_defaults_round_trip(ledger: Ledger) -> None:
         (Decimal("123456789.123456789123456789"), "123456789.123456789123456789"),
     ],
 )
-async def test_cost_is_stored_as_plain_exact_decimal(ledger: Ledger, cost: Decimal, stored: str) -> None:
-    await ledger.record(make_record(3, cost_usd=cost))
-    assert read_rows(Path(ledger.path))["req-3"]["cost_usd"] == stored
+async def test_cost_is_stored_as_plain_exact_decimal(any_ledger: Ledger, cost: Decimal, stored: str) -> None:
+    await any_ledger.record(make_record(3, cost_usd=cost))
+    assert read_rows(any_ledger.target.where)["req-3"]["cost_usd"] == stored
 
 
 @pytest.mark.parametrize("cost", [0.1, Decimal("NaN"), Decimal("Infinity")])
-async def test_cost_that_is_not_a_finite_decimal_is_refused(ledger: Ledger, cost: object) -> None:
+async def test_cost_that_is_not_a_finite_decimal_is_refused(any_ledger: Ledger, cost: object) -> None:
     with pytest.raises(LedgerError, match="cost_usd"):
-        await ledger.record(make_record(4, cost_usd=cost))
-    await ledger.record(make_record(5))  # the writer is unaffected
-    assert set(read_rows(Path(ledger.path))) == {"req-5"}
+        await any_ledger.record(make_record(4, cost_usd=cost))
+    await any_ledger.record(make_record(5))  # the writer is unaffected
+    assert set(read_rows(any_ledger.target.where)) == {"req-5"}
 
 
-async def test_each_record_is_visible_to_another_connection_when_it_returns(ledger: Ledger) -> None:
-    other = sqlite3.connect(ledger.path)
+async def test_each_record_is_visible_to_another_connection_when_it_returns(any_ledger: Ledger) -> None:
+    other = connect(any_ledger.target.where)
     try:
         for n in range(25):
-            await ledger.record(make_record(n))
+            await any_ledger.record(make_record(n))
             count = other.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
             assert count == n + 1
     finally:
         other.close()
 
 
-async def test_concurrent_records_share_commits(ledger: Ledger) -> None:
-    await asyncio.gather(*(ledger.record(make_record(n)) for n in range(200)))
-    assert len(read_rows(Path(ledger.path))) == 200
-    assert ledger.stats["rows_committed"] == 200
-    assert ledger.stats["batches"] <= 10
-    assert ledger.stats["max_batch_size"] >= 20
-    assert ledger.stats["errors"] == 0
+async def test_concurrent_records_share_commits(any_ledger: Ledger) -> None:
+    await asyncio.gather(*(any_ledger.record(make_record(n)) for n in range(200)))
+    assert len(read_rows(any_ledger.target.where)) == 200
+    assert any_ledger.stats["rows_committed"] == 200
+    assert any_ledger.stats["batches"] <= 10
+    assert any_ledger.stats["max_batch_size"] >= 20
+    assert any_ledger.stats["errors"] == 0
 
 
 async def test_max_batch_caps_a_transaction(tmp_path: Path) -> None:
@@ -148,24 +158,24 @@ async def test_max_batch_caps_a_transaction(tmp_path: Path) -> None:
     assert len(read_rows(tmp_path / "capped.db")) == 100
 
 
-async def test_duplicate_request_id_fails_only_its_own_record(ledger: Ledger) -> None:
-    await ledger.record(make_record(1))
+async def test_duplicate_request_id_fails_only_its_own_record(any_ledger: Ledger) -> None:
+    await any_ledger.record(make_record(1))
     results = await asyncio.gather(
-        ledger.record(make_record(2)),
-        ledger.record(make_record(1, user="again")),
-        ledger.record(make_record(3)),
+        any_ledger.record(make_record(2)),
+        any_ledger.record(make_record(1, user="again")),
+        any_ledger.record(make_record(3)),
         return_exceptions=True,
     )
     assert results[0] is None and results[2] is None
     assert isinstance(results[1], LedgerError)
-    assert "UNIQUE" in str(results[1]) and ledger.path in str(results[1])
-    with pytest.raises(LedgerError, match="UNIQUE"):  # alone in its batch
-        await ledger.record(make_record(2))
-    await ledger.record(make_record(4))
-    rows = read_rows(Path(ledger.path))
+    assert "unique" in str(results[1]).lower() and any_ledger.path in str(results[1])
+    with pytest.raises(LedgerError, match="(?i)unique"):  # alone in its batch
+        await any_ledger.record(make_record(2))
+    await any_ledger.record(make_record(4))
+    rows = read_rows(any_ledger.target.where)
     assert set(rows) == {"req-1", "req-2", "req-3", "req-4"}
     assert rows["req-1"]["user"] is None  # the first write stands
-    assert ledger.stats["errors"] == 2
+    assert any_ledger.stats["errors"] == 2
 
 
 async def test_failed_batch_raises_for_its_callers_and_the_writer_goes_on(ledger: Ledger) -> None:
@@ -200,15 +210,15 @@ async def test_record_does_not_hang_when_the_writer_has_died(ledger: Ledger) -> 
         await asyncio.wait_for(ledger.record(make_record(9)), 5)
 
 
-async def test_a_cancelled_caller_does_not_break_the_writer(ledger: Ledger) -> None:
-    waiting = asyncio.create_task(ledger.record(make_record(1)))
+async def test_a_cancelled_caller_does_not_break_the_writer(any_ledger: Ledger) -> None:
+    waiting = asyncio.create_task(any_ledger.record(make_record(1)))
     await asyncio.sleep(0)
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
-    await ledger.record(make_record(2))
-    assert "req-2" in read_rows(Path(ledger.path))
-    assert ledger._writer is not None and not ledger._writer.done()
+    await any_ledger.record(make_record(2))
+    assert "req-2" in read_rows(any_ledger.target.where)
+    assert any_ledger._writer is not None and not any_ledger._writer.done()
 
 
 async def test_close_flushes_queued_rows_and_is_idempotent(tmp_path: Path) -> None:

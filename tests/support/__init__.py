@@ -22,6 +22,8 @@ from aiohttp import web
 
 from proxy.app import make_app
 from proxy.config import Settings
+from proxy.ledger.sqlconn import connect_postgres
+from proxy.ledger.target import parse_target
 
 ADMIN_TOKEN = "admin-secret-for-tests"
 
@@ -176,17 +178,38 @@ class ProxyServer:
         return self.server.url
 
     def rows(self, where: str = "1=1", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-        """Ledger rows, read through a separate connection as any other reader would."""
-        conn = sqlite3.connect(self.settings.db)
-        conn.row_factory = sqlite3.Row
+        """Ledger rows, read through a separate connection as any other reader would (SQLite or
+        PostgreSQL, whichever `settings.db` names; `where` in SQLite's spelling with `?`). On PostgreSQL
+        money comes back as Decimal: compare it with Decimal, or format(value, "f") for SQLite's text."""
+        return ledger_rows(self.settings.db, where, params)
+
+
+def ledger_rows(db: str, where: str = "1=1", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    """The calls rows of the ledger `db` (a path or a PostgreSQL URL), oldest first, as dicts."""
+    target = parse_target(db)
+    if target.is_postgres:
+        conn = connect_postgres(target, application_name="meterproxy-tests", read_only=True)
         try:
-            return [dict(r) for r in conn.execute(f"SELECT * FROM calls WHERE {where} ORDER BY id", params)]
+            cur = conn.execute(f"SELECT * FROM calls WHERE {where} ORDER BY id", params)
+            names = [d.name for d in cur.description]  # type: ignore[attr-defined]
+            return [dict(zip(names, r)) for r in cur.fetchall()]
         finally:
             conn.close()
+    raw = sqlite3.connect(target.where)
+    raw.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in raw.execute(f"SELECT * FROM calls WHERE {where} ORDER BY id", params)]
+    finally:
+        raw.close()
 
 
-def proxy_settings(tmp_path: Path, upstream_url: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = dict(host="127.0.0.1", port=0, upstream=upstream_url, db=str(tmp_path / "ledger.db"),
+def proxy_settings(tmp_path: Path, upstream_url: str, db: str | None = None, **overrides: Any) -> Settings:
+    """Settings for a test proxy: the ledger `db` (a path or a PostgreSQL URL such as `ledger_target`
+    gives; default a SQLite file in tmp_path; a PostgreSQL ledger's spool in tmp_path), no spool reserve."""
+    db = db if db is not None else str(tmp_path / "ledger.db")
+    values: dict[str, Any] = dict(host="127.0.0.1", port=0, upstream=upstream_url, db=db,
+                                  spool=str(tmp_path / "ledger.spool.jsonl") if parse_target(db).is_postgres
+                                  else None,
                                   admin_token=ADMIN_TOKEN, first_byte_timeout=10.0, idle_timeout=10.0,
                                   spool_reserve=0)  # else every test's proxy holds 8 MiB of real disk
     values.update(overrides)

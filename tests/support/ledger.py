@@ -1,9 +1,14 @@
-"""Building ledgers for tests: random and dated calls, written through the real writer."""
+"""Building ledgers for tests: random and dated calls, written through the real writer, on either backend.
+
+Every helper takes a ledger by its `--db` value (a SQLite path or a PostgreSQL URL, as `ledger_target`
+gives) or an open `Conn`; `connect(where)` opens a plain autocommit Conn on either.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import sqlite3
 import time
@@ -13,9 +18,31 @@ from pathlib import Path
 from typing import Any
 
 from proxy.core.record import CallRecord
-from proxy.ledger import rollups
+from proxy.ledger import migrations_postgres, rollups
 from proxy.ledger.migrations import migrate
+from proxy.ledger.sqlconn import Conn, connect_postgres, wrap_sqlite
+from proxy.ledger.target import parse_target
 from proxy.ledger.writer import INSERT_SQL, Ledger, record_row
+
+Where = str | os.PathLike[str]
+
+
+def connect(where: Where, functions: bool = True) -> Conn:
+    """A plain autocommit connection to the ledger (SQLite: with the decimal functions registered unless
+    `functions` is False; PostgreSQL: migrated, as the proxy would find it)."""
+    target = parse_target(where)
+    if target.is_postgres:
+        conn = connect_postgres(target, application_name="meterproxy-tests")
+        migrations_postgres.migrate(conn)
+        return conn
+    raw = sqlite3.connect(target.where, isolation_level=None)
+    if functions:
+        rollups.register_functions(raw)
+    return wrap_sqlite(raw, target.shown)
+
+
+def is_postgres(where: Where | Conn) -> bool:
+    return where.dialect == "postgres" if isinstance(where, Conn) else parse_target(where).is_postgres
 
 T0 = float(timegm((2026, 1, 27, 0, 0, 0)))  # a span over two month ends
 
@@ -50,7 +77,7 @@ def random_call(rng: random.Random, n: int, start: float = T0, span: float = SPA
     )  # fmt: skip
 
 
-async def write_through_ledger(path: Path, calls: list[CallRecord], rng: random.Random) -> None:
+async def write_through_ledger(path: Where, calls: list[CallRecord], rng: random.Random) -> None:
     """Through a real Ledger with the hook, in waves of random size, so batches vary."""
     ledger = Ledger(path, max_batch=rng.choice([7, 64, 500]))
     ledger.db.after_insert.append(rollups.apply)
@@ -65,7 +92,7 @@ async def write_through_ledger(path: Path, calls: list[CallRecord], rng: random.
         await ledger.close()
 
 
-def expected_rollups(conn: sqlite3.Connection, days_until: int | None,
+def expected_rollups(conn: Conn | sqlite3.Connection, days_until: int | None,
                      projected_until: int | None = None) -> dict[tuple[Any, ...], tuple[Any, ...]]:
     """Rollups computed in Python from every call row, independently of rollups.py: day and month rows
     before `days_until`, each dimension's own rows for hours before `projected_until` (default: the same)
@@ -74,6 +101,7 @@ def expected_rollups(conn: sqlite3.Connection, days_until: int | None,
     sums: dict[tuple[Any, ...], list[Any]] = {}
     sql = ('SELECT started_at, key_id, model, "user", operation, endpoint, status, tags, priced, usage_source, '
            "prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, total_tokens, cost_usd FROM calls")
+    conn = rollups.as_conn(conn)
     for row in conn.execute(sql):
         started, *dims6, tags, priced, source, p, c, ca, r, t, cost = row
         dims = (*dims6, json.loads(tags).get("team"))
@@ -97,15 +125,17 @@ def expected_rollups(conn: sqlite3.Connection, days_until: int | None,
     return {k: (*map(int, v[0]), format(v[1], "f")) for k, v in sums.items()}
 
 
-def actual_rollups(conn: sqlite3.Connection) -> dict[tuple[Any, ...], tuple[Any, ...]]:
+def actual_rollups(conn: Conn | sqlite3.Connection) -> dict[tuple[Any, ...], tuple[Any, ...]]:
     names = {0: "hour", 1: "day", 2: "month", 3: "hour", 4: "day", 5: "month"}
     out = {}
     sql = (f"SELECT r.grain, r.bucket, d.key_id, d.model, d.\"user\", d.operation, d.endpoint, d.status, d.team, "
            f"{', '.join('r.' + c for c in rollups.INT_COUNTERS)}, r.cost_usd, r.cost_pico, r.cost_exp, "
            "r.dim_id FROM rollups r LEFT JOIN rollup_dims d ON d.id = r.dim_id")
-    for row in conn.execute(sql):
+    for row in rollups.as_conn(conn).execute(sql):
         grain, bucket, *rest = row
         dims, ints, (cost, pico, exp, dim_id) = tuple(rest[:7]), tuple(rest[7:17]), rest[17:]
+        if isinstance(cost, Decimal):  # PostgreSQL's NUMERIC, compared as the text SQLite holds
+            cost = format(cost, "f")
         if grain >= rollups.PROJECTED:
             index = grain // rollups.PROJECTED - 1
             assert dims == rollups.projection_dims(index, dims[index])  # the others are NULL
@@ -122,8 +152,9 @@ def actual_rollups(conn: sqlite3.Connection) -> dict[tuple[Any, ...], tuple[Any,
     return out
 
 
-def assert_exact(path: Path) -> None:
-    conn = sqlite3.connect(path)
+def assert_exact(path: Where | Conn) -> None:
+    """The rollups are current and equal, to the last digit, what the raw rows add up to."""
+    conn = path if isinstance(path, Conn) else connect(path, functions=False)
     try:
         state = rollups.read_state(conn)
         assert state.current
@@ -133,19 +164,20 @@ def assert_exact(path: Path) -> None:
         wrong = {k: (actual[k], expected[k]) for k in expected if actual[k] != expected[k]}
         assert not wrong, repr(list(wrong.items())[:3])
     finally:
-        conn.close()
+        if conn is not path:
+            conn.close()
 
 
-def writer(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None)
-    rollups.register_functions(conn)
-    return conn
+def writer(path: Where) -> Conn:
+    """An autocommit Conn to write with (SQLite: the decimal functions registered)."""
+    return connect(path)
 
 
-async def build(tmp_path: Path, n: int = 2500, seed: int = 11, days: int = 35) -> Path:
-    """`n` random calls through a ledger, and their first `days` days rolled up."""
+async def build(tmp_path: Path, n: int = 2500, seed: int = 11, days: int = 35, db: Where | None = None) -> Where:
+    """`n` random calls through a ledger (`db`, default a SQLite file in tmp_path), and their first `days`
+    days rolled up."""
     rng = random.Random(seed)
-    path = tmp_path / "ledger.db"
+    path = tmp_path / "ledger.db" if db is None else db
     await write_through_ledger(path, [random_call(rng, i) for i in range(n)], rng)
     conn = plain_writer(path)
     try:
@@ -155,8 +187,9 @@ async def build(tmp_path: Path, n: int = 2500, seed: int = 11, days: int = 35) -
     return path
 
 
-def plain_writer(path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(path, isolation_level=None)
+def plain_writer(path: Where) -> Conn:
+    """An autocommit Conn without SQLite's decimal functions (as a tool that knows nothing of them)."""
+    return connect(path, functions=False)
 
 
 def at(text: str) -> float:
@@ -174,11 +207,20 @@ def call(n: int, when: str, **fields: Any) -> CallRecord:
     return CallRecord(**values)
 
 
-def write_calls(path: Path, calls: list[CallRecord]) -> None:
-    conn = sqlite3.connect(path)
+def write_calls(path: Where, calls: list[CallRecord]) -> None:
+    """Rows written straight into calls, without the rollups' hook (as another tool would)."""
+    if is_postgres(path):
+        conn = connect(path)
+        try:
+            with conn.transaction():
+                conn.executemany(INSERT_SQL, [record_row(c) for c in calls])
+        finally:
+            conn.close()
+        return
+    raw = sqlite3.connect(path)
     try:
-        migrate(conn)
-        conn.executemany(INSERT_SQL, [record_row(c) for c in calls])
-        conn.commit()
+        migrate(raw)
+        raw.executemany(INSERT_SQL, [record_row(c) for c in calls])
+        raw.commit()
     finally:
-        conn.close()
+        raw.close()
