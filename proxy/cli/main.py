@@ -136,7 +136,7 @@ def _serve(args: argparse.Namespace) -> int:
     flags["access_log"] = args.access_log
     try:
         settings = load_settings(args.config, flags)
-        problem = db_problem(settings.db)
+        problem = None if parse_target(settings.db).is_postgres else db_problem(settings.db)
         if problem is not None:
             raise ConfigError(problem)
         prices = PriceTable.load(settings.pricing)
