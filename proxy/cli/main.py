@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from proxy.cli.copy_ledger import add_copy_parser, run_copy
 from proxy.cli.export import add_export_parser, run_export
 from proxy.cli.keys import add_keys_parser, run_keys
 from proxy.cli.reprice import add_reprice_parser, run_reprice
-from proxy.cli.serving import ProxyRunner, raise_open_file_limit, run_workers
+from proxy.cli.serving import ProxyRunner, raise_open_file_limit, run_workers, worker_spool
 from proxy.config import SETTINGS, ConfigError, Settings, load_settings, spool_path
 from proxy.counting import CountingError
 from proxy.ledger import rollups
@@ -67,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1, metavar="N",
                        help="N processes on one port (SO_REUSEPORT), each a replica; needs a PostgreSQL db "
                        "(default: 1)")
-    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # a --workers worker
+    serve.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by --workers: this worker's number
 
     report = sub.add_parser("report", help="usage and cost from the ledger, grouped as asked",
                             description="Usage and cost from the ledger.")
@@ -145,6 +146,8 @@ def _serve(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     if args.workers != 1:
         return _serve_workers(args, settings)
+    if args.worker is not None:  # one of --workers: a spool file of its own
+        settings = dataclasses.replace(settings, spool=worker_spool(spool_path(settings), args.worker))
     logs.setup(args.log_level, settings.access_log)
     if settings.upstream.rstrip("/").endswith("/v1"):
         log.warning("upstream %s ends in /v1: requests keep their own /v1/... path, so they will go to "
@@ -152,7 +155,7 @@ def _serve(args: argparse.Namespace) -> int:
     created = _files_not_there(settings)
     started: list[bool] = []
     try:
-        return asyncio.run(_run(settings, prices, started, reuse_port=args.reuse_port))
+        return asyncio.run(_run(settings, prices, started, reuse_port=args.worker is not None))
     except (LedgerError, OSError) as exc:
         if not started:
             _remove(created)  # a failed start leaves nothing behind it made (never a ledger that served)

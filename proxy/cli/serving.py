@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 import resource
 import signal
 import subprocess
@@ -30,7 +31,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-__all__ = ["ProxyRunner", "die_with_parent", "raise_open_file_limit", "run_workers", "worker_command"]
+__all__ = ["ProxyRunner", "die_with_parent", "raise_open_file_limit", "run_workers", "worker_command",
+           "worker_spool"]
 
 log = logging.getLogger("meterproxy")
 
@@ -114,8 +116,9 @@ def raise_open_file_limit() -> int:
 
 
 # --- serve --workers N ------------------------------------------------------------------------------
-def worker_command(argv: Sequence[str]) -> list[str]:
-    """The `meterproxy serve` command line of one worker: `argv` without --workers, with --reuse-port."""
+def worker_command(argv: Sequence[str], number: int) -> list[str]:
+    """The `meterproxy serve` command line of worker `number`: `argv` without --workers, with --worker
+    (which binds with SO_REUSEPORT and gives the worker a spool file of its own)."""
     out: list[str] = []
     skip = False
     for arg in argv:
@@ -125,7 +128,7 @@ def worker_command(argv: Sequence[str]) -> list[str]:
             skip = True
         elif not arg.startswith("--workers="):
             out.append(arg)
-    return [sys.executable, "-m", "proxy", *out, "--reuse-port"]
+    return [sys.executable, "-m", "proxy", *out, "--worker", str(number)]
 
 
 def die_with_parent() -> None:
@@ -142,7 +145,6 @@ def run_workers(argv: Sequence[str], workers: int) -> int:
     connections over them); the parent binds nothing. SIGTERM and SIGINT are passed on to every worker;
     a worker that exits on its own is reported (the others keep serving). Returns once every worker has
     exited: 0 when each stopped cleanly after a signal, else the first non-zero status."""
-    command = worker_command(argv)
     procs: dict[int, tuple[int, subprocess.Popen[bytes]]] = {}
     stopping = False
 
@@ -160,7 +162,7 @@ def run_workers(argv: Sequence[str], workers: int) -> int:
     status = 0
     try:
         for number in range(1, workers + 1):
-            proc = subprocess.Popen(command, preexec_fn=die_with_parent)
+            proc = subprocess.Popen(worker_command(argv, number), preexec_fn=die_with_parent)
             procs[proc.pid] = (number, proc)
         log.info("meterproxy: %d workers on one port: pids %s", workers, ", ".join(map(str, procs)))
         running = dict(procs)
@@ -188,3 +190,10 @@ def run_workers(argv: Sequence[str], workers: int) -> int:
                 except subprocess.TimeoutExpired:
                     proc.kill()
     return status
+
+
+def worker_spool(path: str, number: int) -> str:
+    """Worker `number`'s own spool beside `path` (spool.jsonl -> spool.worker2.jsonl): a spool has one writer,
+    and the same number finds its file again after a restart, to replay it."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.worker{number}{ext}"
