@@ -1,7 +1,7 @@
 """`meterproxy copy-ledger --from LEDGER.db --to postgresql://…`: move a SQLite ledger into PostgreSQL.
 
-Copies calls, managed keys, limits, sent budget alerts and the re-pricing audit (the SQL is
-proxy.ledger.copy_store), marks the copied calls' hours for the rollup rebuild, then compares calls, tokens
+Copies calls (with their rollups, as the proxy's ledger writes them), managed keys, limits, sent budget
+alerts and the re-pricing audit (the SQL is proxy.ledger.copy_store), then compares calls, tokens
 and the exact cost per model on both sides and prints the comparison: exit 0 when they agree, 1 when they
 differ, 2 when a ledger cannot be opened. Interrupted, it is resumed by running it again: it copies only
 what the target lacks.
@@ -97,9 +97,6 @@ def copy(src: Conn, dst: Conn, batch: int, shown: tuple[str, str]) -> int:
         print(f"{table}: {done.copied} copied, {done.present} already there")
     runs = copy_store.copy_reprice_runs(src, dst)
     print(f"reprice_runs: {runs.copied} copied, {runs.present} already there")
-    if calls.copied:
-        print("rollups: the copied calls' hours are marked for rebuilding; reports read them from the calls "
-              "until a proxy's upkeep has rebuilt them")
     return compare(copy_store.totals(src), copy_store.totals(dst, only_of=src))
 
 

@@ -2,11 +2,10 @@
 
 Everything is copied by its natural key, so a run that was interrupted is resumed by running it again: calls
 by `request_id`, keys by `key_id`, limits by (kind, name), sent alerts by (kind, name, period, threshold),
-re-pricing runs by their whole content. Calls go in batches, each batch one transaction on the target that
-also marks the hours it touched in `rollup_dirty`: reports read those hours from the calls until the
-proxies' upkeep has rebuilt them (the rows were written without the rollup hook, exactly as
-`rollups.make_current` treats such rows). The source is read in one read transaction: one snapshot, even
-if a proxy still writes to it.
+re-pricing runs by their whole content. Calls go in batches,
+each batch one transaction on the target written as the proxy's ledger writes one: under the ledger's
+write lock, with the rollups updated in it (`rollups.apply`), so the target's rollups stay exact and
+current. The source is read in one read transaction: one snapshot, even if a proxy still writes to it.
 
 The comparison sums, per model, calls and tokens and the exact cost (`decimal_sum`) on both sides; on the
 target only over the calls whose request_id the source holds (a target already in use has calls of its own).
@@ -19,8 +18,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from proxy.ledger import migrations, migrations_postgres
-from proxy.ledger.db import COLUMNS
+from proxy.ledger import migrations, migrations_postgres, rollups
+from proxy.ledger.db import COLUMNS, lock_ledger
 from proxy.ledger.read import ReportDatabaseError, connect_readonly
 from proxy.ledger.sqlconn import Conn, connect_postgres, wrap_sqlite
 from proxy.ledger.target import Target
@@ -29,6 +28,8 @@ __all__ = ["MIN_SOURCE_VERSION", "Totals", "copy_calls", "copy_keys", "copy_repr
            "open_target", "totals"]
 
 MIN_SOURCE_VERSION = 7  # api_keys' routes, organization and project
+# What the proxy's ledger runs in each batch's transaction (proxy/app.py: ledger.db.after_insert).
+AFTER_INSERT: list[Callable[[Conn, list[tuple[Any, ...]]], None]] = [rollups.apply]
 _MONEY = {"cost_usd", "original_cost_usd", "budget_usd", "old_cost_usd", "new_cost_usd"}
 
 # Tables copied whole, by primary key (what ON CONFLICT names): keys, limits, sent budget alerts.
@@ -47,6 +48,13 @@ _REPRICE_COLUMNS = ("at", "since", "until", "model", "pricing_version", "calls",
 
 def _names(columns: Sequence[str]) -> str:
     return ", ".join(f'"{c}"' for c in columns)
+
+
+def _pg_text(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """PostgreSQL text holds no NUL: it becomes U+FFFD, as the ledger writer does on PostgreSQL."""
+    if any(isinstance(v, str) and "\x00" in v for v in row):
+        return tuple(v.replace("\x00", "\ufffd") if isinstance(v, str) else v for v in row)
+    return row
 
 
 def _money(columns: Sequence[str], row: Sequence[Any]) -> tuple[Any, ...]:
@@ -87,36 +95,31 @@ class Copied:
 
 
 def copy_calls(src: Conn, dst: Conn, batch: int, on_batch: Callable[[Copied], None] | None = None) -> Copied:
-    """Every call of `src` that `dst` lacks, `batch` rows per target transaction; `on_batch` after each commit."""
+    """Every call of `src` that `dst` lacks, `batch` rows per target transaction; `on_batch` after each commit.
+
+    Each batch is written as the proxy's ledger writes one: under the ledger's write lock, with the same
+    after_insert hooks (AFTER_INSERT: the rollups) in its transaction."""
     done = Copied()
     select = f"SELECT id, {_names(COLUMNS)} FROM calls WHERE id > ? ORDER BY id LIMIT ?"
     insert = (f"INSERT INTO calls ({_names(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
               "ON CONFLICT (request_id) DO NOTHING")
     rid = COLUMNS.index("request_id")
-    started = COLUMNS.index("started_at")
     after = 0
     while True:
         rows = src.execute(select, (after, batch)).fetchall()
         if not rows:
             return done
         after = rows[-1][0]
-        values = [_money(COLUMNS, row[1:]) for row in rows]
+        values = [_pg_text(tuple(row[1:])) for row in rows]  # as the writer hands them over: money as text
         with dst.transaction():
-            # Taken first: a proxy's rollup hook on the target waits, so covered_id stays right.
-            state = dst.execute("SELECT covered_id FROM rollup_state WHERE id = 1 FOR UPDATE").fetchone()
-            newest_before = dst.execute("SELECT coalesce(max(id), 0) FROM calls").fetchone()[0]
+            lock_ledger(dst)  # the replicas' batches and this one commit one at a time (rollups' covered_id)
             there = {r[0] for r in dst.execute("SELECT request_id FROM calls WHERE request_id = ANY(?)",
                                                ([v[rid] for v in values],))}
             missing = [v for v in values if v[rid] not in there]
             if missing:
                 dst.executemany(insert, missing)
-                hours = sorted({int(v[started]) // 3600 * 3600 for v in missing})
-                dst.executemany("INSERT INTO rollup_dirty (hour) VALUES (?) ON CONFLICT DO NOTHING",
-                                [(h,) for h in hours])
-                if state is not None and state[0] >= 0 and state[0] == newest_before:
-                    # The rollups were current; with these rows' hours marked dirty they still are.
-                    dst.execute("UPDATE rollup_state SET covered_id = (SELECT coalesce(max(id), 0) FROM calls) "
-                                "WHERE id = 1")
+                for hook in AFTER_INSERT:
+                    hook(dst, missing)
         done.copied += len(missing)
         done.present += len(values) - len(missing)
         if on_batch is not None:
@@ -190,5 +193,7 @@ def totals(conn: Conn, only_of: Conn | None = None) -> dict[str | None, Totals]:
         where = "WHERE request_id IN (SELECT request_id FROM copy_source_ids)"
     out: dict[str | None, Totals] = {}
     for model, calls, prompt, completion, total, cost in conn.execute(_TOTALS_SQL.format(where=where)):
+        if model is not None:
+            model = model.replace("\x00", "\ufffd")  # as copied
         out[model] = Totals(int(calls), int(prompt), int(completion), int(total), Decimal(cost or 0))
     return out

@@ -4,6 +4,7 @@ verified by comparing exact totals per model."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import sqlite3
 import time
@@ -18,7 +19,7 @@ from proxy.ledger import copy_store
 from proxy.ledger.copy_store import Copied
 from proxy.ledger.target import parse_target
 from tests.support.cli import run_cli
-from tests.support.ledger import random_call, write_through_ledger
+from tests.support.ledger import assert_exact, random_call, write_through_ledger
 
 N = 1200
 
@@ -86,9 +87,8 @@ def test_copies_everything_and_the_totals_agree(tmp_path: Path, pg_url: str) -> 
     assert [(*r[:4], format(r[4], "f"), r[5]) for r in rows(pg_url, keys)] == sqlite_rows(path, keys)
     assert rows(pg_url, "SELECT budget_usd, rpm FROM subject_limits") == [(Decimal("0.000000000000001"), 7)]
     assert rows(pg_url, "SELECT new_cost_usd FROM reprice_runs") == [(Decimal("0.000000000000000012"),)]
-    # the copied calls' hours are marked for the rollup rebuild
-    hours = {int(s) // 3600 * 3600 for (s,) in sqlite_rows(path, "SELECT started_at FROM calls")}
-    assert {h for (h,) in rows(pg_url, "SELECT hour FROM rollup_dirty")} == hours
+    # the rollups were written with the calls, as the proxy's ledger writes them: current and exact
+    assert_exact(pg_url)
 
 
 def test_an_interrupted_copy_is_resumed_copying_only_what_is_missing(tmp_path: Path, pg_url: str) -> None:
@@ -112,6 +112,7 @@ def test_an_interrupted_copy_is_resumed_copying_only_what_is_missing(tmp_path: P
     assert f"calls: {N - 300} copied, 300 already there" in resumed.stdout
     assert "the ledgers agree" in resumed.stdout
     assert rows(pg_url, "SELECT count(*), count(DISTINCT request_id) FROM calls") == [(N, N)]
+    assert_exact(pg_url)  # each batch's rollups committed with it: none lost or counted twice by the resume
 
     again = run_cli("copy-ledger", "--from", str(path), "--to", pg_url, timeout=120)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -161,3 +162,13 @@ def test_an_unreachable_target_is_named_without_its_password(tmp_path: Path) -> 
     done = run_cli("copy-ledger", "--from", str(path), "--to", "postgresql://u:hunter2@127.0.0.1:1/db")
     assert done.returncode == 2 and "cannot open postgresql://u:***@127.0.0.1:1/db" in done.stderr
     assert "hunter2" not in done.stderr + done.stdout and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_nul_in_text_is_copied_as_the_postgresql_ledger_writes_it(tmp_path: Path, pg_url: str) -> None:
+    path = tmp_path / "nul.db"
+    calls = [random_call(random.Random(n), n) for n in range(20)]
+    calls[3] = dataclasses.replace(calls[3], model="gpt\x00x", user="a\x00b", cost_usd=Decimal("0.5"))
+    asyncio.run(write_through_ledger(path, calls, random.Random(1)))
+    done = run_cli("copy-ledger", "--from", str(path), "--to", pg_url, timeout=120)
+    assert done.returncode == 0 and "the ledgers agree" in done.stdout, done.stdout + done.stderr
+    assert rows(pg_url, "SELECT model, \"user\" FROM calls WHERE request_id = 'r3'") == [("gpt\ufffdx", "a\ufffdb")]
