@@ -6,6 +6,10 @@ beforehand, then lets `concurrency` tasks call `record()` until N rows or S seco
 `record()`, which includes turning the record into a row, group commit and fsync. For scale it also
 times a bare sqlite3 one-row commit with synchronous=FULL and NORMAL on the same disk. It must never
 touch the proxy's own database.
+
+`--pg URL` runs the same levels on PostgreSQL too, in the same run: each level in a fresh schema of that
+database (created, migrated by the ledger, dropped after). `--rollups` adds the rollups hook, as the proxy
+runs the ledger.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 from bench.stats import summary
 from proxy.core.record import CallRecord, Usage
+from proxy.ledger import rollups
 from proxy.ledger.writer import Ledger
 
 
@@ -37,9 +42,12 @@ def _record(i: int) -> CallRecord:
     return rec
 
 
-async def _level(path: Path, concurrency: int, rows: int, duration: float) -> dict[str, object]:
+async def _level(path: Path | str, concurrency: int, rows: int, duration: float,
+                 with_rollups: bool = False) -> dict[str, object]:
     records = [_record(i) for i in range(rows)]
     ledger = Ledger(path)
+    if with_rollups:
+        ledger.db.after_insert.append(rollups.apply)
     await ledger.open()
     latencies: list[float] = []
     next_index = 0
@@ -60,7 +68,8 @@ async def _level(path: Path, concurrency: int, rows: int, duration: float) -> di
     wall = time.perf_counter() - start
     stats = dict(ledger.stats)
     await ledger.close()
-    return {"concurrency": concurrency, "rows": len(latencies), "wall_s": round(wall, 3),
+    return {"backend": ledger.target.kind, "concurrency": concurrency, "rows": len(latencies),
+            "wall_s": round(wall, 3),
             "rows_per_s": round(len(latencies) / wall, 1), "batches": stats["batches"],
             "max_batch": stats["max_batch_size"], "errors": stats["errors"],
             "record_latency_ms": summary(latencies)}
@@ -85,14 +94,40 @@ def _commit_cost(path: Path, synchronous: str, commits: int = 300) -> dict[str, 
         conn.close()
 
 
+def _schema_url(url: str, schema: str) -> str:
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    option = "options=" + quote(f"-csearch_path={schema}", safe="")
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, f"{parts.query}&{option}" if parts.query else option,
+                       ""))
+
+
+async def _pg_level(url: str, concurrency: int, rows: int, duration: float, with_rollups: bool) -> dict[str, object]:
+    import psycopg
+
+    schema = f"meterproxy_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        return await _level(_schema_url(url, schema), concurrency, rows, duration, with_rollups)
+    finally:
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
 async def _main(args: argparse.Namespace) -> dict[str, object]:
     commit = {mode: _commit_cost(Path(args.dir) / f"commit-{mode.lower()}.db", mode) for mode in ("FULL", "NORMAL")}
     out = []
     for c in (int(x) for x in args.concurrency.split(",")):
         path = Path(args.dir) / f"ledger-bench-c{c}.db"
         rows = args.rows if c > 1 else min(args.rows, 2000)  # one at a time is one fsync a row
-        out.append(await _level(path, c, rows, args.duration))
-    return {"levels": out, "sqlite_commit_ms": commit}
+        out.append(await _level(path, c, rows, args.duration, args.rollups))
+        if args.pg:
+            out.append(await _pg_level(args.pg, c, rows, args.duration, args.rollups))
+    return {"levels": [lv for lv in out if lv["backend"] == "sqlite"],
+            "postgres_levels": [lv for lv in out if lv["backend"] == "postgres"],
+            "rollups": args.rollups, "sqlite_commit_ms": commit}
 
 
 def main() -> None:
@@ -101,6 +136,8 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,32,1000")
     parser.add_argument("--rows", type=int, default=50_000)
     parser.add_argument("--duration", type=float, default=3.0)
+    parser.add_argument("--pg", help="also on this PostgreSQL database (a fresh schema per level, dropped after)")
+    parser.add_argument("--rollups", action="store_true", help="with the rollups hook, as the proxy runs it")
     args = parser.parse_args()
     json.dump(asyncio.run(_main(args)), sys.stdout)
     sys.stdout.write("\n")

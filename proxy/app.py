@@ -16,13 +16,14 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.admin.keys import add_key_routes, meter_usage
+from proxy.admin.pricing import admin_routes as pricing_routes
 from proxy.admin.replicas import Heartbeat, add_replica_routes
 from proxy.admin.routes import GuardedRoutes, Handler, admin_guard, make_admin_app
 from proxy.config import Settings, spool_path
 from proxy.control.gate import Gate, open_gate
-from proxy.core.errors import error_response
 from proxy.counting.counter import CountPolicy
 from proxy.forwarding.forward import forward
+from proxy.forwarding.responses import error_response
 from proxy.ledger import rollups
 from proxy.ledger.retention import RetentionTask
 from proxy.ledger.sqlconn import Conn
@@ -31,7 +32,6 @@ from proxy.metering.call import MeteredCall
 from proxy.metering.logs import CallLogs
 from proxy.metering.metrics import Metrics
 from proxy.pricing.live import LivePrices
-from proxy.pricing.live import admin_routes as pricing_routes
 from proxy.pricing.table import PriceTable
 from proxy.ui import make_meter_ui, make_ui, mount
 

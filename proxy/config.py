@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from copy import copy
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -180,6 +181,8 @@ def _route_list(value: object) -> tuple[str, ...]:
 
 @dataclass(frozen=True, slots=True)
 class Setting:
+    """One setting: its name (the config key, and `--name` when `flag`), its one default, help and parser."""
+
     name: str
     default: Any
     help: str
@@ -279,47 +282,59 @@ ADMIN_TOKEN_ENV = "METERPROXY_ADMIN_TOKEN"
 UPSTREAM_KEY_ENV = "OPENAI_API_KEY"
 
 
+def _default(name: str, *, shown: bool = True) -> Any:
+    """The dataclass field of setting `name`: its default is the one written in SETTINGS, never restated."""
+    default = _BY_NAME[name].default
+    if isinstance(default, (dict, list, set)):
+        return field(default_factory=lambda: copy(default), repr=shown)
+    return field(default=default, repr=shown)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
-    host: str = "127.0.0.1"
-    port: int = 8080
-    upstream: str = "https://api.openai.com"
-    db: str = "./meterproxy.db"
-    pricing: str = str(SHIPPED_PRICING)
-    admin_host: str = "127.0.0.1"
-    admin_port: int | None = None
-    ui_session_ttl: float = 28800.0
-    connect_timeout: float | None = 10.0
-    first_byte_timeout: float | None = 600.0
-    idle_timeout: float | None = 300.0
-    total_timeout: float | None = None
-    max_request_bytes: int = 32 * 1024 * 1024
-    max_meter_bytes: int = 64 * 1024 * 1024
-    header_timeout: float | None = 30.0
-    keepalive_timeout: float | None = 75.0
-    shutdown_grace: float | None = 30.0
-    heartbeat_interval: float = 5.0
-    on_ledger_error: str = "spool"
-    spool: str | None = None
-    spool_reserve: int = 8 * 1024 * 1024
-    ledger_busy_timeout: float | None = 5.0
-    accuracy_sample_rate: float = 0.01
-    count_encoding: str = "o200k_base"
-    count_encoding_overrides: dict[str, str] = field(default_factory=dict)
-    reasoning_models: tuple[str, ...] = ()
-    keys: str = "passthrough"
-    upstream_api_key: str | None = field(default=None, repr=False)
-    limits: dict[Subject, Limits] = field(default_factory=dict)
-    reserve_max_tokens: int = 4096
-    unmetered_routes: tuple[str, ...] = ()
-    alert_webhook: str | None = None
-    alert_thresholds: tuple[Decimal, ...] = (Decimal("0.8"), Decimal(1))
-    retention_days: float | None = None
-    metrics_labels: tuple[str, ...] = ()
-    metrics_public: bool = False
-    stream_usage: str = "count"
-    access_log: bool = False
+    """The settings in force: every default is the one in SETTINGS (`_default`), written there once."""
+
+    host: str = _default("host")
+    port: int = _default("port")
+    upstream: str = _default("upstream")
+    db: str = _default("db")
+    pricing: str = _default("pricing")
+    admin_host: str = _default("admin_host")
+    admin_port: int | None = _default("admin_port")
+    ui_session_ttl: float = _default("ui_session_ttl")
+    connect_timeout: float | None = _default("connect_timeout")
+    first_byte_timeout: float | None = _default("first_byte_timeout")
+    idle_timeout: float | None = _default("idle_timeout")
+    total_timeout: float | None = _default("total_timeout")
+    max_request_bytes: int = _default("max_request_bytes")
+    max_meter_bytes: int = _default("max_meter_bytes")
+    header_timeout: float | None = _default("header_timeout")
+    keepalive_timeout: float | None = _default("keepalive_timeout")
+    shutdown_grace: float | None = _default("shutdown_grace")
+    heartbeat_interval: float = _default("heartbeat_interval")
+    on_ledger_error: str = _default("on_ledger_error")
+    spool: str | None = _default("spool")
+    spool_reserve: int = _default("spool_reserve")
+    ledger_busy_timeout: float | None = _default("ledger_busy_timeout")
+    accuracy_sample_rate: float = _default("accuracy_sample_rate")
+    count_encoding: str = _default("count_encoding")
+    count_encoding_overrides: dict[str, str] = _default("count_encoding_overrides")
+    reasoning_models: tuple[str, ...] = _default("reasoning_models")
+    keys: str = _default("keys")
+    upstream_api_key: str | None = _default("upstream_api_key", shown=False)
+    limits: dict[Subject, Limits] = _default("limits")
+    reserve_max_tokens: int = _default("reserve_max_tokens")
+    unmetered_routes: tuple[str, ...] = _default("unmetered_routes")
+    alert_webhook: str | None = _default("alert_webhook")
+    alert_thresholds: tuple[Decimal, ...] = _default("alert_thresholds")
+    retention_days: float | None = _default("retention_days")
+    metrics_labels: tuple[str, ...] = _default("metrics_labels")
+    metrics_public: bool = _default("metrics_public")
+    stream_usage: str = _default("stream_usage")
+    access_log: bool = _default("access_log")
     admin_token: str | None = field(default=None, repr=False)  # from the environment only; never logged
+
+
 
 
 def _apply(values: dict[str, Any], source: Mapping[str, object], where: str) -> None:

@@ -42,7 +42,9 @@ from proxy.control.limits import (
     period_of,
 )
 from proxy.core.attribution import caller_of
-from proxy.core.errors import error_response, unknown_parameter
+from proxy.core.money import usd_text
+from proxy.core.times import parse_time
+from proxy.forwarding.responses import error_response, unknown_parameter
 from proxy.reports import queries as reports
 
 __all__ = ["add_key_routes", "budget_views", "key_views", "meter_report", "meter_usage"]
@@ -92,12 +94,9 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 
 def state_json(state: BudgetState) -> dict[str, Any]:
-    def money(d: Decimal | None) -> str | None:
-        return None if d is None else format(d, "f")
-
     return {"kind": state.subject.kind, "name": state.subject.name, "period": state.period,
-            "period_start": iso(state.period_start), "budget_usd": money(state.budget),
-            "spent_usd": money(state.spent), "reserved_usd": money(state.reserved), "left_usd": money(state.left)}
+            "period_start": iso(state.period_start), "budget_usd": usd_text(state.budget),
+            "spent_usd": usd_text(state.spent), "reserved_usd": usd_text(state.reserved), "left_usd": usd_text(state.left)}
 
 
 async def key_views(gate: Gate, keys: list[ManagedKey]) -> list[dict[str, Any]]:
@@ -268,8 +267,8 @@ def meter_usage(gate_key: web.AppKey[Gate]) -> Handler:
             return refused
         try:
             q = request.query
-            since = reports.parse_time(q["since"], "since") if "since" in q else None
-            until = reports.parse_time(q["until"], "until") if "until" in q else None
+            since = parse_time(q["since"], "since") if "since" in q else None
+            until = parse_time(q["until"], "until") if "until" in q else None
             return web.json_response(await meter_report(gate, key_id, user, team, charges, since, until, now))
         except reports.ReportError as exc:
             return _bad(str(exc), exc.param)

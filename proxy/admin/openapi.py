@@ -46,7 +46,8 @@ def _obj(properties: dict[str, Any], *, required: list[str] | None = None, extra
 
 
 _TEXT = {"type": "string"}
-_TIME = {"type": "string", "description": "ISO 8601, UTC"}
+_TIME = {"type": "string", "pattern": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z$",
+         "description": "ISO 8601, UTC, to the millisecond (2026-11-23T14:00:00.250Z)"}
 _INT = {"type": "integer"}
 _MONEY = {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$", "description": "USD, an exact decimal string"}
 _NAME = {"type": "string", "minLength": 1, "maxLength": MAX_NAME, "pattern": r"\S"}

@@ -20,8 +20,8 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.admin.routes import GuardedRoutes
-from proxy.core.errors import error_response, unknown_parameter
 from proxy.core.times import iso
+from proxy.forwarding.responses import error_response, unknown_parameter
 from proxy.ledger import replica_store
 from proxy.ledger.replica_store import Replica
 from proxy.ledger.sqlconn import Conn

@@ -17,7 +17,8 @@ from aiohttp import web
 from proxy.admin import openapi
 from proxy.config import ADMIN_TOKEN_ENV
 from proxy.control.limits import MAX_QUERY_VALUE
-from proxy.core.errors import error_response, unknown_parameter
+from proxy.core.times import parse_time
+from proxy.forwarding.responses import error_response, unknown_parameter
 from proxy.reports import accuracy, render
 from proxy.reports import queries as reports
 
@@ -125,8 +126,8 @@ def make_admin_app(db: str, token: str | None,
             if fmt not in ("json", "csv"):
                 raise reports.ReportError("format must be json or csv", param="format")
             group_by = [g.strip() for g in q.get("group_by", "").split(",") if g.strip()]
-            since = reports.parse_time(q["since"], "since", q.get("tz")) if "since" in q else None
-            until = reports.parse_time(q["until"], "until", q.get("tz")) if "until" in q else None
+            since = parse_time(q["since"], "since", q.get("tz")) if "since" in q else None
+            until = parse_time(q["until"], "until", q.get("tz")) if "until" in q else None
             report = await _in_thread(db_path(request), reports.usage_report, group_by=group_by, since=since,
                                       until=until, key=q.get("key"), user=q.get("user"), model=q.get("model"),
                                       tz=q.get("tz"))
@@ -169,8 +170,8 @@ def make_admin_app(db: str, token: str | None,
         if (refused := unknown_parameter(q, ("since", "until", "model"))) is not None:
             return refused
         try:
-            since = reports.parse_time(q["since"], "since") if "since" in q else None
-            until = reports.parse_time(q["until"], "until") if "until" in q else None
+            since = parse_time(q["since"], "since") if "since" in q else None
+            until = parse_time(q["until"], "until") if "until" in q else None
             result = await _in_thread(db_path(request), accuracy.accuracy_report, since=since, until=until,
                                       model=q.get("model"))
         except (reports.ReportError, reports.ReportDatabaseError) as exc:

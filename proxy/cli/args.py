@@ -12,7 +12,8 @@ import os
 from typing import Any, Iterable, Sequence, TypeVar, overload
 
 from proxy.config import Settings, load_settings
-from proxy.reports.queries import parse_time
+from proxy.core.times import parse_time
+from proxy.ledger.target import parse_target
 
 _DEFAULT_DB = Settings().db
 _N = TypeVar("_N")
@@ -43,7 +44,9 @@ class Parser(argparse.ArgumentParser):
 
 def db_problem(path: str) -> str | None:
     """What stops a ledger from being created at `path`, said plainly (SQLite would only say "unable to
-    open database file"); None when it can be opened or created."""
+    open database file"); None when it can be opened or created. A PostgreSQL URL is not a path: None."""
+    if parse_target(path).is_postgres:
+        return None
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         return f"database {path}: is a directory, not a file"

@@ -27,6 +27,7 @@ from proxy.cli.budgets import add_budgets_parser, run_budgets
 from proxy.cli.copy_ledger import add_copy_parser, run_copy
 from proxy.cli.export import add_export_parser, run_export
 from proxy.cli.keys import add_keys_parser, run_keys
+from proxy.cli.migrate import add_migrate_parser, run_migrate
 from proxy.cli.reprice import add_reprice_parser, run_reprice
 from proxy.cli.serving import ProxyRunner, raise_open_file_limit, run_workers, worker_spool
 from proxy.config import SETTINGS, ConfigError, Settings, load_settings, spool_path
@@ -85,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     add_keys_parser(sub)
     add_budgets_parser(sub)
     add_reprice_parser(sub)
+    add_migrate_parser(sub)
     add_export_parser(sub)
     add_copy_parser(sub)
 
@@ -109,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = {
         "serve": _serve, "accuracy": _accuracy, "keys": run_keys, "budgets": run_budgets, "export": run_export,
         "reprice": lambda a: run_reprice(a, after=rollups.after_reprice),  # rebuild the rollup hours it changed
-        "report": _report, "copy-ledger": run_copy,
+        "report": _report, "migrate": run_migrate, "copy-ledger": run_copy,
     }[args.command]
     try:
         status = run(args)
@@ -137,7 +139,7 @@ def _serve(args: argparse.Namespace) -> int:
     flags["access_log"] = args.access_log
     try:
         settings = load_settings(args.config, flags)
-        problem = None if parse_target(settings.db).is_postgres else db_problem(settings.db)
+        problem = db_problem(settings.db)
         if problem is not None:
             raise ConfigError(problem)
         prices = PriceTable.load(settings.pricing)

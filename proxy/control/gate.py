@@ -27,7 +27,8 @@ from proxy.control.db import ControlDB
 from proxy.control.keys import KeyStore, ManagedKey
 from proxy.control.limits import Limits, LimitStore, Subject
 from proxy.control.ratelimit import RateLimiter, RateRefusal, Ticket
-from proxy.core.attribution import api_key, caller_of, key_id_of, storable, team_of
+from proxy.core.attribution import caller_of, storable, team_of
+from proxy.core.credentials import api_key, key_id_of
 from proxy.core.errors import MeterproxyError, error_body
 from proxy.core.record import CallRecord, Usage
 from proxy.counting import count_request, encoding_for, get_encoding

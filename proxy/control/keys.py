@@ -36,7 +36,7 @@ from proxy.control.limits import (
     parse_text,
     parse_time,
 )  # fmt: skip
-from proxy.core.attribution import key_hash, key_id_of
+from proxy.core.credentials import key_hash, key_id_of
 from proxy.forwarding.routes import DEFAULT_POLICY, RouteError, RoutePolicy, parse_routes
 
 __all__ = [

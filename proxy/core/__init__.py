@@ -1,1 +1,1 @@
-"""What every layer shares and nothing else: the call record, the OpenAI-shaped error, credentials and header values, time formatting. Imports nothing else of meterproxy."""
+"""What every layer shares and nothing else: the call record, the OpenAI-shaped error body, credentials (key id and hash), attribution, time formatting. Imports nothing else of meterproxy."""

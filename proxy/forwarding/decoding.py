@@ -130,11 +130,3 @@ def decoder_for(content_encoding: str | None) -> BodyDecoder:
         return _Brotli()
     return _Unsupported(encoding)
 
-
-def decode_all(decoder: BodyDecoder, data: bytes, limit: int = 1 << 62) -> bytes:
-    """Feed `data` and read everything it decodes to, up to `limit` bytes (a helper for tests and tools)."""
-    decoder.feed(data)
-    out = bytearray()
-    while len(out) < limit and (piece := decoder.read(limit - len(out))):
-        out += piece
-    return bytes(out)

@@ -3,8 +3,8 @@
 With `stream_usage: inject` the proxy asks the upstream for usage the client did not ask for, and must
 take out exactly what that added, so the client gets the bytes the upstream would have sent without it.
 A meter names the edits (byte ranges of whole events, each with a function from the range's bytes to
-its replacement); this applies them and releases bytes only up to an offset the meter says is settled
-(the end of the last complete event). It knows nothing about what the bytes mean.
+its replacement); this applies them and hands out bytes only up to an offset the meter gives (the end of
+the last complete event). It knows nothing about what the bytes mean.
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ Edit = tuple[int, int, Callable[[bytes], bytes]]  # absolute [start, end) and th
 
 
 class StreamEditor:
-    """Holds stream bytes not yet released; releases them with edits applied."""
+    """Holds stream bytes not yet sent; hands them out with edits applied."""
 
     def __init__(self) -> None:
         self._pending = bytearray()
         self._base = 0  # absolute offset of _pending[0]
 
     @property
-    def released(self) -> int:
+    def sent(self) -> int:
+        """Absolute offset just after the last byte taken (sent to the client)."""
         return self._base
 
     @property
@@ -35,7 +36,7 @@ class StreamEditor:
         self._pending += chunk
 
     def take(self, until: int, edits: list[Edit]) -> bytes:
-        """Release bytes [released, until) with every edit inside that range applied, and consume those edits.
+        """Take bytes [sent, until) with every edit inside that range applied, and consume those edits.
 
         Edits must be in stream order and not overlap; an edit reaching past `until` waits for a later take.
         """

@@ -19,12 +19,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.core.attribution import client_headers, identity_problem, upstream_headers
-from proxy.core.errors import MeterproxyError, error_response
+from proxy.core.credentials import identity_problem
+from proxy.core.errors import MeterproxyError
 from proxy.forwarding.decoding import STEP, Identity, decoder_for
 from proxy.forwarding.edits import StreamEditor
+from proxy.forwarding.headers import client_headers, upstream_headers
 from proxy.forwarding.observer import CallObserver, Refused
 from proxy.forwarding.redact import BodyGuard
+from proxy.forwarding.responses import error_response
 from proxy.forwarding.routes import canonical_problem, method_problem
 
 log = logging.getLogger("meterproxy")
@@ -255,7 +257,7 @@ class _Relay:
 
     Three ways to pass a chunk: a plain body keeps its newest chunk back until the row is committed; a
     stream is written as it arrives, up to the terminal event the meter names; an edited stream (include_usage
-    injected) is released event by event with the meter's edits applied. An edited stream the upstream
+    injected) is sent event by event with the meter's edits applied. An edited stream the upstream
     compressed although it was asked for identity is decoded, edited and sent decoded (without the
     Content-Encoding it no longer has); an edited stream never keeps the upstream's Content-Length.
     The meter reads a decoded copy in steps, and no more of it than max_meter_bytes: the decoder is only
@@ -418,13 +420,13 @@ class _Relay:
             if not self.transcode:
                 self.editor = None
             return
-        settled = self.call.settled_offset()
-        if settled is None:
-            settled = editor.released
+        event_end = self.call.last_event_end()
+        if event_end is None:
+            event_end = editor.sent
         if hold_from is not None:
             await self._out(editor.take(hold_from, self.call.stream_edits()))
             await self._commit()
-        await self._out(editor.take(editor.received if self.committed else settled, self.call.stream_edits()))
+        await self._out(editor.take(editor.received if self.committed else event_end, self.call.stream_edits()))
 
     async def _commit(self) -> None:
         self.call.on_end()
@@ -439,7 +441,7 @@ class _Relay:
                 self.call.on_decode_error(self.decoder.error)
             await self._commit()
         try:
-            await self._release(last=True)
+            await self._send_held(last=True)
             await _prepare(self.response, self.request)
         except _ClientGone:
             return self.response
@@ -452,7 +454,7 @@ class _Relay:
             pass
         return self.response
 
-    async def _release(self, last: bool = False) -> None:
+    async def _send_held(self, last: bool = False) -> None:
         """After the commit: what was held back (a plain body's last chunk, an edited stream's tail), and at
         the body's `last` end what the key guard held back. A torn body keeps the guard's tail: it could be
         the start of the key."""
@@ -484,7 +486,7 @@ class _Relay:
         self.call.on_failure(None, message)
         await self.call.finish()
         try:
-            await self._release()
+            await self._send_held()
         except _ClientGone:
             pass
         _abort(self.request)

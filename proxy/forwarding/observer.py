@@ -74,8 +74,8 @@ class CallObserver(Protocol):
         """Feed decoded bytes; returns the decoded offset from which to hold back (a stream's terminal event)."""
         ...
 
-    def settled_offset(self) -> int | None:
-        """End of the last complete event of the decoded stream (what an edited stream may release)."""
+    def last_event_end(self) -> int | None:
+        """End of the last complete event of the decoded stream (how far an edited stream may be sent)."""
         ...
 
     def stream_edits(self) -> list[Edit]:

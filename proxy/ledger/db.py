@@ -24,6 +24,7 @@ import os
 import sqlite3
 from typing import Any, Callable
 
+from proxy.core.errors import MeterproxyError
 from proxy.ledger.migrations import create_private, migrate
 from proxy.ledger.sqlconn import Conn, connect_postgres, wrap_sqlite
 from proxy.ledger.target import Target, parse_target
@@ -47,7 +48,7 @@ INSERT_SQL = "INSERT INTO calls ({}) VALUES ({})".format(
 )
 
 
-class WritesRefused(Exception):
+class WritesRefused(MeterproxyError):
     """PostgreSQL would refuse a write: a read-only server, session or role (the message says which)."""
 
 
@@ -116,13 +117,18 @@ class LedgerDB:
     def _open_postgres(self) -> Conn:
         from proxy.ledger import migrations_postgres
 
+        # Short: while the server is away, each reconnect attempt holds the writer thread (and the spool
+        # appends queued behind it) for up to this long. libpq's least is 2 seconds.
         conn = connect_postgres(self.target, application_name="meterproxy-ledger",
-                                connect_timeout=max(1.0, self._busy_timeout_ms / 1000))
+                                connect_timeout=min(2.0, max(1.0, self._busy_timeout_ms / 1000)))
         try:
             # A write waits this long for the ledger's write lock (another replica's batch), as SQLite's
             # busy timeout: then the batch goes to the spool rather than hold every call up.
             conn.execute(f"SET lock_timeout = {int(self._busy_timeout_ms)}")
-            migrations_postgres.migrate(conn)
+            # A current schema is left alone (no write, no lock): a read-only server still opens, and then
+            # says so through refuses_writes, as a read-only SQLite file does.
+            if migrations_postgres.schema_version(conn) != len(migrations_postgres.MIGRATIONS):
+                migrations_postgres.migrate(conn)
         except BaseException:
             conn.close()
             raise

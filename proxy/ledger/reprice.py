@@ -7,6 +7,9 @@ rows whose cost or priced flag changes: `cost_usd`, `priced`, `pricing_version`,
 re-pricings. Every run that writes leaves a `reprice_runs` row (the audit trail). The common case: a
 model that had no price when its calls were made.
 
+Both backends: `reprice` takes a Conn (or a sqlite3 connection), `reprice_file` a SQLite path or a
+PostgreSQL URL; a write run holds the ledger's write lock (BEGIN IMMEDIATE; `db.lock_ledger` on PostgreSQL).
+
 This module must never change a token count or anything but those five columns, never round a cost
 (sums are exact decimals), and never write anything in a dry run.
 
@@ -26,7 +29,11 @@ from typing import Any
 from proxy.core.errors import MeterproxyError
 from proxy.core.record import Usage
 from proxy.core.times import iso
+from proxy.ledger import migrations_postgres
+from proxy.ledger.db import lock_ledger
 from proxy.ledger.migrations import MigrationError, migrate
+from proxy.ledger.sqlconn import Conn, connect_postgres, wrap_sqlite
+from proxy.ledger.target import Target, parse_target
 from proxy.pricing.table import PriceTable
 
 __all__ = ["AfterReprice", "ModelChange", "RepriceError", "RepriceReport", "render_report", "reprice", "reprice_file"]
@@ -93,10 +100,10 @@ class RepriceReport:
         return sorted(self.by_model.values(), key=lambda c: (c.model is None, c.model or ""))
 
 
-AfterReprice = Callable[[sqlite3.Connection, RepriceReport], None]
+AfterReprice = Callable[[Conn, RepriceReport], None]
 
 
-def reprice(conn: sqlite3.Connection, table: PriceTable, *, since: float | None = None,
+def reprice(conn: Conn | sqlite3.Connection, table: PriceTable, *, since: float | None = None,
             until: float | None = None, model: str | None = None, dry_run: bool = False,
             after: AfterReprice | None = None, now: float | None = None) -> RepriceReport:
     """Re-price the calls with `since` <= started_at < `until` (of `model`: a name, or a glob with * ? [).
@@ -107,29 +114,39 @@ def reprice(conn: sqlite3.Connection, table: PriceTable, *, since: float | None 
     with them. A run that writes is audited in
     `reprice_runs`, including one that found nothing to change; a dry run writes nothing.
     """
+    if not isinstance(conn, Conn):
+        conn = wrap_sqlite(conn)
     if conn.in_transaction:
         raise RepriceError("the connection is already in a transaction")
     report = RepriceReport(table.version, since, until, model, dry_run, time.time() if now is None else now)
-    where, params = _filters(since, until, model)
+    where, params = _filters(since, until, model, conn.dialect == "postgres")
     try:
-        conn.execute("BEGIN" if dry_run else "BEGIN IMMEDIATE")
+        conn.begin(write=not dry_run)
         try:
+            if not dry_run:
+                lock_ledger(conn)
             _run(conn, table, report, where, params)
             if not dry_run:
                 report.run_id = _audit(conn, report)
                 if after is not None:
                     after(conn, report)
-            conn.execute("ROLLBACK" if dry_run else "COMMIT")
+            if dry_run:
+                conn.rollback()
+            else:
+                conn.commit()
         except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            try:
+                conn.rollback()
+            except conn.Error:
+                pass
             raise
-    except sqlite3.Error as exc:
+    except conn.Error as exc:
         raise RepriceError(f"cannot re-price the ledger: {exc}") from exc
     return report
 
 
-def _filters(since: float | None, until: float | None, model: str | None) -> tuple[str, list[Any]]:
+def _filters(since: float | None, until: float | None, model: str | None,
+             postgres: bool = False) -> tuple[str, list[Any]]:
     clauses: list[str] = ["id > ?"]
     params: list[Any] = []
     if since is not None:
@@ -139,12 +156,44 @@ def _filters(since: float | None, until: float | None, model: str | None) -> tup
         clauses.append("started_at < ?")
         params.append(until)
     if model is not None:
-        clauses.append("model GLOB ?" if _GLOB_CHARS & set(model) else "model = ?")
-        params.append(model)
+        if not _GLOB_CHARS & set(model):
+            clauses.append("model = ?")
+            params.append(model)
+        elif postgres:  # no GLOB there: the same pattern as an anchored POSIX regular expression
+            clauses.append("model ~ ?")
+            params.append(glob_regex(model))
+        else:
+            clauses.append("model GLOB ?")
+            params.append(model)
     return " AND ".join(clauses), params
 
 
-def _run(conn: sqlite3.Connection, table: PriceTable, report: RepriceReport, where: str,
+def glob_regex(pattern: str) -> str:
+    """SQLite's GLOB `pattern` (case-sensitive `*`, `?`, `[...]`, `[^...]`) as an anchored POSIX regex."""
+    out, i = ["^"], 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "*":
+            out.append(".*")
+        elif ch == "?":
+            out.append(".")
+        elif ch == "[":
+            end = pattern.find("]", i + 2 if pattern[i + 1:i + 2] in ("]", "^") else i + 1)
+            if end < 0:  # GLOB matches nothing for an unclosed class; so does this
+                return "$^"
+            body = pattern[i + 1:end]
+            negate = body.startswith("^")
+            body = body[1:] if negate else body
+            body = body.replace("\\", "\\\\")
+            out.append(f"[{'^' if negate else ''}{body}]")
+            i = end
+        else:
+            out.append("\\" + ch if not ch.isalnum() else ch)
+        i += 1
+    return "".join(out) + "$"
+
+
+def _run(conn: Conn, table: PriceTable, report: RepriceReport, where: str,
          params: list[Any]) -> None:
     sql = f"SELECT {_COLUMNS} FROM calls WHERE {where} ORDER BY id LIMIT {_PAGE}"
     last = 0
@@ -195,17 +244,22 @@ def _reprice_row(row: tuple[Any, ...], table: PriceTable,
     return format(cost, "f"), int(priced), old_text, row_id
 
 
-def _audit(conn: sqlite3.Connection, report: RepriceReport) -> int:
-    cursor = conn.execute(
+def _audit(conn: Conn, report: RepriceReport) -> int:
+    found = conn.execute(
         "INSERT INTO reprice_runs (at, since, until, model, pricing_version, calls, changed, old_cost_usd, "
-        "new_cost_usd) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "new_cost_usd) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         (report.at, report.since, report.until, report.model, report.pricing_version, report.calls,
-         report.changed, format(report.old_cost, "f"), format(report.new_cost, "f")))
-    return int(cursor.lastrowid or 0)
+         report.changed, format(report.old_cost, "f"), format(report.new_cost, "f"))).fetchone()
+    return int(found[0])
 
 
-def reprice_file(db: str, table: PriceTable, since: float | None, until: float | None, model: str | None,
-                  dry_run: bool, after: AfterReprice | None) -> RepriceReport:
+def reprice_file(db: str | Target, table: PriceTable, since: float | None, until: float | None,
+                 model: str | None, dry_run: bool, after: AfterReprice | None) -> RepriceReport:
+    """Re-price the ledger `db` (a SQLite path or a PostgreSQL URL) on a connection of its own."""
+    target = db if isinstance(db, Target) else parse_target(db)
+    if target.is_postgres:
+        return _reprice_postgres(target, table, since, until, model, dry_run, after)
+    db = target.where
     if not os.path.isfile(db):
         raise RepriceError(f"no ledger at {db}: file not found")
     try:
@@ -222,6 +276,31 @@ def reprice_file(db: str, table: PriceTable, since: float | None, until: float |
         raise RepriceError(f"cannot re-price {db}: {exc}") from exc
     finally:
         conn.close()
+
+
+def _reprice_postgres(target: Target, table: PriceTable, since: float | None, until: float | None,
+                      model: str | None, dry_run: bool, after: AfterReprice | None) -> RepriceReport:
+    import psycopg
+
+    try:
+        conn = connect_postgres(target, application_name="meterproxy-reprice")
+    except psycopg.Error as exc:
+        raise RepriceError(f"cannot open ledger {target}: {_first_line(exc)}") from exc
+    try:
+        if not dry_run:
+            migrations_postgres.migrate(conn)
+        elif migrations_postgres.schema_version(conn) < 1:
+            raise RepriceError(f"{target}: no meterproxy ledger there; run it once without --dry-run")
+        return reprice(conn, table, since=since, until=until, model=model, dry_run=dry_run, after=after)
+    except (MigrationError, migrations_postgres.MigrationError, psycopg.Error) as exc:
+        raise RepriceError(f"cannot re-price {target}: {_first_line(exc)}") from exc
+    finally:
+        conn.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def render_report(report: RepriceReport, source: str) -> str:

@@ -199,7 +199,7 @@ class Ledger:
         except Exception as exc:  # sqlite3.Error, OSError, MigrationError: all mean "unusable path"
             self._thread.shutdown(wait=False)
             self._thread = None
-            raise LedgerError(f"cannot open ledger {self._path}: {exc}") from exc
+            raise LedgerError(f"cannot open ledger {self._path}: {_first_line(exc)}") from exc
         if self._spool is not None:
             self._spooled = await self._on_thread(self._spool.has_rows)  # left by an earlier run
             if self._spooled:
@@ -347,7 +347,7 @@ class Ledger:
                 await self._write_one_by_one(batch)
             return
         except Exception as exc:  # locked, full, read-only, I/O: the rows go to the spool
-            self._healthy, self._refusal = False, str(exc)
+            self._healthy, self._refusal = False, _first_line(exc)
             self._next_retry = asyncio.get_running_loop().time() + self._retry_interval
             await self._to_spool(batch, exc)
             return
@@ -361,7 +361,7 @@ class Ledger:
         try:
             outcome = await self._on_thread(self.db.insert_each, [row for row, _ in batch])
         except Exception as exc:
-            self._healthy, self._refusal = False, str(exc)
+            self._healthy, self._refusal = False, _first_line(exc)
             await self._to_spool(batch, exc)
             return
         self._succeed([item for item, err in zip(batch, outcome) if err is None])
@@ -402,7 +402,7 @@ class Ledger:
             rows = await self._on_thread(self._spool.read) if self._spool is not None else []
             await self._on_thread(self.db.replay, rows, None if final else self._replay_busy_ms)
         except Exception as exc:  # still refused: try again later
-            self._healthy, self._refusal = False, str(exc)
+            self._healthy, self._refusal = False, _first_line(exc)
             log.debug("ledger %s: replay failed: %s", self._path, exc)
             return False
         # Accepting again from here; the spool's rows are in the database, so clearing it may lag (and a
@@ -457,6 +457,12 @@ class Ledger:
         self.stats["errors"] += len(pending)
         for _, fut in pending:
             _set_error(fut, LedgerError(message), None)
+
+
+def _first_line(exc: BaseException) -> str:
+    """An error in one line (libpq's messages run over several; none carries the password)."""
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
 def _same_file_system(a: str, b: str) -> bool:

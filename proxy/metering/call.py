@@ -16,7 +16,8 @@ from typing import Any, Callable, Mapping
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.control.gate import Admission, Gate, Refusal
-from proxy.core.attribution import TEAM_TAG, api_key, attribute
+from proxy.core.attribution import TEAM_TAG, attribute
+from proxy.core.credentials import api_key
 from proxy.core.record import CallRecord
 from proxy.counting.counter import CallCount, CountPolicy, count_call
 from proxy.forwarding.edits import Edit
@@ -114,11 +115,6 @@ class MeteredCall:
     def max_meter_bytes(self) -> int:
         return self._max_meter_bytes
 
-    @property
-    def meter_room(self) -> int:
-        """Bytes of the decoded copy the meter may still read before max_meter_bytes stops it."""
-        return self._max_meter_bytes - self._fed
-
     def _stop(self, note: str) -> None:
         self._stopped = note
         self.meter.discard()
@@ -175,10 +171,10 @@ class MeteredCall:
         admission.apply(upstream_headers)
         return None
 
-    # -- what an edited stream may release, for the forwarder --
+    # -- what of an edited stream may be sent, for the forwarder --
 
-    def settled_offset(self) -> int | None:
-        return self.meter.settled
+    def last_event_end(self) -> int | None:
+        return self.meter.last_event_end
 
     def stream_edits(self) -> list[Edit]:
         return self.meter.edits
@@ -259,7 +255,7 @@ class MeteredCall:
         elif rec.error is not None:
             rec.error = rec.error[:MAX_ERROR_CHARS]
 
-    def _settle(self, counted: CallCount | None) -> None:
+    def _finalize_record(self, counted: CallCount | None) -> None:
         rec, meter = self.record, self.meter
         rec.ended_at = time.time()
         rec.latency_ms = (time.perf_counter() - self._t0) * 1000
@@ -326,7 +322,7 @@ class MeteredCall:
         if self._wants_count():
             await asyncio.shield(self._count_and_commit())
             return
-        self._settle(None)
+        self._finalize_record(None)
         self._redact()
         try:
             # The ledger's own future, shielded: no task per call on this, the common path.
@@ -336,11 +332,11 @@ class MeteredCall:
             self.recorded = False
             log.error("ledger: call %s not recorded: %s", self.record.request_id, exc)
         finally:
-            self._release()
+            self._conclude()
 
     async def _count_and_commit(self) -> None:
         counted = await self._count()
-        self._settle(counted)
+        self._finalize_record(counted)
         self._redact()
         try:
             await self._submit()
@@ -349,7 +345,7 @@ class MeteredCall:
             self.recorded = False
             log.error("ledger: call %s not recorded: %s", self.record.request_id, exc)
         finally:
-            self._release()
+            self._conclude()
 
     def _submit(self) -> asyncio.Future[None]:
         try:
@@ -364,7 +360,7 @@ class MeteredCall:
         if self._done is not None:
             await self._done.wait()
 
-    def _release(self) -> None:
+    def _conclude(self) -> None:
         if self._done is not None:
             self._done.set()
         if self._metrics is not None:
@@ -372,7 +368,7 @@ class MeteredCall:
         if self._logs is not None:
             try:
                 self._logs.observe(self.record)
-            except Exception:  # a log line must never cost a call its budget release
+            except Exception:  # a log line must never keep a call's budget hold
                 log.exception("call logs failed on %s", self.record.request_id)
-        if self._admission is not None:  # release the budget hold; the real cost is on the ledger now
+        if self._admission is not None:  # settle: charge the hold with the recorded cost
             self._admission.settle(self.record.cost_usd, self.record.total_tokens)

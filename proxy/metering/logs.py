@@ -1,7 +1,8 @@
 """Operator logs: the one `meterproxy` logger tree, the access log, and warnings that come once, not per call.
 
 Every logger of the project is `meterproxy` or below it, so one setting (`--log-level`, or a logging
-config naming `meterproxy`) reaches them all. `CallLogs.observe` sees each call once its row is settled:
+config naming `meterproxy`) reaches them all. `CallLogs.observe` sees each call once its row is stored
+(committed or spooled) or refused by the ledger:
 - `access_log`: one JSON line per call on `meterproxy.access` — request id, key id, user, model, status,
   latency and cost. Never the key itself, never a body, never a header value beyond the attributed user.
 - an unreachable upstream is a WARNING once per burst (the first failure, then at most once a minute while
@@ -20,6 +21,7 @@ import sys
 import time
 from typing import Callable
 
+from proxy.core.money import usd_text
 from proxy.core.record import CallRecord
 
 __all__ = ["ACCESS", "CallLogs", "setup"]
@@ -110,5 +112,5 @@ def access_line(rec: CallRecord) -> dict[str, object]:
         "stream": rec.stream, "status": rec.status,
         "latency_ms": None if rec.latency_ms is None else round(rec.latency_ms, 1),
         "total_tokens": rec.total_tokens, "usage_source": rec.usage_source,
-        "cost_usd": format(rec.cost_usd, "f"), "priced": rec.priced,
+        "cost_usd": usd_text(rec.cost_usd), "priced": rec.priced,
     }  # fmt: skip

@@ -80,7 +80,7 @@ class Meter:
         self._max_event = max_event  # the longest stream event read (a longer one stops the meter)
         self.inject = False         # this call's request was given include_usage by the proxy
         self.edits: list[Edit] = []  # byte edits that take out what the injection added
-        self.settled: int | None = None  # end of the last complete stream event
+        self.last_event_end: int | None = None  # end of the last complete stream event
         self.request: dict[str, object] | None = None  # the parsed request body, kept for counting
         self.output: StreamOutput | None = StreamOutput() if self.countable else None
         self.requested_model: str | None = None
@@ -182,7 +182,7 @@ class Meter:
         if self._sse is not None:
             for event in self._sse.close():
                 self._on_event(event)
-            if self.settled is None and self.succeeded and self.extract is not None:
+            if self.last_event_end is None and self.succeeded and self.extract is not None:
                 self.usage_error = "the stream carried no events; usage not read"
         elif self._parts:
             self._on_body(b"".join(self._parts))
@@ -230,7 +230,7 @@ class Meter:
             self.usage_error = None
 
     def _on_event(self, event: SSEEvent) -> None:
-        self.settled = event.end
+        self.last_event_end = event.end
         if event.data == "[DONE]":
             self._hold(event)
             return

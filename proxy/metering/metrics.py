@@ -159,11 +159,8 @@ class Metrics:
         self.commit_seconds.observe(seconds)
         self.batch_rows.observe(batch_size)
 
-    def set_queue_depth(self, n: int) -> None:
-        self.queue_depth.set(n)
-
     def queue_depth_from(self, read: Callable[[], float]) -> None:
-        """Read the queue depth at scrape time instead (e.g. `lambda: ledger.queue_depth`)."""
+        """Read the queue depth at scrape time (e.g. `lambda: ledger.queue_depth`)."""
         self.queue_depth.set_function(read)
 
     def spool_from(self, depth: Callable[[], float], accepting: Callable[[], float]) -> None:

@@ -4,7 +4,8 @@
 and prices with that table whatever happens next. A changed file is read and validated in a worker
 thread; only a table that validated replaces the active one, in a single attribute assignment on the
 event loop. A refused edit leaves the old table in force, is logged in one line naming the file, the
-line and the problem, and stays visible (`error`, `GET /admin/pricing`) until a good edit replaces it.
+line and the problem, and stays visible (`error`, `GET /admin/pricing` in `admin/pricing.py`) until a good
+edit replaces it.
 
 The watcher polls the file's (mtime_ns, size, inode) and, for two seconds after a change, its bytes too:
 a second edit within one timestamp tick changes neither the mtime nor, often, the size.
@@ -23,15 +24,12 @@ import signal
 import time
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any
 
-from aiohttp import web
-
-from proxy.core.errors import error_response, unknown_parameter
 from proxy.core.times import iso
 from proxy.pricing.table import PriceTable, PricingError
 
-__all__ = ["LivePrices", "Outcome", "RefusedEdit", "admin_routes"]
+__all__ = ["LivePrices", "Outcome", "RefusedEdit"]
 
 log = logging.getLogger("meterproxy.pricing")
 
@@ -173,43 +171,6 @@ class LivePrices:
     def status(self) -> dict[str, Any]:
         """What `GET /admin/pricing` answers: the summary, and every entry's prices as decimal strings."""
         return {**self.summary(), **self.table.describe()}
-
-
-_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class _Router(Protocol):
-    def add_get(self, path: str, handler: _Handler) -> object: ...
-    def add_post(self, path: str, handler: _Handler) -> object: ...
-
-
-class Routable(Protocol):
-    """What admin_routes adds to: a web.Application, or the admin API's guarded routes (proxy.admin)."""
-
-    @property
-    def router(self) -> _Router: ...
-
-
-def admin_routes(admin: Routable, key: web.AppKey[LivePrices]) -> None:
-    """Add `GET /pricing` and `POST /pricing/reload` to the admin sub-app, before its catch-all route.
-
-    `key` names the `LivePrices` in the app (or a parent app: it is read through `config_dict`)."""
-
-    async def show(request: web.Request) -> web.StreamResponse:
-        if (refused := unknown_parameter(request.query, ())) is not None:
-            return refused
-        return web.json_response(request.config_dict[key].status())
-
-    async def reload(request: web.Request) -> web.StreamResponse:
-        live = request.config_dict[key]
-        outcome = await live.refresh(force=True)
-        if outcome is Outcome.REFUSED and live.error is not None:
-            return error_response(400, f"pricing edit refused, version {live.version} stays in force: "
-                                  f"{live.error.message}", "invalid_request_error", "invalid_pricing")
-        return web.json_response({"reloaded": outcome is Outcome.LOADED, **live.summary()})
-
-    admin.router.add_get("/pricing", show)
-    admin.router.add_post("/pricing/reload", reload)
 
 
 def _signature(path: str) -> Signature:

@@ -16,12 +16,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, Inexact, InvalidOperation
 from typing import Any, NamedTuple
 
 import yaml
 
 from proxy.core.errors import MeterproxyError
+from proxy.core.money import EXACT
 
 __all__ = ["RATES", "TIERS", "Entry", "PricingError", "plain", "read", "validate"]
 
@@ -194,7 +195,13 @@ def _entry(entry: object, where: _Where, allowed: tuple[str, ...]) -> Entry:
                 f"'max_output' must be a whole number of tokens (0 or more), got {_show(value)}")
         result.max_output = value
     if "audio_minute" in entry:
-        result.audio_minute = _number(entry["audio_minute"], where.at(entry, "audio_minute"), "audio_minute")
+        at = where.at(entry, "audio_minute")
+        result.audio_minute = _number(entry["audio_minute"], at, "audio_minute")
+        if _per_second(result.audio_minute) is None:
+            raise at.error(
+                f"'audio_minute' {_show(entry['audio_minute'])} is not an exact price per second "
+                "(it is divided by 60 and a call's cost must be exact): give a price per minute whose "
+                "last digits divide by 3, e.g. 0.006 or 0.0060 for $0.0001 a second")
     if "long_context" in entry:
         result.long_rates, result.above = _long_context(entry["long_context"], where.at(entry, "long_context"),
                                                         where.what, required=True)
@@ -248,6 +255,14 @@ def _check_keys(value: object, where: _Where, allowed: tuple[str, ...], not_mapp
 
 def _rates(entry: Mapping[Any, Any], where: _Where) -> dict[str, Decimal]:
     return {key: _number(entry[key], where.at(entry, key), key) for key in RATES if key in entry}
+
+
+def _per_second(per_minute: Decimal) -> Decimal | None:
+    """`per_minute` / 60 if that is an exact decimal (then every number of seconds costs an exact sum)."""
+    try:
+        return EXACT.divide(per_minute, Decimal(60))
+    except Inexact:
+        return None
 
 
 def _number(value: object, where: _Where, key: str) -> Decimal:

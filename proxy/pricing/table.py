@@ -22,10 +22,11 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, Inexact, InvalidOperation  # noqa: I001
+from decimal import Decimal
 from enum import Enum
 from typing import Any, NamedTuple, TypedDict
 
+from proxy.core.money import EXACT
 from proxy.core.record import Usage
 from proxy.pricing.schema import RATES, TIERS, Entry, PricingError, plain, read, validate
 
@@ -34,9 +35,6 @@ __all__ = ["STANDARD_TIERS", "TIERS", "ModelPrice", "PriceTable", "PricingError"
 _DATE_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8})$")
 _ZERO = Decimal(0)
 _MILLION = Decimal(1_000_000)
-# Products, sums and division by 10**6 of finite decimals are always exact, so an unbounded precision
-# costs nothing and guarantees no digit is ever dropped; the traps turn any surprise into an error.
-_EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN, traps=[Inexact, InvalidOperation])
 # Model names come from clients; only short ones are remembered, and the memory is emptied when full.
 _CACHE_MAX = 1024
 _CACHE_NAME_MAX = 200
@@ -88,13 +86,6 @@ class ModelPrice:
             if tier == name:
                 return price
         return None
-
-    def peak(self) -> tuple[Decimal, Decimal]:
-        """(highest prompt price, highest completion price) over every set: a call's worst case."""
-        sets = [self, *(p for _, p in self.tiers)]
-        sets += [p.long_context for p in sets if p.long_context is not None]
-        return (max(max(p.input, p.cached_input, p.audio_input, p.image_input) for p in sets),
-                max(max(p.output, p.reasoning, p.audio_output, p.image_output) for p in sets))
 
 
 class Quote(NamedTuple):
@@ -262,8 +253,8 @@ def _per_minute(entry: ModelPrice, usage: Usage) -> tuple[Decimal, bool]:
     if entry.audio_minute is None:
         return _ZERO, False
     seconds = max(usage.audio_seconds or _ZERO, _ZERO)
-    usd = _EXACT.divide(_EXACT.multiply(seconds, entry.audio_minute), Decimal(60))
-    return (plain(usd.normalize(_EXACT)) if usd else _ZERO), True
+    usd = EXACT.divide(EXACT.multiply(seconds, entry.audio_minute), Decimal(60))
+    return (plain(usd.normalize(EXACT)) if usd else _ZERO), True
 
 
 def _price(p: ModelPrice, usage: Usage, prompt: int) -> Decimal:
@@ -273,7 +264,7 @@ def _price(p: ModelPrice, usage: Usage, prompt: int) -> Decimal:
     cached = min(max(usage.cached_tokens, 0), prompt)
     completion = max(usage.completion_tokens, 0)
     reasoning = min(max(usage.reasoning_tokens, 0), completion)
-    add, mul = _EXACT.add, _EXACT.multiply
+    add, mul = EXACT.add, EXACT.multiply
     audio_in, audio_out = usage.audio_prompt_tokens, usage.audio_completion_tokens
     image_in, image_out = usage.image_prompt_tokens, usage.image_completion_tokens
     total = _ZERO
@@ -291,9 +282,9 @@ def _price(p: ModelPrice, usage: Usage, prompt: int) -> Decimal:
         completion -= image_out
     total = add(total, add(add(mul(prompt - cached, p.input), mul(cached, p.cached_input)),
                            add(mul(completion - reasoning, p.output), mul(reasoning, p.reasoning))))
-    usd = _EXACT.divide(total, _MILLION)
+    usd = EXACT.divide(total, _MILLION)
     # Normalised, so equal costs are equal strings in the ledger whatever the prices' written form.
-    return plain(usd.normalize(_EXACT)) if usd else _ZERO
+    return plain(usd.normalize(EXACT)) if usd else _ZERO
 
 
 # --- building the price sets -----------------------------------------------------------------------
@@ -361,7 +352,7 @@ def _describe(p: ModelPrice, show: Callable[[Decimal], str]) -> dict[str, Any]:
 
 
 def _canonical(number: Decimal) -> str:
-    return str(number.normalize(_EXACT))
+    return str(number.normalize(EXACT))
 
 
 def _plain_text(number: Decimal) -> str:

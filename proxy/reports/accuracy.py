@@ -11,7 +11,8 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from proxy.reports.queries import iso_time, where_sql
+from proxy.core.times import iso
+from proxy.reports.queries import where_sql
 
 _SIDES = (("prompt", "counted_prompt_tokens", "prompt_tokens"),
           ("completion", "counted_completion_tokens", "completion_tokens"))
@@ -47,8 +48,8 @@ def accuracy_report(conn: sqlite3.Connection, *, since: float | None = None, unt
             row[side] = {"calls": n or 0, "mean_error": _round(mean), "mean_abs_error": _round(mean_abs),
                          "worst_abs_error": worst, "mean_abs_error_pct": _round(pct)}
         rows.append(row)
-    return {"since": iso_time(since) if since is not None else None,
-            "until": iso_time(until) if until is not None else None, "models": rows}
+    return {"since": iso(since),
+            "until": iso(until), "models": rows}
 
 
 def _round(value: float | None) -> float | None:

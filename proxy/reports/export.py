@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Generator, Iterator
 from typing import IO, Any
 
+from proxy.core.times import iso
 from proxy.reports import queries as reports
 from proxy.reports.render import csv_cell
 
@@ -46,7 +47,7 @@ def iter_calls(conn: sqlite3.Connection, *, since: float | None = None, until: f
         while batch := cursor.fetchmany(_FETCH):
             for row in batch:
                 call = dict(zip(names, row))
-                call["ts"] = reports.iso_time(call["started_at"])
+                call["ts"] = iso(call["started_at"])
                 yield call
     finally:
         cursor.close()

@@ -23,7 +23,8 @@ from proxy.config import ADMIN_TOKEN_ENV, Settings
 from proxy.control.gate import Gate
 from proxy.control.keys import parse_key_fields
 from proxy.control.limits import KINDS, FieldError, Subject, parse_limits
-from proxy.core.errors import error_response
+from proxy.core.times import parse_time
+from proxy.forwarding.responses import error_response
 from proxy.pricing.live import LivePrices, Outcome
 from proxy.reports import accuracy, render
 from proxy.reports import queries as reports
@@ -138,8 +139,8 @@ def make_ui(settings: Settings, gate_key: web.AppKey[Gate], live_key: web.AppKey
         tz = params.get("tz")
         return {"params": params, "args": dict(
             group_by=group_by, tz=tz, key=params.get("key"), user=params.get("user"), model=params.get("model"),
-            since=reports.parse_time(params["since"], "since", tz) if "since" in params else None,
-            until=reports.parse_time(params["until"], "until", tz) if "until" in params else None)}
+            since=parse_time(params["since"], "since", tz) if "since" in params else None,
+            until=parse_time(params["until"], "until", tz) if "until" in params else None)}
 
     @guard
     async def usage(request: web.Request, session: Session) -> web.StreamResponse:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import sqlite3
 from datetime import UTC, datetime, timedelta
-from decimal import Context, Decimal, Inexact
+from decimal import Context, Decimal
 from typing import Any
 
 from proxy.control.limits import period_of
 from proxy.core.attribution import TEAM_TAG
+from proxy.core.money import EXACT, exact_sum
+from proxy.core.times import iso, utc_day
 from proxy.reports import queries as reports
+from proxy.ui import svg
 
 __all__ = ["DIMENSIONS", "overview", "projection", "trend"]
 
@@ -22,13 +25,8 @@ __all__ = ["DIMENSIONS", "overview", "projection", "trend"]
 DIMENSIONS = {"model": "model", "key": "key", "user": "user", "team": f"tag:{TEAM_TAG}"}
 TOP_N = 5
 TREND_DAYS = 30
-SERIES = 10  # colours in a chart; beyond, the smallest values are drawn together as "other"
+SERIES = len(svg.PALETTE)  # colours in a chart; beyond, the smallest values are drawn together as "other"
 _DIVIDE = Context(prec=28)
-_EXACT = Context(prec=200, traps=[Inexact])
-
-
-def _day(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
 
 
 def projection(month_cost: Decimal, month_start: float, now: float) -> Decimal:
@@ -48,7 +46,7 @@ def trend(conn: sqlite3.Connection, dim: str, now: float, days: int = TREND_DAYS
     days x values rows (30 x 400 users). team has no filter in the API: it is asked as group_by=day,tag:team."""
     today = period_of("day", now)[0]
     since = today - (days - 1) * 86400
-    labels = [_day(since + i * 86400) for i in range(days)]
+    labels = [utc_day(since + i * 86400) for i in range(days)]
     field = DIMENSIONS[dim]
     out_key = reports.GROUP_ROW_KEYS.get(field, field)
     totals = reports.usage_report(conn, group_by=["day"], since=since)
@@ -58,7 +56,7 @@ def trend(conn: sqlite3.Connection, dim: str, now: float, days: int = TREND_DAYS
         per: dict[str, dict[str, Decimal]] = {}
         for row in report["rows"]:
             per.setdefault(_name(row[out_key]), {})[row["day"]] = Decimal(row["cost_usd"])
-        ranked = sorted(per, key=lambda n: (-sum(per[n].values(), Decimal(0)), n))
+        ranked = sorted(per, key=lambda n: (-exact_sum(per[n].values()), n))
         top = [(name, per[name]) for name in ranked[:SERIES - 1]]
         rest = len(ranked) - len(top)
     else:
@@ -72,7 +70,7 @@ def trend(conn: sqlite3.Connection, dim: str, now: float, days: int = TREND_DAYS
         rest = len(ranked_rows) - len(top)
     series = [(name, [values.get(d, Decimal(0)) for d in labels]) for name, values in top]
     if rest:
-        other = [_EXACT.subtract(per_day_total.get(d, Decimal(0)), sum((v[i] for _, v in series), Decimal(0)))
+        other = [EXACT.subtract(per_day_total.get(d, Decimal(0)), exact_sum(v[i] for _, v in series))
                  for i, d in enumerate(labels)]
         if any(other):
             series.append((f"other ({rest})", other))
@@ -102,7 +100,7 @@ def overview(conn: sqlite3.Connection, now: float, dim: str = "model") -> dict[s
     month_cost = Decimal(month["totals"]["cost_usd"])
     calls = month["totals"]["calls"]
     return {
-        "now": reports.iso_time(now), "today": today, "month": month,
+        "now": iso(now), "today": today, "month": month,
         "projected_usd": projection(month_cost, month_start, now),
         "counted_share": None if not calls else month["totals"]["counted_calls"] / calls,
         "top": top, "trend": chart, "dim": dim,

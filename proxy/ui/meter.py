@@ -8,7 +8,6 @@ admin_keys.meter_report's, the answer of GET /meter/usage.
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from decimal import Decimal
 
 from aiohttp import web
@@ -17,8 +16,10 @@ from proxy.admin.keys import meter_report
 from proxy.config import ADMIN_TOKEN_ENV, Settings
 from proxy.control.gate import Gate, Refusal
 from proxy.control.limits import FieldError, Limits, Subject, period_of
-from proxy.core.attribution import key_id_of
-from proxy.core.errors import error_response
+from proxy.core.credentials import key_id_of
+from proxy.core.money import exact_sum
+from proxy.core.times import utc_day
+from proxy.forwarding.responses import error_response
 from proxy.reports import queries as reports
 from proxy.ui import svg
 from proxy.ui.pages import HEADERS, page, read_form, redirect, refused, same_origin, secret_of, static_routes
@@ -101,11 +102,11 @@ def make_meter_ui(settings: Settings, gate_key: web.AppKey[Gate]) -> web.Applica
             return page("error.html", 503, nav=(), active="", csrf=session.csrf, base=base, managed=False,
                          message=str(exc))
         start = period_of("month", now)[0]  # every day of the month so far, as on the overview
-        days = [datetime.fromtimestamp(start + i * 86400, UTC).strftime("%Y-%m-%d")
+        days = [utc_day(start + i * 86400)
                 for i in range(int((period_of("day", now)[0] - start) // 86400) + 1)]
         models = sorted({str(r["model"]) for r in view["rows"]})
-        series = [(m, [sum((Decimal(r["cost_usd"]) for r in view["rows"] if r["day"] == d and str(r["model"]) == m),
-                           Decimal(0)) for d in days]) for m in models]
+        series = [(m, [exact_sum(Decimal(r["cost_usd"]) for r in view["rows"]
+                                 if r["day"] == d and str(r["model"]) == m) for d in days]) for m in models]
         legend = [(name, svg.PALETTE[i % len(svg.PALETTE)]) for i, (name, _) in enumerate(series)]
         for b in view["budgets"]:
             b["bar"] = svg.meter(Decimal(b["spent_usd"]), Decimal(b["reserved_usd"]),

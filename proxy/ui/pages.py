@@ -23,7 +23,7 @@ from markupsafe import Markup
 
 from proxy.config import Settings
 from proxy.control.limits import FieldError
-from proxy.core.errors import error_response
+from proxy.forwarding.responses import error_response
 from proxy.reports import queries as reports
 from proxy.ui.session import Signer
 

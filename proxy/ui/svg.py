@@ -12,11 +12,12 @@ from typing import Sequence
 
 from markupsafe import Markup, escape
 
+from proxy.core.money import exact_sum
+
 __all__ = ["PALETTE", "bars", "meter", "stacked"]
 
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
            "#bab0ac")
-MAX_SERIES = len(PALETTE)  # beyond it, the smallest series are drawn together as "other"
 
 
 def _num(value: Decimal | int) -> float:
@@ -28,7 +29,7 @@ def stacked(days: Sequence[str], series: Sequence[tuple[str, Sequence[Decimal]]]
     """Columns per day, each the stack of `series` (name, one value per day), largest series at the bottom."""
     pad_l, pad_b, pad_t = 64, 28, 8
     plot_w, plot_h = width - pad_l - 8, height - pad_b - pad_t
-    totals = [sum((s[1][i] for s in series), Decimal(0)) for i in range(len(days))]
+    totals = [exact_sum(s[1][i] for s in series) for i in range(len(days))]
     top = max((_num(t) for t in totals), default=0.0) or 1.0
     col = plot_w / max(len(days), 1)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" viewBox="0 0 {width} {height}" '

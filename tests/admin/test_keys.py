@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 from proxy.admin.keys import add_key_routes, meter_usage
 from proxy.control.gate import Gate, Refusal, open_gate
 from proxy.control.limits import Limits, Subject
-from proxy.core.attribution import key_id_of
+from proxy.core.credentials import key_id_of
 from proxy.core.record import CallRecord
 from proxy.counting.counter import CountPolicy
 from proxy.ledger.writer import Ledger

@@ -16,7 +16,7 @@ import pytest
 from proxy.control.db import ControlDB
 from proxy.control.keys import KeyStore, parse_key_fields
 from proxy.control.limits import FieldError
-from proxy.core.attribution import key_id_of
+from proxy.core.credentials import key_id_of
 from tests.support.cli import cli
 
 

@@ -156,7 +156,7 @@ def test_the_widest_accepted_range_is_answered(managed: ProxyServer, tz: str) ->
     status, made = call(managed, "POST", "/admin/keys", {"user": "a", "expires_at": "9999-12-30T00:00:00Z",
                                                          "rpm": 10**12, "tpm": "1000000000000"})
     assert status == 201, made
-    assert (made["expires_at"], made["rpm"], made["tpm"]) == ("9999-12-30T00:00:00Z", 10**12, 10**12)
+    assert (made["expires_at"], made["rpm"], made["tpm"]) == ("9999-12-30T00:00:00.000Z", 10**12, 10**12)
     assert listed(managed)[0]["key_id"] == made["key_id"]
 
 

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from proxy.control.limits import Limits, Subject
-from proxy.core.attribution import key_id_of
+from proxy.core.credentials import key_id_of
 from proxy.ledger.reprice import reprice
 from proxy.pricing.table import PriceTable
 from tests.support import ADMIN_TOKEN, FakeUpstream, ProxyServer, Reply, gzipped

@@ -1,6 +1,8 @@
-"""Memory bounds whatever the upstream or the client sends: decompression bombs, endless SSE lines, bodies from
-callers who fail authentication, junk /metrics labels, and the inject edit on streams the upstream framed or
-compressed against the request. (The same bounds measured on a real process: test_bounds_process.py.)"""
+"""Memory bounds through a real proxy, whatever the upstream or the client sends: decompression bombs, endless
+SSE lines, bodies from callers who fail authentication, /metrics, and the inject edit on streams the upstream
+framed or compressed against the request. (The same bounds measured on a real process: test_bounds_process.py;
+the decoders', the SSE decoder's and the metrics' own bounds, called directly: tests/forwarding/test_decoding.py,
+tests/metering/test_sse.py, tests/metering/test_metrics.py.)"""
 
 from __future__ import annotations
 
@@ -13,10 +15,6 @@ from typing import Any, Callable
 import brotli
 import pytest
 
-from proxy.core.record import CallRecord
-from proxy.forwarding.decoding import STEP, decode_all, decoder_for
-from proxy.metering.metrics import OTHER, Metrics
-from proxy.metering.sse import SSEDecoder
 from tests.support import ADMIN_TOKEN, FakeUpstream, ProxyServer, Reply, split
 from tests.support.http import request
 from tests.support.streams import CHAT, openai_like
@@ -33,60 +31,6 @@ COMPRESS: dict[str, Callable[[bytes], bytes]] = {
 def zeros_body(size: int) -> bytes:
     """A JSON chat completion padded with `size` spaces: it compresses ~1000:1."""
     return b'{"model":"gpt-4o","usage":' + json.dumps(USAGE).encode() + b"," + b" " * size + b'"x":1}'
-
-
-# --- the decoders: never more than asked -------------------------------------------------------------
-@pytest.mark.parametrize("encoding", sorted(COMPRESS))
-def test_a_decoder_read_never_returns_more_than_its_limit(encoding: str) -> None:
-    raw = bytes(range(256)) * 2000 + b"\0" * (8 * MiB)
-    compressed = COMPRESS[encoding](raw)
-    decoder = decoder_for(encoding)
-    out = bytearray()
-    for piece in split(compressed, 5000):
-        decoder.feed(piece)
-        while data := decoder.read(70_000):
-            assert len(data) <= 70_000
-            out += data
-    assert bytes(out) == raw and decoder.error is None
-
-
-@pytest.mark.parametrize("encoding", sorted(COMPRESS))
-def test_a_bomb_is_decoded_one_step_at_a_time(encoding: str) -> None:
-    bomb = COMPRESS[encoding](b"\0" * (64 * MiB))
-    assert len(bomb) < MiB // 4
-    decoder = decoder_for(encoding)
-    decoder.feed(bomb)  # the whole bomb in one feed: still no read returns more than one step
-    first = decoder.read(1 << 40)
-    assert 0 < len(first) <= STEP
-    assert len(decode_all(decoder, b"", limit=3 * STEP)) == 3 * STEP  # and reading stops where asked
-
-
-def test_raw_deflate_is_still_read() -> None:
-    raw = b'{"a": 1}' * 1000
-    compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
-    assert decode_all(decoder_for("deflate"), compressor.compress(raw) + compressor.flush()) == raw
-
-
-# --- the SSE decoder: no unbounded line --------------------------------------------------------------
-def test_an_sse_line_longer_than_the_bound_stops_the_decoder_and_frees_it() -> None:
-    decoder = SSEDecoder(max_event=1000)
-    assert [e.data for e in decoder.feed(b"data: small\n\n")] == ["small"]
-    for _ in range(50):  # a line that never ends
-        assert decoder.feed(b"data: " + b"x" * 300) == []
-    assert decoder.error is not None and "1000 bytes" in decoder.error
-    assert len(decoder._buf) <= 1000  # what it holds stays bounded: the line was dropped, not kept
-    assert decoder.feed(b"\n\ndata: later\n\n") == [] and decoder.close() == []
-
-
-def test_many_data_lines_of_one_event_are_bounded_too() -> None:
-    decoder = SSEDecoder(max_event=1000)
-    for _ in range(20):
-        decoder.feed(b"data: " + b"y" * 100 + b"\n")
-    assert decoder.error is not None
-    unbounded = SSEDecoder()
-    for _ in range(20):
-        unbounded.feed(b"data: " + b"y" * 100 + b"\n")
-    assert unbounded.error is None and len(unbounded.feed(b"\n")) == 1
 
 
 # --- through the proxy: the bytes flow, metering stops, the row says so ------------------------------
@@ -248,22 +192,6 @@ def test_a_large_body_is_read_the_same_when_parsed_in_a_thread(openai_upstream: 
 
 
 # --- /metrics --------------------------------------------------------------------------------------
-def _call(model: str, status: int) -> CallRecord:
-    return CallRecord(request_id="r", started_at=0.0, method="POST", endpoint="/v1/chat/completions",
-                      model=model, status=status, latency_ms=5.0, priced=True)
-
-
-def test_junk_models_of_failed_calls_do_not_push_real_models_into_other() -> None:
-    metrics = Metrics(max_models=5)
-    for i in range(100):
-        metrics.observe_call(_call(f"junk-{i}", 404))
-    metrics.observe_call(_call("gpt-4o", 200))
-    metrics.observe_call(_call("gpt-4o", 429))  # a model already labelled keeps its label when a call fails
-    text = metrics.render().decode()
-    assert 'model="gpt-4o",status="200"' in text and 'model="gpt-4o",status="429"' in text
-    assert f'model="{OTHER}",status="404"}} 100.0' in text and "junk-" not in text
-
-
 def test_metrics_needs_the_admin_token_unless_public(upstream: FakeUpstream,
                                                       start_proxy: Callable[..., ProxyServer]) -> None:
     guarded = start_proxy()

@@ -9,10 +9,20 @@ import zlib
 import brotli
 import pytest
 
-from proxy.forwarding.decoding import STEP, decode_all, decoder_for
+from proxy.forwarding.decoding import STEP, BodyDecoder, decoder_for
+from tests.support import split
 
 PLAIN = b"".join(b'data: {"id":"c-%d","choices":[{"delta":{"content":"word %d "}}]}\n\n' % (i, i * i)
                  for i in range(3000)) + random.Random(7).randbytes(5000)
+
+
+def decode_all(decoder: BodyDecoder, data: bytes, limit: int = 1 << 62) -> bytes:
+    """Feed `data` and read everything it decodes to, up to `limit` bytes."""
+    decoder.feed(data)
+    out = bytearray()
+    while len(out) < limit and (piece := decoder.read(limit - len(out))):
+        out += piece
+    return bytes(out)
 
 
 def _raw_deflate(data: bytes) -> bytes:
@@ -111,3 +121,43 @@ def test_a_read_never_returns_more_than_its_limit_nor_a_step(encoding: str) -> N
         assert 0 < len(decoder.read(10 * STEP)) <= STEP
     assert decoder.read(0) == b""
     assert len(decode_all(decoder_for(encoding), body, limit=12345)) == 12345
+
+
+# --- never more than asked (moved from tests/e2e/test_bounds.py) ----------------------------------
+MiB = 1 << 20
+COMPRESS = {
+    "gzip": lambda b: gzip.compress(b, compresslevel=9, mtime=0),
+    "deflate": lambda b: zlib.compress(b, 9),
+    "br": lambda b: brotli.compress(b, quality=5),
+}
+
+
+@pytest.mark.parametrize("encoding", sorted(COMPRESS))
+def test_a_decoder_read_never_returns_more_than_its_limit(encoding: str) -> None:
+    raw = bytes(range(256)) * 2000 + b"\0" * (8 * MiB)
+    compressed = COMPRESS[encoding](raw)
+    decoder = decoder_for(encoding)
+    out = bytearray()
+    for piece in split(compressed, 5000):
+        decoder.feed(piece)
+        while data := decoder.read(70_000):
+            assert len(data) <= 70_000
+            out += data
+    assert bytes(out) == raw and decoder.error is None
+
+
+@pytest.mark.parametrize("encoding", sorted(COMPRESS))
+def test_a_bomb_is_decoded_one_step_at_a_time(encoding: str) -> None:
+    bomb = COMPRESS[encoding](b"\0" * (64 * MiB))
+    assert len(bomb) < MiB // 4
+    decoder = decoder_for(encoding)
+    decoder.feed(bomb)  # the whole bomb in one feed: still no read returns more than one step
+    first = decoder.read(1 << 40)
+    assert 0 < len(first) <= STEP
+    assert len(decode_all(decoder, b"", limit=3 * STEP)) == 3 * STEP  # and reading stops where asked
+
+
+def test_raw_deflate_is_still_read() -> None:
+    raw = b'{"a": 1}' * 1000
+    compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    assert decode_all(decoder_for("deflate"), compressor.compress(raw) + compressor.flush()) == raw

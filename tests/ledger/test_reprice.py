@@ -17,6 +17,7 @@ from proxy.ledger.migrations import migrate
 from proxy.ledger.reprice import RepriceError, reprice
 from proxy.ledger.writer import INSERT_SQL, Ledger, record_row
 from proxy.pricing.table import PriceTable
+from tests.support.ledger import connect, is_postgres, write_calls
 
 T0 = 1_780_000_000.0  # 2026-05-28T20:26:40Z
 HOUR = 3600.0
@@ -81,8 +82,12 @@ def make_ledger(path: Path, calls: list[CallRecord]) -> Path:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return make_ledger(tmp_path / "ledger.db", CALLS)
+def db(ledger_target: str) -> Any:
+    """The ledger of CALLS on each backend: a SQLite file, then a PostgreSQL schema."""
+    if is_postgres(ledger_target):
+        write_calls(ledger_target, CALLS)
+        return ledger_target
+    return make_ledger(Path(ledger_target), CALLS)
 
 
 @pytest.fixture
@@ -92,24 +97,28 @@ def new(tmp_path: Path) -> PriceTable:
     return PriceTable.load(path)
 
 
-def rows(db: Path) -> dict[str, dict[str, Any]]:
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    found = {r["request_id"]: dict(r) for r in conn.execute("SELECT * FROM calls")}
-    conn.close()
-    return found
+def _select(db: Path | str, sql: str) -> list[dict[str, Any]]:
+    """Rows of `sql` on either backend as dicts, money as the exact text SQLite keeps."""
+    conn = connect(db, functions=False)
+    try:
+        cur: Any = conn.execute(sql)
+        names = [d[0] for d in cur.description]
+        return [{k: format(v, "f") if isinstance(v, Decimal) else v for k, v in zip(names, r)}
+                for r in cur.fetchall()]
+    finally:
+        conn.close()
 
 
-def runs(db: Path) -> list[dict[str, Any]]:
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    found = [dict(r) for r in conn.execute("SELECT * FROM reprice_runs ORDER BY id")]
-    conn.close()
-    return found
+def rows(db: Path | str) -> dict[str, dict[str, Any]]:
+    return {r["request_id"]: r for r in _select(db, "SELECT * FROM calls")}
 
 
-def run(db: Path, table: PriceTable, **kwargs: Any) -> Any:
-    conn = sqlite3.connect(db, isolation_level=None)
+def runs(db: Path | str) -> list[dict[str, Any]]:
+    return _select(db, "SELECT * FROM reprice_runs ORDER BY id")
+
+
+def run(db: Path | str, table: PriceTable, **kwargs: Any) -> Any:
+    conn = connect(db, functions=False)
     try:
         return reprice(conn, table, now=T0 + 100 * HOUR, **kwargs)
     finally:
@@ -242,8 +251,8 @@ def test_after_hook_runs_inside_the_transaction(db: Path, new: PriceTable) -> No
 
 
 def test_connection_in_a_transaction_is_refused(db: Path, new: PriceTable) -> None:
-    conn = sqlite3.connect(db, isolation_level=None)
-    conn.execute("BEGIN")
+    conn = connect(db)
+    conn.begin()
     with pytest.raises(RepriceError, match="already in a transaction"):
         reprice(conn, new)
     conn.close()
@@ -288,7 +297,7 @@ def test_command_prints_what_changed(db: Path, new: PriceTable, capsys: pytest.C
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert f"pricing {new.source} (version {new.version})" in lines[0]
-    assert "calls in range: 9; changed: 7 (started 2026-05-28T21:26:40Z .. 2026-05-29T01:26:40Z)" in lines[1]
+    assert "calls in range: 9; changed: 7 (started 2026-05-28T21:26:40.000Z .. 2026-05-29T01:26:40.000Z)" in lines[1]
     table = {line.split()[0]: line.split()[1:] for line in lines[2:] if line and not line.startswith("recorded")}
     assert table["model"] == ["calls", "old_cost_usd", "new_cost_usd", "newly_priced"]
     assert table["llama-local"] == ["2", "0", "0.00022", "2"]

@@ -74,10 +74,10 @@ async def test_prune_deletes_whole_hours_in_batches_and_reports_still_answer(tmp
     assert report(path, group_by=["day"], tz="Asia/Kolkata")["totals"] == kolkata["totals"]
 
 
-async def test_a_stopped_prune_leaves_everything_as_it_was(tmp_path: Path) -> None:
+async def test_a_stopped_prune_leaves_everything_as_it_was(tmp_path: Path, ledger_target: str) -> None:
     import threading
 
-    path = await build(tmp_path, n=500)
+    path = await build(tmp_path, n=500, db=ledger_target)
     conn = plain_writer(path)
     try:
         conn.execute("UPDATE calls SET cost_usd = '1' WHERE id % 7 = 0")  # dirty hours before the cutoff
@@ -128,8 +128,8 @@ async def test_groups_the_rollups_do_not_hold_lose_their_detail_in_the_pruned_pe
     assert sum(pruned.values()) > in_old > 0
 
 
-async def test_dirty_hours_are_rebuilt_before_their_calls_go(tmp_path: Path) -> None:
-    path = await build(tmp_path)
+async def test_dirty_hours_are_rebuilt_before_their_calls_go(tmp_path: Path, ledger_target: str) -> None:
+    path = await build(tmp_path, db=ledger_target)
     conn = plain_writer(path)
     try:
         conn.execute("UPDATE calls SET cost_usd = '3.5' WHERE id % 5 = 0 AND started_at < ?", (HOUR_CUT,))
@@ -142,8 +142,8 @@ async def test_dirty_hours_are_rebuilt_before_their_calls_go(tmp_path: Path) -> 
         conn.close()
 
 
-async def test_rows_written_without_the_hook_are_rolled_up_before_pruning(tmp_path: Path) -> None:
-    path = await build(tmp_path)
+async def test_rows_written_without_the_hook_are_rolled_up_before_pruning(tmp_path: Path, ledger_target: str) -> None:
+    path = await build(tmp_path, db=ledger_target)
     rng = random.Random(12)
     conn = plain_writer(path)
     try:
@@ -160,8 +160,8 @@ async def test_rows_written_without_the_hook_are_rolled_up_before_pruning(tmp_pa
         conn.close()
 
 
-async def test_pruning_everything_and_writing_again_keeps_rollups_current(tmp_path: Path) -> None:
-    path = await build(tmp_path, n=300)
+async def test_pruning_everything_and_writing_again_keeps_rollups_current(tmp_path: Path, ledger_target: str) -> None:
+    path = await build(tmp_path, n=300, db=ledger_target)
     conn = plain_writer(path)
     try:
         retention.prune(conn, T0 + 400 * DAY)
@@ -190,8 +190,8 @@ def test_a_ledger_without_rollups_is_not_pruned(tmp_path: Path) -> None:
         conn.close()
 
 
-async def test_retention_task_rolls_days_up_prunes_and_stops(tmp_path: Path) -> None:
-    path = await build(tmp_path)
+async def test_retention_task_rolls_days_up_prunes_and_stops(tmp_path: Path, ledger_target: str) -> None:
+    path = await build(tmp_path, db=ledger_target)
     conn = plain_writer(path)
     conn.execute("UPDATE rollup_state SET days_until = ?", (int(T0 + 10 * DAY),))
     conn.execute("UPDATE calls SET cost_usd = '2' WHERE id = 7")  # a dirty hour for the task to rebuild
@@ -216,7 +216,7 @@ async def test_retention_task_rolls_days_up_prunes_and_stops(tmp_path: Path) -> 
     assert_exact_after_prune(path)
 
 
-def assert_exact_after_prune(path: Path) -> None:
+def assert_exact_after_prune(path: Path | str) -> None:
     conn = plain_writer(path)
     try:
         state = rollups.read_state(conn)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import stat
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from proxy.core.record import CallRecord
 from proxy.ledger.db import LedgerDB
 from proxy.ledger.spool import Spool
 from proxy.ledger.writer import record_row
+from tests.support.ledger import connect
 
 
 def row(n: int) -> tuple[object, ...]:
@@ -61,21 +61,23 @@ def test_a_torn_last_line_is_skipped_and_logged(tmp_path: Path, caplog: pytest.L
     assert "line 3 is not a complete row" in caplog.text
 
 
-def test_replay_commits_each_spooled_row_exactly_once(tmp_path: Path) -> None:
+def test_replay_commits_each_spooled_row_exactly_once(tmp_path: Path, ledger_target: str) -> None:
     spool = Spool(tmp_path / "spool.jsonl")
     spool.append([row(1), row(2)])
     spool.append([row(3)])
-    db = LedgerDB(str(tmp_path / "ledger.db"), 5000)
+    db = LedgerDB(ledger_target, 5000)
     db.open()
     try:
         db.insert([row(2)])  # committed before the crash that left it in the spool too
         db.replay(spool.read())
         db.replay(spool.read())  # interrupted before the spool was cleared: replayed again at the next start
+        assert db.refuses_writes() is None
+        db.replay([])  # with no rows: a probe that the database takes writes
     finally:
         db.close()
-    conn = sqlite3.connect(tmp_path / "ledger.db")
+    conn = connect(ledger_target)
     try:
-        got = conn.execute("SELECT request_id, count(*) FROM calls GROUP BY request_id ORDER BY id").fetchall()
+        got = conn.execute("SELECT request_id, count(*) FROM calls GROUP BY request_id, id ORDER BY id").fetchall()
     finally:
         conn.close()
-    assert got == [("req-2", 1), ("req-1", 1), ("req-3", 1)]
+    assert [tuple(r) for r in got] == [("req-2", 1), ("req-1", 1), ("req-3", 1)]

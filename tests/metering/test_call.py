@@ -13,7 +13,7 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.control.gate import Refusal
-from proxy.core.attribution import key_id_of
+from proxy.core.credentials import key_id_of
 from proxy.counting.counter import CountPolicy
 from proxy.ledger.writer import Ledger
 from proxy.metering.call import MeteredCall

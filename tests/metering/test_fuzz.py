@@ -240,7 +240,7 @@ def test_counting_arbitrary_requests_and_outputs_never_raises(request: dict[str,
 
 @FUZZ
 @given(chunked(st.binary(max_size=300)), st.lists(st.integers(min_value=-5, max_value=400), max_size=20))
-def test_editor_without_edits_releases_exactly_what_was_fed(case: tuple[bytes, list[bytes]],
+def test_editor_without_edits_sends_exactly_what_was_fed(case: tuple[bytes, list[bytes]],
                                                             untils: list[int]) -> None:
     whole, chunks = case
     editor = StreamEditor()
@@ -251,7 +251,7 @@ def test_editor_without_edits_releases_exactly_what_was_fed(case: tuple[bytes, l
         fed += len(chunk)
         until = untils[i % len(untils)] if untils else fed
         out += editor.take(until, [])
-        assert editor.released == len(out) <= fed
+        assert editor.sent == len(out) <= fed
     out += editor.take(len(whole), [])
     assert bytes(out) == whole
 
@@ -263,7 +263,7 @@ _chunk_objects = st.dictionaries(st.sampled_from(["id", "object", "model", "choi
 @st.composite
 def injected_stream(draw: st.DrawFn) -> tuple[bytes, bytes, list[Edit], list[int]]:
     """What the client must get, what the upstream sent given include_usage, the meter's edits, and the
-    event boundaries (the only offsets the forwarder releases up to: `settled`, `hold_from`)."""
+    event boundaries (the only offsets the forwarder sends up to: `last_event_end`, `hold_from`)."""
     plain, sent, edits, ends = bytearray(), bytearray(), [], [0]
     for obj in draw(st.lists(_chunk_objects, max_size=6)):
         text = json.dumps(obj, separators=draw(st.sampled_from([(",", ":"), (", ", ": ")]))).encode()
@@ -294,8 +294,8 @@ def test_editor_takes_out_exactly_what_injection_added(
     out = bytearray()
     for a, b in pairwise(points):
         editor.feed(sent[a:b])
-        settled = data.draw(st.sampled_from([end for end in ends if end <= b]))
-        out += editor.take(settled, edits)
+        event_end = data.draw(st.sampled_from([end for end in ends if end <= b]))
+        out += editor.take(event_end, edits)
     out += editor.take(len(sent), edits)
     assert bytes(out) == plain
     assert edits == []  # every edit was applied, none left waiting

@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.core.record import CallRecord
-from proxy.metering.metrics import Metrics
+from proxy.metering.metrics import OTHER, Metrics
 
 
 def record(**fields: Any) -> CallRecord:
@@ -106,7 +106,7 @@ def test_each_app_has_its_own_registry() -> None:
 
 def test_ledger_queue_depth_and_commits() -> None:
     m = Metrics()
-    m.set_queue_depth(17)
+    m.queue_depth_from(lambda: 17)
     m.observe_commit(0.004, 32)
     m.observe_commit(0.5, 1000)
     assert value(m, "meterproxy_ledger_queue_depth") == 17
@@ -151,3 +151,20 @@ async def test_metrics_endpoint_serves_prometheus_text() -> None:
         assert open_metrics.headers["Content-Type"].startswith("application/openmetrics-text")
         assert (await open_metrics.text()).rstrip().endswith("# EOF")
     assert 'meterproxy_requests_total{endpoint="/v1/chat/completions",model="gpt-4o",status="200"} 1.0' in text
+
+
+# --- bounded cardinality (moved from tests/e2e/test_bounds.py) -----------------------------------
+def _call(model: str, status: int) -> CallRecord:
+    return CallRecord(request_id="r", started_at=0.0, method="POST", endpoint="/v1/chat/completions",
+                      model=model, status=status, latency_ms=5.0, priced=True)
+
+
+def test_junk_models_of_failed_calls_do_not_push_real_models_into_other() -> None:
+    metrics = Metrics(max_models=5)
+    for i in range(100):
+        metrics.observe_call(_call(f"junk-{i}", 404))
+    metrics.observe_call(_call("gpt-4o", 200))
+    metrics.observe_call(_call("gpt-4o", 429))  # a model already labelled keeps its label when a call fails
+    text = metrics.render().decode()
+    assert 'model="gpt-4o",status="200"' in text and 'model="gpt-4o",status="429"' in text
+    assert f'model="{OTHER}",status="404"}} 100.0' in text and "junk-" not in text

@@ -377,3 +377,25 @@ def test_many_events_in_one_chunk_is_linear() -> None:
     assert events[-1].data == "99999" and events[-1].end == len(stream)
     big = b"data: " + b"y" * 1_000_000 + b"\n\n"
     assert SSEDecoder().feed(big)[0].data == "y" * 1_000_000
+
+
+# --- no unbounded line (moved from tests/e2e/test_bounds.py) -------------------------------------
+def test_an_sse_line_longer_than_the_bound_stops_the_decoder_and_frees_it() -> None:
+    decoder = SSEDecoder(max_event=1000)
+    assert [e.data for e in decoder.feed(b"data: small\n\n")] == ["small"]
+    for _ in range(50):  # a line that never ends
+        assert decoder.feed(b"data: " + b"x" * 300) == []
+    assert decoder.error is not None and "1000 bytes" in decoder.error
+    assert len(decoder._buf) <= 1000  # what it holds stays bounded: the line was dropped, not kept
+    assert decoder.feed(b"\n\ndata: later\n\n") == [] and decoder.close() == []
+
+
+def test_many_data_lines_of_one_event_are_bounded_too() -> None:
+    decoder = SSEDecoder(max_event=1000)
+    for _ in range(20):
+        decoder.feed(b"data: " + b"y" * 100 + b"\n")
+    assert decoder.error is not None
+    unbounded = SSEDecoder()
+    for _ in range(20):
+        unbounded.feed(b"data: " + b"y" * 100 + b"\n")
+    assert unbounded.error is None and len(unbounded.feed(b"\n")) == 1

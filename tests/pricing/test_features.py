@@ -109,12 +109,6 @@ def test_old_cost_call_still_works(table: PriceTable) -> None:
     assert table.quote("nope", U(10), "flex") == Quote(Decimal(0), False)
 
 
-def test_peak_is_the_worst_case_over_every_price_set(table: PriceTable) -> None:
-    assert table.resolve("big").peak() == (Decimal(5), Decimal(30))  # type: ignore[union-attr]
-    assert table.resolve("voice").peak() == (Decimal(40), Decimal(80))  # type: ignore[union-attr]
-    assert table.resolve("tierlong").peak() == (Decimal(4), Decimal(2))  # type: ignore[union-attr]
-
-
 def test_describe_shows_effective_prices_as_decimal_strings(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
     path.write_text(TABLE_YAML + "  ft:\n    input: 0.10\n    match: ['ft:*']\ndefault: {input: 9}\n")

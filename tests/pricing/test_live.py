@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from proxy.admin.pricing import admin_routes
 from proxy.admin.routes import make_admin_app
 from proxy.core.record import Usage
-from proxy.pricing.live import LivePrices, admin_routes
+from proxy.pricing.live import LivePrices
 
 LIVE = web.AppKey("live_prices", LivePrices)
 TOKEN = "admin-secret"

@@ -274,7 +274,17 @@ BAD_TABLES = [
     ("models: {}\ndefault: {output: 3}\n", ["'default'", "missing required 'input'"]),
     ("models: {}\ndefault: {input: 1, match: ['*']}\n", ["'default'", "unknown key 'match'"]),
     ("models: {}\ndefault: {input: -2}\n", ["'default'", "'input' price -2 is negative"]),
+    # $0.01 a minute is 0.000166... a second: no call's cost could be exact.
+    ("models:\n  whisper-1: {input: 0, audio_minute: 0.01}\n", ["model 'whisper-1'", "'audio_minute'",
+                                                              "not an exact price per second"]),
 ]
+
+
+def test_audio_prices_that_divide_by_60_cost_exactly(tmp_path: Path) -> None:
+    table = PriceTable.load(write(tmp_path, "models:\n  whisper-1: {input: 0, audio_minute: 0.006}\n"))
+    for seconds, usd in (("1", "0.0001"), ("3.7", "0.00037"), ("0.001", "1E-7")):
+        cost, priced = table.cost("whisper-1", Usage(0, 0, 0, audio_seconds=Decimal(seconds)))
+        assert priced and cost == Decimal(usd)
 
 
 @pytest.mark.parametrize(("text", "words"), BAD_TABLES)
