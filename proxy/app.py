@@ -17,6 +17,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.admin.keys import add_key_routes, meter_usage
 from proxy.admin.pricing import admin_routes as pricing_routes
+from proxy.admin.replicas import Heartbeat, add_replica_routes
 from proxy.admin.routes import GuardedRoutes, Handler, admin_guard, make_admin_app
 from proxy.config import Settings, spool_path
 from proxy.control.gate import Gate, open_gate
@@ -43,6 +44,7 @@ GATE = web.AppKey("gate", Gate)
 LIVE = web.AppKey("live_prices", LivePrices)
 METRICS = web.AppKey("metrics", Metrics)
 CALL_LOGS = web.AppKey("call_logs", CallLogs)
+HEARTBEAT = web.AppKey("heartbeat", Heartbeat)
 
 
 class InFlight:
@@ -250,6 +252,19 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
 
     app.cleanup_ctx.extend([price_table, upstream_session, ledger_ctx, gate_ctx, price_watch, retention,
                             in_flight])
+
+    # Replicas: this process's heartbeat row in the ledger (GET /admin/replicas), deleted on a clean stop;
+    # last, so it opens once the ledger has migrated and its row goes first when the proxy stops.
+    async def heartbeat(app: web.Application) -> AsyncIterator[None]:
+        beat = Heartbeat(settings.db, settings.heartbeat_interval, lambda: app[LIVE].table.version)
+        await beat.start()
+        app[HEARTBEAT] = beat
+        try:
+            yield
+        finally:
+            await beat.stop()
+
+    app.cleanup_ctx.append(heartbeat)
     app.router.add_get("/healthz", _healthz)
     if settings.admin_port is None:  # else /metrics is served beside the admin API, on its own address
         app.router.add_get("/metrics", metrics_handler(settings, metrics))
@@ -274,6 +289,7 @@ def _admin(settings: Settings) -> web.Application:
     def extra(admin: GuardedRoutes) -> None:
         add_key_routes(admin, GATE)
         pricing_routes(admin, LIVE)
+        add_replica_routes(admin, settings.db)
 
     return make_admin_app(settings.db, settings.admin_token, extra)
 

@@ -216,6 +216,9 @@ SETTINGS: tuple[Setting, ...] = (
             "on SIGTERM: seconds in-flight calls get to finish (no new ones are accepted); those still running "
             "are then cut off and recorded (status 499, 'proxy shut down', tokens counted so far), the ledger is "
             "flushed and the process exits 0", _seconds),
+    Setting("heartbeat_interval", 5.0, "seconds between a running proxy's heartbeats in the ledger's replicas "
+            "table (GET /admin/replicas); a replica not seen for 3 intervals is shown as not alive",
+            lambda v: _required(_seconds(v))),
     Setting("max_request_bytes", 32 * 1024 * 1024, "largest request body accepted; larger gets 413", _size),
     Setting("max_meter_bytes", 64 * 1024 * 1024,
             "most bytes of a response's decoded copy the meter reads per call (decompression stops there); "
@@ -310,6 +313,7 @@ class Settings:
     header_timeout: float | None = _default("header_timeout")
     keepalive_timeout: float | None = _default("keepalive_timeout")
     shutdown_grace: float | None = _default("shutdown_grace")
+    heartbeat_interval: float = _default("heartbeat_interval")
     on_ledger_error: str = _default("on_ledger_error")
     spool: str | None = _default("spool")
     spool_reserve: int = _default("spool_reserve")

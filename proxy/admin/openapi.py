@@ -161,6 +161,18 @@ _SCHEMAS: dict[str, Any] = {
     }),  # fmt: skip
     "Health": _obj({"status": {"const": "ok"}, "backend": {"enum": ["sqlite", "postgres"]},
                     "db": {"type": "string", "description": "the ledger: a path, or a URL without its password"}}),
+    "Replica": _obj({
+        "id": _TEXT, "host": _TEXT, "pid": _INT, "version": _TEXT, "pricing_version": _nullable(_TEXT),
+        "started_at": _TIME, "last_seen": _TIME, "seen_seconds_ago": {"type": "number", "minimum": 0},
+        "interval_seconds": {"type": "number"},
+        "alive": {"type": "boolean", "description": "seen within 3 of its heartbeat intervals"},
+    }),  # fmt: skip
+    "ReplicaList": _obj({
+        "replicas": {"type": "array", "items": _ref("Replica")}, "alive": _INT,
+        "warnings": {"type": "array", "items": _TEXT,
+                     "description": "live replicas pricing with different pricing versions (or running "
+                                    "different meterproxy versions)"},
+    }),  # fmt: skip
 }
 
 _ERRORS = {
@@ -305,6 +317,9 @@ def _paths() -> dict[str, Any]:
              "400": _json(_ref("Error"), "the edit is refused; the old table stays in force"),
              "401": _json(_ref("Error"), _ERRORS[401])},
             tag="pricing", op_id="reloadPricing")},
+        "/admin/replicas": {"x-served-on": "admin", "get": _op(
+            "The running proxies on this ledger (their heartbeats), which are alive, and version mismatches",
+            _responses(200, "ReplicaList", "every replica's row", 503), tag="meta", op_id="replicas")},
         "/metrics": {"x-served-on": "admin", "get": _op(
             "Prometheus metrics (OpenMetrics when the scraper asks for it); without the token when "
             "metrics_public is set",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -23,14 +24,16 @@ from proxy import __version__
 from proxy.app import GATE, LIVE, METRICS, counting_policy, make_admin_site, make_app
 from proxy.cli.args import Parser, add_ledger_args, add_range_args, db_problem, ledger_path, time_range
 from proxy.cli.budgets import add_budgets_parser, run_budgets
+from proxy.cli.copy_ledger import add_copy_parser, run_copy
 from proxy.cli.export import add_export_parser, run_export
 from proxy.cli.keys import add_keys_parser, run_keys
 from proxy.cli.migrate import add_migrate_parser, run_migrate
 from proxy.cli.reprice import add_reprice_parser, run_reprice
-from proxy.cli.serving import ProxyRunner, raise_open_file_limit
+from proxy.cli.serving import ProxyRunner, raise_open_file_limit, run_workers, worker_spool
 from proxy.config import SETTINGS, ConfigError, Settings, load_settings, spool_path
 from proxy.counting import CountingError
 from proxy.ledger import rollups
+from proxy.ledger.target import parse_target
 from proxy.ledger.writer import LedgerError
 from proxy.metering import logs
 from proxy.pricing.table import PriceTable, PricingError
@@ -63,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="log one JSON line per call (the access_log setting)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                        help="least severe log lines shown, for every meterproxy.* logger (default: INFO)")
+    serve.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="N processes on one port (SO_REUSEPORT), each a replica; needs a PostgreSQL db "
+                       "(default: 1)")
+    serve.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by --workers: this worker's number
 
     report = sub.add_parser("report", help="usage and cost from the ledger, grouped as asked",
                             description="Usage and cost from the ledger.")
@@ -81,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     add_reprice_parser(sub)
     add_migrate_parser(sub)
     add_export_parser(sub)
+    add_copy_parser(sub)
 
     acc = sub.add_parser("accuracy", help="how far the proxy's token counts fall from the provider's, per model",
                          description="How far the proxy's token counts fall from the provider's, per model, "
@@ -99,10 +107,11 @@ def _fail(message: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # serve --workers runs each worker with it
     run: Callable[[argparse.Namespace], int] = {
         "serve": _serve, "accuracy": _accuracy, "keys": run_keys, "budgets": run_budgets, "export": run_export,
         "reprice": lambda a: run_reprice(a, after=rollups.after_reprice),  # rebuild the rollup hours it changed
-        "report": _report, "migrate": run_migrate,
+        "report": _report, "migrate": run_migrate, "copy-ledger": run_copy,
     }[args.command]
     try:
         status = run(args)
@@ -137,6 +146,10 @@ def _serve(args: argparse.Namespace) -> int:
         counting_policy(settings).load()
     except (ConfigError, PricingError, CountingError) as exc:
         return _fail(str(exc))
+    if args.workers != 1:
+        return _serve_workers(args, settings)
+    if args.worker is not None:  # one of --workers: a spool file of its own
+        settings = dataclasses.replace(settings, spool=worker_spool(spool_path(settings), args.worker))
     logs.setup(args.log_level, settings.access_log)
     if settings.upstream.rstrip("/").endswith("/v1"):
         log.warning("upstream %s ends in /v1: requests keep their own /v1/... path, so they will go to "
@@ -144,11 +157,26 @@ def _serve(args: argparse.Namespace) -> int:
     created = _files_not_there(settings)
     started: list[bool] = []
     try:
-        return asyncio.run(_run(settings, prices, started))
+        return asyncio.run(_run(settings, prices, started, reuse_port=args.worker is not None))
     except (LedgerError, OSError) as exc:
         if not started:
             _remove(created)  # a failed start leaves nothing behind it made (never a ledger that served)
         return _fail(str(exc))
+
+
+def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
+    """`serve --workers N`: N worker processes on one port, each its own replica of the same ledger."""
+    if not 1 <= args.workers <= 256:
+        return _fail(f"--workers {args.workers}: from 1 to 256 processes")
+    if not parse_target(settings.db).is_postgres:
+        return _fail(f"--workers {args.workers} needs a PostgreSQL ledger (--db postgresql://...): several "
+                     f"processes cannot share the SQLite ledger {settings.db}; run one process, or see "
+                     "docs/deploy.md")
+    if settings.port == 0 or settings.admin_port == 0:
+        return _fail(f"--workers {args.workers} needs a fixed port: with port 0 each worker would get a port "
+                     "of its own")
+    logs.setup(args.log_level, settings.access_log)
+    return run_workers(args.argv, args.workers)
 
 
 def _files_not_there(settings: Settings) -> list[str]:
@@ -168,7 +196,7 @@ def _remove(paths: list[str]) -> None:
             log.warning("could not remove %s, created by the failed start: %s", path, exc)
 
 
-async def _run(settings: Settings, prices: PriceTable, started: list[bool]) -> int:
+async def _run(settings: Settings, prices: PriceTable, started: list[bool], reuse_port: bool = False) -> int:
     """Serve until SIGINT/SIGTERM; `started` gets an entry once both ports listen."""
     files = raise_open_file_limit()
     # aiohttp reads a keep-alive timeout of 0 as "close after each response": null means no limit instead.
@@ -183,14 +211,15 @@ async def _run(settings: Settings, prices: PriceTable, started: list[bool]) -> i
         raise
     admin_runner = None
     try:
-        site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
+        site = web.TCPSite(runner, settings.host, settings.port, backlog=1024, reuse_port=reuse_port or None)
         await site.start()
         if settings.admin_port is not None:
             admin_runner = ProxyRunner(
                 make_admin_site(settings, runner.app[GATE], runner.app[LIVE], runner.app[METRICS]),
                 access_log=None, handle_signals=False, **bounds)
             await admin_runner.setup()
-            await web.TCPSite(admin_runner, settings.admin_host, settings.admin_port).start()
+            await web.TCPSite(admin_runner, settings.admin_host, settings.admin_port,
+                              reuse_port=reuse_port or None).start()
             log.info("admin API on http://%s:%s/admin", settings.admin_host, settings.admin_port)
         started.append(True)
         log.info("meterproxy listening on http://%s:%s -> %s (ledger %s, pricing %s, version %s)",

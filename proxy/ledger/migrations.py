@@ -267,6 +267,21 @@ MIGRATIONS: tuple[Migration, ...] = (
         ALTER TABLE api_keys ADD COLUMN project TEXT;
         """,
     ),
+    Migration(
+        "replicas: one row per running proxy, its heartbeat (replica_store.py)",
+        """
+        CREATE TABLE IF NOT EXISTS replicas (
+            id TEXT PRIMARY KEY,
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            version TEXT NOT NULL,
+            pricing_version TEXT,
+            started_at REAL NOT NULL,
+            seen_at REAL NOT NULL,
+            interval_s REAL NOT NULL
+        );
+        """,
+    ),
 )
 
 

@@ -282,6 +282,21 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX rate_events_at ON rate_events (at);
         """,
     ),
+    Migration(
+        "replicas: one row per running proxy, its heartbeat (replica_store.py); SQLite migration 8",
+        """
+        CREATE TABLE replicas (
+            id TEXT PRIMARY KEY,
+            host TEXT NOT NULL,
+            pid BIGINT NOT NULL,
+            version TEXT NOT NULL,
+            pricing_version TEXT,
+            started_at DOUBLE PRECISION NOT NULL,
+            seen_at DOUBLE PRECISION NOT NULL,
+            interval_s DOUBLE PRECISION NOT NULL
+        );
+        """,
+    ),
 )
 
 

@@ -1,0 +1,113 @@
+"""`serve --workers 2` against one worker, both on one PostgreSQL ledger: requests per second and latency.
+
+Starts the fake upstream (bench/upstream.py) and, for each worker count, a fresh PostgreSQL database and
+`meterproxy serve --workers N` on it (`sqlite`: one process on a SQLite file, for reference); drives non-streamed chat completions with wrk (installed: `which wrk`)
+for `--duration` seconds at `--concurrency`, after one unmeasured second; checks every answered call has its
+ledger row; prints one JSON line per run and a table. Only loopback; every process it starts it stops.
+
+    python -m bench.workers --pg postgresql://postgres@127.0.0.1:5432/postgres --duration 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sqlite3
+import sys
+import tempfile
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+
+from bench import payloads, procs, wrk
+
+
+def _database(server: str, name: str) -> str:
+    parts = urlsplit(server)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, ""))
+
+
+def _count(db: str) -> int:
+    if db.startswith("postgresql://"):
+        with psycopg.connect(db) as conn:
+            return int(conn.execute("SELECT count(*) FROM calls").fetchone()[0])
+    conn = sqlite3.connect(db)
+    try:
+        return int(conn.execute("SELECT count(*) FROM calls").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def run_one(workers: int, *, server: str, upstream: str, workdir: Path, duration: float,
+            concurrency: int, sqlite: bool = False) -> dict[str, object]:
+    """One run: `workers` processes on a fresh PostgreSQL database (or one process on a SQLite file)."""
+    name = f"meterproxy_bench_{os.getpid()}_{secrets.token_hex(3)}"
+    if sqlite:
+        db = str(workdir / f"{name}.db")
+    else:
+        with psycopg.connect(server, autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+        db = _database(server, name)
+    port = procs.free_port()
+    config = workdir / f"workers-{workers}.yaml"
+    config.write_text(json.dumps({"spool": str(workdir / f"spool-{workers}.jsonl"), "spool_reserve": 0}))
+    argv = [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port), "--db", db,
+            "--upstream", upstream, "--workers", str(workers), "--log-level", "WARNING"]
+    service = procs.start(f"workers-{workers}", argv, f"http://{procs.HOST}:{port}", logdir=workdir,
+                          env={**os.environ, "METERPROXY_ADMIN_TOKEN": "bench"})
+    try:
+        script = wrk.write_script(workdir / "chat.lua", payloads.chat_request(stream=False),
+                                  payloads.request_headers())
+        url = service.url + payloads.CHAT_PATH
+        wrk.run(url, script, concurrency=concurrency, duration=1)  # warm: pools, caches, every worker up
+        before = _count(db)
+        result = wrk.run(url, script, concurrency=concurrency, duration=duration)
+    finally:
+        code = service.stop(grace=60)
+    rows = _count(db) - before
+    if not sqlite:
+        with psycopg.connect(server, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return {"workers": "sqlite" if sqlite else workers, "exit": code, "rows_recorded": rows, **result}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pg", default=os.environ.get("METERPROXY_TEST_PG",
+                                                       "postgresql://postgres@127.0.0.1:5432/postgres"))
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--workers", default="1,2",
+                        help="comma list of worker counts on PostgreSQL, 'sqlite' for one process on a SQLite "
+                        "file (default: 1,2)")
+    args = parser.parse_args()
+    if wrk.available() is None:
+        sys.exit("bench.workers: wrk is not installed")
+    with tempfile.TemporaryDirectory(prefix="bench-workers-") as folder:
+        workdir = Path(folder)
+        port = procs.free_port()
+        upstream = procs.start("upstream", [sys.executable, "-m", "bench.upstream", "--port", str(port)],
+                               f"http://{procs.HOST}:{port}", logdir=workdir)
+        results = []
+        try:
+            for spec in args.workers.split(","):
+                result = run_one(1 if spec == "sqlite" else int(spec), server=args.pg, upstream=upstream.url,
+                                 workdir=workdir, duration=args.duration, concurrency=args.concurrency,
+                                 sqlite=spec == "sqlite")
+                print(json.dumps(result), flush=True)
+                results.append(result)
+        finally:
+            upstream.stop()
+    print(f"{'workers':>7}  {'req/s':>8}  {'p50 ms':>7}  {'p99 ms':>7}  {'errors':>6}  rows = answered")
+    for r in results:
+        lat = r["latency_ms"]
+        assert isinstance(lat, dict)
+        print(f"{r['workers']:>7}  {r['rps']:>8}  {lat['p50']:>7.2f}  {lat['p99']:>7.2f}  {r['error_total']:>6}  "
+              f"{r['rows_recorded']} >= {r['ok']}")
+
+
+if __name__ == "__main__":
+    main()
