@@ -21,7 +21,7 @@ from typing import Any
 from proxy.ledger import migrations, migrations_postgres, rollups
 from proxy.ledger.db import COLUMNS, lock_ledger
 from proxy.ledger.read import ReportDatabaseError, connect_readonly
-from proxy.ledger.sqlconn import Conn, connect_postgres, wrap_sqlite
+from proxy.ledger.sqlconn import Conn, connect_postgres
 from proxy.ledger.target import Target
 
 __all__ = ["MIN_SOURCE_VERSION", "Totals", "copy_calls", "copy_keys", "copy_reprice_runs", "open_source",
@@ -64,14 +64,13 @@ def _money(columns: Sequence[str], row: Sequence[Any]) -> tuple[Any, ...]:
 
 def open_source(path: str) -> Conn:
     """The SQLite ledger at `path`, read-only, in one read transaction (one snapshot for the whole copy)."""
-    raw = connect_readonly(path)
-    version = migrations.schema_version(raw)
+    conn = connect_readonly(path)
+    version = migrations.schema_version(conn.raw)
     if version < MIN_SOURCE_VERSION:
-        raw.close()
+        conn.close()
         raise ReportDatabaseError(
             f"{path} is at schema version {version}, older than copy-ledger reads ({MIN_SOURCE_VERSION}): "
             f"start this meterproxy on it once (meterproxy serve --db {path}) to migrate it, then copy")
-    conn = wrap_sqlite(raw, path)
     conn.begin(write=False)
     conn.execute("SELECT count(*) FROM calls").fetchone()  # the snapshot starts at the first read
     return conn

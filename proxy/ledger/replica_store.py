@@ -57,7 +57,7 @@ def open_conn(db: str, *, read_only: bool = False, busy_timeout: float = 5.0) ->
         return connect_postgres(target, application_name="meterproxy-replicas", read_only=read_only,
                                 connect_timeout=busy_timeout)
     if read_only:
-        return wrap_sqlite(connect_readonly(target.where), target.shown)
+        return connect_readonly(target)
     # mode=rw: never create the file (the ledger does that, with its mode and its migrations)
     uri = Path(target.where).resolve().as_uri() + "?mode=rw"
     raw = sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
