@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+from decimal import Decimal
 from typing import Callable, Iterator
 
 import openai
 import pytest
 
 from tests.support import FakeUpstream, ProxyServer
+from tests.support.ledger import is_postgres
+from tests.support.relay import require_control_store
 from tests.support.streams import KEY, KEY_ID, capture, chunk, sse
 
 WEATHER = "e2aad469b71d1d4894ff833ea147020a9d875eb7ce644a0ff355581690a4cbfd.sse"  # 14 / 30 / 44
@@ -32,7 +35,21 @@ def _close_clients() -> Iterator[None]:
         _clients.pop().close()
 
 
-def test_sync_chat(upstream: FakeUpstream, proxy: ProxyServer) -> None:
+@pytest.fixture
+def any_proxy(start_proxy: Callable[..., ProxyServer], ledger_target: str) -> ProxyServer:
+    """The proxy on each backend: its ledger a SQLite file, then a PostgreSQL schema."""
+    if is_postgres(ledger_target):
+        require_control_store(ledger_target)
+    return start_proxy(db=ledger_target)
+
+
+def money(value: object) -> str:
+    """A stored cost as the exact text SQLite keeps (PostgreSQL's NUMERIC comes back as a Decimal)."""
+    return format(value, "f") if isinstance(value, Decimal) else str(value)
+
+
+def test_sync_chat(upstream: FakeUpstream, any_proxy: ProxyServer) -> None:
+    proxy = any_proxy
     upstream.json({"id": "chatcmpl-9", "object": "chat.completion", "created": 1, "model": "gpt-4o-2024-08-06",
                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Sunny."},
                                 "finish_reason": "stop", "logprobs": None}],
@@ -41,12 +58,13 @@ def test_sync_chat(upstream: FakeUpstream, proxy: ProxyServer) -> None:
                                                 extra_headers={"X-Meter-User": "alice"})
     assert out.choices[0].message.content == "Sunny."
     assert out.usage is not None and out.usage.total_tokens == 16
-    row = proxy.rows()[-1]
-    assert (row["user"], row["key_id"], row["total_tokens"], row["cost_usd"]) == ("alice", KEY_ID, 16, "0.000055")
+    (row,) = proxy.rows()
+    assert (row["user"], row["key_id"], row["total_tokens"], money(row["cost_usd"])) == ("alice", KEY_ID, 16, "0.000055")
     assert json.loads(upstream.seen[-1].body)["messages"] == MESSAGES
 
 
-def test_sync_stream_real_capture(upstream: FakeUpstream, proxy: ProxyServer) -> None:
+def test_sync_stream_real_capture(upstream: FakeUpstream, any_proxy: ProxyServer) -> None:
+    proxy = any_proxy
     upstream.sse(capture(WEATHER), chunk_size=50)
     stream = client(proxy).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True,
                                                    stream_options={"include_usage": True})
@@ -59,9 +77,9 @@ def test_sync_stream_real_capture(upstream: FakeUpstream, proxy: ProxyServer) ->
     # The SDK ends its loop at [DONE]; the row was committed before that reached it.
     assert proxy.rows()[-1]["total_tokens"] == 44
     assert text and usage is not None and usage.total_tokens == 44
-    row = proxy.rows()[-1]
+    (row,) = proxy.rows()
     assert (row["prompt_tokens"], row["completion_tokens"], row["stream"]) == (14, 30, 1)
-    assert row["model"] == "gpt-4o-2024-08-06" and row["cost_usd"] == "0.000335"
+    assert row["model"] == "gpt-4o-2024-08-06" and money(row["cost_usd"]) == "0.000335"
 
 
 def test_async_chat_stream_and_embeddings(upstream: FakeUpstream, proxy: ProxyServer) -> None:

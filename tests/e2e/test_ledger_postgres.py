@@ -1,0 +1,83 @@
+"""The proxy on a PostgreSQL ledger, end to end: the openai SDK through the proxy, PostgreSQL behind a TCP
+relay that the test cuts and restores (the shared server cannot be stopped)."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from decimal import Decimal
+from typing import Any, Callable, Iterator
+
+import openai
+import pytest
+
+from tests.support import FakeUpstream, ProxyServer, ledger_rows
+from tests.support.ledger import assert_exact
+from tests.support.relay import Relay, require_control_store
+from tests.support.streams import KEY
+
+REPLY = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o-2024-08-06",
+         "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi."}, "finish_reason": "stop",
+                      "logprobs": None}],
+         "usage": {"prompt_tokens": 14, "completion_tokens": 2, "total_tokens": 16}}
+
+
+def health(proxy: ProxyServer) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"{proxy.url}/healthz", timeout=5) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
+def with_password(url: str, password: str) -> str:
+    """`url` with a password in it (the server trusts loopback: it is never asked for, only carried)."""
+    scheme, rest = url.split("://", 1)
+    user, host = rest.split("@", 1)
+    return f"{scheme}://{user}:{password}@{host}"
+
+
+@pytest.fixture
+def relay(pg_url: str) -> Iterator[Relay]:
+    relay = Relay.to(pg_url)
+    yield relay
+    relay.close()
+
+
+def test_calls_while_postgres_is_cut_off_complete_from_the_spool_and_land_once(
+        upstream: FakeUpstream, start_proxy: Callable[..., ProxyServer], pg_url: str, relay: Relay) -> None:
+    require_control_store(pg_url)
+    upstream.json(REPLY)
+    db = with_password(relay.url(pg_url), "topsecret-pw")
+    proxy = start_proxy(db=db, ledger_busy_timeout=1.0)
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key=KEY, max_retries=0)
+    try:
+        status, body = health(proxy)
+        assert (status, body["status"], body["backend"]) == (200, "ok", "postgres")
+        assert "topsecret" not in json.dumps(body) and ":***@" in body["db"]
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "a"}],
+                                       extra_headers={"X-Meter-User": "before"})
+        relay.cut()
+        for n in range(4):  # each completes: its row is fsynced to the spool first
+            out = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "b"}],
+                                                 extra_headers={"X-Meter-User": f"during-{n}"})
+            assert out.choices[0].message.content == "Hi."
+        status, body = health(proxy)
+        assert (status, body["status"], body["ledger"], body["spool_depth"]) == (200, "degraded", "spooling", 4)
+        assert "topsecret" not in json.dumps(body)
+        assert [r["user"] for r in ledger_rows(pg_url)] == ["before"]
+        relay.restore()
+        deadline = time.monotonic() + 30
+        while health(proxy)[1]["status"] != "ok":
+            assert time.monotonic() < deadline, health(proxy)
+            time.sleep(0.1)
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "c"}],
+                                       extra_headers={"X-Meter-User": "after"})
+    finally:
+        client.close()
+    rows = ledger_rows(pg_url)
+    assert [r["user"] for r in rows] == ["before", *(f"during-{n}" for n in range(4)), "after"]
+    assert len({r["request_id"] for r in rows}) == 6
+    assert all(r["cost_usd"] == Decimal("0.000055") for r in rows)
+    assert_exact(pg_url)
