@@ -14,7 +14,7 @@ import pytest
 
 from tests.support import FakeUpstream, ProxyServer, ledger_rows
 from tests.support.ledger import assert_exact
-from tests.support.relay import Relay, require_control_store
+from tests.support.relay import Relay
 from tests.support.streams import KEY
 
 REPLY = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o-2024-08-06",
@@ -47,7 +47,6 @@ def relay(pg_url: str) -> Iterator[Relay]:
 
 def test_calls_while_postgres_is_cut_off_complete_from_the_spool_and_land_once(
         upstream: FakeUpstream, start_proxy: Callable[..., ProxyServer], pg_url: str, relay: Relay) -> None:
-    require_control_store(pg_url)
     upstream.json(REPLY)
     db = with_password(relay.url(pg_url), "topsecret-pw")
     proxy = start_proxy(db=db, ledger_busy_timeout=1.0)

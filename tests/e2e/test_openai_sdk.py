@@ -11,8 +11,6 @@ import openai
 import pytest
 
 from tests.support import FakeUpstream, ProxyServer
-from tests.support.ledger import is_postgres
-from tests.support.relay import require_control_store
 from tests.support.streams import KEY, KEY_ID, capture, chunk, sse
 
 WEATHER = "e2aad469b71d1d4894ff833ea147020a9d875eb7ce644a0ff355581690a4cbfd.sse"  # 14 / 30 / 44
@@ -38,8 +36,6 @@ def _close_clients() -> Iterator[None]:
 @pytest.fixture
 def any_proxy(start_proxy: Callable[..., ProxyServer], ledger_target: str) -> ProxyServer:
     """The proxy on each backend: its ledger a SQLite file, then a PostgreSQL schema."""
-    if is_postgres(ledger_target):
-        require_control_store(ledger_target)
     return start_proxy(db=ledger_target)
 
 

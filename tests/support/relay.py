@@ -8,12 +8,9 @@ pointed at the relay.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import threading
 from urllib.parse import urlsplit, urlunsplit
-
-import pytest
 
 
 class Relay:
@@ -107,20 +104,3 @@ def _kill(sock: socket.socket) -> None:
         sock.close()
     except OSError:
         pass
-
-
-def require_control_store(url: str) -> None:
-    """Skip unless the control store (proxy/control/db.py, another helper's part of the storage seam) opens
-    on the PostgreSQL `url`: a whole proxy on PostgreSQL needs it. Temporary: once the control store on
-    PostgreSQL is merged, this always passes and may go."""
-    from proxy.control.db import ControlDB
-
-    async def probe() -> None:
-        db = ControlDB(url)
-        await db.open()
-        await db.close()
-
-    try:
-        asyncio.run(probe())
-    except Exception as exc:  # the SQLite-only control store: "unable to open database file"
-        pytest.skip(f"the control store does not open on PostgreSQL yet ({exc})")
