@@ -39,6 +39,12 @@ def make_traffic(proxy: ProxyServer, upstream: FakeUpstream) -> None:
                                     "X-Meter-Project": "p1"}, body=json.dumps({"model": model}).encode())
 
 
+@pytest.fixture
+def any_proxy(start_proxy: Callable[..., ProxyServer], ledger_target: str) -> ProxyServer:
+    """A proxy on each backend: a SQLite ledger, then a PostgreSQL one."""
+    return start_proxy(db=ledger_target)
+
+
 @pytest.mark.parametrize("token", [None, "wrong", ADMIN_TOKEN + "x", ""])
 def test_admin_rejects_without_the_token(proxy: ProxyServer, token: str | None) -> None:
     status, body = admin(proxy, "/admin/usage", token)
@@ -51,7 +57,8 @@ def test_admin_disabled_without_env_names_the_variable(start_proxy: Callable[...
     assert status == 401 and "METERPROXY_ADMIN_TOKEN" in body["error"]["message"]
 
 
-def test_usage_by_key_and_model(proxy: ProxyServer, upstream: FakeUpstream) -> None:
+def test_usage_by_key_and_model(any_proxy: ProxyServer, upstream: FakeUpstream) -> None:
+    proxy = any_proxy
     make_traffic(proxy, upstream)
     status, report = admin(proxy, "/admin/usage?group_by=key,model")
     assert status == 200
@@ -66,7 +73,8 @@ def test_usage_by_key_and_model(proxy: ProxyServer, upstream: FakeUpstream) -> N
     assert report["totals"]["calls"] == 4 and report["totals"]["errors"] == 1
 
 
-def test_usage_by_user_and_tag_with_filters(proxy: ProxyServer, upstream: FakeUpstream) -> None:
+def test_usage_by_user_and_tag_with_filters(any_proxy: ProxyServer, upstream: FakeUpstream) -> None:
+    proxy = any_proxy
     make_traffic(proxy, upstream)
     _, by_user = admin(proxy, "/admin/usage?group_by=user")
     assert {r["user"]: r["total_tokens"] for r in by_user["rows"]} == {"alice": 6300, "bob": 330}
@@ -78,7 +86,8 @@ def test_usage_by_user_and_tag_with_filters(proxy: ProxyServer, upstream: FakeUp
     assert future["totals"]["calls"] == 0 and future["rows"] == []
 
 
-def test_usage_csv(proxy: ProxyServer, upstream: FakeUpstream) -> None:
+def test_usage_csv(any_proxy: ProxyServer, upstream: FakeUpstream) -> None:
+    proxy = any_proxy
     make_traffic(proxy, upstream)
     status, text = admin(proxy, "/admin/usage?group_by=user&format=csv")
     assert status == 200
@@ -94,7 +103,8 @@ def test_bad_report_parameters_are_400(proxy: ProxyServer, query: str, param: st
     assert status == 400 and body["error"]["param"] == param and body["error"]["message"]
 
 
-def test_calls_listing_pages_newest_first(proxy: ProxyServer, upstream: FakeUpstream) -> None:
+def test_calls_listing_pages_newest_first(any_proxy: ProxyServer, upstream: FakeUpstream) -> None:
+    proxy = any_proxy
     make_traffic(proxy, upstream)
     make_traffic(proxy, upstream)
     key_a = kid("sk-team-a-0000aaaa")
