@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -278,3 +279,49 @@ async def test_an_unreachable_shared_store_refuses_limited_calls_with_503(ledger
         await shared.close()
         await db.close()
 
+
+async def test_on_postgres_the_gate_shares_budgets_and_rates_settled_by_the_ledger(pg_url: str) -> None:
+    # open_gate opens the control store on the URL: ledger/control_store.py (i-control); a no-op once merged.
+    pytest.importorskip("proxy.ledger.control_store", reason="needs the control store on PostgreSQL (i-control)")
+    from proxy.control.shared import SharedLimits
+    from proxy.ledger import budget_store
+
+    ledger = Ledger(pg_url)
+    ledger.db.after_insert.append(budget_store.settle_rows)  # as app.py does on PostgreSQL
+    await ledger.open()
+    gates: list[Gate] = []
+    try:
+        worst = (await _pg_gate(pg_url, gates, {})).estimate(CHAT, chat(max_tokens=100), "gpt-4o")[1]
+        limits = {Subject("team", "ml"): Limits(worst * 3, "day", rpm=4)}
+        one, two = await _pg_gate(pg_url, gates, limits), await _pg_gate(pg_url, gates, limits)
+        assert isinstance(one.shared, SharedLimits) and one.shared is not two.shared
+
+        def record(n: int) -> CallRecord:
+            return CallRecord(request_id=f"g{n}", started_at=time.time(), method="POST", endpoint=CHAT,
+                              ended_at=time.time(), status=200, tags={"team": "ml"}, priced=True)
+
+        async def ask(gate: Gate, n: int) -> Admission | Refusal:
+            return await gate.admit(headers("sk-a"), chat(max_tokens=100), CHAT, record=record(n))
+
+        first = [await ask(g, n) for n, g in enumerate((one, two, one))]
+        assert all(isinstance(a, Admission) for a in first)
+        assert first[2].headers["x-ratelimit-remaining-requests"] == "1"
+        refused = refusal(await ask(two, 3), 429, "budget_exceeded")  # 3 worst cases held, across both gates
+        assert refused.type == "insufficient_quota" and "team 'ml'" in refused.message
+        await ledger.record(record(0))  # its row costs nothing: the hold goes with the row
+        first[0].settle(Decimal(0), 10)
+        assert isinstance(await ask(two, 4), Admission)  # the refusal took no rpm slot: this is the 4th
+        refused = refusal(await ask(one, 5), 429, "rate_limit_exceeded")
+        assert refused.type == "requests" and int(refused.headers["Retry-After"]) >= 59
+        states = await one.budgets.states([(Subject("team", "ml"), "day", worst * 3)], time.time())
+        assert (states[0].spent, states[0].reserved) == (Decimal(0), worst * 3)
+    finally:
+        for gate in gates:
+            await gate.close()
+        await ledger.close()
+
+
+async def _pg_gate(pg_url: str, gates: list[Gate], limits: dict[Subject, Limits]) -> Gate:
+    gate = await open_gate(db_path=pg_url, managed=False, prices=PRICES, counting=CountPolicy(), limits=limits)
+    gates.append(gate)
+    return gate
