@@ -282,7 +282,6 @@ async def test_an_unreachable_shared_store_refuses_limited_calls_with_503(ledger
 
 async def test_on_postgres_the_gate_shares_budgets_and_rates_settled_by_the_ledger(pg_url: str) -> None:
     # open_gate opens the control store on the URL: ledger/control_store.py (i-control); a no-op once merged.
-    pytest.importorskip("proxy.ledger.control_store", reason="needs the control store on PostgreSQL (i-control)")
     from proxy.control.shared import SharedLimits
     from proxy.ledger import budget_store
 

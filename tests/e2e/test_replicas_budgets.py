@@ -24,7 +24,6 @@ from tests.support.cli import ROOT, free_port
 
 # The replicas open the control store on the PostgreSQL URL: it arrives with ledger/control_store.py (branch
 # i-control). Verified passing on a merge of it; a no-op once it is on main.
-pytest.importorskip("proxy.ledger.control_store", reason="needs the control store on PostgreSQL (i-control)")
 
 USAGE = {"prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25}
 # USD per 1M tokens: a call asking for up to 100,000 output tokens may cost 0.10 (plus its short prompt);
