@@ -21,17 +21,17 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from decimal import Context, Decimal
+from decimal import Decimal
 from typing import Iterable, Protocol, Sequence
 
 from proxy.control.limits import Limits, Subject, period_of
+from proxy.core.money import EXACT
 from proxy.ledger.budget_store import spend_since as ledger_spend
 from proxy.ledger.read import open_read
 from proxy.ledger.sqlconn import Conn
 
 __all__ = ["BudgetRefusal", "BudgetState", "Budgets", "Reservation", "spend_since"]
 
-_MONEY = Context(prec=60)  # sums of ledger costs need far fewer digits; no rounding in practice
 _ZERO = Decimal(0)
 
 
@@ -178,13 +178,13 @@ class Budgets:
         """Hold `worst_usd` against every budget, or refuse without holding anything. Never awaits."""
         for hold in holds:
             t = hold.tracker
-            if t.spent >= hold.budget or _MONEY.add(_MONEY.add(t.spent, t.reserved), worst_usd) > hold.budget:
+            if t.spent >= hold.budget or EXACT.add(EXACT.add(t.spent, t.reserved), worst_usd) > hold.budget:
                 if self.alerts is not None:
                     self.alerts.observe(hold.subject, hold.period, t.label, t.spent, hold.budget, refused=True)
                 return BudgetRefusal(hold.subject, hold.period, t.label, hold.budget, t.spent, t.reserved,
                                      worst_usd)
         for hold in holds:
-            hold.tracker.reserved = _MONEY.add(hold.tracker.reserved, worst_usd)
+            hold.tracker.reserved = EXACT.add(hold.tracker.reserved, worst_usd)
         return Reservation(holds, worst_usd)
 
     async def reserve(self, charges: Iterable[tuple[Subject, Limits]], worst_usd: Decimal,
@@ -198,8 +198,8 @@ class Budgets:
         reservation._open = False
         for hold in reservation.holds:
             t = hold.tracker
-            t.reserved = _MONEY.subtract(t.reserved, reservation.worst_usd)
-            t.spent = _MONEY.add(t.spent, cost_usd)
+            t.reserved = EXACT.subtract(t.reserved, reservation.worst_usd)
+            t.spent = EXACT.add(t.spent, cost_usd)
             if self.alerts is not None and cost_usd:
                 self.alerts.observe(hold.subject, hold.period, t.label, t.spent, hold.budget)
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from decimal import Context, Decimal, Inexact
+from decimal import Decimal
 from typing import Any
 
+from proxy.core.money import EXACT
 from proxy.ledger.sqlconn import Conn
 
 __all__ = [
@@ -24,7 +25,6 @@ __all__ = [
     "pico", "pico_text", "register_functions", "summed_values",
 ]  # fmt: skip
 
-EXACT = Context(prec=200, traps=[Inexact])
 PICO_DIGITS = 12
 PICO_LIMIT = 2**62  # well inside int64, so SQLite's integer sums of a few rows cannot overflow silently
 

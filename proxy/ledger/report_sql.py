@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from decimal import Context, Decimal, Inexact
+from decimal import Decimal
 from typing import Any, cast
 
 from proxy.core.attribution import TEAM_TAG
 from proxy.core.errors import MeterproxyError
+from proxy.core.money import EXACT
 from proxy.ledger import rollups
 from proxy.ledger.sqlconn import Conn
 
@@ -61,7 +62,6 @@ _SLOW_COST = "NULL AS pico, NULL AS exp, decimal_sum(r.cost_usd) AS slow"  # whe
 _ROLLUP_INTS_AS = ", ".join(f"COALESCE(SUM(r.{c}), 0) AS {c}" for c in rollups.INT_COUNTERS)
 _OUTER_INTS = ", ".join(f"SUM({c})" for c in rollups.INT_COUNTERS)
 _OUTER_COST = "SUM(pico), MIN(exp), decimal_sum(slow)"
-_EXACT = Context(prec=200, traps=[Inexact])
 _WIDTH = len(rollups.INT_COUNTERS)
 
 Found = tuple[tuple[Any, ...], tuple[int, ...], Decimal]
@@ -137,7 +137,7 @@ def run(conn: Conn, *, source: str, lo: float | None, hi: float | None, offset: 
         units, exponent, slow = row[width + _WIDTH:]
         cost = rollups.from_pico(int(units), int(exponent)) if units is not None else Decimal(0)
         if slow is not None:
-            cost = _EXACT.add(cost, Decimal(slow))
+            cost = EXACT.add(cost, Decimal(slow))
         yield tuple(row[:width]), tuple(int(v) for v in row[width:width + _WIDTH]), cost
 
 
@@ -244,7 +244,7 @@ def _merged(found: Iterator[Found]) -> list[Found]:
         if known is None:
             sums[values] = (list(ints), cost)
         else:
-            sums[values] = ([a + b for a, b in zip(known[0], ints)], _EXACT.add(known[1], cost))
+            sums[values] = ([a + b for a, b in zip(known[0], ints)], EXACT.add(known[1], cost))
     return [(values, tuple(ints), cost) for values, (ints, cost) in sums.items()]
 
 

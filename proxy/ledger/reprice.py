@@ -23,10 +23,11 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, Inexact, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 from proxy.core.errors import MeterproxyError
+from proxy.core.money import EXACT
 from proxy.core.record import Usage
 from proxy.core.times import iso
 from proxy.ledger import migrations_postgres
@@ -38,7 +39,6 @@ from proxy.pricing.table import PriceTable
 
 __all__ = ["AfterReprice", "ModelChange", "RepriceError", "RepriceReport", "render_report", "reprice", "reprice_file"]
 
-_EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN, traps=[Inexact, InvalidOperation])
 _ZERO = Decimal(0)
 _TRANSCRIPTIONS = "/v1/audio/transcriptions"
 _PAGE = 5000  # rows read per query: memory stays flat over a ledger of any size
@@ -230,7 +230,7 @@ def _reprice_row(row: tuple[Any, ...], table: PriceTable,
     change = report.by_model.get(model)
     if change is None:
         change = report.by_model[model] = ModelChange(model)
-    add = _EXACT.add
+    add = EXACT.add
     change.calls += 1
     change.old_cost, change.new_cost = add(change.old_cost, old), add(change.new_cost, cost)
     change.newly_priced += int(priced and not old_priced)

@@ -20,13 +20,13 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from datetime import UTC, datetime
-from decimal import Context, Decimal, Inexact
+from decimal import Decimal
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from proxy.core.errors import ParameterError
-from proxy.core.times import MAX_TIME, MAX_TIME_TEXT
+from proxy.core.money import EXACT
+from proxy.core.times import iso, parse_time, parse_tz
 from proxy.ledger import calls_read, report_sql, rollups
 from proxy.ledger.read import (  # re-exported: reports' callers use them
     ReportDatabaseError,
@@ -59,39 +59,6 @@ COUNTERS: tuple[str, ...] = (
 MAX_LIMIT = 1000
 USAGE_SOURCES = ("upstream", "counted", "none")  # where a row's token figures came from
 
-# Enough digits for any sum of ledger costs; Inexact is trapped so a sum is exact or an error.
-_EXACT = Context(prec=200, traps=[Inexact])
-
-
-def parse_time(value: str, param: str, tz: str | None = None) -> float:
-    """Unix seconds from ISO 8601 (a date, or a datetime; naive means in `tz`, default UTC) or from unix
-    seconds."""
-    if not isinstance(value, str) or not value.strip():
-        raise ReportError(f"{param}: a time is required (ISO 8601 or unix seconds)", param)
-    if len(value) > MAX_TIME_TEXT:
-        raise ReportError(f"{param}: at most {MAX_TIME_TEXT} characters (ISO 8601 or unix seconds)", param)
-    text = value.strip()
-    zone = parse_tz(tz) or UTC  # outside the try: a bad zone is its own error
-    try:
-        if re.fullmatch(r"\d+(\.\d+)?", text):
-            seconds = float(text)  # all digits: unix seconds, even where ISO "basic" would fit
-        else:
-            moment = datetime.fromisoformat(text)
-            if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=zone)
-            seconds = moment.timestamp()
-    except (ValueError, OverflowError):
-        seconds = math.nan
-    if not math.isfinite(seconds):
-        raise ReportError(
-            f"{param}: {value[:64]!r} is not a time; use ISO 8601 (2026-11-23, "
-            "2026-11-23T14:00:00Z) or unix seconds",
-            param,
-        )
-    if not 0 <= seconds <= MAX_TIME:  # beyond, a time cannot be rendered (nor bucketed in a zone)
-        raise ReportError(f"{param}: must be between 1970-01-01 and 9999-12-30 (unix seconds 0 to {MAX_TIME})",
-                          param)
-    return seconds
 
 
 def usage_report(
@@ -133,7 +100,7 @@ def usage_report(
                     sums[found[0]] = [list(found[1]), found[2]]
                 else:
                     known[0] = [a + b for a, b in zip(known[0], found[1])]
-                    known[1] = _EXACT.add(known[1], found[2])
+                    known[1] = EXACT.add(known[1], found[2])
     rows, costs = [], []
     for values, (ints, cost) in sums.items():
         if not ints[0]:
@@ -149,8 +116,8 @@ def usage_report(
         range(len(rows)), key=lambda i: (costs[i].copy_negate(), *_sort_keys(rows[i], groups))
     )
     report: dict[str, Any] = {
-        "since": None if since is None else iso_time(since),
-        "until": None if until is None else iso_time(until),
+        "since": None if since is None else iso(since),
+        "until": None if until is None else iso(until),
         "group_by": [name for name, _ in groups],
         "tz": "UTC" if zone is None else zone.key,
         "rows": [rows[i] for i in order],
@@ -158,7 +125,7 @@ def usage_report(
     }
     pruned = state.pruned_before
     if pruned is not None and (since is None or since < pruned):
-        report["pruned_before"] = iso_time(pruned)  # raw calls before it are gone; see report_plan.py
+        report["pruned_before"] = iso(pruned)  # raw calls before it are gone; see report_plan.py
     return report
 
 
@@ -174,16 +141,6 @@ def plan_segments(conn: Conn, names: list[str], since: float | None, until: floa
                                     extent[1] if until is None else until)
     return report_plan.plan(names=names, since=since, until=until, zone=zone, state=state, extent=extent,
                             dirty=dirty)
-
-
-def parse_tz(name: str | None) -> ZoneInfo | None:
-    """The IANA zone `name`; None (meaning UTC, labels ending in Z) for no name or "UTC"."""
-    if name is None or name.strip().upper() in ("", "UTC", "Z"):
-        return None
-    try:
-        return ZoneInfo(name.strip())
-    except (ValueError, ZoneInfoNotFoundError, OSError):
-        raise ReportError(f"tz: unknown time zone {name!r}; use an IANA name such as Europe/Berlin", "tz") from None
 
 
 def _parse_group_by(group_by: Sequence[str]) -> list[tuple[str, str]]:
@@ -234,14 +191,9 @@ def _totals(rows: list[dict[str, Any]], costs: list[Decimal]) -> dict[str, Any]:
     totals: dict[str, Any] = {name: sum(r[name] for r in rows) for name in COUNTERS if name != "cost_usd"}
     cost = Decimal(0)
     for c in costs:
-        cost = _EXACT.add(cost, c)
+        cost = EXACT.add(cost, c)
     totals["cost_usd"] = format(cost, "f")
     return totals
-
-
-def iso_time(ts: float) -> str:
-    moment = datetime.fromtimestamp(ts, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def list_calls(
@@ -289,7 +241,7 @@ def get_call(conn: Conn, request_id: str) -> dict[str, Any] | None:
     call = calls_read.call_by_request_id(conn, request_id)
     if call is None:
         return None
-    call["ts"] = iso_time(call["started_at"])
+    call["ts"] = iso(call["started_at"])
     try:
         call["tags"] = json.loads(call["tags"]) if call.get("tags") else {}
     except ValueError:
@@ -310,7 +262,7 @@ def _check_limit(limit: Any) -> int:
 
 def _call(row: tuple[Any, ...]) -> dict[str, Any]:
     call = dict(zip(calls_read.CALL_FIELDS, row[1:]))
-    call["ts"] = iso_time(call["ts"])
+    call["ts"] = iso(call["ts"])
     try:
         call["tags"] = json.loads(call["tags"])
     except ValueError:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from proxy.core.times import iso
 from proxy.ledger import retention, rollups
 from proxy.ledger.migrations import MIGRATIONS, _apply
 from proxy.ledger.rollup_build import in_transaction
@@ -67,7 +68,7 @@ async def test_prune_deletes_whole_hours_in_batches_and_reports_still_answer(tmp
         conn.close()
     for (group_by, tz), was in before.items():
         now = report(path, group_by=list(group_by), tz=tz)
-        assert now.pop("pruned_before") == reports.iso_time(HOUR_CUT)
+        assert now.pop("pruned_before") == iso(HOUR_CUT)
         assert now == was, (group_by, tz)
     # A zone whose day boundaries cut UTC hours: the pruned period's cut hours count, whole, in the local
     # day they start in. Totals stay exact; a day's figure may shift by that hour.
@@ -99,7 +100,7 @@ async def test_pruned_period_answers_from_rollups_for_whole_hours(tmp_path: Path
     retention.prune(conn, CUTOFF)
     conn.close()
     now = report(path, group_by=["key", "day"], **span)
-    assert now.pop("pruned_before") == reports.iso_time(HOUR_CUT)
+    assert now.pop("pruned_before") == iso(HOUR_CUT)
     assert now == was
 
 

@@ -13,10 +13,11 @@ import random
 import sqlite3
 import time
 from calendar import timegm
-from decimal import Context, Decimal, Inexact
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from proxy.core.money import EXACT
 from proxy.core.record import CallRecord
 from proxy.ledger import migrations_postgres, rollups
 from proxy.ledger.migrations import migrate
@@ -53,7 +54,6 @@ SPAN = 40 * 86400
 DAY = 86400
 
 
-EXACT = Context(prec=200, traps=[Inexact])  # the default 28 digits would round these sums
 
 
 def random_call(rng: random.Random, n: int, start: float = T0, span: float = SPAN) -> CallRecord:
