@@ -1,11 +1,10 @@
-"""The key and budget admin routes and the key holder's own view, over real HTTP on loopback."""
+"""The key and budget admin routes and the key holder's own view, over real HTTP on loopback, on both backends."""
 
 from __future__ import annotations
 
 import time
 import uuid
 from decimal import Decimal
-from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import pytest
@@ -21,14 +20,16 @@ from proxy.core.record import CallRecord
 from proxy.counting.counter import CountPolicy
 from proxy.ledger.writer import Ledger
 from proxy.pricing.table import PriceTable
+from tests.support.control import needs_pg_reads
 
 GATE = web.AppKey("gate", Gate)
 PRICES = PriceTable.from_mapping({"models": {"gpt-4o": {"input": "2.50", "output": "10.00"}}})
 
 
 @pytest.fixture
-async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
-    led = Ledger(tmp_path / "ledger.db")
+async def ledger(ledger_target: str) -> AsyncIterator[Ledger]:
+    needs_pg_reads(ledger_target)
+    led = Ledger(ledger_target)  # a SQLite file, then a PostgreSQL schema
     await led.open()
     yield led
     await led.close()
@@ -47,7 +48,7 @@ def client_for(ledger: Ledger, aiohttp_client: Callable[..., Any]) -> Callable[.
         app = web.Application()
 
         async def gate_ctx(app: web.Application) -> AsyncIterator[None]:
-            app[GATE] = await open_gate(db_path=ledger.path, managed=managed, prices=PRICES,
+            app[GATE] = await open_gate(db_path=ledger.target.where, managed=managed, prices=PRICES,
                                         counting=CountPolicy(), upstream_key="sk-upstream" if managed else None,
                                         limits={Subject("team", "ml"): Limits(Decimal(100), "month")})
             yield

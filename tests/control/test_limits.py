@@ -6,6 +6,7 @@ Real SQLite ledger rows written through `Ledger`; the trackers read them back th
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import sqlite3
 import uuid
@@ -30,7 +31,8 @@ from proxy.core.record import CallRecord
 from proxy.ledger.migrations import migrate
 from proxy.ledger.rollups import TEAM_SQL
 from proxy.ledger.writer import Ledger
-from tests.support.control import other_process
+from tests.support.cli import cli
+from tests.support.control import needs_pg_reads, other_process
 
 
 def ts(text: str) -> float:
@@ -206,3 +208,28 @@ async def test_limit_store_table_wins_over_config_and_reloads_on_change(ledger_t
         assert await store.delete(alice) is False
     finally:
         await db.close()
+
+
+def test_budgets_cli_set_list_delete_on_either_backend(ledger_target: str, capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    needs_pg_reads(ledger_target)  # a team's spend on PostgreSQL
+    db = ledger_target
+    assert cli("budgets", "set", "team", "search", "--budget-usd", "500.25", "--budget-period", "day",
+               "--rpm", "60", "--db", db, "--format", "json") == 0
+    made = json.loads(capsys.readouterr().out)
+    assert (made["budget_usd"], made["period"], made["rpm"], made["spent_usd"]) == ("500.25", "day", 60, "0")
+    assert cli("budgets", "set", "user", "alice", "--budget-usd", "0.000000000001", "--db", db) == 0
+    capsys.readouterr()
+    assert cli("budgets", "list", "--db", db, "--format", "json") == 0
+    listed = {(b["kind"], b["name"]): b for b in json.loads(capsys.readouterr().out)}
+    assert listed[("user", "alice")]["budget_usd"] == "0.000000000001" and listed[("user", "alice")]["period"] == "month"
+    assert listed[("team", "search")]["left_usd"] == "500.25"
+    assert cli("budgets", "delete", "team", "search", "--db", db) == 0
+    capsys.readouterr()
+    assert cli("budgets", "delete", "team", "search", "--db", db) == 2
+    err = capsys.readouterr().err
+    assert "no limits" in err and err.count("\n") == 1
+    assert cli("keys", "create", "--db", db, "--user", "carol", "--format", "json") == 0
+    key_id = json.loads(capsys.readouterr().out)["key_id"]
+    assert cli("budgets", "set", "key", key_id, "--rpm", "5", "--db", db) == 2
+    assert "is a managed key" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Managed keys, budgets and rate limits end to end: the real proxy, the openai SDK, a real fake upstream."""
+"""Managed keys, budgets and rate limits end to end: the real proxy, the openai SDK, a real fake upstream
+(the first two on both backends: a SQLite file, then a PostgreSQL schema)."""
 from __future__ import annotations
 
 import asyncio
@@ -12,6 +13,7 @@ import pytest
 
 from proxy.control.limits import Limits, Subject
 from tests.support import ADMIN_TOKEN, FakeUpstream, ProxyServer, Reply
+from tests.support.control import needs_pg_reads
 from tests.support.http import request
 
 USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
@@ -40,8 +42,10 @@ def _close_clients() -> Any:
         _clients.pop().close()
 
 
-def test_managed_end_to_end(start_proxy: Callable[..., ProxyServer], upstream: FakeUpstream) -> None:
-    proxy = start_proxy(keys="managed", upstream_api_key="sk-real-upstream")
+def test_managed_end_to_end(start_proxy: Callable[..., ProxyServer], upstream: FakeUpstream,
+                            ledger_target: str) -> None:
+    needs_pg_reads(ledger_target)
+    proxy = start_proxy(keys="managed", upstream_api_key="sk-real-upstream", db=ledger_target)
     status, created = admin(proxy, "POST", "/keys", {"user": "alice", "team": "ml", "budget_usd": "0.01",
                                                      "budget_period": "day", "rpm": 100})
     assert status == 201, created
@@ -77,8 +81,11 @@ def test_managed_end_to_end(start_proxy: Callable[..., ProxyServer], upstream: F
         client.models.list()
 
 
-def test_passthrough_budget_for_a_user(start_proxy: Callable[..., ProxyServer], upstream: FakeUpstream) -> None:
-    proxy = start_proxy(limits={Subject("user", "bob"): Limits(Decimal("0.0001"), "month", rpm=2)})
+def test_passthrough_budget_for_a_user(start_proxy: Callable[..., ProxyServer], upstream: FakeUpstream,
+                                       ledger_target: str) -> None:
+    needs_pg_reads(ledger_target)
+    proxy = start_proxy(limits={Subject("user", "bob"): Limits(Decimal("0.0001"), "month", rpm=2)},
+                        db=ledger_target)
     upstream.json({"model": "gpt-4o", "usage": USAGE})
     client = sdk(proxy, "sk-bob")
     client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
