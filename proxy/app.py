@@ -24,7 +24,8 @@ from proxy.control.gate import Gate, open_gate
 from proxy.counting.counter import CountPolicy
 from proxy.forwarding.forward import forward
 from proxy.forwarding.responses import error_response
-from proxy.ledger import budget_store, rollups
+from proxy.ledger import rollups
+from proxy.ledger.hooks import after_insert_hooks
 from proxy.ledger.retention import RetentionTask
 from proxy.ledger.sqlconn import Conn
 from proxy.ledger.writer import Ledger
@@ -204,9 +205,7 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
         ledger = Ledger(settings.db, spool_path=spool_path(settings),
                         busy_timeout_ms=int((settings.ledger_busy_timeout or 5.0) * 1000),
                         spool_reserve_bytes=settings.spool_reserve)
-        ledger.db.after_insert.append(rollups.apply)  # rollups move with their rows, in the same transaction
-        if ledger.db.target.is_postgres:  # shared budgets: spend and reservations settle with their rows
-            ledger.db.after_insert.append(budget_store.settle_rows)
+        ledger.db.after_insert.extend(after_insert_hooks(ledger.db.target))  # rollups, shared spend: with their rows
         ledger.db.on_open.append(_mark_stale_rollups)  # rows written without rollups: marked for the upkeep
         ledger.on_commit = metrics.observe_commit
         await ledger.open()

@@ -15,7 +15,7 @@ import json
 import sys
 import time
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any
 
 from proxy.cli.args import add_ledger_args, db_problem, ledger_path, missing_ledger, print_views
 from proxy.config import ConfigError, load_settings
@@ -121,7 +121,7 @@ def _run(db: ControlDB, args: argparse.Namespace, config: dict[Subject, Limits],
 def _views(db: ControlDB, entries: list[tuple[Subject, Limits, str]]) -> list[dict[str, Any]]:
     now = time.time()
     starts = [period_of(limits.budget_period, now)[0] for _, limits, _ in entries]
-    spent = db.read_sync(lambda conn: [spend_since(cast(Any, conn), subject, start)
+    spent = db.read_sync(lambda conn: [spend_since(conn, subject, start)
                                        for (subject, _, _), start in zip(entries, starts)])
     views = []
     for (subject, limits, source), start, total in zip(entries, starts, spent):

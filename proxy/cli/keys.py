@@ -13,7 +13,7 @@ import json
 import sys
 import time
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any
 
 from proxy.cli.args import add_ledger_args, db_problem, ledger_path, missing_ledger, print_views
 from proxy.config import ConfigError, load_settings
@@ -164,7 +164,7 @@ def _run(db: ControlDB, args: argparse.Namespace, fields: dict[str, Any]) -> int
 def _views(db: ControlDB, keys: list[ManagedKey]) -> list[dict[str, Any]]:
     now = time.time()
     starts = [period_of(key.budget_period, now)[0] for key in keys]
-    spent = db.read_sync(lambda conn: [spend_since(cast(Any, conn), Subject("key", key.key_id), start)
+    spent = db.read_sync(lambda conn: [spend_since(conn, Subject("key", key.key_id), start)
                                        for key, start in zip(keys, starts)])
     views = []
     for key, start, total in zip(keys, starts, spent):

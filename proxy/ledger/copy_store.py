@@ -4,7 +4,7 @@ Everything is copied by its natural key, so a run that was interrupted is resume
 by `request_id`, keys by `key_id`, limits by (kind, name), sent alerts by (kind, name, period, threshold),
 re-pricing runs by their whole content. Calls go in batches,
 each batch one transaction on the target written as the proxy's ledger writes one: under the ledger's
-write lock, with the rollups updated in it (`rollups.apply`), so the target's rollups stay exact and
+write lock, with the rollups (and the shared budgets' spend) updated in it, so the target's rollups stay exact and
 current. The source is read in one read transaction: one snapshot, even if a proxy still writes to it.
 
 The comparison sums, per model, calls and tokens and the exact cost (`decimal_sum`) on both sides; on the
@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from proxy.ledger import migrations, migrations_postgres, rollups
+from proxy.ledger import migrations, migrations_postgres
 from proxy.ledger.db import COLUMNS, lock_ledger
+from proxy.ledger.hooks import after_insert_hooks
 from proxy.ledger.read import ReportDatabaseError, connect_readonly
 from proxy.ledger.sqlconn import Conn, connect_postgres
 from proxy.ledger.target import Target
@@ -28,8 +29,6 @@ __all__ = ["MIN_SOURCE_VERSION", "Totals", "copy_calls", "copy_keys", "copy_repr
            "open_target", "totals"]
 
 MIN_SOURCE_VERSION = 7  # api_keys' routes, organization and project
-# What the proxy's ledger runs in each batch's transaction (proxy/app.py: ledger.db.after_insert).
-AFTER_INSERT: list[Callable[[Conn, list[tuple[Any, ...]]], None]] = [rollups.apply]
 _MONEY = {"cost_usd", "original_cost_usd", "budget_usd", "old_cost_usd", "new_cost_usd"}
 
 # Tables copied whole, by primary key (what ON CONFLICT names): keys, limits, sent budget alerts.
@@ -97,7 +96,7 @@ def copy_calls(src: Conn, dst: Conn, batch: int, on_batch: Callable[[Copied], No
     """Every call of `src` that `dst` lacks, `batch` rows per target transaction; `on_batch` after each commit.
 
     Each batch is written as the proxy's ledger writes one: under the ledger's write lock, with the same
-    after_insert hooks (AFTER_INSERT: the rollups) in its transaction."""
+    after_insert hooks (`hooks.after_insert_hooks`: rollups, shared spend) in its transaction."""
     done = Copied()
     select = f"SELECT id, {_names(COLUMNS)} FROM calls WHERE id > ? ORDER BY id LIMIT ?"
     insert = (f"INSERT INTO calls ({_names(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
@@ -117,7 +116,7 @@ def copy_calls(src: Conn, dst: Conn, batch: int, on_batch: Callable[[Copied], No
             missing = [v for v in values if v[rid] not in there]
             if missing:
                 dst.executemany(insert, missing)
-                for hook in AFTER_INSERT:
+                for hook in after_insert_hooks(dst):
                     hook(dst, missing)
         done.copied += len(missing)
         done.present += len(values) - len(missing)

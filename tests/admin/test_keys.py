@@ -20,7 +20,6 @@ from proxy.core.record import CallRecord
 from proxy.counting.counter import CountPolicy
 from proxy.ledger.writer import Ledger
 from proxy.pricing.table import PriceTable
-from tests.support.control import needs_pg_reads
 
 GATE = web.AppKey("gate", Gate)
 PRICES = PriceTable.from_mapping({"models": {"gpt-4o": {"input": "2.50", "output": "10.00"}}})
@@ -28,7 +27,6 @@ PRICES = PriceTable.from_mapping({"models": {"gpt-4o": {"input": "2.50", "output
 
 @pytest.fixture
 async def ledger(ledger_target: str) -> AsyncIterator[Ledger]:
-    needs_pg_reads(ledger_target)
     led = Ledger(ledger_target)  # a SQLite file, then a PostgreSQL schema
     await led.open()
     yield led

@@ -32,7 +32,7 @@ from proxy.ledger.migrations import migrate
 from proxy.ledger.rollups import TEAM_SQL
 from proxy.ledger.writer import Ledger
 from tests.support.cli import cli
-from tests.support.control import needs_pg_reads, other_process
+from tests.support.control import other_process
 
 
 def ts(text: str) -> float:
@@ -212,7 +212,6 @@ async def test_limit_store_table_wins_over_config_and_reloads_on_change(ledger_t
 
 def test_budgets_cli_set_list_delete_on_either_backend(ledger_target: str, capsys: pytest.CaptureFixture[str]
                                                        ) -> None:
-    needs_pg_reads(ledger_target)  # a team's spend on PostgreSQL
     db = ledger_target
     assert cli("budgets", "set", "team", "search", "--budget-usd", "500.25", "--budget-period", "day",
                "--rpm", "60", "--db", db, "--format", "json") == 0

@@ -13,7 +13,6 @@ import pytest
 
 from proxy.control.limits import Limits, Subject
 from tests.support import ADMIN_TOKEN, FakeUpstream, ProxyServer, Reply
-from tests.support.control import needs_pg_reads
 from tests.support.http import request
 
 USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
@@ -44,7 +43,6 @@ def _close_clients() -> Any:
 
 def test_managed_end_to_end(start_proxy: Callable[..., ProxyServer], upstream: FakeUpstream,
                             ledger_target: str) -> None:
-    needs_pg_reads(ledger_target)
     proxy = start_proxy(keys="managed", upstream_api_key="sk-real-upstream", db=ledger_target)
     status, created = admin(proxy, "POST", "/keys", {"user": "alice", "team": "ml", "budget_usd": "0.01",
                                                      "budget_period": "day", "rpm": 100})
@@ -83,7 +81,6 @@ def test_managed_end_to_end(start_proxy: Callable[..., ProxyServer], upstream: F
 
 def test_passthrough_budget_for_a_user(start_proxy: Callable[..., ProxyServer], upstream: FakeUpstream,
                                        ledger_target: str) -> None:
-    needs_pg_reads(ledger_target)
     proxy = start_proxy(limits={Subject("user", "bob"): Limits(Decimal("0.0001"), "month", rpm=2)},
                         db=ledger_target)
     upstream.json({"model": "gpt-4o", "usage": USAGE})

@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-import pytest
-
 from proxy.ledger import control_store
 from proxy.ledger.target import parse_target
 
@@ -36,13 +34,3 @@ def stored_bytes(db: str) -> bytes:
         return Path(db).read_bytes() + (wal.read_bytes() if wal.exists() else b"")
     rows = query(db, "SELECT k::text FROM api_keys k UNION ALL SELECT l::text FROM subject_limits l")
     return "\n".join(row[0] for row in rows).encode()
-
-
-def needs_pg_reads(db: str) -> None:
-    """Skip a PostgreSQL variant that reads spend through the ledger's read path (budgets, key views) while
-    that path is SQLite-only: the reports work makes it speak PostgreSQL (`proxy.ledger.read.open_read`).
-    Remove this once both are merged."""
-    from proxy.ledger import read
-
-    if parse_target(db).is_postgres and not hasattr(read, "open_read"):
-        pytest.skip("needs the PostgreSQL read path of the reports work (proxy.ledger.read.open_read)")
