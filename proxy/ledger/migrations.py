@@ -341,15 +341,38 @@ def _has_foreign_objects(conn: sqlite3.Connection) -> bool:
 
 
 def _apply(conn: sqlite3.Connection, number: int, migration: Migration) -> None:
-    # IMMEDIATE takes the write lock up front, so two processes starting at once serialise here.
-    # The version is an int we produce, never user input, so formatting it into PRAGMA is safe
-    # (PRAGMA takes no bound parameters).
-    script = f"BEGIN IMMEDIATE;\n{migration.sql}\n;\nPRAGMA user_version = {number};\nCOMMIT;"
+    # IMMEDIATE takes the write lock up front, so processes starting at once serialise here, and the version
+    # is read again under the lock: a process that waited while another applied this migration skips it
+    # (running it again would fail, e.g. on a column that now exists). The statements run one by one inside
+    # that transaction (executescript would commit it first). The version is an int we produce, never user
+    # input, so formatting it into PRAGMA is safe (PRAGMA takes no bound parameters).
     try:
-        conn.executescript(script)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if schema_version(conn) >= number:
+                conn.execute("COMMIT")
+                return  # another process applied it while we waited for the lock
+            for statement in _statements(migration.sql):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.rollback()
+            raise
     except sqlite3.Error as exc:
-        if conn.in_transaction:
-            conn.rollback()
-        if schema_version(conn) >= number:
-            return  # another process applied it while we waited for the lock
         raise MigrationError(f"migration {number} ({migration.name}) failed: {exc}") from exc
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of `script`, whole (a trigger's body with its own semicolons is one statement)."""
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip().strip(";").strip():
+                statements.append(buffer)
+            buffer = ""
+    if buffer.strip():
+        statements.append(buffer)
+    return statements
