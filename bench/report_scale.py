@@ -32,7 +32,7 @@ from calendar import timegm
 from pathlib import Path
 from typing import Any
 
-from proxy.ledger import rollups
+from proxy.ledger import rollup_build, rollups
 from proxy.ledger.db import COLUMNS, INSERT_SQL
 from proxy.ledger.migrations import migrate
 from proxy.ledger.rollup_build import in_transaction
@@ -153,8 +153,8 @@ def build(path: Path, calls: int, seed: int) -> dict[str, float]:
         # Each dimension's own rows for the hours, six hours per transaction, then day and month rows, a
         # day per transaction, as the proxy's upkeep does (and does after an upgrade to migration 6): how
         # long each transaction holds the write lock matters as much as the total.
-        for name, step in (("project_hours", lambda: rollups.project_hours(conn, END, max_hours=6)),
-                           ("roll_days", lambda: rollups.roll_days(conn, END, max_days=1))):
+        for name, step in (("project_hours", lambda: rollup_build.project_hours(conn, END, max_hours=6)),
+                           ("roll_days", lambda: rollup_build.roll_days(conn, END, max_days=1))):
             t = time.perf_counter()
             held = []
             while True:
@@ -180,13 +180,13 @@ def time_rebuild(path: Path) -> dict[str, float]:
         conn.execute("PRAGMA cache_size = -1000000")
         conn.execute("UPDATE rollup_state SET covered_id = -1")
         t = time.perf_counter()
-        rollups.make_current(conn)
+        rollup_build.make_current(conn)
         out = {"make_current": time.perf_counter() - t}
         held = []
         t = time.perf_counter()
         while True:
             t1 = time.perf_counter()
-            if not in_transaction(conn, lambda: rollups.rebuild_dirty(conn, max_hours=1)):
+            if not in_transaction(conn, lambda: rollup_build.rebuild_dirty(conn, max_hours=1)):
                 break
             held.append(time.perf_counter() - t1)
         out.update(hours=len(held), total=time.perf_counter() - t, median=statistics.median(held), max=max(held))

@@ -24,7 +24,7 @@ from proxy.control.gate import Gate, open_gate
 from proxy.counting.counter import CountPolicy
 from proxy.forwarding.forward import forward
 from proxy.forwarding.responses import error_response
-from proxy.ledger import rollups
+from proxy.ledger import rollup_build
 from proxy.ledger.hooks import after_insert_hooks
 from proxy.ledger.retention import RetentionTask
 from proxy.ledger.sqlconn import Conn
@@ -164,7 +164,7 @@ def _quiet_request_parser_logs() -> None:
 
 
 def _mark_stale_rollups(conn: Conn) -> None:
-    if rollups.make_current(conn):
+    if rollup_build.make_current(conn):
         logging.getLogger("meterproxy.rollups").warning(
             "ledger has calls written without rollups (another tool, or an older meterproxy): their hours are "
             "marked for rebuilding in the background; until then reports read them from the calls (slower)")

@@ -32,7 +32,7 @@ from proxy.cli.reprice import add_reprice_parser, run_reprice
 from proxy.cli.serving import ProxyRunner, raise_open_file_limit, run_workers, worker_spool
 from proxy.config import SETTINGS, ConfigError, Settings, load_settings, spool_path
 from proxy.counting import CountingError
-from proxy.ledger import rollups
+from proxy.ledger import rollup_build
 from proxy.ledger.target import parse_target
 from proxy.ledger.writer import LedgerError
 from proxy.metering import logs
@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # serve --workers runs each worker with it
     run: Callable[[argparse.Namespace], int] = {
         "serve": _serve, "accuracy": _accuracy, "keys": run_keys, "budgets": run_budgets, "export": run_export,
-        "reprice": lambda a: run_reprice(a, after=rollups.after_reprice),  # rebuild the rollup hours it changed
+        "reprice": lambda a: run_reprice(a, after=rollup_build.after_reprice),  # rebuild the rollup hours it changed
         "report": _report, "migrate": run_migrate, "copy-ledger": run_copy,
     }[args.command]
     try:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from proxy.core.errors import MeterproxyError
-from proxy.ledger import rollups
+from proxy.ledger import rollup_build, rollups
 from proxy.ledger.rollup_build import in_transaction
 from proxy.ledger.rollups import AnyConn, as_conn
 from proxy.ledger.sqlconn import Conn, connect_postgres, wrap_sqlite
@@ -71,11 +71,11 @@ def prune(conn: AnyConn, older_than: float, batch_size: int = 5000,
     cutoff = int(older_than) // _HOUR * _HOUR
     if not rollups.read_state(conn).exists:
         raise RetentionError("the ledger has no rollups (schema older than migration 5); nothing pruned")
-    if rollups.make_current(conn):
+    if rollup_build.make_current(conn):
         log.warning("retention: rollups were not current (rows written without the proxy); rebuilding them")
     # The dirty hours about to lose their raw rows, rebuilt a day's worth per transaction first.
     while (stop is None or not stop.is_set()) and paced(
-            conn, lambda: rollups.rebuild_dirty(conn, max_hours=24, before=cutoff), stop, gap):
+            conn, lambda: rollup_build.rebuild_dirty(conn, max_hours=24, before=cutoff), stop, gap):
         pass
     if stop is not None and stop.is_set():
         return 0
@@ -94,7 +94,7 @@ def _prepare(conn: Conn, cutoff: int) -> None:
     pruned = rollups.read_state(conn).pruned_before
     if pruned is not None and pruned >= cutoff:
         return
-    rollups.rebuild_dirty(conn, max_hours=None, before=cutoff)  # any marked since; leaves pruned hours alone
+    rollup_build.rebuild_dirty(conn, max_hours=None, before=cutoff)  # any marked since; leaves pruned hours alone
     conn.execute("DELETE FROM rollup_dirty WHERE hour < ?", (cutoff,))
     conn.execute("UPDATE rollup_state SET pruned_before = ? WHERE id = 1", (cutoff,))
 
@@ -193,14 +193,14 @@ class RetentionTask:
             # own rows and days made from them before they are rebuilt would be made again.
             stop, gap = self._stopping, self._gap
             while not stop.is_set():
-                n = paced(conn, lambda: rollups.rebuild_dirty(conn, max_hours=1), stop, gap)
+                n = paced(conn, lambda: rollup_build.rebuild_dirty(conn, max_hours=1), stop, gap)
                 hours += n
                 if not n:
                     break
-            while not stop.is_set() and paced(conn, lambda: rollups.project_hours(conn, now, max_hours=6), stop, gap):
+            while not stop.is_set() and paced(conn, lambda: rollup_build.project_hours(conn, now, max_hours=6), stop, gap):
                 pass
             while not stop.is_set():
-                n = paced(conn, lambda: rollups.roll_days(conn, now, max_days=1), stop, gap)
+                n = paced(conn, lambda: rollup_build.roll_days(conn, now, max_days=1), stop, gap)
                 days += n
                 if not n:
                     break

@@ -77,9 +77,9 @@ from proxy.ledger.sqlconn import Conn, wrap_sqlite
 __all__ = [
     "ADD_BUCKET", "DAY", "DIMS", "GRAINS", "HOUR", "INT_COUNTERS", "MONTH", "PROJECTED", "SERIES", "SUM_COST",
     "SUM_COST_SLOW", "TEAM_SQL", "TOTALS", "AnyConn", "State", "add_bucket_sql", "as_conn", "hour_sql", "team_sql",
-    "upsert_sql", "after_reprice", "apply", "dim_ids", "dirty_hours", "ensure", "exact_values",
-    "extent", "from_pico", "make_current", "month_start", "next_month", "pico", "pico_text", "project_hours", "projected",
-    "projection_dims", "read_state", "rebuild", "rebuild_dirty", "register_functions", "roll_days", "summed_values",
+    "upsert_sql", "apply", "dim_ids", "dirty_hours", "exact_values",
+    "extent", "from_pico", "month_start", "next_month", "pico", "pico_text", "projected",
+    "projection_dims", "read_state", "register_functions", "summed_values",
 ]  # fmt: skip
 
 HOUR, DAY, MONTH = 0, 1, 2
@@ -472,53 +472,3 @@ def extent(conn: AnyConn) -> tuple[int, int] | None:
     if not lows:
         return None
     return int(min(lows)) // 3600 * 3600, int(max(highs)) // 3600 * 3600 + 3600
-
-
-# --- rebuilding (rollup_build.py), here under the names the rest of the proxy uses ------------------
-def rebuild(conn: AnyConn, since: float | None = None, until: float | None = None) -> int:
-    """See rollup_build.rebuild."""
-    from proxy.ledger import rollup_build
-
-    return rollup_build.rebuild(conn, since, until)
-
-
-def roll_days(conn: AnyConn, until: float | None = None, max_days: int = 62) -> int:
-    """See rollup_build.roll_days."""
-    from proxy.ledger import rollup_build
-
-    return rollup_build.roll_days(conn, until, max_days)
-
-
-def project_hours(conn: AnyConn, until: float | None = None, max_hours: int = 24) -> int:
-    """See rollup_build.project_hours."""
-    from proxy.ledger import rollup_build
-
-    return rollup_build.project_hours(conn, until, max_hours)
-
-
-def rebuild_dirty(conn: AnyConn, max_hours: int | None = 24, before: int | None = None) -> int:
-    """See rollup_build.rebuild_dirty."""
-    from proxy.ledger import rollup_build
-
-    return rollup_build.rebuild_dirty(conn, max_hours, before)
-
-
-def after_reprice(conn: AnyConn, report: object = None) -> None:
-    """See rollup_build.after_reprice: pass it as `proxy.reprice.reprice(..., after=rollups.after_reprice)`."""
-    from proxy.ledger import rollup_build
-
-    rollup_build.after_reprice(conn, report)
-
-
-def ensure(conn: AnyConn, until: float | None = None) -> bool:
-    """See rollup_build.ensure."""
-    from proxy.ledger import rollup_build
-
-    return rollup_build.ensure(conn, until)
-
-
-def make_current(conn: AnyConn) -> bool:
-    """See rollup_build.make_current."""
-    from proxy.ledger import rollup_build
-
-    return rollup_build.make_current(conn)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from proxy.core.times import iso
-from proxy.ledger import retention, rollups
+from proxy.ledger import retention, rollup_build, rollups
 from proxy.ledger.migrations import MIGRATIONS, _apply
 from proxy.ledger.rollup_build import in_transaction
 from proxy.ledger.writer import INSERT_SQL, record_row
@@ -113,7 +113,7 @@ async def test_groups_the_rollups_do_not_hold_lose_their_detail_in_the_pruned_pe
         conn.execute("UPDATE calls SET session = 's1' WHERE id % 2 = 0")  # some detail that will be lost
         in_old = conn.execute("SELECT count(*) FROM calls WHERE session = 's1' AND started_at < ?",
                               (HOUR_CUT,)).fetchone()[0]
-        rollups.rebuild_dirty(conn, max_hours=10_000)
+        rollup_build.rebuild_dirty(conn, max_hours=10_000)
     finally:
         conn.close()
     was = report(path, group_by=["session"])
@@ -155,7 +155,7 @@ async def test_rows_written_without_the_hook_are_rolled_up_before_pruning(tmp_pa
         # The hours losing their calls were rebuilt first; later ones wait, marked, for the upkeep.
         left = [h for (h,) in conn.execute("SELECT hour FROM rollup_dirty")]
         assert left and min(left) >= int(CUTOFF) // 3600 * 3600
-        in_transaction(conn, lambda: rollups.rebuild_dirty(conn, max_hours=None))
+        in_transaction(conn, lambda: rollup_build.rebuild_dirty(conn, max_hours=None))
         assert actual_rollups(conn) == expected
     finally:
         conn.close()

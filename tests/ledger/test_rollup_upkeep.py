@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from proxy.ledger import rollups
+from proxy.ledger import rollup_build, rollups
 from proxy.ledger.migrations import MIGRATIONS, migrate
 from proxy.ledger.rollup_build import in_transaction
 from proxy.ledger.writer import INSERT_SQL, record_row
@@ -100,9 +100,9 @@ def test_hours_given_their_own_rows_ahead_of_their_day_stay_exact(ledger: Path, 
     path = copy(ledger, tmp_path)
     conn = writer(path)
     try:
-        assert in_transaction(conn, lambda: rollups.project_hours(conn, T0 + 33 * DAY, max_hours=30)) == 30
-        assert in_transaction(conn, lambda: rollups.project_hours(conn, T0 + 33 * DAY, max_hours=100)) == 42
-        assert in_transaction(conn, lambda: rollups.project_hours(conn, T0 + 33 * DAY)) == 0
+        assert in_transaction(conn, lambda: rollup_build.project_hours(conn, T0 + 33 * DAY, max_hours=30)) == 30
+        assert in_transaction(conn, lambda: rollup_build.project_hours(conn, T0 + 33 * DAY, max_hours=100)) == 42
+        assert in_transaction(conn, lambda: rollup_build.project_hours(conn, T0 + 33 * DAY)) == 0
         state = rollups.read_state(conn)
         assert (state.days_until, state.projected_until) == (T0 + 30 * DAY, T0 + 33 * DAY)
     finally:
@@ -115,7 +115,7 @@ def test_hours_given_their_own_rows_ahead_of_their_day_stay_exact(ledger: Path, 
     same_reports(path, None, T0 + 30 * DAY, T0 + 33 * DAY, groupings=[["model"], ["hour", "key"]], filters_list=[{}])
     conn = writer(path)
     try:
-        assert in_transaction(conn, lambda: rollups.roll_days(conn, T0 + 34 * DAY)) == 4
+        assert in_transaction(conn, lambda: rollup_build.roll_days(conn, T0 + 34 * DAY)) == 4
         assert rollups.read_state(conn).projected_until == T0 + 34 * DAY
     finally:
         conn.close()
@@ -152,7 +152,7 @@ def test_upgrading_to_migration_6_reads_hours_until_the_days_are_rolled_up_again
     conn = writer(path)
     try:
         days = 0
-        while in_transaction(conn, lambda: rollups.roll_days(conn, T0 + 30 * DAY, max_days=1)):
+        while in_transaction(conn, lambda: rollup_build.roll_days(conn, T0 + 30 * DAY, max_days=1)):
             days += 1
             if days in (1, 14):
                 same_reports(path, None, groupings=[["model"], ["week", "key"], ["month", "user"]])
@@ -173,21 +173,21 @@ def test_rows_written_without_the_hook_are_marked_not_rebuilt_at_once(ledger: Pa
         conn.executemany(INSERT_SQL, [record_row(random_call(rng, n)) for n in range(9000, 9200)])
         assert not rollups.read_state(conn).current
         hour_rows = conn.execute("SELECT count(*) FROM rollups WHERE grain = 0").fetchone()[0]
-        assert rollups.make_current(conn) is True
+        assert rollup_build.make_current(conn) is True
         state = rollups.read_state(conn)
         assert state.current
         dirty = conn.execute("SELECT count(*) FROM rollup_dirty").fetchone()[0]
         with_calls = conn.execute("SELECT count(DISTINCT CAST(started_at AS INTEGER) / 3600) FROM calls").fetchone()[0]
         assert dirty == with_calls  # every hour holding a call, nothing rebuilt yet
         assert conn.execute("SELECT count(*) FROM rollups WHERE grain = 0").fetchone()[0] == hour_rows
-        assert rollups.make_current(conn) is False
+        assert rollup_build.make_current(conn) is False
     finally:
         conn.close()
     same_reports(path, "Asia/Kolkata")
     conn = writer(path)
     try:
         steps = 0
-        while in_transaction(conn, lambda: rollups.rebuild_dirty(conn, max_hours=7)):
+        while in_transaction(conn, lambda: rollup_build.rebuild_dirty(conn, max_hours=7)):
             steps += 1
             if steps % 40 == 1:  # days with dirty hours left are read from hours; clean ones from day rows
                 same_reports(path, "Europe/Berlin", groupings=[["key"], ["day", "model"], ["month"]])

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from proxy.ledger import picodollars, rollups
+from proxy.ledger import picodollars, rollup_build, rollups
 from proxy.ledger.db import LedgerDB
 from proxy.ledger.migrations import MIGRATIONS, _apply, migrate
 from proxy.ledger.rollup_build import in_transaction
@@ -42,7 +42,7 @@ async def test_hook_keeps_every_rollup_equal_to_a_group_by_over_calls(ledger_tar
     assert_exact(path)  # hours only: no day has been rolled up yet
     conn = writer(path)
     try:
-        in_tx(conn, rollups.roll_days, T0 + 20 * DAY)  # days and months for the first 20 days
+        in_tx(conn, rollup_build.roll_days, T0 + 20 * DAY)  # days and months for the first 20 days
         assert rollups.read_state(conn).days_until == T0 + 20 * DAY
     finally:
         conn.close()
@@ -69,11 +69,11 @@ async def test_rebuild_gives_exactly_what_the_hook_gave(ledger_target: str) -> N
     await write_through_ledger(path, [random_call(rng, n) for n in range(1500)], rng)
     conn = writer(path)
     try:
-        in_tx(conn, rollups.roll_days, T0 + 30 * DAY)
+        in_tx(conn, rollup_build.roll_days, T0 + 30 * DAY)
         before = actual_rollups(conn)
-        in_tx(conn, rollups.rebuild)
+        in_tx(conn, rollup_build.rebuild)
         assert actual_rollups(conn) == before
-        in_tx(conn, rollups.rebuild, T0 + 5 * DAY + 1234.5, T0 + 9 * DAY)  # a range, cut mid-hour
+        in_tx(conn, rollup_build.rebuild, T0 + 5 * DAY + 1234.5, T0 + 9 * DAY)  # a range, cut mid-hour
         assert actual_rollups(conn) == before
     finally:
         conn.close()
@@ -89,9 +89,9 @@ async def test_rows_written_without_the_hook_make_rollups_not_current_until_ensu
         assert rollups.read_state(conn).current
         conn.executemany(INSERT_SQL, [record_row(random_call(rng, n)) for n in range(300, 310)])
         assert not rollups.read_state(conn).current
-        assert rollups.ensure(conn, until=T0 + SPAN) is True
+        assert rollup_build.ensure(conn, until=T0 + SPAN) is True
         assert rollups.read_state(conn).current
-        assert rollups.ensure(conn, until=T0 + SPAN) is False  # nothing to do the second time
+        assert rollup_build.ensure(conn, until=T0 + SPAN) is False  # nothing to do the second time
     finally:
         conn.close()
     assert_exact(path)
@@ -130,12 +130,12 @@ def test_an_existing_ledger_is_marked_for_a_rebuild_by_migration_5(tmp_path: Pat
         state = rollups.read_state(conn)
         assert state.exists and not state.current
         # At start-up: one short transaction marks the hours; nothing is built yet, reports read calls.
-        assert rollups.make_current(conn) is True
+        assert rollup_build.make_current(conn) is True
         assert rollups.read_state(conn).current
         assert conn.execute("SELECT count(*) FROM rollups").fetchone()[0] == 0
         hours = conn.execute("SELECT count(DISTINCT CAST(started_at AS INTEGER) / 3600) FROM calls").fetchone()[0]
         assert conn.execute("SELECT count(*) FROM rollup_dirty").fetchone()[0] == hours
-        rollups.ensure(conn, until=T0 + SPAN)  # what the upkeep does, an hour or a day per transaction
+        rollup_build.ensure(conn, until=T0 + SPAN)  # what the upkeep does, an hour or a day per transaction
         assert rollups.read_state(conn).current
     finally:
         conn.close()
@@ -196,7 +196,7 @@ def test_a_changed_call_marks_its_hours_dirty_and_rebuild_dirty_clears_them(tmp_
         conn.execute("UPDATE calls SET pricing_version = 'v2' WHERE id = 5")  # changes no counter: not dirty
         hours = {int(s) // 3600 * 3600 for (s,) in conn.execute("SELECT started_at FROM calls WHERE id IN (3, 4)")}
         assert {h for (h,) in conn.execute("SELECT hour FROM rollup_dirty")} == hours
-        assert in_tx(conn, rollups.rebuild_dirty) == len(hours)
+        assert in_tx(conn, rollup_build.rebuild_dirty) == len(hours)
         assert conn.execute("SELECT count(*) FROM rollup_dirty").fetchone()[0] == 0
     finally:
         conn.close()
@@ -231,8 +231,8 @@ async def test_a_repricing_rebuilds_the_hours_it_changed_in_its_own_transaction(
     table = PriceTable.from_mapping({"models": {"x": {"input": "1.5", "output": "2.125"}}})
     conn = writer(path)
     try:
-        rollups.ensure(conn, until=T0 + 20 * DAY)
-        report = reprice(conn, table, model="x", since=T0 + 3 * DAY, after=rollups.after_reprice)
+        rollup_build.ensure(conn, until=T0 + 20 * DAY)
+        report = reprice(conn, table, model="x", since=T0 + 3 * DAY, after=rollup_build.after_reprice)
         assert report.changed > 50
         assert conn.execute("SELECT count(*) FROM rollup_dirty").fetchone()[0] == 0
         # A dry run changes nothing, marks nothing.
@@ -257,7 +257,7 @@ async def test_sums_beyond_the_integer_range_stay_exact(tmp_path: Path) -> None:
     await write_through_ledger(path, calls, rng)
     conn = writer(path)
     try:
-        rollups.ensure(conn, until=T0 + DAY)  # the second day is read by the hour: sums of fitting rows
+        rollup_build.ensure(conn, until=T0 + DAY)  # the second day is read by the hour: sums of fitting rows
         assert rollups.read_state(conn).days_until == T0 + DAY
         big = conn.execute(f"SELECT count(*) FROM rollups WHERE grain = {rollups.projected(rollups.DAY, 'model')} "
                            "AND cost_pico IS NULL").fetchone()[0]

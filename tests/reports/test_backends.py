@@ -24,7 +24,7 @@ import psycopg
 import pytest
 
 from proxy.core.record import CallRecord
-from proxy.ledger import rollups
+from proxy.ledger import rollup_build, rollups
 from proxy.ledger.sqlconn import Conn
 from proxy.reports import accuracy, export
 from proxy.reports import queries as reports
@@ -77,7 +77,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory, pg_database: str) -> Iterator
         asyncio.run(write_through_ledger(where, calls, random.Random(7)))
         conn = connect(where)
         try:
-            rollups.ensure(conn, until=T0 + 25 * 86400)
+            rollup_build.ensure(conn, until=T0 + 25 * 86400)
             assert rollups.read_state(conn).current
         finally:
             conn.close()

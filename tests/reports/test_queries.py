@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from proxy.ledger import rollups
+from proxy.ledger import rollup_build, rollups
 from proxy.ledger.sqlconn import Conn
 from proxy.ledger.target import parse_target
 from proxy.ledger.writer import Ledger
@@ -578,7 +578,7 @@ def big(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     asyncio.run(write_through_ledger(where, calls, rng))
     conn = connect(where)
     try:
-        rollups.ensure(conn, until=R0 + 60 * 86400)  # days and months for the first 60 days
+        rollup_build.ensure(conn, until=R0 + 60 * 86400)  # days and months for the first 60 days
         # A re-pricing changed a few calls after they were rolled up (in March): their hours are dirty.
         conn.execute("UPDATE calls SET cost_usd = '7.25' WHERE id % 37 = 0 AND started_at >= ? AND started_at < ?",
                      (R0 + 40 * 86400, R0 + 45 * 86400))
@@ -682,7 +682,7 @@ async def test_time_bucket_labels(tmp_path: Path, when: str, tz: str | None, lab
     await ledger.record(call(1, when, cost_usd=Decimal("1")))
     await ledger.close()
     conn = sqlite3.connect(path, isolation_level=None)
-    rollups.ensure(conn, until=at(when) + 86400 * 40)
+    rollup_build.ensure(conn, until=at(when) + 86400 * 40)
     conn.close()
     conn = reports.connect_readonly(path)
     try:

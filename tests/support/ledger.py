@@ -19,7 +19,7 @@ from typing import Any
 
 from proxy.core.money import EXACT
 from proxy.core.record import CallRecord
-from proxy.ledger import migrations_postgres, rollups
+from proxy.ledger import migrations_postgres, rollup_build, rollups
 from proxy.ledger.migrations import migrate
 from proxy.ledger.sqlconn import Conn, connect_postgres, wrap_sqlite
 from proxy.ledger.target import parse_target
@@ -181,7 +181,7 @@ async def build(tmp_path: Path, n: int = 2500, seed: int = 11, days: int = 35, d
     await write_through_ledger(path, [random_call(rng, i) for i in range(n)], rng)
     conn = plain_writer(path)
     try:
-        rollups.ensure(conn, until=T0 + days * DAY)
+        rollup_build.ensure(conn, until=T0 + days * DAY)
     finally:
         conn.close()
     return path
