@@ -34,7 +34,6 @@ from proxy.control.gate import Gate, Refusal
 from proxy.control.keys import KeyStore, ManagedKey, parse_key_fields
 from proxy.control.limits import (
     KINDS,
-    FieldError,
     Limits,
     Subject,
     iso,
@@ -43,6 +42,7 @@ from proxy.control.limits import (
     period_of,
 )
 from proxy.core.attribution import caller_of
+from proxy.core.errors import ParameterError
 from proxy.core.money import usd_text
 from proxy.core.times import parse_time
 from proxy.forwarding.responses import error_response, unknown_parameter
@@ -61,14 +61,14 @@ def _not_found(what: str, code: str) -> web.Response:
     return error_response(404, f"No {what}", "invalid_request_error", code)
 
 
-class _TooLarge(FieldError):
+class _TooLarge(ParameterError):
     """A body past MAX_BODY: answered 413, unread beyond the bound."""
 
 
 MAX_BODY = 64 * 1024  # a key with 100 globs of 256 characters is under 30 KiB; JSON is parsed on the loop
 
 
-def _refused(exc: FieldError) -> web.Response:
+def _refused(exc: ParameterError) -> web.Response:
     if isinstance(exc, _TooLarge):
         return error_response(413, str(exc), "invalid_request_error", "request_too_large")
     return _bad(str(exc), exc.param)
@@ -84,13 +84,13 @@ async def _body(request: web.Request) -> dict[str, Any]:
         if len(raw) > MAX_BODY:
             raise too_large
     if not raw.strip():  # a PUT without its body must not wipe a subject's limits
-        raise FieldError("a JSON object body is required (send {} to mean no fields)")
+        raise ParameterError("a JSON object body is required (send {} to mean no fields)")
     try:
         data = json.loads(raw, parse_float=Decimal)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise FieldError(f"the body is not valid JSON: {exc}") from None
+        raise ParameterError(f"the body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise FieldError("the body must be a JSON object")
+        raise ParameterError("the body must be a JSON object")
     return data
 
 
@@ -155,7 +155,7 @@ def add_key_routes(admin: Any, gate_key: web.AppKey[Gate]) -> None:
         gate, keys = store(request)
         try:
             fields = parse_key_fields(await _body(request), creating=True)
-        except FieldError as exc:
+        except ParameterError as exc:
             return _refused(exc)
         key, record = await keys.create(fields)
         (view,) = await key_views(gate, [record])
@@ -185,7 +185,7 @@ def add_key_routes(admin: Any, gate_key: web.AppKey[Gate]) -> None:
         gate, keys = store(request)
         try:
             fields = parse_key_fields(await _body(request), creating=False)
-        except FieldError as exc:
+        except ParameterError as exc:
             return _refused(exc)
         key = await keys.update(request.match_info["key_id"], fields)
         if key is None:
@@ -224,7 +224,7 @@ def _add_budget_routes(admin: Any, gate_key: web.AppKey[Gate]) -> None:
             return _bad(f"kind must be one of {', '.join(KINDS)}", "kind")
         try:
             return Subject(kind, parse_text(name, "name"))  # the bound every stored name has
-        except FieldError as exc:
+        except ParameterError as exc:
             return _refused(exc)
 
     async def list_all(request: web.Request) -> web.StreamResponse:
@@ -250,7 +250,7 @@ def _add_budget_routes(admin: Any, gate_key: web.AppKey[Gate]) -> None:
             return subject
         try:
             limits = parse_limits(await _body(request))
-        except FieldError as exc:
+        except ParameterError as exc:
             return _refused(exc)
         if subject.kind == "key" and gate.keys is not None and await gate.keys.get(subject.name) is not None:
             return error_response(409, f"{subject.name} is a managed key: set its limits with PATCH "
@@ -301,7 +301,7 @@ def meter_usage(gate_key: web.AppKey[Gate]) -> Handler:
             since = parse_time(q["since"], "since") if "since" in q else None
             until = parse_time(q["until"], "until") if "until" in q else None
             return web.json_response(await meter_report(gate, key_id, user, team, charges, since, until, now))
-        except reports.ReportError as exc:
+        except ParameterError as exc:
             return _bad(str(exc), exc.param)
         except reports.ReportDatabaseError as exc:
             return error_response(503, f"The ledger cannot be read: {exc}", "server_error", "ledger_unavailable")

@@ -17,6 +17,7 @@ from aiohttp import web
 from proxy.admin import openapi
 from proxy.config import ADMIN_TOKEN_ENV
 from proxy.control.limits import MAX_QUERY_VALUE
+from proxy.core.errors import ParameterError
 from proxy.core.times import parse_time
 from proxy.forwarding.responses import error_response, unknown_parameter
 from proxy.reports import accuracy, render
@@ -83,7 +84,7 @@ class GuardedRoutes:
 
 
 def _report_failed(exc: Exception) -> web.Response:
-    if isinstance(exc, reports.ReportError):
+    if isinstance(exc, ParameterError):
         return error_response(400, str(exc), "invalid_request_error", "invalid_parameter", exc.param)
     return error_response(503, f"The ledger cannot be read: {exc}", "server_error", "ledger_unavailable")
 
@@ -118,14 +119,14 @@ def make_admin_app(db: str, token: str | None,
         try:
             fmt = q.get("format", "json")
             if fmt not in ("json", "csv"):
-                raise reports.ReportError("format must be json or csv", param="format")
+                raise ParameterError("format must be json or csv", param="format")
             group_by = [g.strip() for g in q.get("group_by", "").split(",") if g.strip()]
             since = parse_time(q["since"], "since", q.get("tz")) if "since" in q else None
             until = parse_time(q["until"], "until", q.get("tz")) if "until" in q else None
             report = await _in_thread(db_path(request), reports.usage_report, group_by=group_by, since=since,
                                       until=until, key=q.get("key"), user=q.get("user"), model=q.get("model"),
                                       tz=q.get("tz"))
-        except (reports.ReportError, reports.ReportDatabaseError) as exc:
+        except (ParameterError, reports.ReportDatabaseError) as exc:
             return _report_failed(exc)
         if fmt == "csv":
             return web.Response(text=render.to_csv(report), content_type="text/csv")
@@ -139,13 +140,13 @@ def make_admin_app(db: str, token: str | None,
         try:
             limit_text = q.get("limit", "50")
             if not re.fullmatch(r"[0-9]{1,6}", limit_text):  # ASCII: "²".isdigit(), yet int("²") fails
-                raise reports.ReportError(f"limit must be a whole number from 1 to {reports.MAX_LIMIT}",
+                raise ParameterError(f"limit must be a whole number from 1 to {reports.MAX_LIMIT}",
                                           param="limit")
             result = await _in_thread(db_path(request), reports.list_calls, key=q.get("key"),
                                       limit=int(limit_text), before=q.get("before"), user=q.get("user"),
                                       model=q.get("model"), status=q.get("status"),
                                       usage_source=q.get("usage_source"))
-        except (reports.ReportError, reports.ReportDatabaseError) as exc:
+        except (ParameterError, reports.ReportDatabaseError) as exc:
             return _report_failed(exc)
         return web.json_response(result)
 
@@ -168,7 +169,7 @@ def make_admin_app(db: str, token: str | None,
             until = parse_time(q["until"], "until") if "until" in q else None
             result = await _in_thread(db_path(request), accuracy.accuracy_report, since=since, until=until,
                                       model=q.get("model"))
-        except (reports.ReportError, reports.ReportDatabaseError) as exc:
+        except (ParameterError, reports.ReportDatabaseError) as exc:
             return _report_failed(exc)
         return web.json_response(result)
 

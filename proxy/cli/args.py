@@ -87,7 +87,7 @@ def add_range_args(parser: argparse.ArgumentParser, tz_help: str | None = None) 
 
 
 def time_range(args: argparse.Namespace) -> tuple[float | None, float | None]:
-    """The parsed --since/--until (naive times read in --tz when the command has it). Raises ReportError."""
+    """The parsed --since/--until (naive times read in --tz when the command has it). Raises ParameterError."""
     tz = getattr(args, "tz", None)
     since = parse_time(args.since, "since", tz) if args.since else None
     until = parse_time(args.until, "until", tz) if args.until else None

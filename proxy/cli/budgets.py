@@ -25,7 +25,6 @@ from proxy.control.keys import get_key
 from proxy.control.limits import (
     KINDS,
     PERIODS,
-    FieldError,
     Limits,
     Subject,
     delete_limits,
@@ -35,6 +34,7 @@ from proxy.control.limits import (
     read_limits,
     write_limits,
 )
+from proxy.core.errors import ParameterError
 from proxy.ledger.read import ReportDatabaseError
 
 __all__ = ["add_budgets_parser", "run_budgets"]
@@ -88,7 +88,7 @@ def run_budgets(args: argparse.Namespace) -> int:
             return _run(db, args, config, limits if args.budgets_command == "set" else None)
         finally:
             db.close_sync()
-    except (ConfigError, ControlDBError, FieldError, ReportDatabaseError) as exc:
+    except (ConfigError, ControlDBError, ParameterError, ReportDatabaseError) as exc:
         return _fail(str(exc))
 
 

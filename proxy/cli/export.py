@@ -8,6 +8,7 @@ from typing import Any
 
 from proxy.cli.args import add_ledger_args, add_range_args, ledger_path, time_range
 from proxy.config import ConfigError
+from proxy.core.errors import ParameterError
 from proxy.reports import queries as reports
 from proxy.reports.export import columns, iter_calls, write, write_file
 
@@ -31,9 +32,9 @@ def run_export(args: argparse.Namespace) -> int:
         db = ledger_path(args)
         since, until = time_range(args)
         if since is not None and until is not None and until <= since:
-            raise reports.ReportError("until: must be later than since", "until")
+            raise ParameterError("until: must be later than since", "until")
         conn = reports.connect_readonly(db)
-    except (ConfigError, reports.ReportError, reports.ReportDatabaseError) as exc:
+    except (ConfigError, ParameterError, reports.ReportDatabaseError) as exc:
         print(f"meterproxy: {exc}", file=sys.stderr)
         return 2
     calls = iter_calls(conn, since=since, until=until, key=args.key)

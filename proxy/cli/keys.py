@@ -28,7 +28,8 @@ from proxy.control.keys import (
     revoke_key,
     update_key,
 )
-from proxy.control.limits import PERIODS, FieldError, Subject, iso, period_of
+from proxy.control.limits import PERIODS, Subject, iso, period_of
+from proxy.core.errors import ParameterError
 from proxy.ledger.read import ReportDatabaseError
 
 __all__ = ["add_keys_parser", "run_keys"]
@@ -126,7 +127,7 @@ def run_keys(args: argparse.Namespace) -> int:
             return _run(db, args, fields)
         finally:
             db.close_sync()
-    except (ConfigError, ControlDBError, FieldError, ReportDatabaseError) as exc:
+    except (ConfigError, ControlDBError, ParameterError, ReportDatabaseError) as exc:
         return _fail(str(exc))
 
 

@@ -31,6 +31,7 @@ from proxy.cli.migrate import add_migrate_parser, run_migrate
 from proxy.cli.reprice import add_reprice_parser, run_reprice
 from proxy.cli.serving import ProxyRunner, raise_open_file_limit, run_workers, worker_spool
 from proxy.config import SETTINGS, ConfigError, Settings, load_settings, spool_path
+from proxy.core.errors import ParameterError
 from proxy.counting import CountingError
 from proxy.ledger import rollup_build
 from proxy.ledger.target import parse_target
@@ -247,7 +248,7 @@ def _accuracy(args: argparse.Namespace) -> int:
         since, until = time_range(args)
         with reports.open_read(ledger_path(args)) as conn:
             result = accuracy.accuracy_report(conn, since=since, until=until, model=args.model)
-    except (ConfigError, reports.ReportError, reports.ReportDatabaseError) as exc:
+    except (ConfigError, ParameterError, reports.ReportDatabaseError) as exc:
         return _fail(str(exc))
     if args.format == "json":
         print(json.dumps(result, indent=2))
@@ -268,7 +269,7 @@ def _report(args: argparse.Namespace) -> int:
         with reports.open_read(ledger_path(args)) as conn:
             report = reports.usage_report(conn, group_by=group_by, since=since, until=until,
                                           key=args.key, user=args.user, model=args.model, tz=args.tz)
-    except (ConfigError, reports.ReportError, reports.ReportDatabaseError) as exc:
+    except (ConfigError, ParameterError, reports.ReportDatabaseError) as exc:
         return _fail(str(exc))
     if args.format == "json":
         print(json.dumps(report, indent=2))

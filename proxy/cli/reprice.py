@@ -9,9 +9,9 @@ from typing import Any
 
 from proxy.cli.args import add_ledger_args, add_range_args, ledger_path, time_range
 from proxy.config import SHIPPED_PRICING, ConfigError, load_settings
+from proxy.core.errors import ParameterError
 from proxy.ledger.reprice import AfterReprice, RepriceError, render_report, reprice_file
 from proxy.pricing.table import PriceTable, PricingError
-from proxy.reports.queries import ReportError
 
 __all__ = ["add_reprice_parser", "run_reprice"]
 
@@ -38,7 +38,7 @@ def run_reprice(args: argparse.Namespace, after: AfterReprice | None = None) -> 
         table = PriceTable.load(pricing)
         since, until = time_range(args)
         report = reprice_file(str(db), table, since, until, args.model, args.dry_run, after)
-    except (ConfigError, PricingError, ReportError, RepriceError) as exc:
+    except (ConfigError, PricingError, ParameterError, RepriceError) as exc:
         print(f"meterproxy: {exc}", file=sys.stderr)
         return 2
     if args.format == "json":

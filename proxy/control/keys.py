@@ -26,7 +26,6 @@ from typing import Any, Callable, Mapping
 from proxy.control.db import ControlDB
 from proxy.control.limits import (
     MAX_NAME,
-    FieldError,
     Limits,
     iso,
     parse_count,
@@ -36,6 +35,7 @@ from proxy.control.limits import (
     parse_time,
 )  # fmt: skip
 from proxy.core.credentials import key_hash, key_id_of
+from proxy.core.errors import ParameterError
 from proxy.forwarding.routes import DEFAULT_POLICY, RouteError, RoutePolicy, parse_routes
 from proxy.ledger import control_store as store
 from proxy.ledger.sqlconn import Conn
@@ -120,22 +120,22 @@ _NULLABLE = frozenset(_FIELDS) - {"user", "budget_period"}
 
 def _models(value: object) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not value or len(value) > MAX_MODELS:
-        raise FieldError(f"models must be a list of 1 to {MAX_MODELS} model names or globs (null: any model)",
+        raise ParameterError(f"models must be a list of 1 to {MAX_MODELS} model names or globs (null: any model)",
                          "models")
     try:
         return tuple(parse_text(v, "models") for v in value)
-    except FieldError:
-        raise FieldError(f"models: each must be a non-empty model name or glob of at most {MAX_NAME} characters",
+    except ParameterError:
+        raise ParameterError(f"models: each must be a non-empty model name or glob of at most {MAX_NAME} characters",
                          "models") from None
 
 
 def _routes(value: object) -> tuple[str, ...]:
     if isinstance(value, (list, tuple)) and any(isinstance(v, str) and len(v) > MAX_NAME for v in value):
-        raise FieldError(f"routes: each route is at most {MAX_NAME} characters", "routes")
+        raise ParameterError(f"routes: each route is at most {MAX_NAME} characters", "routes")
     try:
         return parse_routes(value)
     except RouteError as exc:
-        raise FieldError(f"routes: {exc}", "routes") from None
+        raise ParameterError(f"routes: {exc}", "routes") from None
 
 
 _POLICIES: dict[tuple[str, ...], RoutePolicy] = {}
@@ -162,19 +162,19 @@ _PARSERS: dict[str, Callable[[object], object]] = {
 def parse_key_fields(data: Mapping[str, object], *, creating: bool) -> dict[str, Any]:
     """Validated fields from an API body or CLI options. Absent fields are left out; null clears one."""
     if not isinstance(data, Mapping):
-        raise FieldError("the body must be a JSON object")
+        raise ParameterError("the body must be a JSON object")
     out: dict[str, Any] = {}
     for name, value in data.items():
         if name not in _PARSERS:
-            raise FieldError(f"unknown field {name!r} (known: {', '.join(_FIELDS)})", str(name))
+            raise ParameterError(f"unknown field {name!r} (known: {', '.join(_FIELDS)})", str(name))
         if value is None:
             if name not in _NULLABLE:
-                raise FieldError(f"{name} cannot be null", name)
+                raise ParameterError(f"{name} cannot be null", name)
             out[name] = None
         else:
             out[name] = _PARSERS[name](value)
     if creating and "user" not in out:
-        raise FieldError("user is required", "user")
+        raise ParameterError("user is required", "user")
     return out
 
 

@@ -8,7 +8,7 @@ Parsing accepts what JSON, YAML and a command line give: money as a decimal stri
 (JSON read with parse_float=Decimal) or a YAML float (read back from its shortest repr, which is what was
 written). This module must never hold money as a float and never read the database on the event loop.
 
-    FieldError (ValueError)   a bad value; `param` names the field, the message is for the user
+    ParameterError (ValueError)   a bad value; `param` names the field, the message is for the user
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from proxy.ledger import control_store as store
 from proxy.ledger.sqlconn import Conn
 
 __all__ = [
-    "KINDS", "MAX_COUNT", "MAX_NAME", "MAX_QUERY_VALUE", "MAX_TIME", "MAX_TIME_TEXT", "PERIODS", "FieldError",
+    "KINDS", "MAX_COUNT", "MAX_NAME", "MAX_QUERY_VALUE", "MAX_TIME", "MAX_TIME_TEXT", "PERIODS",
     "LimitStore", "Limits", "Subject", "iso", "parse_count", "parse_limits", "parse_limits_setting", "parse_money",
     "parse_period", "parse_text", "parse_thresholds", "parse_time", "period_of",
 ]  # fmt: skip
@@ -44,7 +44,6 @@ MAX_QUERY_VALUE = 1024  # an admin query parameter's value; none needs more (nam
 _MAX_MONEY = Decimal(10) ** 12
 
 
-FieldError = ParameterError  # the one invalid-parameter error (reports call it ReportError)
 
 
 class Subject(NamedTuple):
@@ -74,7 +73,7 @@ class Limits:
 # --- parsing ---------------------------------------------------------------------------------------
 def parse_money(value: object, param: str = "budget_usd") -> Decimal:
     if isinstance(value, bool):
-        raise FieldError(f"{param} must be a number of USD, not a boolean", param)
+        raise ParameterError(f"{param} must be a number of USD, not a boolean", param)
     try:
         if isinstance(value, Decimal):
             number = value
@@ -85,11 +84,11 @@ def parse_money(value: object, param: str = "budget_usd") -> Decimal:
         elif isinstance(value, str):
             number = Decimal(value.strip())
         else:
-            raise FieldError(f"{param} must be a number of USD or a decimal string", param)
+            raise ParameterError(f"{param} must be a number of USD or a decimal string", param)
     except InvalidOperation:
-        raise FieldError(f"{param} must be a number of USD, not {str(value)[:40]!r}", param) from None
+        raise ParameterError(f"{param} must be a number of USD, not {str(value)[:40]!r}", param) from None
     if not number.is_finite() or number < 0 or number > _MAX_MONEY:
-        raise FieldError(f"{param} must be a finite amount from 0 to 10^12 USD", param)
+        raise ParameterError(f"{param} must be a finite amount from 0 to 10^12 USD", param)
     number = number.copy_abs()  # -0 -> 0
     exponent = number.as_tuple().exponent
     # Without a positive exponent, so that format(number, "f") and str() agree ("1E+2" -> "100").
@@ -106,19 +105,19 @@ def parse_count(value: object, param: str) -> int:
           and value == value.to_integral_value()):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_COUNT:
-        raise FieldError(f"{param} must be a whole number from 1 to {MAX_COUNT}", param)
+        raise ParameterError(f"{param} must be a whole number from 1 to {MAX_COUNT}", param)
     return value
 
 
 def parse_period(value: object, param: str = "budget_period") -> str:
     if value not in PERIODS:
-        raise FieldError(f"{param} must be one of {', '.join(PERIODS)}", param)
+        raise ParameterError(f"{param} must be one of {', '.join(PERIODS)}", param)
     return str(value)
 
 
 def parse_text(value: object, param: str) -> str:
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME or not _encodable(value):
-        raise FieldError(f"{param} must be a non-empty string of at most {MAX_NAME} characters", param)
+        raise ParameterError(f"{param} must be a non-empty string of at most {MAX_NAME} characters", param)
     return value
 
 
@@ -148,9 +147,9 @@ def parse_time(value: object, param: str) -> float:
     except (ValueError, OverflowError):
         pass
     if not math.isfinite(seconds):
-        raise FieldError(f"{param} must be ISO 8601 (2026-12-31T00:00:00Z) or unix seconds", param)
+        raise ParameterError(f"{param} must be ISO 8601 (2026-12-31T00:00:00Z) or unix seconds", param)
     if not 0 <= seconds <= MAX_TIME:  # a time that could not be shown back must not be stored
-        raise FieldError(f"{param} must be between 1970-01-01 and 9999-12-30 (unix seconds 0 to {MAX_TIME})",
+        raise ParameterError(f"{param} must be between 1970-01-01 and 9999-12-30 (unix seconds 0 to {MAX_TIME})",
                          param)
     return seconds
 
@@ -162,7 +161,7 @@ def parse_limits(data: Mapping[str, object], where: str = "") -> Limits:
     """A whole `Limits` from a mapping (absent fields: none); unknown fields are an error."""
     for name in data:
         if name not in _LIMIT_FIELDS:
-            raise FieldError(f"{where}unknown field {name!r} (known: {', '.join(_LIMIT_FIELDS)})", str(name))
+            raise ParameterError(f"{where}unknown field {name!r} (known: {', '.join(_LIMIT_FIELDS)})", str(name))
     budget, rpm, tpm = data.get("budget_usd"), data.get("rpm"), data.get("tpm")
     return Limits(budget_usd=None if budget is None else parse_money(budget),
                   budget_period=parse_period(data.get("budget_period", "month")),
@@ -185,7 +184,7 @@ def parse_limits_setting(value: object) -> dict[Subject, Limits]:
                 raise ValueError(f"{kind} {name!r}: must be a mapping of budget_usd, budget_period, rpm, tpm")
             try:
                 out[Subject(kind, str(name))] = parse_limits(data)
-            except FieldError as exc:
+            except ParameterError as exc:
                 raise ValueError(f"{kind} {name!r}: {exc}") from None
     return out
 
@@ -198,7 +197,7 @@ def parse_thresholds(value: object) -> tuple[Decimal, ...]:
     for item in value:
         try:
             share = parse_money(item, "alert_thresholds")
-        except FieldError as exc:
+        except ParameterError as exc:
             raise ValueError(str(exc)) from None
         if not 0 < share <= 10:
             raise ValueError("each share must be more than 0 and at most 10")

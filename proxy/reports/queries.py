@@ -8,7 +8,7 @@ answer is the same to the last digit, and the same on both backends. This module
 storage modules (ledger/report_sql.py, ledger/calls_read.py) do.
 
 Errors:
-    ReportError (ValueError)    a bad query parameter; `param` names it, the message is for the user
+    ParameterError (ValueError)    a bad query parameter; `param` names it, the message is for the user
     ReportDatabaseError         the ledger file is missing, unreadable or not a meterproxy ledger
 
 This module must never write to the ledger and never round money.
@@ -38,12 +38,11 @@ from proxy.ledger.sqlconn import Conn
 from proxy.reports import plan as report_plan
 
 __all__ = [
-    "COUNTERS", "GROUP_FIELDS", "GROUP_ROW_KEYS", "ReportDatabaseError", "ReportError",
+    "COUNTERS", "GROUP_FIELDS", "GROUP_ROW_KEYS", "ReportDatabaseError",
     "USAGE_SOURCES", "connect_readonly", "get_call", "list_calls", "open_read", "read_snapshot", "parse_time", "parse_tz", "plan_segments", "usage_report",
 ]  # fmt: skip
 
 
-ReportError = ParameterError  # the one invalid-parameter error (limits and keys call it FieldError)
 
 
 GROUP_ROW_KEYS = {"key": "key_id"}  # where a group's value sits in a row, when not under its own name
@@ -83,7 +82,7 @@ def usage_report(
     _check_time(since, "since")
     _check_time(until, "until")
     if since is not None and until is not None and until <= since:
-        raise ReportError("until: must be later than since", "until")
+        raise ParameterError("until: must be later than since", "until")
     filters = {"key": key, "user": user, "model": model}
     # One read transaction: every query sees the same snapshot, so a batch committed meanwhile is
     # counted in full or not at all, never in the rollups and in calls both.
@@ -154,7 +153,7 @@ def _parse_group_by(group_by: Sequence[str]) -> list[tuple[str, str]]:
                 continue
             if name.startswith(_TAG_PREFIX):
                 if not _TAG_NAME.fullmatch(name[len(_TAG_PREFIX):]):
-                    raise ReportError(
+                    raise ParameterError(
                         f"group_by: bad tag name in {name!r}; "
                         "tag names use only letters, digits, '_', '.' and '-'",
                         "group_by",
@@ -163,7 +162,7 @@ def _parse_group_by(group_by: Sequence[str]) -> list[tuple[str, str]]:
             elif name in GROUP_FIELDS:
                 groups[name] = GROUP_ROW_KEYS.get(name, name)
             else:
-                raise ReportError(
+                raise ParameterError(
                     f"group_by: unknown field {name!r}; valid: {', '.join(GROUP_FIELDS)}, "
                     "tag:<name>",
                     "group_by",
@@ -175,7 +174,7 @@ def _check_time(value: float | None, param: str) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ReportError(f"{param}: must be unix seconds, got {value!r}", param)
+        raise ParameterError(f"{param}: must be unix seconds, got {value!r}", param)
 
 
 def _sort_keys(row: dict[str, Any], groups: list[tuple[str, str]]) -> list[tuple[bool, bool, Any]]:
@@ -216,14 +215,14 @@ def list_calls(
     if before is not None:
         # ASCII digits, and short enough to be a SQLite integer (a 19-digit one may not be).
         if not isinstance(before, str) or not re.fullmatch(r"[1-9][0-9]{0,17}", before):
-            raise ReportError(f"before: {before!r} is not a cursor from a previous page", "before")
+            raise ParameterError(f"before: {before!r} is not a cursor from a previous page", "before")
         cursor = int(before)
     if status is not None:
         if isinstance(status, bool) or not re.fullmatch(r"[1-9]\d{2}", str(status).strip()):
-            raise ReportError(f"status: {status!r} is not an HTTP status (100 to 999)", "status")
+            raise ParameterError(f"status: {status!r} is not an HTTP status (100 to 999)", "status")
         status = int(str(status).strip())
     if usage_source is not None and usage_source not in USAGE_SOURCES:
-        raise ReportError(f"usage_source: must be one of {', '.join(USAGE_SOURCES)}", "usage_source")
+        raise ParameterError(f"usage_source: must be one of {', '.join(USAGE_SOURCES)}", "usage_source")
     found = calls_read.calls_page(conn, key=key, user=user, model=model, status=status,  # one extra: a next page?
                                   usage_source=usage_source, before_id=cursor, limit=limit + 1)
     page = found[:limit]
@@ -256,7 +255,7 @@ def _check_limit(limit: Any) -> int:
     if isinstance(limit, str) and re.fullmatch(r"[0-9]{1,6}", limit.strip()):
         limit = int(limit)
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
-        raise ReportError(f"limit: must be a whole number from 1 to {MAX_LIMIT}", "limit")
+        raise ParameterError(f"limit: must be a whole number from 1 to {MAX_LIMIT}", "limit")
     return limit
 
 

@@ -22,7 +22,8 @@ from proxy.admin.keys import budget_views, key_views
 from proxy.config import ADMIN_TOKEN_ENV, Settings
 from proxy.control.gate import Gate
 from proxy.control.keys import parse_key_fields
-from proxy.control.limits import KINDS, FieldError, Subject, parse_limits
+from proxy.control.limits import KINDS, Subject, parse_limits
+from proxy.core.errors import ParameterError
 from proxy.core.times import parse_time
 from proxy.forwarding.responses import error_response
 from proxy.pricing.live import LivePrices, Outcome
@@ -88,7 +89,7 @@ def make_ui(settings: Settings, gate_key: web.AppKey[Gate], live_key: web.AppKey
             return refused("This form was sent from another site", "cross_origin")
         try:
             given = (await read_form(request)).get("token", "").strip()
-        except FieldError:
+        except ParameterError:
             given = ""
         if token is None or not hmac.compare_digest(given.encode(), token.encode()):
             error = (f"The admin UI is disabled: set {ADMIN_TOKEN_ENV} to enable it" if token is None
@@ -149,7 +150,7 @@ def make_ui(settings: Settings, gate_key: web.AppKey[Gate], live_key: web.AppKey
         try:
             asked = usage_query(request.query)
             report = await in_thread(db, reports.usage_report, **asked["args"])
-        except reports.ReportError as exc:
+        except ParameterError as exc:
             error = str(exc)
         except reports.ReportDatabaseError as exc:
             return view("error.html", request, session, "usage", 503, message=str(exc))
@@ -170,7 +171,7 @@ def make_ui(settings: Settings, gate_key: web.AppKey[Gate], live_key: web.AppKey
         try:
             asked = usage_query(request.query)
             report = await in_thread(db, reports.usage_report, **asked["args"])
-        except reports.ReportError as exc:
+        except ParameterError as exc:
             return error_response(400, str(exc), "invalid_request_error", "invalid_parameter", exc.param)
         except reports.ReportDatabaseError as exc:
             return error_response(503, f"The ledger cannot be read: {exc}", "server_error", "ledger_unavailable")
@@ -184,7 +185,7 @@ def make_ui(settings: Settings, gate_key: web.AppKey[Gate], live_key: web.AppKey
         found: dict[str, Any] = {"calls": [], "next": None}
         try:
             found = await in_thread(db, reports.list_calls, limit=50, **params)
-        except reports.ReportError as exc:
+        except ParameterError as exc:
             error = str(exc)
         except reports.ReportDatabaseError as exc:
             return view("error.html", request, session, "calls", 503, message=str(exc))
@@ -231,7 +232,7 @@ def make_ui(settings: Settings, gate_key: web.AppKey[Gate], live_key: web.AppKey
                                           status=400)
         try:
             fields = key_fields(form, creating=True)
-        except FieldError as exc:
+        except ParameterError as exc:
             return await keys(request, session, error=str(exc), status=400)
         key, record = await gate.keys.create(fields)
         (view,) = await key_views(gate, [record])
@@ -250,7 +251,7 @@ def make_ui(settings: Settings, gate_key: web.AppKey[Gate], live_key: web.AppKey
                 fields = key_fields({k: v for k, v in form.items() if k in ("budget_usd", "budget_period", "rpm",
                                                                              "tpm", "models", "expires_at")},
                                     creating=False)
-            except FieldError as exc:
+            except ParameterError as exc:
                 return await keys(request, session, error=f"{key_id}: {exc}", status=400)
             done = await gate.keys.update(key_id, fields)
         if done is None:
@@ -282,7 +283,7 @@ def make_ui(settings: Settings, gate_key: web.AppKey[Gate], live_key: web.AppKey
         body = {k: form[k].strip() for k in ("budget_usd", "budget_period", "rpm", "tpm") if form.get(k, "").strip()}
         try:
             limits = parse_limits(body)
-        except FieldError as exc:
+        except ParameterError as exc:
             return await budgets(request, session, error=str(exc), status=400)
         if kind == "key" and gate.keys is not None and await gate.keys.get(name) is not None:
             return await budgets(request, session, status=409, error=(

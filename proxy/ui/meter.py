@@ -15,8 +15,9 @@ from aiohttp import web
 from proxy.admin.keys import meter_report
 from proxy.config import ADMIN_TOKEN_ENV, Settings
 from proxy.control.gate import Gate, Refusal
-from proxy.control.limits import FieldError, Limits, Subject, period_of
+from proxy.control.limits import Limits, Subject, period_of
 from proxy.core.credentials import key_id_of
+from proxy.core.errors import ParameterError
 from proxy.core.money import exact_sum
 from proxy.core.times import utc_day
 from proxy.forwarding.responses import error_response
@@ -46,7 +47,7 @@ def make_meter_ui(settings: Settings, gate_key: web.AppKey[Gate]) -> web.Applica
             return refused("This form was sent from another site", "cross_origin")
         try:
             key = (await read_form(request)).get("key", "").strip()
-        except FieldError:
+        except ParameterError:
             key = ""
         if not key:
             return login_page("Enter your API key", 401)
@@ -69,7 +70,7 @@ def make_meter_ui(settings: Settings, gate_key: web.AppKey[Gate]) -> web.Applica
         if session is not None:
             try:
                 form = await read_form(request)
-            except FieldError:
+            except ParameterError:
                 form = {}
             if not Signer.csrf_ok(session, form.get("csrf")):
                 return refused("The form's CSRF token is missing or wrong", "invalid_csrf_token")

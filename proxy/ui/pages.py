@@ -22,7 +22,7 @@ from aiohttp import web
 from markupsafe import Markup
 
 from proxy.config import Settings
-from proxy.control.limits import FieldError
+from proxy.core.errors import ParameterError
 from proxy.forwarding.responses import error_response
 from proxy.reports import queries as reports
 from proxy.ui.session import Signer
@@ -95,12 +95,12 @@ def same_origin(request: web.Request) -> bool:
 async def read_form(request: web.Request) -> dict[str, str]:
     """A posted form's text fields; a form without a length or over _MAX_FORM bytes is not read at all."""
     if request.content_length is None or request.content_length > _MAX_FORM:
-        raise FieldError(f"a form of at most {_MAX_FORM} bytes, sent with its Content-Length, is expected", None)
+        raise ParameterError(f"a form of at most {_MAX_FORM} bytes, sent with its Content-Length, is expected", None)
     form = await request.post()
     out = {}
     for name, value in form.items():
         if not isinstance(value, str) or len(value) > _MAX_FIELD:
-            raise FieldError(f"{name}: a text field of at most {_MAX_FIELD} characters", name)
+            raise ParameterError(f"{name}: a text field of at most {_MAX_FIELD} characters", name)
         out[name] = value
     return out
 
@@ -138,7 +138,7 @@ def guarded(signer: Signer, login: str) -> Callable[[Callable[..., Awaitable[web
                     return redirect(login)
                 try:
                     form = await read_form(request)
-                except FieldError as exc:
+                except ParameterError as exc:
                     return error_response(400, str(exc), "invalid_request_error", "invalid_parameter", exc.param)
                 if not Signer.csrf_ok(session, form.get("csrf")):
                     return refused("The form's CSRF token is missing or wrong: reload the page and try again",

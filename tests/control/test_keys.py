@@ -19,9 +19,10 @@ from proxy.control.budgets import Budgets
 from proxy.control.db import ControlDB, ControlDBError
 from proxy.control.gate import Gate, Refusal
 from proxy.control.keys import KeyStore, parse_key_fields
-from proxy.control.limits import FieldError, LimitStore
+from proxy.control.limits import LimitStore
 from proxy.control.ratelimit import RateLimiter
 from proxy.core.credentials import key_id_of
+from proxy.core.errors import ParameterError
 from proxy.counting.counter import CountPolicy
 from proxy.pricing.table import PriceTable
 from tests.support.cli import cli
@@ -127,7 +128,7 @@ def test_money_is_read_exactly_from_json(given: str, expected: Decimal) -> None:
     ({"user": "a" * 257}, "user"),
 ])
 def test_bad_fields_name_the_field(data: dict[str, Any], param: str) -> None:
-    with pytest.raises(FieldError) as err:
+    with pytest.raises(ParameterError) as err:
         parse_key_fields(data, creating=True)
     assert err.value.param == param
 

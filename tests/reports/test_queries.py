@@ -12,13 +12,14 @@ from typing import Any
 
 import pytest
 
+from proxy.core.errors import ParameterError
 from proxy.ledger import rollup_build, rollups
 from proxy.ledger.sqlconn import Conn
 from proxy.ledger.target import parse_target
 from proxy.ledger.writer import Ledger
 from proxy.reports import queries as reports
 from proxy.reports import render
-from proxy.reports.queries import COUNTERS, GROUP_FIELDS, ReportDatabaseError, ReportError
+from proxy.reports.queries import COUNTERS, GROUP_FIELDS, ReportDatabaseError
 from tests.reports.support import write_target
 from tests.support.ledger import at, call
 
@@ -228,7 +229,7 @@ def test_money_sums_are_exact(ledger_target: str) -> None:
     ],
 )
 def test_bad_group_by(db: sqlite3.Connection, group_by: list[str], says: str) -> None:
-    with pytest.raises(ReportError, match="group_by") as caught:
+    with pytest.raises(ParameterError, match="group_by") as caught:
         reports.usage_report(db, group_by=group_by)
     assert caught.value.param == "group_by"
     assert says in str(caught.value)
@@ -262,7 +263,7 @@ def test_tag_names_with_dots_and_dashes(ledger_target: str) -> None:
     ],
 )
 def test_bad_time_range(db: sqlite3.Connection, kwargs: dict[str, Any], param: str) -> None:
-    with pytest.raises(ReportError) as caught:
+    with pytest.raises(ParameterError) as caught:
         reports.usage_report(db, **kwargs)
     assert caught.value.param == param
 
@@ -289,7 +290,7 @@ def test_parse_time(text: str, expected: float) -> None:
              "9" * 400, "2026-11-23Z"],
 )  # fmt: skip
 def test_parse_time_rejects(text: str) -> None:
-    with pytest.raises(ReportError, match="^until: ") as caught:
+    with pytest.raises(ParameterError, match="^until: ") as caught:
         reports.parse_time(text, "until")
     assert caught.value.param == "until"
 
@@ -356,7 +357,7 @@ def test_list_calls_row_shape(db: sqlite3.Connection) -> None:
     ],
 )
 def test_list_calls_bad_params(db: sqlite3.Connection, kwargs: dict[str, Any], param: str) -> None:
-    with pytest.raises(ReportError) as caught:
+    with pytest.raises(ParameterError) as caught:
         reports.list_calls(db, **kwargs)
     assert caught.value.param == param
     assert param in str(caught.value)
@@ -702,10 +703,10 @@ def test_naive_times_are_read_in_the_report_zone() -> None:
 
 @pytest.mark.parametrize("tz", ["Mars/Olympus", "../etc/passwd", "/etc/localtime", "Europe/", "a" * 300])
 def test_unknown_time_zone(db: sqlite3.Connection, tz: str) -> None:
-    with pytest.raises(ReportError) as caught:
+    with pytest.raises(ParameterError) as caught:
         reports.usage_report(db, group_by=["day"], tz=tz)
     assert caught.value.param == "tz" and "unknown time zone" in str(caught.value)
-    with pytest.raises(ReportError):
+    with pytest.raises(ParameterError):
         reports.parse_time("2026-11-23", "since", tz)
 
 
