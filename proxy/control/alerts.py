@@ -5,7 +5,7 @@ POSTs a JSON body to the webhook:
 
     {"event": "budget_threshold", "subject": {"kind": "user", "name": "alice"}, "period": "month",
      "period_label": "2026-11", "threshold": "0.8", "spend_usd": "8.02", "budget_usd": "10",
-     "reason": "spend", "at": "2026-11-23T14:00:00Z"}
+     "reason": "spend", "at": "2026-11-23T14:00:00.000Z"}
 
 `reason` is "spend" when settled spend reached the share, "refused" when a request was refused for the
 budget: reservations usually stop spend short of 100%, so the refusal is what fires the shares up to 1.

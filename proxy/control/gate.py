@@ -42,10 +42,9 @@ from proxy.ledger.target import parse_target
 from proxy.pricing.live import LivePrices
 from proxy.pricing.table import PriceTable
 
-__all__ = ["Admission", "Gate", "Refusal", "open_gate", "upstream_key_from"]
+__all__ = ["Admission", "Gate", "Refusal", "open_gate"]
 
 log = logging.getLogger("meterproxy")
-UPSTREAM_KEY_ENV = "OPENAI_API_KEY"
 _INLINE_COUNT_BYTES = 16 * 1024  # bodies up to this are counted on the loop (well under a millisecond)
 _OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 _CHOICE_FIELDS = ("n", "best_of")
@@ -54,11 +53,6 @@ _MAX_COUNT = 10**18  # more tokens than any budget (at most 10^12 USD) could pay
 ACCOUNT_HEADERS = ("OpenAI-Organization", "OpenAI-Project")
 _ZERO = Decimal(0)
 _NO_RETRY = {"x-should-retry": "false"}  # openai SDKs would otherwise retry a 429 that cannot succeed
-
-
-def upstream_key_from(configured: str | None, environ: Mapping[str, str]) -> str | None:
-    """The real upstream key of managed mode: OPENAI_API_KEY, else the configured one."""
-    return environ.get(UPSTREAM_KEY_ENV) or configured or None
 
 
 async def open_gate(*, db_path: str, managed: bool, prices: PriceTable | LivePrices, counting: CountPolicy,
@@ -209,7 +203,7 @@ class Gate:
                  unmetered_routes: RoutePolicy | None = None, clock: Callable[[], float] = time.time,
                  shared: SharedLimits | None = None) -> None:
         if managed and (keys is None or not upstream_key):
-            raise ValueError(f"managed keys need a key store and the upstream key ({UPSTREAM_KEY_ENV})")
+            raise ValueError("managed keys need a key store and the upstream key (OPENAI_API_KEY)")
         self.managed = managed
         self.keys, self.limits, self.budgets, self.rates = keys, limits, budgets, rates
         self._prices, self._counting = prices, counting

@@ -1,7 +1,7 @@
 """Managed keys: the proxy's own API keys, issued to users and swapped for the real upstream key.
 
 A key is "mp-" and 256 random bits (URL-safe base64). Only its SHA-256 is stored; its key_id is the first
-16 hex characters of that hash (the same identity `proxy.core.attribution.key_id_of` gives any key), and its
+16 hex characters of that hash (the same identity `proxy.core.credentials.key_id_of` gives any key), and its
 hint its last 4 characters. The key itself is returned once, by `create()`, and never again.
 
 `lookup()` runs on every request in managed mode: a dict lookup by hash, filled from the database on a miss

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import re
 import time
 from dataclasses import dataclass
@@ -25,7 +24,12 @@ from typing import Any, Mapping, NamedTuple
 
 from proxy.control.db import ControlDB
 from proxy.core.errors import ParameterError
-from proxy.core.times import MAX_TIME, MAX_TIME_TEXT, iso  # re-exported: limits' callers use them
+from proxy.core.times import (  # re-exported: limits' callers use them
+    MAX_TIME,
+    MAX_TIME_TEXT,
+    iso,
+    parse_time,  # re-exported: keys parse expires_at with it
+)
 from proxy.ledger import control_store as store
 from proxy.ledger.sqlconn import Conn
 
@@ -129,31 +133,6 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def parse_time(value: object, param: str) -> float:
-    """Unix seconds (0 to MAX_TIME) from ISO 8601 (naive means UTC) or a number of unix seconds."""
-    seconds = math.nan
-    try:
-        if isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
-            seconds = float(value)
-        elif isinstance(value, str) and len(value) <= MAX_TIME_TEXT:
-            text = value.strip()
-            if text.replace(".", "", 1).isdigit():
-                seconds = float(text)
-            else:
-                moment = datetime.fromisoformat(text)
-                if moment.tzinfo is None:
-                    moment = moment.replace(tzinfo=timezone.utc)
-                seconds = moment.timestamp()
-    except (ValueError, OverflowError):
-        pass
-    if not math.isfinite(seconds):
-        raise ParameterError(f"{param} must be ISO 8601 (2026-12-31T00:00:00Z) or unix seconds", param)
-    if not 0 <= seconds <= MAX_TIME:  # a time that could not be shown back must not be stored
-        raise ParameterError(f"{param} must be between 1970-01-01 and 9999-12-30 (unix seconds 0 to {MAX_TIME})",
-                         param)
-    return seconds
-
-
 _LIMIT_FIELDS = ("budget_usd", "budget_period", "rpm", "tpm")
 
 
@@ -248,7 +227,7 @@ class LimitStore:
         except Exception as exc:  # the old limits stay in force; the next change tries again
             log.error("limits: cannot reload subject_limits: %s", exc)
 
-    async def settled(self) -> None:
+    async def reloaded(self) -> None:
         """Wait for a reload in progress (tests, and the admin API after its own write)."""
         if self._reload is not None:
             await self._reload

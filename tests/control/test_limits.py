@@ -203,7 +203,7 @@ async def test_limit_store_table_wins_over_config_and_reloads_on_change(ledger_t
         assert store.get(alice) == Limits(Decimal("0.000000000001"), "total", tpm=10**12)
         other_process(db.path, "DELETE FROM subject_limits")  # another process removes it
         assert await db.check_changes()
-        await store.settled()
+        await store.reloaded()
         assert store.get(alice) == Limits(Decimal(5), "day")
         assert await store.delete(alice) is False
     finally:
