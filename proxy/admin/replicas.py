@@ -63,10 +63,7 @@ class Heartbeat:
 
     def _drop_conn(self) -> None:
         if self._conn is not None:
-            try:
-                self._conn.close()
-            except Exception:  # already broken: nothing to close
-                pass
+            self._conn.close_quietly()
             self._conn = None
 
     async def beat(self) -> bool:

@@ -111,10 +111,7 @@ class SharedLimits:
 
     def _drop(self) -> None:
         if self._conn is not None:
-            try:
-                self._conn.close()
-            except Exception:  # already broken: nothing to close
-                pass
+            self._conn.close_quietly()
             self._conn = None
 
     def _run(self, fn: Callable[..., T], *args: Any) -> T:

@@ -116,6 +116,13 @@ class Conn:
     def close(self) -> None:
         self.raw.close()
 
+    def close_quietly(self) -> None:
+        """Close a connection that may already be broken (nothing is left to close then)."""
+        try:
+            self.raw.close()
+        except Exception:  # noqa: BLE001 - a broken connection has nothing to release
+            pass
+
     @property
     def closed(self) -> bool:
         if self.dialect == "postgres":
