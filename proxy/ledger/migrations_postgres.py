@@ -17,16 +17,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from proxy.core.errors import MeterproxyError
+from proxy.ledger.migrations import MigrationError  # one error for both engines' migrations
 from proxy.ledger.sqlconn import Conn
 
 __all__ = ["MIGRATIONS", "MIGRATION_LOCK", "MigrationError", "migrate", "schema_version"]
 
 MIGRATION_LOCK = 0x6D65746572  # "meter": pg_advisory_lock key held while migrating
-
-
-class MigrationError(MeterproxyError):
-    """The database is newer than this build, or a migration failed; the message says which."""
 
 
 class Migration(NamedTuple):
