@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import sqlite3
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -39,6 +41,21 @@ def _count(db: str) -> int:
         return int(conn.execute("SELECT count(*) FROM calls").fetchone()[0])
     finally:
         conn.close()
+
+
+def _ledger_metrics(url: str) -> dict[str, float]:
+    """Mean commit time and rows per batch of the ledger, from the proxy's /metrics (one worker's, when
+    several answer on the port)."""
+    request = urllib.request.Request(url + "/metrics", headers={"Authorization": "Bearer bench"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        text = answer.read().decode()
+    found = {m[0]: float(m[1]) for m in re.findall(
+        r"^meterproxy_ledger_(commit_seconds_sum|commit_seconds_count|batch_rows_sum) (\S+)$", text, re.M)}
+    batches = found.get("commit_seconds_count", 0.0)
+    if not batches:
+        return {"batches": 0}
+    return {"batches": batches, "commit_ms_mean": round(found["commit_seconds_sum"] / batches * 1000, 3),
+            "rows_per_batch": round(found.get("batch_rows_sum", 0.0) / batches, 1)}
 
 
 def run_one(workers: int, *, server: str, upstream: str, workdir: Path, duration: float,
@@ -65,6 +82,7 @@ def run_one(workers: int, *, server: str, upstream: str, workdir: Path, duration
         wrk.run(url, script, concurrency=concurrency, duration=1)  # warm: pools, caches, every worker up
         before = _count(db)
         result = wrk.run(url, script, concurrency=concurrency, duration=duration)
+        result["ledger"] = _ledger_metrics(service.url)
     finally:
         code = service.stop(grace=60)
     rows = _count(db) - before

@@ -33,6 +33,9 @@ class Usage:
     audio_seconds: Decimal | None = None  # usage reported as seconds of audio (whisper-1), priced per minute
 
 
+_USAGE_FIELDS = tuple(f.name for f in dataclasses.fields(Usage))
+
+
 @dataclass(slots=True)
 class CallRecord:
     """One ledger row: everything known about one forwarded call."""
@@ -79,6 +82,6 @@ class CallRecord:
     repriced_at: float | None = None
 
     def set_usage(self, usage: Usage, source: UsageSource) -> None:
-        for f in dataclasses.fields(Usage):
-            setattr(self, f.name, getattr(usage, f.name))
+        for name in _USAGE_FIELDS:
+            setattr(self, name, getattr(usage, name))
         self.usage_source = source

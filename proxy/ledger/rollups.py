@@ -131,6 +131,14 @@ ON CONFLICT (grain, bucket, dim_id) DO UPDATE SET
     cost_pico = CASE WHEN {_PG_FITS} THEN {_PG_P} END,
     cost_exp = CASE WHEN {_PG_FITS} THEN least(rollups.cost_exp, excluded.cost_exp) END
 """
+# The same for many rows in one statement (one round trip, one plan): the rows as one array per column, in
+# key order, so that two batches touching some of the same rows lock them in the same order.
+_PG_UPSERT_ROWS = _PG_UPSERT.replace(
+    f"VALUES ({', '.join('?' * (3 + len(INT_COUNTERS) + 3))})",
+    "SELECT * FROM unnest(?::integer[], ?::bigint[], ?::bigint[], "
+    + "".join("?::bigint[], " for _ in INT_COUNTERS) + "?::numeric[], ?::bigint[], ?::integer[]) "
+    "AS u(grain, bucket, dim_id, " + ", ".join(INT_COUNTERS) + ", cost_usd, cost_pico, cost_exp) "
+    "ORDER BY grain, bucket, dim_id")
 _BUCKET_SELECT = (f"SELECT ?, ?, dim_id, {_COUNTER_COLUMNS} FROM rollups WHERE grain = ? AND bucket = ? "
                   "ORDER BY dim_id")
 # Add the rows of one bucket (grain ?, bucket ?) into another bucket (grain ?, bucket ?), row by row.
@@ -369,7 +377,7 @@ def _upsert(conn: Conn, hours: dict[tuple[int, tuple[Any, ...]], _Acc],
         # In key order: two batches upserting some of the same rows lock them in the same order, so
         # they cannot deadlock even without the ledger lock (retention, an import).
         rows.sort(key=lambda r: (r[0], r[1], r[2]))
-        conn.executemany(_PG_UPSERT, rows)
+        conn.execute(_PG_UPSERT_ROWS, [list(column) for column in zip(*rows)])
         return
     try:
         conn.executemany(_UPSERT, rows)
@@ -400,15 +408,17 @@ def apply(conn: AnyConn, rows: Sequence[Sequence[Any]]) -> None:
     if rows:
         _upsert(conn, _aggregate(rows, _pg_team if postgres else _team), days_until, projected_until)
     if postgres:
-        # Ids from a sequence: gaps after a rollback, so count the rows above covered_id instead.
-        above, newest = conn.execute("SELECT count(*), coalesce(max(id), 0) FROM calls WHERE id > ?",
-                                     (max(covered, 0),)).fetchone()
-        newest = max(newest, covered)
-        only_ours = above == len(rows)
-    else:
-        # The rows just inserted took ids max-n+1..max; anything else means rows arrived without this hook.
-        newest = conn.execute("SELECT coalesce(max(id), 0) FROM calls").fetchone()[0]
-        only_ours = covered + len(rows) == newest
+        # Ids from a sequence: gaps after a rollback, so count the rows above covered_id instead. One
+        # statement that needs no answer (it rides with the batch's next round trip): covered_id moves to
+        # the newest id when the rows above it are exactly this batch's, else the rollups are not current.
+        if covered >= 0:
+            conn.execute("UPDATE rollup_state SET covered_id = CASE WHEN above.n = ? THEN greatest(covered_id,"
+                         " above.newest) ELSE -1 END FROM (SELECT count(*) AS n, coalesce(max(id), 0) AS newest"
+                         " FROM calls WHERE id > ?) AS above WHERE id = 1", (len(rows), covered))
+        return
+    # The rows just inserted took ids max-n+1..max; anything else means rows arrived without this hook.
+    newest = conn.execute("SELECT coalesce(max(id), 0) FROM calls").fetchone()[0]
+    only_ours = covered + len(rows) == newest
     if covered >= 0 and only_ours:
         if rows:
             conn.execute("UPDATE rollup_state SET covered_id = ? WHERE id = 1", (newest,))

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import operator
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +44,7 @@ from typing import Any, Callable
 
 from proxy.core.errors import MeterproxyError
 from proxy.core.record import CallRecord
-from proxy.ledger.db import COLUMNS, INSERT_SQL, LedgerDB
+from proxy.ledger.db import COLUMNS, INSERT_SQL, INT_COLUMNS, LedgerDB, row_text
 from proxy.ledger.spool import Spool
 from proxy.ledger.target import Target, parse_target
 
@@ -70,8 +71,7 @@ def record_row(rec: CallRecord) -> Row:
     if not isinstance(cost, Decimal) or not cost.is_finite():
         raise LedgerError(f"cost_usd must be a finite Decimal, got {type(cost).__name__} {cost!r}")
     try:
-        tags = (json.dumps(rec.tags, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-                if rec.tags else "{}")
+        tags = _tags_json(rec.tags) if rec.tags else "{}"
     except (TypeError, ValueError) as exc:
         raise LedgerError(f"tags are not a JSON object of strings: {exc}") from exc
     row = (
@@ -87,8 +87,10 @@ def record_row(rec: CallRecord) -> Row:
         rec.pricing_version, None if rec.original_cost_usd is None else format(rec.original_cost_usd, "f"),
         rec.repriced_at,
     )  # fmt: skip
-    # A value SQLite (or the spool) cannot take must fail this row alone, here, never the writer.
-    if all(_storable(v) for v in row):
+    # A value SQLite (or the spool) cannot take must fail this row alone, here, never the writer. The
+    # common row (text that encodes, numbers in range) is recognised in a few C calls; anything else is
+    # looked at value by value below.
+    if _fits(row):
         return row
     for value in row:
         if isinstance(value, int) and not -_INT64 <= value < _INT64:
@@ -97,6 +99,27 @@ def record_row(rec: CallRecord) -> Row:
 
 
 _INT64 = 2**63
+# One encoder for every row's tags: json.dumps with options builds a new one per call.
+_tags_json = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+_INT_AT = operator.itemgetter(*(i for i, c in enumerate(COLUMNS) if c in INT_COLUMNS))
+
+
+def _fits(row: Row) -> bool:
+    """Whether every text in the row encodes as UTF-8 and every integer column fits 64 bits (True means
+    the row is storable as it is; False only that `_storable` must look at each value)."""
+    text = row_text(row)
+    if text is None:
+        return False
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:  # a lone surrogate, from a header or an escape in JSON
+            return False
+    try:
+        ints: list[int] = [v for v in _INT_AT(row) if v is not None]
+        return bool(-_INT64 <= min(ints) and max(ints) < _INT64)
+    except TypeError:
+        return False
 
 
 def _storable(value: object) -> bool:
