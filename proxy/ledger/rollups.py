@@ -102,6 +102,7 @@ _COL = {name: COLUMNS.index(name) for name in (
 
 _DIM_SQL = " AND ".join(f'"{d}" IS ?' for d in DIMS)
 _DIM_COLUMNS = ", ".join(f'"{d}"' for d in DIMS)
+_D_COLUMNS = ", ".join(f'd."{d}"' for d in DIMS)
 _P = "(cost_pico + excluded.cost_pico)"
 _FITS = f"typeof({_P}) = 'integer' AND {_P} < {PICO_LIMIT}"
 _E = "min(cost_exp, excluded.cost_exp)"
@@ -298,14 +299,20 @@ _DIM_CACHE_MAX = 200_000
 _PG_DIM_SQL = " AND ".join(f'"{d}" IS NOT DISTINCT FROM ?' for d in DIMS)
 
 
-def dim_ids(conn: AnyConn, dims: Iterable[tuple[Any, ...]]) -> dict[tuple[Any, ...], int]:
+_NEWEST_DIM = f"SELECT id, {_DIM_COLUMNS} FROM rollup_dims ORDER BY id DESC LIMIT 1"
+_UNREAD: Any = object()
+
+
+def dim_ids(conn: AnyConn, dims: Iterable[tuple[Any, ...]],
+            newest: tuple[Any, ...] | None = _UNREAD) -> dict[tuple[Any, ...], int]:
     """The rollup_dims id of each dimension tuple (DIMS order), added where missing (in sorted order, so
-    that two transactions adding the same new tuples meet in the same order)."""
+    that two transactions adding the same new tuples meet in the same order). `newest` is the newest
+    rollup_dims row (id, then DIMS), None if there is none, when the caller has read it in this transaction."""
     conn = as_conn(conn)
     postgres = conn.dialect == "postgres"
-    newest = conn.execute(f"SELECT id, {_DIM_COLUMNS} FROM rollup_dims ORDER BY id DESC LIMIT 1").fetchone()
-    if newest is not None:
-        newest = tuple(newest)
+    if newest is _UNREAD:
+        found = conn.execute(_NEWEST_DIM).fetchone()
+        newest = None if found is None else tuple(found)
     seen, ids = _DIM_CACHE.get(id(conn.raw), (None, {}))
     if seen != newest or len(ids) > _DIM_CACHE_MAX:
         ids = {}
@@ -345,10 +352,10 @@ def _sort_key(value: Sequence[Any]) -> tuple[Any, ...]:
 
 
 def _upsert(conn: Conn, hours: dict[tuple[int, tuple[Any, ...]], _Acc],
-            days_until: int | None, projected_until: int | None) -> None:
+            days_until: int | None, projected_until: int | None, newest: tuple[Any, ...] | None) -> None:
     late = [(hour, dims) for hour, dims in hours if projected_until is not None and hour < projected_until]
     ids = dim_ids(conn, {dims for _, dims in hours}
-                  | {projection_dims(i, v) for _, dims in late for i, v in enumerate(dims)})
+                  | {projection_dims(i, v) for _, dims in late for i, v in enumerate(dims)}, newest)
     rows = [(HOUR, hour, ids[dims], *acc.values()) for (hour, dims), acc in hours.items()]
     summed: dict[tuple[int, int, int], _Acc] = {}  # series rows, and days, months and projections of late hours
     for (hour, dims), acc in hours.items():
@@ -403,10 +410,14 @@ def apply(conn: AnyConn, rows: Sequence[Sequence[Any]]) -> None:
     covered_id); a failure here rolls the whole batch back."""
     conn = as_conn(conn)
     postgres = conn.dialect == "postgres"
-    covered, days_until, projected_until = conn.execute(
-        "SELECT covered_id, days_until, projected_until FROM rollup_state WHERE id = 1").fetchone()
+    # The state and the newest dimension set (for dim_ids' cache) in one query: one round trip.
+    state = conn.execute(
+        f"SELECT s.covered_id, s.days_until, s.projected_until, d.id, {_D_COLUMNS} FROM rollup_state AS s "
+        "LEFT JOIN rollup_dims AS d ON d.id = (SELECT max(id) FROM rollup_dims) WHERE s.id = 1").fetchone()
+    covered, days_until, projected_until = state[:3]
     if rows:
-        _upsert(conn, _aggregate(rows, _pg_team if postgres else _team), days_until, projected_until)
+        newest = None if state[3] is None else tuple(state[3:])
+        _upsert(conn, _aggregate(rows, _pg_team if postgres else _team), days_until, projected_until, newest)
     if postgres:
         # Ids from a sequence: gaps after a rollback, so count the rows above covered_id instead. One
         # statement that needs no answer (it rides with the batch's next round trip): covered_id moves to
