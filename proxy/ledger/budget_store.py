@@ -246,12 +246,16 @@ def settle_rows(conn: Conn, rows: list[tuple[Any, ...]]) -> None:
     conn.execute("DELETE FROM reservations WHERE id = ANY(?)", ([row[_ID] for row in rows],))
     if not amounts:
         return
-    keys = list(amounts)
-    found = conn.execute(
-        "SELECT kind, name, period, label FROM budget_spend WHERE (kind, name, period, label) IN "
-        "(SELECT * FROM unnest(?::text[], ?::text[], ?::text[], ?::text[])) ORDER BY kind, name, period, label"
-        " FOR UPDATE", [[k[i] for k in keys] for i in range(4)]).fetchall()
-    if found:
-        conn.executemany("UPDATE budget_spend SET spent = spent + ? WHERE kind = ? AND name = ? AND period = ?"
-                         " AND label = ?", [(amounts[(r[0], r[1], r[2], r[3])], r[0], r[1], r[2], r[3])
-                                            for r in found])
+    keys = sorted(amounts)
+    columns = [[k[i] for k in keys] for i in range(4)]
+    # Lock the spend rows there are in key order first (admissions lock them in the same order, so the two
+    # cannot deadlock), then add to them in one statement: every row it changes is already locked, and no
+    # spend row can be created meanwhile (that takes a SHARE lock on calls, which this batch's lock
+    # excludes). Neither needs an answer, so on the ledger's pipeline both ride with the COMMIT.
+    conn.execute("SELECT 1 FROM budget_spend WHERE (kind, name, period, label) IN "
+                 "(SELECT * FROM unnest(?::text[], ?::text[], ?::text[], ?::text[])) ORDER BY kind, name, period,"
+                 " label FOR UPDATE", columns)
+    conn.execute("UPDATE budget_spend AS b SET spent = b.spent + u.amount FROM unnest(?::text[], ?::text[], "
+                 "?::text[], ?::text[], ?::numeric[]) AS u(kind, name, period, label, amount) WHERE b.kind = u.kind"
+                 " AND b.name = u.name AND b.period = u.period AND b.label = u.label",
+                 [*columns, [amounts[k] for k in keys]])
