@@ -204,7 +204,7 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
     async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
         ledger = Ledger(settings.db, spool_path=spool_path(settings),
                         busy_timeout_ms=int((settings.ledger_busy_timeout or 5.0) * 1000),
-                        spool_reserve_bytes=settings.spool_reserve)
+                        spool_reserve_bytes=settings.spool_reserve, write_timeout=settings.ledger_write_timeout)
         ledger.db.after_insert.extend(after_insert_hooks(ledger.db.target))  # rollups, shared spend: with their rows
         ledger.db.on_open.append(_mark_stale_rollups)  # rows written without rollups: marked for the upkeep
         ledger.on_commit = metrics.observe_commit

@@ -238,6 +238,9 @@ SETTINGS: tuple[Setting, ...] = (
             "that a full disk shared with the db still leaves the spool room; 0: none", _size0),
     Setting("ledger_busy_timeout", 5.0, "seconds a write waits for a database locked by another process",
             _seconds),
+    Setting("ledger_write_timeout", 15.0,
+            "seconds a ledger write may go unanswered (a network dropping packets, a stalled server) before it "
+            "is interrupted and its rows go to the spool", _seconds),
     Setting("accuracy_sample_rate", 0.01,
             "share of calls that carry the provider's usage to count as well, to measure counting's accuracy",
             _rate),
@@ -318,6 +321,7 @@ class Settings:
     spool: str | None = _default("spool")
     spool_reserve: int = _default("spool_reserve")
     ledger_busy_timeout: float | None = _default("ledger_busy_timeout")
+    ledger_write_timeout: float | None = _default("ledger_write_timeout")
     accuracy_sample_rate: float = _default("accuracy_sample_rate")
     count_encoding: str = _default("count_encoding")
     count_encoding_overrides: dict[str, str] = _default("count_encoding_overrides")

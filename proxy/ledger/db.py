@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import operator
 import os
+import socket
 import sqlite3
 from typing import Any, Callable
 
@@ -233,6 +234,26 @@ class LedgerDB:
             log.warning("ledger %s: the database file was deleted or replaced during a write; the batch is "
                         "written again into the new one", self.path)
             self._transaction(rows, skip_present=True)
+
+    def interrupt(self) -> None:
+        """Make the database call running on the writer thread fail now (from any thread): SQLite's
+        interrupt; on PostgreSQL the connection's socket is shut down (a cancel request would travel the same
+        silent network), so the call raises and the connection is opened anew before the next write."""
+        conn = self._conn
+        if conn is None:
+            return
+        if conn.dialect != "postgres":
+            conn.raw.interrupt()
+            return
+        try:
+            fd = conn.raw.pgconn.socket
+        except Exception:  # noqa: BLE001 - closed already: nothing runs on it
+            return
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def insert(self, rows: list[Row]) -> None:
         """All rows in one committed transaction, or none (the exception says why)."""

@@ -64,6 +64,13 @@ class LedgerError(MeterproxyError):
     """The ledger could not be opened, or a record was not committed."""
 
 
+class WriteTimeout(MeterproxyError):
+    """A database write got no answer within the ledger's write_timeout and was interrupted."""
+
+
+DEFAULT_WRITE_TIMEOUT = 15.0  # seconds: see Ledger._bounded
+
+
 def record_row(rec: CallRecord) -> Row:
     """The `calls` row for a record, in `COLUMNS` order."""
     cost = rec.cost_usd
@@ -144,7 +151,8 @@ class Ledger:
 
     def __init__(self, path: str | os.PathLike[str] | Target, *, max_batch: int = 2000,
                  spool_path: str | os.PathLike[str] | None = None, busy_timeout_ms: int = _BUSY_TIMEOUT_MS,
-                 retry_interval: float = 1.0, spool_reserve_bytes: int = 0) -> None:
+                 retry_interval: float = 1.0, spool_reserve_bytes: int = 0,
+                 write_timeout: float | None = DEFAULT_WRITE_TIMEOUT) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.target = path if isinstance(path, Target) else parse_target(path)
@@ -152,6 +160,7 @@ class Ledger:
         self._max_batch = max_batch
         self._spool = Spool(spool_path, spool_reserve_bytes) if spool_path is not None else None
         self._retry_interval = retry_interval
+        self._write_timeout = write_timeout
         self._replay_busy_ms = min(busy_timeout_ms, _REPLAY_BUSY_MS)
         self._next_retry = 0.0
         self._spooled = False  # rows wait in the spool: new rows join them there, in order
@@ -211,6 +220,26 @@ class Ledger:
         """Run a blocking ledger call on the writer thread: one hop, one wake-up of the loop."""
         assert self._thread is not None
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def _bounded(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`_on_thread` for a write that every waiting response depends on: past `write_timeout` the
+        database call is interrupted (a network that drops packets silently, a server that stopped
+        answering) and raises, so its rows go to the spool instead of holding their calls forever."""
+        assert self._thread is not None
+        call = asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        if self._write_timeout is None:
+            return await call
+        try:
+            return await asyncio.wait_for(asyncio.shield(call), self._write_timeout)
+        except asyncio.TimeoutError:
+            log.warning("ledger %s: a write took over %.3g s; interrupting it (its rows go to the spool)",
+                        self._path, self._write_timeout)
+            self.db.interrupt()
+            try:
+                return await call
+            except Exception as exc:
+                raise WriteTimeout(f"no answer from the database within {self._write_timeout:.3g} s "
+                                   f"({_first_line(exc)})") from exc
 
     async def open(self) -> None:
         if self._opened or self._closed:
@@ -361,7 +390,7 @@ class Ledger:
         rows = [row for row, _ in batch]
         started = time.perf_counter()
         try:
-            await self._on_thread(self.db.insert, rows)
+            await self._bounded(self.db.insert, rows)
         except self.db.IntegrityError as exc:
             if len(batch) == 1:
                 self._fail(batch, exc)
@@ -382,7 +411,7 @@ class Ledger:
 
     async def _write_one_by_one(self, batch: list[_Item]) -> None:
         try:
-            outcome = await self._on_thread(self.db.insert_each, [row for row, _ in batch])
+            outcome = await self._bounded(self.db.insert_each, [row for row, _ in batch])
         except Exception as exc:
             self._healthy, self._refusal = False, _first_line(exc)
             await self._to_spool(batch, exc)
@@ -423,7 +452,7 @@ class Ledger:
         """Move the spool's rows into the database in one transaction; True if the ledger is clear."""
         try:
             rows = await self._on_thread(self._spool.read) if self._spool is not None else []
-            await self._on_thread(self.db.replay, rows, None if final else self._replay_busy_ms)
+            await self._bounded(self.db.replay, rows, None if final else self._replay_busy_ms)
         except Exception as exc:  # still refused: try again later
             self._healthy, self._refusal = False, _first_line(exc)
             log.debug("ledger %s: replay failed: %s", self._path, exc)

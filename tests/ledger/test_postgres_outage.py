@@ -64,6 +64,35 @@ async def test_rows_made_while_the_server_is_cut_off_are_spooled_then_replayed_o
     assert_exact(pg_url)
 
 
+async def test_a_write_the_network_swallows_is_interrupted_and_its_rows_spooled(
+        pg_url: str, relay: Relay, tmp_path: Path) -> None:
+    """Packets dropped silently (no reset, no answer): without a bound the batch, and every call waiting for
+    it, would hang until TCP gave up (minutes). Past write_timeout the write is interrupted, its rows go to
+    the spool, and once the network is back they are replayed, each once."""
+    ledger = Ledger(relay.url(pg_url), spool_path=tmp_path / "s.jsonl", retry_interval=0.2,
+                    busy_timeout_ms=1000, write_timeout=1.0)
+    ledger.db.after_insert.append(rollups.apply)
+    await ledger.open()
+    try:
+        await ledger.record(make_record(1))
+        relay.black_hole()
+        started = time.monotonic()
+        await asyncio.wait_for(asyncio.gather(*(ledger.record(make_record(n)) for n in range(2, 12))), 10)
+        waited = time.monotonic() - started
+        assert ledger.stats["spooled"] == 10 and not ledger.accepting
+        assert "no answer from the database within 1 s" in (ledger.degraded or "")
+        assert waited < 5, waited
+        relay.cut()  # the swallowed connection ends; new ones go through again
+        relay.restore()
+        await wait_until(lambda: ledger.accepting)
+        await ledger.record(make_record(12))
+    finally:
+        await ledger.close()
+    ids = [r["request_id"] for r in ledger_rows(pg_url)]
+    assert ids == [f"req-{n}" for n in range(1, 13)]
+    assert_exact(pg_url)
+
+
 async def test_a_server_restart_loses_no_row(pg_url: str, tmp_path: Path) -> None:
     """The writer's backend terminated (what a restart does to it): the next batch fails, goes to the
     spool, and the writer connects again and replays it."""

@@ -2,8 +2,9 @@
 
 `Relay(host, port)` listens on 127.0.0.1:<free port> and pumps bytes both ways to the target, a thread
 per direction. `cut()` breaks every open connection and refuses new ones (accepted, then closed at once,
-as a server that went away); `restore()` lets connections through again. `url(pg_url)` is `pg_url`
-pointed at the relay.
+as a server that went away); `restore()` lets connections through again. `black_hole()` keeps every
+connection open but lets no byte through either way (a network that drops packets silently: the sender's
+writes are taken, no answer ever comes); `cut()` ends it. `url(pg_url)` is `pg_url` pointed at the relay.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class Relay:
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         self._cut = False
+        self._holed = False
         self._closed = False
         self.accepted = 0
         self._thread = threading.Thread(target=self._accept, daemon=True, name="pg-relay")
@@ -39,6 +41,7 @@ class Relay:
     def cut(self) -> None:
         with self._lock:
             self._cut = True
+            self._holed = False
             for sock in list(self._open):
                 _kill(sock)
             self._open.clear()
@@ -46,6 +49,9 @@ class Relay:
     def restore(self) -> None:
         with self._lock:
             self._cut = False
+
+    def black_hole(self) -> None:
+        self._holed = True
 
     def close(self) -> None:
         self._closed = True
@@ -84,7 +90,8 @@ class Relay:
                 data = src.recv(65536)
                 if not data:
                     break
-                dst.sendall(data)
+                if not self._holed:
+                    dst.sendall(data)
         except OSError:
             pass
         finally:
