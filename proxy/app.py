@@ -115,6 +115,15 @@ async def _healthz(request: web.Request) -> web.Response:
     reason = ledger.degraded
     backend = {"backend": ledger.target.kind, "db": ledger.target.shown}  # never the password
     if reason is None:
+        # Slow is not down: every replica shares the database, so a load balancer that dropped the slow ones
+        # would drop them all. 200, with the figure and why, for people and alerts.
+        threshold = request.app[SETTINGS].slow_database
+        shared = request.app[GATE].shared if GATE in request.app else None
+        slow = [] if threshold is None else [why for why in (
+            ledger.writes.slow(threshold, "ledger write"),
+            shared.admissions.slow(threshold, "budget admission") if shared else None) if why]
+        if slow:
+            return web.json_response({"status": "slow", "reason": "; ".join(slow), **backend})
         return web.json_response({"status": "ok", **backend})
     # Serving on with rows only in the spool is degraded, not down; when calls are refused (`reject`, or
     # neither the database nor the spool takes rows): 503.
@@ -225,6 +234,8 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
             alert_thresholds=settings.alert_thresholds, unmetered_routes=settings.unmetered_routes,
             reservation_lease_seconds=settings.reservation_lease_seconds)
         app[GATE] = gate
+        if gate.shared is not None:
+            gate.shared.on_admission = metrics.observe_admission
         try:
             yield
         finally:

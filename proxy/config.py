@@ -241,6 +241,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ledger_write_timeout", 15.0,
             "seconds a ledger write may go unanswered (a network dropping packets, a stalled server) before it "
             "is interrupted and its rows go to the spool", _seconds),
+    Setting("slow_database", 0.5,
+            "seconds above which the median of the last ledger writes (or budget admissions on PostgreSQL), or "
+            "the one under way, makes /healthz say status 'slow' (still 200); null: never", _seconds),
     Setting("accuracy_sample_rate", 0.01,
             "share of calls that carry the provider's usage to count as well, to measure counting's accuracy",
             _rate),
@@ -322,6 +325,7 @@ class Settings:
     spool_reserve: int = _default("spool_reserve")
     ledger_busy_timeout: float | None = _default("ledger_busy_timeout")
     ledger_write_timeout: float | None = _default("ledger_write_timeout")
+    slow_database: float | None = _default("slow_database")
     accuracy_sample_rate: float = _default("accuracy_sample_rate")
     count_encoding: str = _default("count_encoding")
     count_encoding_overrides: dict[str, str] = _default("count_encoding_overrides")

@@ -159,8 +159,14 @@ _SCHEMAS: dict[str, Any] = {
         "until": _nullable(_TIME), "budgets": {"type": "array", "items": _ref("BudgetState")},
         "rows": {"type": "array", "items": _ref("UsageRow")}, "totals": _ref("Counters"),
     }),  # fmt: skip
-    "Health": _obj({"status": {"const": "ok"}, "backend": {"enum": ["sqlite", "postgres"]},
-                    "db": {"type": "string", "description": "the ledger: a path, or a URL without its password"}}),
+    "Health": _obj({
+        "status": {"enum": ["ok", "slow", "degraded"], "description": "slow: ledger writes or budget admissions "
+                   "take longer than slow_database (still serving); degraded: rows go to the spool, or calls are "
+                   "refused (then 503)"},
+        "backend": {"enum": ["sqlite", "postgres"]},
+        "db": {"type": "string", "description": "the ledger: a path, or a URL without its password"},
+        "reason": _TEXT, "ledger": {"enum": ["spooling", "rejecting", "unavailable"]},
+        "spool_depth": _INT}, required=["status", "backend", "db"]),
     "Replica": _obj({
         "id": _TEXT, "host": _TEXT, "pid": _INT, "version": _TEXT, "pricing_version": _nullable(_TEXT),
         "started_at": _TIME, "last_seen": _TIME, "seen_seconds_ago": {"type": "number", "minimum": 0},
@@ -334,7 +340,8 @@ def _paths() -> dict[str, Any]:
              "503": _json(_ref("Error"), _ERRORS[503])},
             tag="meter", op_id="meterUsage", security=_KEY_AUTH, params=[_SINCE, _UNTIL])},
         "/healthz": {"x-served-on": "proxy", "get": _op(
-            "Readiness", {"200": _json(_ref("Health"), "serving")}, tag="meta", op_id="healthz", security=[])},
+            "Readiness", {"200": _json(_ref("Health"), "serving (ok, slow, or degraded: spooling)"),
+                          "503": _json(_ref("Health"), "degraded: calls are refused (rejecting, or nowhere to store rows)")}, tag="meta", op_id="healthz", security=[])},
     }  # fmt: skip
 
 

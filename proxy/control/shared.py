@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
@@ -24,6 +25,7 @@ from proxy.control.budgets import AlertSink, BudgetRefusal, Budgets, BudgetState
 from proxy.control.limits import Limits, Subject, period_of
 from proxy.control.ratelimit import WINDOW, Figures, RateRefusal, headers_of, refusal_of
 from proxy.core.errors import MeterproxyError
+from proxy.core.recent import Recent
 from proxy.ledger import budget_store as store
 from proxy.ledger.sqlconn import Conn, connect_postgres
 from proxy.ledger.target import Target
@@ -102,6 +104,9 @@ class SharedLimits:
         self._renewer: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Future[Any]] = set()
         self._closed = False
+        # (seconds waited for the connection, seconds of the transaction) of each admission, from the thread
+        self.on_admission: Callable[[float, float], None] | None = None
+        self.admissions = Recent()  # for /healthz: a slow shared-limits database
 
     # --- the worker thread and its connection ----------------------------------------------------
     def _connection(self) -> Conn:
@@ -201,7 +206,8 @@ class SharedLimits:
         rates = [(s, lim.rpm, lim.tpm) for s, lim in active if lim.rpm is not None or lim.tpm is not None]
         self._open.add(request_id)  # renewed from the moment it may exist
         try:
-            result = await self.call(self._acquire, request_id, budgets, rates, tokens, worst_usd)
+            result = await self.call(self._timed_acquire, time.perf_counter(), request_id, budgets, rates, tokens,
+                                     worst_usd)
         except BaseException:
             self._open.discard(request_id)
             raise
@@ -211,6 +217,18 @@ class SharedLimits:
                 self.alerts.observe(result.subject, result.period, result.label, result.spent, result.budget,
                                     refused=True)
         return result
+
+    def _timed_acquire(self, conn: Conn, queued: float, *args: Any) -> SharedHold | RateRefusal | BudgetRefusal:
+        started = time.perf_counter()
+        self.admissions.add(started - queued)  # waited + took: what a call's admission costs it
+        self.admissions.start()
+        try:
+            return self._acquire(conn, *args)
+        finally:
+            took = time.perf_counter() - started
+            self.admissions.end()
+            if self.on_admission is not None:
+                self.on_admission(started - queued, took)
 
     def _acquire(self, conn: Conn, request_id: str, budgets: list[_Budget],
                  rates: list[tuple[Subject, int | None, int | None]], tokens: int,

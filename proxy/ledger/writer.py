@@ -43,6 +43,7 @@ from decimal import Decimal
 from typing import Any, Callable
 
 from proxy.core.errors import MeterproxyError
+from proxy.core.recent import Recent
 from proxy.core.record import CallRecord
 from proxy.ledger.db import COLUMNS, INSERT_SQL, INT_COLUMNS, LedgerDB, row_text
 from proxy.ledger.spool import Spool
@@ -161,6 +162,7 @@ class Ledger:
         self._spool = Spool(spool_path, spool_reserve_bytes) if spool_path is not None else None
         self._retry_interval = retry_interval
         self._write_timeout = write_timeout
+        self.writes = Recent()  # the last batches' write times, and the one under way: is the database slow?
         self._replay_busy_ms = min(busy_timeout_ms, _REPLAY_BUSY_MS)
         self._next_retry = 0.0
         self._spooled = False  # rows wait in the spool: new rows join them there, in order
@@ -225,6 +227,14 @@ class Ledger:
         """`_on_thread` for a write that every waiting response depends on: past `write_timeout` the
         database call is interrupted (a network that drops packets silently, a server that stopped
         answering) and raises, so its rows go to the spool instead of holding their calls forever."""
+        assert self._thread is not None
+        self.writes.start()
+        try:
+            return await self._bounded_call(fn, *args)
+        finally:
+            self.writes.end()
+
+    async def _bounded_call(self, fn: Callable[..., Any], *args: Any) -> Any:
         assert self._thread is not None
         call = asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
         if self._write_timeout is None:

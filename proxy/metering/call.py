@@ -48,6 +48,7 @@ class MeteredCall:
                  logs: CallLogs | None = None, gate: Gate | None = None) -> None:
         self._gate = gate
         self._metrics = metrics
+        self._submitted_at: float | None = None  # when the row went to the ledger
         self._logs = logs
         self._prices = prices
         self._ledger = ledger
@@ -348,6 +349,7 @@ class MeteredCall:
             self._conclude()
 
     def _submit(self) -> asyncio.Future[None]:
+        self._submitted_at = time.perf_counter()
         try:
             return self._ledger.submit(self.record)
         except LedgerError as exc:
@@ -365,6 +367,8 @@ class MeteredCall:
             self._done.set()
         if self._metrics is not None:
             self._metrics.observe_call(self.record)
+            if self._submitted_at is not None:
+                self._metrics.observe_row_wait(time.perf_counter() - self._submitted_at)
         if self._logs is not None:
             try:
                 self._logs.observe(self.record)

@@ -100,6 +100,15 @@ class Metrics:
                                         "ledger batch", buckets=_COMMIT_BUCKETS, registry=reg)
         self.batch_rows = Histogram("meterproxy_ledger_batch_rows", "Rows per committed ledger batch",
                                     buckets=_BATCH_BUCKETS, registry=reg)
+        self.row_wait = Histogram("meterproxy_ledger_row_wait_seconds", "From a call's row handed to the ledger "
+                                  "to the row committed or spooled: what the call's response waited for",
+                                  buckets=_COMMIT_BUCKETS, registry=reg)
+        self.admission_wait = Histogram("meterproxy_budget_admission_wait_seconds", "PostgreSQL: time an "
+                                        "admission waited for the shared-limits connection", buckets=_COMMIT_BUCKETS,
+                                        registry=reg)
+        self.admission_seconds = Histogram("meterproxy_budget_admission_seconds", "PostgreSQL: time of one "
+                                           "admission's transaction (reserve budgets, count rate windows)",
+                                           buckets=_COMMIT_BUCKETS, registry=reg)
         self._children: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         self._sources: dict[str, Any] = {}
 
@@ -158,6 +167,14 @@ class Metrics:
     def observe_commit(self, seconds: float, batch_size: int) -> None:
         self.commit_seconds.observe(seconds)
         self.batch_rows.observe(batch_size)
+
+    def observe_row_wait(self, seconds: float) -> None:
+        self.row_wait.observe(seconds)
+
+    def observe_admission(self, waited: float, seconds: float) -> None:
+        """Thread-safe: called from the shared limits' worker thread."""
+        self.admission_wait.observe(waited)
+        self.admission_seconds.observe(seconds)
 
     def queue_depth_from(self, read: Callable[[], float]) -> None:
         """Read the queue depth at scrape time (e.g. `lambda: ledger.queue_depth`)."""

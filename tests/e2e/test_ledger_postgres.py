@@ -80,3 +80,35 @@ def test_calls_while_postgres_is_cut_off_complete_from_the_spool_and_land_once(
     assert len({r["request_id"] for r in rows}) == 6
     assert all(r["cost_usd"] == Decimal("0.000055") for r in rows)
     assert_exact(pg_url)
+
+
+def test_a_slow_database_shows_on_healthz_and_in_metrics_and_clears(
+        upstream: FakeUpstream, start_proxy: Callable[..., ProxyServer], pg_url: str, relay: Relay) -> None:
+    """Slow is not down: /healthz stays 200 but says "slow" and why while ledger writes take longer than
+    slow_database, and "ok" again once they do not; /metrics has what each response waited for its row."""
+    upstream.json(REPLY)
+    proxy = start_proxy(db=relay.url(pg_url), slow_database=0.2, metrics_public=True)
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key=KEY, max_retries=0)
+
+    def call() -> None:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "a"}])
+
+    try:
+        call()
+        assert health(proxy)[1]["status"] == "ok", health(proxy)
+        relay.delay = 0.05  # each round trip of a batch now costs at least 0.1 s
+        for _ in range(3):
+            call()
+        status, body = health(proxy)
+        assert (status, body["status"]) == (200, "slow"), body
+        assert "ledger writes take" in body["reason"] and "slow above 0.2 s" in body["reason"]
+        relay.delay = 0.0
+        for _ in range(25):  # the median of the last 20 writes is fast again
+            call()
+        assert health(proxy)[1]["status"] == "ok"
+        with urllib.request.urlopen(f"{proxy.url}/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
+    finally:
+        client.close()
+    assert "meterproxy_ledger_row_wait_seconds_count 29.0" in metrics
+    assert len(ledger_rows(pg_url)) == 29

@@ -4,13 +4,16 @@
 per direction. `cut()` breaks every open connection and refuses new ones (accepted, then closed at once,
 as a server that went away); `restore()` lets connections through again. `black_hole()` keeps every
 connection open but lets no byte through either way (a network that drops packets silently: the sender's
-writes are taken, no answer ever comes); `cut()` ends it. `url(pg_url)` is `pg_url` pointed at the relay.
+writes are taken, no answer ever comes); `cut()` ends it. `delay` (seconds, settable at any time) holds
+each chunk that long before passing it on: a slow network or database. `url(pg_url)` is `pg_url` pointed at
+the relay.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 from urllib.parse import urlsplit, urlunsplit
 
 
@@ -23,6 +26,7 @@ class Relay:
         self._open: set[socket.socket] = set()
         self._cut = False
         self._holed = False
+        self.delay = 0.0
         self._closed = False
         self.accepted = 0
         self._thread = threading.Thread(target=self._accept, daemon=True, name="pg-relay")
@@ -90,6 +94,8 @@ class Relay:
                 data = src.recv(65536)
                 if not data:
                     break
+                if self.delay:
+                    time.sleep(self.delay)
                 if not self._holed:
                     dst.sendall(data)
         except OSError:
