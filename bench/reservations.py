@@ -1,8 +1,9 @@
-"""Shared budget reservations per second: N processes, one team budget, one PostgreSQL database.
+"""Shared budget reservations per second: N processes, team budgets, one PostgreSQL database.
 
-Run `python -m bench.reservations [--db URL] [--procs 3] [--concurrency 8] [--seconds 5]`. It makes a schema
-of its own in the database (dropped at the end), and each process reserves through `SharedLimits` (one
-connection, one worker thread, as a replica has) with `--concurrency` reservations in flight; every 50 granted
+Run `python -m bench.reservations [--db URL] [--procs 3] [--concurrency 8] [--seconds 5] [--teams 1]
+[--connections 2]`. It makes a schema
+of its own in the database (dropped at the end), and each process reserves through `SharedLimits` (its
+pool of `--connections` connections, as a replica has) with `--concurrency` reservations in flight; every 50 granted
 reservations are settled by writing their rows the way the ledger does (one transaction, `settle_rows`).
 Prints reservations per second (all processes) and the latency of one reservation. Loopback only.
 """
@@ -13,6 +14,7 @@ import argparse
 import asyncio
 import multiprocessing
 import os
+import random
 import statistics
 import time
 from decimal import Decimal
@@ -28,7 +30,8 @@ def _with_schema(url: str, schema: str) -> str:
                        ""))
 
 
-def _worker(url: str, concurrency: int, seconds: float, start_at: float, out: multiprocessing.Queue) -> None:
+def _worker(url: str, concurrency: int, seconds: float, start_at: float, out: multiprocessing.Queue,
+            connections: int, teams: int) -> None:
     from proxy.control.limits import Limits, Subject
     from proxy.control.shared import SharedHold, SharedLimits
     from proxy.core.record import CallRecord
@@ -39,16 +42,17 @@ def _worker(url: str, concurrency: int, seconds: float, start_at: float, out: mu
     from proxy.ledger.writer import record_row
 
     target = parse_target(url)
-    limits = [(Subject("team", "bench"), Limits(budget_usd=Decimal("1000000"), budget_period="month"))]
+    limits_of = [[(Subject("team", f"bench-{n}"), Limits(budget_usd=Decimal("1000000"), budget_period="month"))]
+                 for n in range(teams)]
     ledger = connect_postgres(target)
     latencies: list[float] = []
     refused = 0
 
     async def run() -> None:
         nonlocal refused
-        shared = SharedLimits(target)
+        shared = SharedLimits(target, connections=connections)
         await shared.open()
-        settled: list[SharedHold] = []
+        settled: list[tuple[SharedHold, str]] = []
         await asyncio.sleep(max(0.0, start_at - time.time()))
         end = time.time() + seconds
 
@@ -56,20 +60,21 @@ def _worker(url: str, concurrency: int, seconds: float, start_at: float, out: mu
             nonlocal refused
             while time.time() < end:
                 t0 = time.perf_counter()
+                limits = random.choice(limits_of)
                 held = await shared.acquire(os.urandom(16).hex(), limits, 0, Decimal("0.01"), time.time())
                 latencies.append(time.perf_counter() - t0)
                 if not isinstance(held, SharedHold):
                     refused += 1
                     continue
-                settled.append(held)
+                settled.append((held, limits[0][0].name))
                 if len(settled) >= 50:
                     batch, settled[:] = list(settled), []
                     rows = [record_row(CallRecord(request_id=h.id, started_at=time.time(), method="POST",
                                                   endpoint="/v1/chat/completions", ended_at=time.time(),
-                                                  status=200, tags={"team": "bench"},
-                                                  cost_usd=Decimal("0.004"), priced=True)) for h in batch]
+                                                  status=200, tags={"team": team},
+                                                  cost_usd=Decimal("0.004"), priced=True)) for h, team in batch]
                     await asyncio.to_thread(_write, rows)
-                    for h in batch:
+                    for h, _ in batch:
                         h.settle(Decimal("0.004"))
 
         def _write(rows: list[tuple[object, ...]]) -> None:
@@ -91,6 +96,8 @@ def main() -> None:
     ap.add_argument("--procs", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--teams", type=int, default=1, help="budgets the reservations spread over (default 1: one hot row)")
+    ap.add_argument("--connections", type=int, default=2, help="each process's pg_pool_size (default 2)")
     args = ap.parse_args()
 
     import psycopg
@@ -109,7 +116,8 @@ def main() -> None:
         ctx = multiprocessing.get_context("spawn")
         out: multiprocessing.Queue = ctx.Queue()
         start_at = time.time() + 2.0
-        procs = [ctx.Process(target=_worker, args=(url, args.concurrency, args.seconds, start_at, out))
+        procs = [ctx.Process(target=_worker, args=(url, args.concurrency, args.seconds, start_at, out, args.connections,
+                                                                 args.teams))
                  for _ in range(args.procs)]
         for p in procs:
             p.start()
@@ -118,10 +126,11 @@ def main() -> None:
             p.join(30)
         latencies = sorted(x for lat, _ in results for x in lat)
         refused = sum(r for _, r in results)
-        spent, rows = conn.execute("SELECT (SELECT spent FROM budget_spend WHERE period = 'month'),"
+        spent, rows = conn.execute("SELECT (SELECT decimal_sum(spent) FROM budget_spend WHERE period = 'month'),"
                                    " (SELECT decimal_sum(cost_usd) FROM calls)").fetchone()
         conn.close()
-        print(f"{args.procs} processes x {args.concurrency} in flight, {args.seconds:g} s, one team budget")
+        print(f"{args.procs} processes x {args.concurrency} in flight, {args.seconds:g} s, {args.teams} team budget(s), "
+              f"{args.connections} connection(s) each")
         print(f"reservations: {len(latencies)} ({len(latencies) / args.seconds:.0f}/s), refused {refused}")
         print(f"latency ms: p50 {statistics.median(latencies) * 1000:.2f}  "
               f"p99 {latencies[int(len(latencies) * 0.99)] * 1000:.2f}")

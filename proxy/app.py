@@ -232,7 +232,8 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
             counting=app[COUNTING], upstream_key=settings.upstream_api_key, limits=settings.limits,
             reserve_max_tokens=settings.reserve_max_tokens, alert_webhook=settings.alert_webhook,
             alert_thresholds=settings.alert_thresholds, unmetered_routes=settings.unmetered_routes,
-            reservation_lease_seconds=settings.reservation_lease_seconds)
+            reservation_lease_seconds=settings.reservation_lease_seconds, pg_pool_size=settings.pg_pool_size,
+            pg_pool_timeout=settings.pg_pool_timeout)
         app[GATE] = gate
         if gate.shared is not None:
             gate.shared.on_admission = metrics.observe_admission

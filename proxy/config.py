@@ -101,6 +101,12 @@ def _size(value: object) -> int:
     return value
 
 
+def _positive_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("must be a whole number, at least 1")
+    return value
+
+
 def _bool(value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"must be true or false, not {value!r}")
@@ -264,6 +270,10 @@ SETTINGS: tuple[Setting, ...] = (
             "{budget_usd, budget_period: day|month|total, rpm, tpm}}}", parse_limits_setting),
     Setting("reserve_max_tokens", 4096, "output tokens a budget or tpm limit reserves for a call that sets no "
             "output limit, when its model has no max_output in the price table", _size),
+    Setting("pg_pool_size", 2, "PostgreSQL: connections for budget and rate-limit admissions, so that "
+            "concurrent calls' admissions run side by side", _positive_int),
+    Setting("pg_pool_timeout", 5.0, "PostgreSQL: seconds an admission waits for a free connection before the "
+            "call is answered 503 budget_unavailable", lambda v: _required(_seconds(v))),
     Setting("reservation_lease_seconds", 60.0, "PostgreSQL: seconds a call's budget reservation outlives its "
             "replica's last renewal (a replica that died holds nothing for longer)", lambda v: _required(_seconds(v))),
     Setting("unmetered_routes", (), "routes allowed under a budget or tpm limit although the proxy cannot meter "
@@ -334,6 +344,8 @@ class Settings:
     upstream_api_key: str | None = _default("upstream_api_key", shown=False)
     limits: dict[Subject, Limits] = _default("limits")
     reserve_max_tokens: int = _default("reserve_max_tokens")
+    pg_pool_size: int = _default("pg_pool_size")
+    pg_pool_timeout: float = _default("pg_pool_timeout")
     reservation_lease_seconds: float = _default("reservation_lease_seconds")
     unmetered_routes: tuple[str, ...] = _default("unmetered_routes")
     alert_webhook: str | None = _default("alert_webhook")

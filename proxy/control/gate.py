@@ -29,7 +29,7 @@ from proxy.control.db import ControlDB, ControlDBError
 from proxy.control.keys import KeyStore, ManagedKey
 from proxy.control.limits import Limits, LimitStore, Subject
 from proxy.control.ratelimit import RateLimiter, RateRefusal, Ticket
-from proxy.control.shared import DEFAULT_LEASE, SharedBudgets, SharedLimits
+from proxy.control.shared import DEFAULT_CONNECTIONS, DEFAULT_LEASE, DEFAULT_WAIT, SharedBudgets, SharedLimits
 from proxy.core.attribution import caller_of, storable, team_of
 from proxy.core.credentials import api_key, key_id_of
 from proxy.core.errors import MeterproxyError, error_body
@@ -60,7 +60,8 @@ async def open_gate(*, db_path: str, managed: bool, prices: PriceTable | LivePri
                     reserve_max_tokens: int = 4096, alert_webhook: str | None = None,
                     alert_thresholds: tuple[Decimal, ...] = (Decimal("0.8"), Decimal(1)),
                     watch_interval: float = 1.0, unmetered_routes: tuple[str, ...] = (),
-                    reservation_lease_seconds: float = DEFAULT_LEASE) -> Gate:
+                    reservation_lease_seconds: float = DEFAULT_LEASE, pg_pool_size: int = DEFAULT_CONNECTIONS,
+                    pg_pool_timeout: float = DEFAULT_WAIT) -> Gate:
     """Open the control tables on the ledger's file (after the ledger: it must exist) and build the gate.
 
     On PostgreSQL budgets and rate limits are shared by every replica (`control/shared.py`); on SQLite
@@ -75,7 +76,8 @@ async def open_gate(*, db_path: str, managed: bool, prices: PriceTable | LivePri
         budgets = Budgets(db_path, alerts=alerts)
         target = parse_target(db_path)
         if target.is_postgres:
-            shared = SharedLimits(target, lease=reservation_lease_seconds, alerts=alerts)
+            shared = SharedLimits(target, lease=reservation_lease_seconds, alerts=alerts, connections=pg_pool_size,
+                                  wait_timeout=pg_pool_timeout)
             await shared.open()
             budgets = SharedBudgets(shared, db_path)
         gate = Gate(managed=managed, keys=KeyStore(db), limits=store, budgets=budgets, rates=RateLimiter(),

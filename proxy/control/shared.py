@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ __all__ = ["DEFAULT_LEASE", "SharedBudgets", "SharedHold", "SharedLimits"]
 log = logging.getLogger("meterproxy")
 T = TypeVar("T")
 DEFAULT_LEASE = 60.0
+DEFAULT_CONNECTIONS = 2  # see bench/reservations.py and docs/ledger-postgres.md
+DEFAULT_WAIT = 5.0  # seconds an admission waits for a free connection
 _ZERO = Decimal(0)
 _NEXT = {"day": 86400.0}
 
@@ -51,6 +54,10 @@ class _Budget:
     @property
     def key(self) -> store.SpendKey:
         return (self.subject.kind, self.subject.name, self.period, self.label)
+
+
+class PoolTimeout(MeterproxyError):
+    """No shared-limits connection came free in time (the gate answers 503 budget_unavailable)."""
 
 
 class _Missing(MeterproxyError):
@@ -93,13 +100,22 @@ class SharedLimits:
     """See the module docstring. `lease`: seconds a reservation outlives its replica's last renewal."""
 
     def __init__(self, target: Target, *, lease: float = DEFAULT_LEASE, alerts: AlertSink | None = None,
-                 replica: str | None = None) -> None:
+                 replica: str | None = None, connections: int = DEFAULT_CONNECTIONS,
+                 wait_timeout: float = DEFAULT_WAIT) -> None:
         if lease <= 0:
             raise ValueError("reservation_lease_seconds must be positive")
+        if connections < 1:
+            raise ValueError("pg_pool_size must be at least 1")
         self.target, self.lease, self.alerts = target, lease, alerts
         self.replica = replica or os.urandom(8).hex()
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="shared-limits")
-        self._conn: Conn | None = None
+        # The pool: `connections` worker threads, each with its own connection (opened on first use, opened
+        # anew when lost), so admissions of concurrent calls run side by side; a call waits at most
+        # `wait_timeout` for a free one.
+        self._thread = ThreadPoolExecutor(connections, thread_name_prefix="shared-limits")
+        self._size, self._wait_timeout = connections, wait_timeout
+        self._local = threading.local()
+        self._conns: set[Conn] = set()
+        self._conns_lock = threading.Lock()
         self._open: set[str] = set()  # reservations of calls in flight here: their leases are renewed
         self._renewer: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Future[Any]] = set()
@@ -110,14 +126,21 @@ class SharedLimits:
 
     # --- the worker thread and its connection ----------------------------------------------------
     def _connection(self) -> Conn:
-        if self._conn is None or self._conn.closed:
-            self._conn = connect_postgres(self.target, application_name="meterproxy-limits")
-        return self._conn
+        conn: Conn | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            conn = self._local.conn = connect_postgres(self.target, application_name="meterproxy-limits")
+            with self._conns_lock:
+                self._conns.add(conn)
+        return conn
 
     def _drop(self) -> None:
-        if self._conn is not None:
-            self._conn.close_quietly()
-            self._conn = None
+        """Close this thread's connection (lost, or the pool is closing)."""
+        conn: Conn | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close_quietly()
+            self._local.conn = None
+            with self._conns_lock:
+                self._conns.discard(conn)
 
     def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn` on the connection; once more on a new one if the connection was lost (a server restart,
@@ -138,8 +161,28 @@ class SharedLimits:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(conn, *args)` on the worker thread."""
+        """`fn(conn, *args)` on one of the pool's threads."""
         return await asyncio.get_running_loop().run_in_executor(self._thread, self._run, fn, *args)
+
+    async def _call_bounded(self, fn: Callable[..., T], *args: Any) -> T:
+        """`call`, but a call that finds no free connection within wait_timeout raises PoolTimeout (and is
+        never run: it is taken off the queue; should it start in that very moment, its reservation is not
+        renewed and lapses with its lease)."""
+
+        def run(conn: Conn, *a: Any) -> T:
+            started_at.append(time.perf_counter())
+            return fn(conn, *a)
+
+        started_at: list[float] = []
+        fut = asyncio.ensure_future(self.call(run, *args))
+        done, _ = await asyncio.wait({fut}, timeout=self._wait_timeout)
+        if not done and not started_at:
+            fut.cancel()
+            await asyncio.gather(fut, return_exceptions=True)
+            if fut.cancelled():
+                raise PoolTimeout(f"no connection to {self.target.shown} free within {self._wait_timeout:.3g} s "
+                                  f"(pg_pool_size {self._size})")
+        return await fut
 
     def later(self, fn: Callable[..., Any], *args: Any) -> None:
         """`call` without waiting for it (a failure is logged: the lease or the window ends it anyway)."""
@@ -189,8 +232,11 @@ class SharedLimits:
             self._renewer = None
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
-        await asyncio.get_running_loop().run_in_executor(self._thread, self._drop)
-        self._thread.shutdown(wait=False)
+        self._thread.shutdown(wait=True)  # the pool's threads are idle now: their connections can go
+        with self._conns_lock:
+            conns, self._conns = list(self._conns), set()
+        for conn in conns:
+            conn.close_quietly()
 
     # --- admission -------------------------------------------------------------------------------
     async def acquire(self, request_id: str, active: Sequence[tuple[Subject, Limits]], tokens: int,
@@ -206,7 +252,7 @@ class SharedLimits:
         rates = [(s, lim.rpm, lim.tpm) for s, lim in active if lim.rpm is not None or lim.tpm is not None]
         self._open.add(request_id)  # renewed from the moment it may exist
         try:
-            result = await self.call(self._timed_acquire, time.perf_counter(), request_id, budgets, rates, tokens,
+            result = await self._call_bounded(self._timed_acquire, time.perf_counter(), request_id, budgets, rates, tokens,
                                      worst_usd)
         except BaseException:
             self._open.discard(request_id)

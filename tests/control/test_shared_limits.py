@@ -285,3 +285,52 @@ async def test_a_lost_connection_is_opened_anew_and_an_unreachable_database_rais
         await away.acquire("c3", budget("1"), 0, Decimal("0.1"), time.time())
     assert "secret-pw" not in str(caught.value)
     await away.close()
+
+
+async def test_one_replicas_pool_runs_admissions_side_by_side_and_never_passes_the_budget(
+        pg_url: str, conn: Conn) -> None:
+    """A pool of three connections in one SharedLimits: 60 concurrent admissions use more than one
+    connection (never more than three), and still admit exactly what the budget fits."""
+    shared = SharedLimits(parse_target(pg_url), lease=60, connections=3)
+    await shared.open()
+    seen: set[int] = set()
+
+    def backend(c: Conn) -> None:
+        seen.add(c.raw.info.backend_pid)
+        time.sleep(0.05)  # hold the connection: the others must be used meanwhile
+
+    try:
+        await asyncio.gather(*(shared.call(backend) for _ in range(6)))
+        results = await asyncio.gather(*(shared.acquire(os.urandom(8).hex(), budget("1.00"), 0, Decimal("0.10"),
+                                                        time.time()) for _ in range(60)))
+    finally:
+        await shared.close()
+    assert len(seen) == 3
+    assert sum(isinstance(r, SharedHold) for r in results) == 10
+    deadline = time.monotonic() + 5  # closed with the pool (a backend leaves pg_stat_activity a moment later)
+    while conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'meterproxy-limits' "
+                       "AND datname = current_database() AND pid = ANY(?)", (list(seen),)).fetchone()[0]:
+        assert time.monotonic() < deadline, "the pool's connections stayed open"
+        await asyncio.sleep(0.05)
+
+
+async def test_an_admission_that_finds_no_free_connection_in_time_is_refused_and_reserves_nothing(
+        pg_url: str, conn: Conn) -> None:
+    from proxy.control.shared import PoolTimeout
+
+    shared = SharedLimits(parse_target(pg_url), lease=60, connections=1, wait_timeout=0.2)
+    await shared.open()
+    try:
+        busy = asyncio.ensure_future(shared.call(lambda c: time.sleep(1.0)))  # the only connection, taken
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(PoolTimeout, match="free within 0.2 s"):
+            await shared.acquire("req-late", budget("1.00"), 0, Decimal("0.10"), time.time())
+        assert time.monotonic() - started < 0.8
+        await busy
+        # Taken off the queue: it never ran, so nothing is held for it.
+        assert conn.execute("SELECT count(*) FROM reservations WHERE id = 'req-late'").fetchone()[0] == 0
+        held = await shared.acquire("req-next", budget("1.00"), 0, Decimal("0.10"), time.time())
+        assert isinstance(held, SharedHold)
+    finally:
+        await shared.close()
