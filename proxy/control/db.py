@@ -26,7 +26,7 @@ from typing import Callable, TypeVar
 
 from proxy.core.errors import MeterproxyError
 from proxy.ledger import control_store
-from proxy.ledger.sqlconn import Conn
+from proxy.ledger.sqlconn import Conn, unreachable
 from proxy.ledger.target import Target, parse_target
 
 __all__ = ["ControlDB", "ControlDBError"]
@@ -97,8 +97,17 @@ class ControlDB:
         except Exception as exc:  # sqlite3.Error, psycopg.Error, OSError
             raise ControlDBError(f"cannot open the control tables of {self.shown}: {_line(exc)}") from exc
 
-    async def open(self) -> None:
-        await asyncio.to_thread(self.open_sync)
+    async def open(self, *, lazily: bool = False) -> None:
+        """`open_sync` on a thread. `lazily` (the proxy on PostgreSQL): a server that cannot be reached now
+        is an outage, not a failed start — calls that need the tables get ControlDBError until it answers."""
+        try:
+            await asyncio.to_thread(self.open_sync)
+        except ControlDBError as exc:
+            if not (lazily and self.is_postgres and isinstance(exc.__cause__, Exception)
+                    and unreachable(exc.__cause__)):
+                raise
+            self._opened = True  # connections are made at the first call that finds the server
+            self._outage(str(exc))
 
     def close_sync(self) -> None:
         self._opened = False

@@ -67,11 +67,14 @@ async def open_gate(*, db_path: str, managed: bool, prices: PriceTable | LivePri
     On PostgreSQL budgets and rate limits are shared by every replica (`control/shared.py`); on SQLite
     (one process) they are kept in memory."""
     db = ControlDB(db_path)
-    await db.open()
+    await db.open(lazily=True)  # PostgreSQL away at start: an outage, served as one
     shared: SharedLimits | None = None
     try:
         store = LimitStore(db, limits)
-        await store.load()
+        try:
+            await store.load()
+        except ControlDBError as exc:  # only when opened lazily: the tables' limits come once it answers
+            log.error("limits: the database's limits cannot be read yet (%s); the configuration's apply", exc)
         alerts = Alerts(db, alert_webhook, alert_thresholds)
         budgets = Budgets(db_path, alerts=alerts)
         target = parse_target(db_path)

@@ -28,7 +28,7 @@ from proxy.control.ratelimit import WINDOW, Figures, RateRefusal, headers_of, re
 from proxy.core.errors import MeterproxyError
 from proxy.core.recent import Recent
 from proxy.ledger import budget_store as store
-from proxy.ledger.sqlconn import Conn, connect_postgres
+from proxy.ledger.sqlconn import Conn, connect_postgres, unreachable
 from proxy.ledger.target import Target
 
 __all__ = ["DEFAULT_LEASE", "SharedBudgets", "SharedHold", "SharedLimits"]
@@ -200,7 +200,14 @@ class SharedLimits:
 
     # --- opening, leases, closing ----------------------------------------------------------------
     async def open(self) -> None:
-        await self.call(lambda conn: None)  # reachable now, or the proxy does not start
+        try:
+            await self.call(lambda conn: None)
+        except Exception as exc:
+            if not unreachable(exc):
+                raise
+            # Away at start: an outage like any other — admissions are refused (503) until it answers.
+            log.error("shared limits on %s: cannot reach the database yet (%s); budgeted calls are refused "
+                      "until it answers", self.target.shown, exc)
         self._renewer = asyncio.create_task(self._renew_loop(), name="shared limits leases")
 
     async def _renew_loop(self) -> None:

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from proxy.core.errors import MeterproxyError
 from proxy.ledger.migrations import create_private, migrate
-from proxy.ledger.sqlconn import Conn, connect_postgres, wrap_sqlite
+from proxy.ledger.sqlconn import Conn, connect_postgres, unreachable, wrap_sqlite
 from proxy.ledger.target import Target, parse_target
 
 log = logging.getLogger("meterproxy.ledger")
@@ -234,6 +234,10 @@ class LedgerDB:
             log.warning("ledger %s: the database file was deleted or replaced during a write; the batch is "
                         "written again into the new one", self.path)
             self._transaction(rows, skip_present=True)
+
+    def unreachable(self, exc: BaseException) -> bool:
+        """Whether `exc` (from open) says the PostgreSQL server could not be reached (see sqlconn)."""
+        return self.is_postgres and unreachable(exc)
 
     def interrupt(self) -> None:
         """Make the database call running on the writer thread fail now (from any thread): SQLite's

@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol
 
 from proxy.ledger.target import Target
 
-__all__ = ["Conn", "Cursor", "connect_postgres", "pg_sql", "wrap_sqlite"]
+__all__ = ["Conn", "Cursor", "connect_postgres", "pg_sql", "unreachable", "wrap_sqlite"]
 
 Dialect = Literal["sqlite", "postgres"]
 
@@ -162,6 +162,18 @@ def connect_postgres(target: Target, *, application_name: str = "meterproxy", co
         raw.close()
         raise
     return Conn(raw, "postgres", target.shown)
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether `exc` says a PostgreSQL server could not be reached at all (refused, timed out, no route),
+    as opposed to a server that answered and refused (a failed login, no such database, a failed
+    migration): an answer from the server carries a SQLSTATE, a connection that failed has none."""
+    import psycopg
+
+    if not isinstance(exc, psycopg.OperationalError) or getattr(exc, "sqlstate", None):
+        return False
+    text = str(exc)
+    return not any(word in text for word in ("FATAL", "authentication", "password", "does not exist"))
 
 
 @functools.lru_cache(maxsize=1024)

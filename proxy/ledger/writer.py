@@ -256,18 +256,28 @@ class Ledger:
             raise LedgerError(f"ledger {self._path} was already opened")
         self._opened = True
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="ledger-writer")
+        unreachable: str | None = None
         try:
             await self._on_thread(self.db.open)
         except Exception as exc:  # sqlite3.Error, OSError, MigrationError: all mean "unusable path"
-            self._thread.shutdown(wait=False)
-            self._thread = None
-            raise LedgerError(f"cannot open ledger {self._path}: {_first_line(exc)}") from exc
+            if not (self.db.unreachable(exc) and self._spool is not None):
+                self._thread.shutdown(wait=False)
+                self._thread = None
+                raise LedgerError(f"cannot open ledger {self._path}: {_first_line(exc)}") from exc
+            # A PostgreSQL server away at start is an outage like any other: serve, spool, and connect,
+            # migrate and replay once it answers (the background retry).
+            unreachable = f"cannot reach the database yet: {_first_line(exc)}"
+            log.warning("ledger %s: %s; serving on, rows go to the spool %s until it answers", self._path,
+                        unreachable, self._spool.path)
         if self._spool is not None:
             self._spooled = await self._on_thread(self._spool.has_rows)  # left by an earlier run
             if self._spooled:
                 self._spool_rows = len(await self._on_thread(self._spool.read))
             await self._prepare_spool()
-        refusal = await self._on_thread(self.db.refuses_writes)
+        if unreachable is not None:
+            self._spooled, self._healthy, self._refusal = True, False, unreachable
+            self._next_retry = 0.0  # try at once
+        refusal = None if unreachable is not None else await self._on_thread(self.db.refuses_writes)
         if refusal is not None:  # a read-only file, say: serving on, but say so now, not at the first call
             self._healthy, self._refusal = False, refusal
             where = (f"rows go to the spool {self._spool.path} until it does" if self._spool is not None

@@ -112,3 +112,34 @@ def test_a_slow_database_shows_on_healthz_and_in_metrics_and_clears(
         client.close()
     assert "meterproxy_ledger_row_wait_seconds_count 29.0" in metrics
     assert len(ledger_rows(pg_url)) == 29
+
+
+def test_a_proxy_started_while_postgres_is_away_serves_spools_then_migrates_and_replays_once(
+        upstream: FakeUpstream, start_proxy: Callable[..., ProxyServer], pg_url: str, relay: Relay) -> None:
+    """The server is away when the proxy starts (a deploy racing the database): the proxy starts anyway,
+    /healthz says degraded and why, calls complete once their rows are in the spool; when the server
+    answers, the proxy migrates the (empty) schema and replays the rows in order, each once."""
+    upstream.json(REPLY)
+    relay.cut()
+    proxy = start_proxy(db=relay.url(pg_url), ledger_busy_timeout=1.0)
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key=KEY, max_retries=0)
+    try:
+        status, body = health(proxy)
+        assert (status, body["status"], body["ledger"]) == (200, "degraded", "spooling"), body
+        for n in range(3):
+            out = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "b"}],
+                                                 extra_headers={"X-Meter-User": f"early-{n}"})
+            assert out.choices[0].message.content == "Hi."
+        assert health(proxy)[1]["spool_depth"] == 3
+        relay.restore()
+        deadline = time.monotonic() + 30
+        while health(proxy)[1]["status"] != "ok":
+            assert time.monotonic() < deadline, health(proxy)
+            time.sleep(0.1)
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "c"}],
+                                       extra_headers={"X-Meter-User": "after"})
+    finally:
+        client.close()
+    rows = ledger_rows(pg_url)
+    assert [r["user"] for r in rows] == ["early-0", "early-1", "early-2", "after"]
+    assert_exact(pg_url)
