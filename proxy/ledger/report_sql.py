@@ -1,8 +1,10 @@
-"""The SQL of usage reports: one report segment over `calls` or over the rollups, on SQLite or PostgreSQL.
+"""The SQL of usage reports: a report's segments over `calls` and the rollups, on SQLite or PostgreSQL.
 
-`run` returns, per group, the group's values, the integer counters in `rollups.INT_COUNTERS` order and
-the exact cost as a `Decimal` with the exponent adding the calls' costs would give. The planning (which
-source answers which range) is `proxy.reports.plan`; this module only reads.
+`run` returns, per group, one row: the group's values, the integer counters in `rollups.INT_COUNTERS`
+order, and the cost as picodollars, their smallest exponent and an exact decimal (`cost` makes the Decimal
+adding the calls' costs would give). The segments are one statement (UNION ALL, grouped again in SQL), so
+only the answer's rows leave the database. The planning (which source answers which range) is
+`proxy.reports.plan`; this module only reads.
 
 Dialects: time labels are strftime on SQLite and to_char on PostgreSQL (same text); a tag is
 `json_extract` on SQLite and `jsonb ->` on PostgreSQL, and where a row's tags are not valid JSON the
