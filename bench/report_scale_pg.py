@@ -1,9 +1,11 @@
 """Report speed on PostgreSQL: usage reports over 10 million calls, via the rollups and via `calls`.
 
-`python -m bench.report_scale_pg [--calls 10000000] [--server URL] [--raw-runs 1] [--keep]`
+`python -m bench.report_scale_pg [--calls 10000000] [--server URL] [--raw-runs 1] [--keep] [--reuse NAME]
+[--match TEXT]`
 
 Creates a database of its own on the server (default postgresql://postgres@127.0.0.1:5432/postgres; the
-database is `meterproxy_bench_<pid>`, dropped at the end unless --keep), runs the PostgreSQL migrations,
+database is `meterproxy_bench_<pid>`, dropped at the end unless --keep; `--reuse NAME` measures a kept one
+again, after running any newer migrations on it), runs the PostgreSQL migrations,
 generates the calls in SQL (`INSERT … SELECT … FROM generate_series`: 92 days, 60 keys in 12 teams, 400
 users, 14 models, 20 operations, 3.5% errors, 15% counted usage, exact costs in whole picodollars), then
 builds the rollups in SQL the way `rollup_build` defines them (hour rows per dimension set, day and month rows,
@@ -18,19 +20,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
-from bench.report_scale import END, GROUPINGS, MODELS, MONTH, START, ZONES
+from bench.report_scale import END, MODELS, START, measure, print_table
 from proxy.ledger import migrations_postgres, rollups
 from proxy.ledger.sqlconn import connect_postgres
 from proxy.ledger.target import parse_target
-from proxy.reports import queries as reports
 
 SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 # Each dimension's column in the per-hour base table, and how a NULL reads in a hash join (none are NULL here,
@@ -46,7 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--server", default=os.environ.get("METERPROXY_TEST_PG", SERVER))
     p.add_argument("--raw-runs", type=int, default=1, help="runs of each raw-scan report (0: none, no check)")
     p.add_argument("--keep", action="store_true", help="keep the database (its URL is printed)")
-    p.add_argument("--url", help="measure this database, made by an earlier --keep run, instead of building one")
+    p.add_argument("--reuse", metavar="NAME",
+                   help="measure database NAME on the server, made by an earlier --keep run, instead of building one "
+                        "(its newer migrations are run first; it is never dropped)")
+    p.add_argument("--match", help='only the reports whose "range group_by" contains this, e.g. "August user"')
     return p
 
 
@@ -178,48 +180,17 @@ def build(url: str, calls: int) -> dict[str, float]:
     return spent
 
 
-def _time(fn: Any, runs: int) -> tuple[float, Any]:
-    times, result = [], None
-    for _ in range(runs):
-        t = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) if times else float("nan"), result
-
-
-def measure(url: str, raw_runs: int) -> list[dict[str, Any]]:
-    results = []
-    with reports.open_read(url) as conn:
-        state = rollups.read_state(conn)  # type: ignore[arg-type]
-        assert state.current, "the rollups are not current"
-        ranges: list[tuple[str, float | None, float | None, str | None]] = [
-            ("3 months", None, None, None), ("August", *MONTH, None)]
-        for zone in ZONES:
-            ranges.append((f"August, {zone.split('/')[1]}", reports.parse_time("2026-08-01", "since", zone),
-                           reports.parse_time("2026-09-01", "until", zone), zone))
-        for label, since, until, tz in ranges:
-            for group_by in GROUPINGS:
-                args = {"group_by": group_by, "since": since, "until": until, "tz": tz}
-                plan = reports.plan_segments(conn, group_by, since, until, reports.parse_tz(tz), state)
-                reports.usage_report(conn, **args)  # warm
-                fast_s, fast = _time(lambda a=args: reports.usage_report(conn, **a), 5)
-                raw_s, raw = _time(lambda a=args: reports.usage_report(conn, use_rollups=False, **a), raw_runs)
-                if raw_runs and fast != raw:
-                    raise SystemExit(f"DIFFERENT ANSWERS for {label} {group_by}: rollups and calls disagree")
-                sources = "+".join(sorted({s.source for s in plan}))
-                results.append({"range": label, "group_by": ",".join(group_by) or "(totals)", "sources": sources,
-                                "rows": len(fast["rows"]), "rollups_ms": fast_s * 1000, "raw_ms": raw_s * 1000})
-                print(f"  {label:15} {results[-1]['group_by']:22} {sources:16} {len(fast['rows']):7,} rows "
-                      f"{fast_s * 1000:9.1f} ms {raw_s * 1000:10.1f} ms", file=sys.stderr)
-    return results
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.url:
-        spent: dict[str, float] = {}
-        results = measure(args.url, args.raw_runs)
-        url = args.url
+    spent: dict[str, float] = {}
+    if args.reuse:  # made by an earlier --keep run: never dropped here
+        url = _database_url(args.server, args.reuse)
+        conn = connect_postgres(parse_target(url))
+        try:
+            migrations_postgres.migrate(conn)  # a newer schema's migrations (indexes) on the kept rows
+        finally:
+            conn.close()
+        results = measure(url, args.raw_runs, args.match)
     else:
         name = f"meterproxy_bench_{os.getpid()}"
         url = _database_url(args.server, name)
@@ -229,32 +200,21 @@ def main(argv: list[str] | None = None) -> int:
             spent = build(url, args.calls)
             print(f"built {args.calls:,} calls: " + ", ".join(f"{k} {v:.1f} s" for k, v in spent.items()),
                   file=sys.stderr)
-            results = measure(url, args.raw_runs)
+            results = measure(url, args.raw_runs, args.match)
         finally:
             if not args.keep:
                 with psycopg.connect(args.server, autocommit=True) as admin:
                     admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    with psycopg.connect(url) if args.keep or args.url else _null() as info:
-        if info is not None:
+    if args.keep or args.reuse:
+        with psycopg.connect(url) as info:
             size = info.execute("SELECT pg_size_pretty(pg_database_size(current_database()))").fetchone()
-            print(f"database {parse_target(url).shown}: {size[0] if size else '?'}")
-    print("| range | group_by | read from | rows | rollups ms | raw scan ms |")
-    print("|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['range']} | {r['group_by']} | {r['sources']} | {r['rows']:,} | {r['rollups_ms']:.1f} | "
-              f"{r['raw_ms']:,.0f} |")
-    fast = sum(r["rollups_ms"] < 100 for r in results)
-    print(f"\n{fast} of {len(results)} reports under 100 ms through the rollups"
-          + (f"; build: {', '.join(f'{k} {v:.0f} s' for k, v in spent.items())}" if spent else ""))
+            calls = info.execute("SELECT count(*) FROM calls").fetchone()
+        print(f"database {parse_target(url).shown}: {calls[0] if calls else 0:,} calls, {size[0] if size else '?'}"
+              + (f" (reuse it: --reuse {parse_target(url).where.rsplit('/', 1)[-1]})" if args.keep else ""))
+    print_table(results)
+    if spent:
+        print("build: " + ", ".join(f"{k} {v:.0f} s" for k, v in spent.items()))
     return 0
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 if __name__ == "__main__":

@@ -89,38 +89,17 @@ def usage_report(
     with read_snapshot(conn):
         state = rollups.read_state(conn) if use_rollups else rollups.State(False, False, None)
         segments = plan_segments(conn, [name for name, _ in groups], since, until, zone, state)
-        sums: dict[tuple[Any, ...], list[Any]] = {}
-        for segment in segments:
-            for found in report_sql.run(conn, source=segment.source, lo=segment.lo, hi=segment.hi,
-                                        offset=segment.offset, projected=segment.projected, groups=groups,
-                                        filters=filters, utc=zone is None):
-                known = sums.get(found[0])
-                if known is None:
-                    sums[found[0]] = [list(found[1]), found[2]]
-                else:
-                    known[0] = [a + b for a, b in zip(known[0], found[1])]
-                    known[1] = EXACT.add(known[1], found[2])
-    rows, costs = [], []
-    for values, (ints, cost) in sums.items():
-        if not ints[0]:
-            continue  # no GROUP BY yields one all-zero row over an empty range
-        row = {out: values[i] for i, (_, out) in enumerate(groups)}
-        counted = dict(zip(rollups.INT_COUNTERS, ints))
-        row.update((name, counted[name]) for name in COUNTERS if name != "cost_usd")
-        row["cost_usd"] = format(cost, "f")
-        rows.append({out: row[out] for out in (*(o for _, o in groups), *COUNTERS)})
-        costs.append(cost)
-    # copy_negate, unlike unary minus, does not round to the context's 28 digits.
-    order = sorted(
-        range(len(rows)), key=lambda i: (costs[i].copy_negate(), *_sort_keys(rows[i], groups))
-    )
+        found = report_sql.run(conn, [(s.source, s.lo, s.hi, s.offset, s.projected) for s in segments],
+                               groups=groups, filters=filters, utc=zone is None)
+    rows, order = _rows(found, len(groups))
+    names = (*(out for _, out in groups), *COUNTERS)
     report: dict[str, Any] = {
         "since": None if since is None else iso(since),
         "until": None if until is None else iso(until),
         "group_by": [name for name, _ in groups],
         "tz": "UTC" if zone is None else zone.key,
-        "rows": [rows[i] for i in order],
-        "totals": _totals(rows, [costs[i] for i in range(len(rows))]),
+        "rows": [dict(zip(names, rows[i])) for i in order],
+        "totals": _totals(found, len(groups)),
     }
     pruned = state.pruned_before
     if pruned is not None and (since is None or since < pruned):
@@ -177,22 +156,52 @@ def _check_time(value: float | None, param: str) -> None:
         raise ParameterError(f"{param}: must be unix seconds, got {value!r}", param)
 
 
-def _sort_keys(row: dict[str, Any], groups: list[tuple[str, str]]) -> list[tuple[bool, bool, Any]]:
-    # None sorts last; the middle flag keeps ints and strs (a tag may hold either) apart.
-    keys = []
-    for _, out in groups:
-        value = row[out]
-        keys.append((value is None, isinstance(value, str), "" if value is None else value))
-    return keys
+# A row's counters: the integer counters (rollups.INT_COUNTERS order) before and after the cost.
+_BEFORE_COST = COUNTERS.index("cost_usd")
+assert COUNTERS[:_BEFORE_COST] + COUNTERS[_BEFORE_COST + 1:] == rollups.INT_COUNTERS
 
 
-def _totals(rows: list[dict[str, Any]], costs: list[Decimal]) -> dict[str, Any]:
-    totals: dict[str, Any] = {name: sum(r[name] for r in rows) for name in COUNTERS if name != "cost_usd"}
-    cost = Decimal(0)
-    for c in costs:
-        cost = EXACT.add(cost, c)
-    totals["cost_usd"] = format(cost, "f")
-    return totals
+def _rows(found: list[report_sql.Sums], width: int) -> tuple[list[tuple[Any, ...]], list[int]]:
+    """The report's rows as tuples in output order (group values, then COUNTERS), groups without calls left
+    out, and their order: the most expensive first, then by the group values (None last; a tag's text and
+    numbers apart)."""
+    end = width + len(rollups.INT_COUNTERS)
+    cut = width + _BEFORE_COST
+    rows: list[tuple[Any, ...]] = []
+    keys: list[tuple[Any, ...]] = []
+    # Costs in whole picodollars (the common case) are ordered by the integer; any decimal part: Decimals.
+    fast = all(f[end + 2] is None and f[end] is not None for f in found if f[width])
+    for f in found:
+        if not f[width]:
+            continue  # no GROUP BY yields one all-zero row over an empty range
+        rank: int | Decimal
+        if fast:
+            units = f[end] if f[end].__class__ is int else int(f[end])
+            text, rank = rollups.pico_text(units, f[end + 1]), -units
+        else:
+            amount = report_sql.cost(f[end], f[end + 1], f[end + 2])
+            # copy_negate, unlike unary minus, does not round to the context's 28 digits.
+            text, rank = format(amount, "f"), amount.copy_negate()
+        rows.append((*f[:cut], text, *f[cut:end]))
+        keys.append((rank, *[(v is None, v.__class__ is str, "" if v is None else v) for v in f[:width]]))
+    return rows, sorted(range(len(rows)), key=keys.__getitem__)
+
+
+def _totals(found: list[report_sql.Sums], width: int) -> dict[str, Any]:
+    end = width + len(rollups.INT_COUNTERS)
+    found = [f for f in found if f[width]]
+    ints = [sum(column) for column in zip(*(f[width:end] for f in found))] if found else [0] * (end - width)
+    exps = [f[end + 1] for f in found if f[end] is not None]
+    units = sum(int(f[end]) for f in found if f[end] is not None)
+    decs = [f[end + 2] for f in found if f[end + 2] is not None]
+    if not decs:
+        text = rollups.pico_text(units, min([0, *exps]))
+    else:
+        total = report_sql.cost(units if exps else None, min(exps) if exps else None, None)
+        for dec in decs:
+            total = EXACT.add(total, Decimal(dec))
+        text = format(total, "f")
+    return dict(zip(COUNTERS, (*ints[:_BEFORE_COST], text, *ints[_BEFORE_COST:])))
 
 
 def list_calls(

@@ -734,3 +734,31 @@ def test_a_postgres_server_lost_mid_read_is_a_ledger_error(pg_url: str) -> None:
                 admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
             reports.usage_report(conn, group_by=["model"])
     assert parse_target(pg_url).shown in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_costs_beyond_a_64_bit_sum_add_exactly_across_segments(ledger_target: str) -> None:
+    # Four calls of just over $4M each: each is whole picodollars (4e18 + 1, below 2**62), three hours of
+    # them sum past SQLite's 64-bit integers. The range cuts the first hour, so the report has a raw part
+    # and an hour part, read as one query (PostgreSQL adds in numeric) or, when SQLite's sum overflows, a
+    # query per part added in Python: the same exact answer either way, and the same as the raw scan.
+    import asyncio
+    import random
+
+    from tests.support.ledger import write_through_ledger
+
+    calls = [call(n, when, model="gpt-4o", cost_usd=Decimal("4000000.000000000001"))
+             for n, when in enumerate(["2026-11-23 00:45:00", "2026-11-23 01:15:00", "2026-11-23 02:15:00",
+                                       "2026-11-23 03:15:00"], start=1)]  # fmt: skip
+    asyncio.run(write_through_ledger(ledger_target, calls, random.Random(3)))
+    conn = reports.connect_readonly(ledger_target)
+    try:
+        since = at("2026-11-23 00:30:00")
+        plan = reports.plan_segments(conn, ["model"], since, None, None, rollups.read_state(conn))
+        assert {s.source for s in plan} == {"raw", "hour"}
+        for group_by in ([], ["model"], ["hour"], ["day", "model"]):
+            fast = reports.usage_report(conn, group_by=group_by, since=since)
+            assert fast == reports.usage_report(conn, group_by=group_by, since=since, use_rollups=False)
+            assert fast["totals"]["cost_usd"] == "16000000.000000000004"
+            assert fast["totals"]["calls"] == 4
+    finally:
+        conn.close()
