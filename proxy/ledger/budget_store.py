@@ -24,9 +24,9 @@ from proxy.ledger.db import COLUMNS
 from proxy.ledger.sqlconn import Conn
 
 __all__ = [
-    "SpendKey", "adjust_tokens", "begin_reservation", "commit_reservation", "create_spend", "holds_now", "create_rate_subjects", "db_now", "insert_holds",
+    "SpendKey", "add_spend", "adjust_tokens", "begin_reservation", "commit_reservation", "create_spend", "holds_now", "create_rate_subjects", "db_now", "insert_holds",
     "insert_rate_events", "live_holds", "lock_rate_subjects", "lock_spend", "period_labels", "prune",
-    "rate_entries", "rate_windows", "release", "renew", "settle_rows", "spend_since",
+    "rate_entries", "rate_windows", "release", "renew", "settle_rows", "spend_keys", "spend_since",
 ]
 
 SpendKey = tuple[str, str, str, str]  # (kind, name, period, label)
@@ -226,6 +226,14 @@ def _team(tags: object) -> str | None:
     return team if isinstance(team, str) and team else None
 
 
+def spend_keys(started_at: float, key_id: Any, user: Any, tags: Any) -> list[SpendKey]:
+    """The spend rows a call counts in: its key, user and team, each in its day, month and total."""
+    labels = period_labels(float(started_at))
+    return [(kind, name, period, label)
+            for kind, name in (("key", key_id), ("user", user), ("team", _team(tags))) if name
+            for period, label in labels]
+
+
 def settle_rows(conn: Conn, rows: list[tuple[Any, ...]]) -> None:
     """The ledger's `after_insert` hook (PostgreSQL): add each row's cost to the spend rows of its key, user
     and team in its day, month and total, and delete its reservation, in the batch's own transaction."""
@@ -236,14 +244,18 @@ def settle_rows(conn: Conn, rows: list[tuple[Any, ...]]) -> None:
         cost = Decimal(row[_COST])
         if not cost:
             continue
-        labels = period_labels(float(row[_STARTED]))
-        for kind, name in (("key", row[_KEY]), ("user", row[_USER]), ("team", _team(row[_TAGS]))):
-            if not name:
-                continue
-            for period, label in labels:
-                key = (kind, name, period, label)
-                amounts[key] = amounts.get(key, _ZERO) + cost
+        for key in spend_keys(row[_STARTED], row[_KEY], row[_USER], row[_TAGS]):
+            amounts[key] = amounts.get(key, _ZERO) + cost
     conn.execute("DELETE FROM reservations WHERE id = ANY(?)", ([row[_ID] for row in rows],))
+    add_spend(conn, amounts)
+
+
+def add_spend(conn: Conn, amounts: dict[SpendKey, Decimal]) -> None:
+    """Add `amounts` to the spend rows that exist (PostgreSQL; in the caller's transaction, which holds the
+    ledger's write lock). A missing row is made later from the exact ledger sum, which has them already."""
+    if conn.dialect != "postgres":
+        return
+    amounts = {k: v for k, v in amounts.items() if v}
     if not amounts:
         return
     keys = list(amounts)

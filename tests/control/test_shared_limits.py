@@ -285,3 +285,41 @@ async def test_a_lost_connection_is_opened_anew_and_an_unreachable_database_rais
         await away.acquire("c3", budget("1"), 0, Decimal("0.1"), time.time())
     assert "secret-pw" not in str(caught.value)
     await away.close()
+
+
+async def test_reprice_moves_the_shared_spend_by_its_delta_and_admission_follows(
+        replicas: list[SharedLimits], conn: Conn) -> None:
+    # Calls of a model without a price cost 0; the spend rows exist (the first reservation made them).
+    from proxy.core.record import Usage
+    from proxy.ledger.reprice import reprice
+    from proxy.pricing.table import PriceTable
+
+    first = await replicas[0].acquire("r0", budget("1.00"), 0, Decimal("0.10"), time.time())
+    assert isinstance(first, SharedHold)
+    recs = []
+    for i in range(4):
+        rec = CallRecord(request_id=f"r{i}", started_at=time.time(), method="POST", model="local-x",
+                         endpoint="/v1/chat/completions", ended_at=time.time(), status=200, tags={"team": "ml"},
+                         cost_usd=Decimal(0), priced=False)
+        rec.set_usage(Usage(prompt_tokens=100_000, completion_tokens=0, total_tokens=100_000), "upstream")
+        recs.append(record_row(rec))
+    write_rows(conn, recs)
+    first.settle(Decimal(0))
+    assert team_spend(conn) == 0
+    admitted = await replicas[1].acquire("r9", budget("1.00"), 0, Decimal("0.10"), time.time())
+    assert isinstance(admitted, SharedHold)
+    admitted.settle(Decimal(0), recorded=False)
+    # The model gets a price: 100,000 tokens x 2.40 per 1M = 0.24 a call, 0.96 for the four.
+    table = PriceTable.from_mapping({"models": {"local-x": {"input": "2.40", "output": "1"}}})
+    report = reprice(conn, table)
+    assert report.changed == 4
+    total = Decimal(conn.execute("SELECT decimal_sum(cost_usd) FROM calls").fetchone()[0])
+    assert total == Decimal("0.96")
+    assert team_spend(conn) == total
+    refused = await replicas[2].acquire("r10", budget("1.00"), 0, Decimal("0.10"), time.time())
+    assert isinstance(refused, BudgetRefusal) and refused.spent == total
+    # And back: a cheaper table lowers the spend by the same delta, and the call fits again.
+    reprice(conn, PriceTable.from_mapping({"models": {"local-x": {"input": "0.60", "output": "1"}}}))
+    assert team_spend(conn) == Decimal("0.24")
+    again = await replicas[2].acquire("r11", budget("1.00"), 0, Decimal("0.10"), time.time())
+    assert isinstance(again, SharedHold)
