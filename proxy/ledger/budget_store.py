@@ -19,6 +19,7 @@ from decimal import Decimal
 from typing import Any
 
 from proxy.core.attribution import TEAM_TAG
+from proxy.core.money import EXACT
 from proxy.ledger import rollups
 from proxy.ledger.db import COLUMNS
 from proxy.ledger.sqlconn import Conn
@@ -42,15 +43,35 @@ def _subject_sql(conn: Conn, kind: str) -> str:
     return f"{rollups.team_sql(conn)} = ?" if kind == "team" else _SUBJECT[kind]
 
 
+_DIM = {"key": "d.key_id", "user": 'd."user"', "team": "d.team"}
+
+
 def spend_since(conn: Conn, kind: str, name: str, since: float, until: float | None = None) -> Decimal:
-    """Exact spend of a subject in calls started at or after `since` (and before `until`, if given)."""
+    """Exact spend of a subject in calls started at or after `since` (and before `until`, if given).
+
+    Pruned calls count (retention deletes rows, not spend): hours before `rollup_state.pruned_before` are
+    read from the hour rollups, which hold every pruned row, and the rest from `calls`. So a `total`
+    budget has spent what it spent on either backend, however many rows were pruned."""
+    total = _ZERO
+    state = rollups.read_state(conn)
+    pruned = state.pruned_before if state.exists else None
+    if pruned is not None and pruned > since:
+        hi = pruned if until is None else min(pruned, until)
+        (rolled,) = conn.execute(
+            f"SELECT decimal_sum(r.cost_usd) FROM rollups r JOIN rollup_dims d ON d.id = r.dim_id WHERE r.grain = ?"
+            f" AND r.bucket >= ? AND r.bucket < ? AND {_DIM[kind]} = ?",
+            (rollups.HOUR, int(since) // 3600 * 3600, hi, name)).fetchone()
+        total = Decimal(rolled) if rolled is not None else _ZERO
+        if until is not None and until <= pruned:
+            return total
+        since = float(pruned)
     sql = f"SELECT decimal_sum(cost_usd) FROM calls WHERE {_subject_sql(conn, kind)} AND started_at >= ?"
     params: list[Any] = [name, since]
     if until is not None:
         sql += " AND started_at < ?"
         params.append(until)
-    (total,) = conn.execute(sql, params).fetchone()
-    return Decimal(total) if total is not None else _ZERO
+    (raw,) = conn.execute(sql, params).fetchone()
+    return EXACT.add(total, Decimal(raw)) if raw is not None else total
 
 
 def period_labels(started_at: float) -> tuple[tuple[str, str], ...]:
@@ -245,7 +266,7 @@ def settle_rows(conn: Conn, rows: list[tuple[Any, ...]]) -> None:
         if not cost:
             continue
         for key in spend_keys(row[_STARTED], row[_KEY], row[_USER], row[_TAGS]):
-            amounts[key] = amounts.get(key, _ZERO) + cost
+            amounts[key] = EXACT.add(amounts.get(key, _ZERO), cost)
     conn.execute("DELETE FROM reservations WHERE id = ANY(?)", ([row[_ID] for row in rows],))
     add_spend(conn, amounts)
 
