@@ -224,6 +224,8 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
             reserve_max_tokens=settings.reserve_max_tokens, alert_webhook=settings.alert_webhook,
             alert_thresholds=settings.alert_thresholds, unmetered_routes=settings.unmetered_routes,
             reservation_lease_seconds=settings.reservation_lease_seconds)
+        if gate.shared is not None:  # a spooled row's cost stays held until its replay (control/shared.py)
+            gate.shared.ledger_clear = lambda: app[LEDGER].accepting
         app[GATE] = gate
         try:
             yield

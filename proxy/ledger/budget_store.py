@@ -26,7 +26,7 @@ from proxy.ledger.sqlconn import Conn
 
 __all__ = [
     "SpendKey", "add_spend", "adjust_tokens", "begin_reservation", "commit_reservation", "create_spend", "holds_now", "create_rate_subjects", "db_now", "insert_holds",
-    "insert_rate_events", "live_holds", "lock_rate_subjects", "lock_spend", "period_labels", "prune",
+    "insert_rate_events", "keep_holds", "live_holds", "lock_rate_subjects", "lock_spend", "period_labels", "prune",
     "rate_entries", "rate_windows", "release", "renew", "settle_rows", "spend_keys", "spend_since",
 ]
 
@@ -173,6 +173,30 @@ def renew(conn: Conn, reservations: Sequence[str], expires_at: float) -> int:
         return 0
     return conn.execute("UPDATE reservations SET expires_at = ? WHERE id = ANY(?)",
                         (expires_at, list(reservations))).rowcount
+
+
+def keep_holds(conn: Conn, kept: dict[str, tuple[list[SpendKey], Decimal]], replica: str,
+               expires_at: float) -> set[str]:
+    """Hold the cost of calls whose rows wait in a spool (`kept`: request id -> spend keys, cost) until their
+    rows are in `calls`: those already there are returned (their holds go: the replay's hook settled them);
+    the others' holds are renewed, or made again if their lease ran out and a prune took them. Own
+    transaction. A replay committing meanwhile may leave a hold of its own id until the next call (counted
+    twice for that moment: more refused, never more admitted)."""
+    if not kept:
+        return set()
+    ids = list(kept)
+    with conn.transaction():
+        done = {r[0] for r in conn.execute("SELECT request_id FROM calls WHERE request_id = ANY(?)", (ids,))}
+        if done:
+            conn.execute("DELETE FROM reservations WHERE id = ANY(?)", (list(done),))
+        rows = [(rid, *key, replica, cost, expires_at) for rid, (keys, cost) in sorted(kept.items())
+                if rid not in done for key in keys]
+        if rows:
+            conn.executemany(
+                "INSERT INTO reservations (id, kind, name, period, label, replica, worst_usd, expires_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id, kind, name, period, label) DO UPDATE"
+                " SET worst_usd = excluded.worst_usd, expires_at = excluded.expires_at", rows)
+    return done
 
 
 def release(conn: Conn, reservation: str) -> None:
