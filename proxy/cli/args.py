@@ -13,6 +13,7 @@ from typing import Any, Iterable, Sequence, TypeVar, overload
 
 from proxy.config import Settings, load_settings
 from proxy.core.times import parse_time
+from proxy.ledger.schema import schema_missing
 from proxy.ledger.target import parse_target
 
 _DEFAULT_DB = Settings().db
@@ -58,9 +59,12 @@ def db_problem(path: str) -> str | None:
 
 
 def missing_ledger(db: str) -> str | None:
-    """"no ledger at PATH" when a SQLite ledger file does not exist (a command that only reads must not
-    create one); None when it does, and for a PostgreSQL URL (connecting tells)."""
-    if parse_target(db).is_postgres or os.path.isfile(db):
+    """"no ledger at PATH" when a SQLite ledger file does not exist, "no meterproxy schema at URL" when a
+    PostgreSQL database has none (a command that only reads must not create or migrate one); else None."""
+    target = parse_target(db)
+    if target.is_postgres:
+        return schema_missing(target)
+    if os.path.isfile(db):
         return None
     return f"no ledger at {db}: file not found"
 

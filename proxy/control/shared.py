@@ -88,6 +88,7 @@ class SharedHold:
         if not recorded:
             self._limits.later(store.release, self.id)
             return
+        self._limits.keep_if_spooled(self.id, [b.key for b in self.budgets], cost_usd)
         if self.rated and tokens is not None:
             self._limits.later(store.adjust_tokens, self.id, tokens)
         alerts = self._limits.alerts
@@ -123,6 +124,12 @@ class SharedLimits:
         # (seconds waited for the connection, seconds of the transaction) of each admission, from the thread
         self.on_admission: Callable[[float, float], None] | None = None
         self.admissions = Recent()  # for /healthz: a slow shared-limits database
+        # Whether the ledger writes into the database now (the app sets it: `Ledger.accepting`). A call that
+        # ends while it does not may have its row in the spool: its cost stays held (`_kept`) until the row
+        # is in `calls`, renewed, and made again before this replica's next admission if a lease ran out.
+        self.ledger_clear: Callable[[], bool] | None = None
+        self._kept: dict[str, tuple[list[store.SpendKey], Decimal]] = {}
+        self._kept_stale = False  # kept holds to make sure of before the next admission
 
     # --- the worker thread and its connection ----------------------------------------------------
     def _connection(self) -> Conn:
@@ -198,6 +205,21 @@ class SharedLimits:
     def forget(self, request_id: str) -> None:
         self._open.discard(request_id)
 
+    def keep_if_spooled(self, request_id: str, keys: list[store.SpendKey], cost_usd: Decimal) -> None:
+        """The call's row was stored; if the ledger is not writing into the database, keep its cost held."""
+        if self.ledger_clear is None or self.ledger_clear() or not keys or not cost_usd:
+            return
+        self._kept[request_id] = (keys, cost_usd)
+        self._kept_stale = True
+
+    def _hold_kept(self, conn: Conn, kept: dict[str, tuple[list[store.SpendKey], Decimal]]) -> set[str]:
+        return store.keep_holds(conn, kept, self.replica, store.db_now(conn) + self.lease)
+
+    def _settled_kept(self, done: set[str], sent: dict[str, Any]) -> None:
+        for rid in done:
+            if self._kept.get(rid) is sent.get(rid):
+                self._kept.pop(rid, None)
+
     # --- opening, leases, closing ----------------------------------------------------------------
     async def open(self) -> None:
         try:
@@ -216,18 +238,32 @@ class SharedLimits:
             try:
                 await self.renew()
             except Exception as exc:  # the database is away: the leases run on; the next turn tries again
+                self._kept_stale = True
                 log.warning("shared limits on %s: leases not renewed: %s", self.target, exc)
+                while not self._closed:  # back soon after the database is: kept holds made again first
+                    await asyncio.sleep(min(1.0, self.lease / 3))
+                    try:
+                        await self.renew()
+                        break
+                    except Exception:
+                        continue
 
     async def renew(self) -> None:
         """Extend the leases of this replica's calls in flight; drop what expired and old windows."""
-        await self.call(self._renew, list(self._open))
+        kept = dict(self._kept)
+        done = await self.call(self._renew, list(self._open), kept)
+        self._settled_kept(done, kept)
+        if not self._kept:
+            self._kept_stale = False
 
-    def _renew(self, conn: Conn, ids: list[str]) -> None:
+    def _renew(self, conn: Conn, ids: list[str], kept: dict[str, tuple[list[store.SpendKey], Decimal]]) -> set[str]:
+        done = self._hold_kept(conn, kept)
         now = store.db_now(conn)
         store.renew(conn, ids, now + self.lease)
         _, day = period_of("day", now - 86400)
         _, month = period_of("month", period_of("month", now)[0] - 1)
         store.prune(conn, now, WINDOW, day, month)
+        return done
 
     async def close(self) -> None:
         if self._closed:
@@ -258,12 +294,18 @@ class SharedLimits:
                 budgets.append(_Budget(subject, limits.budget_period, label, start, end, limits.budget_usd))
         rates = [(s, lim.rpm, lim.tpm) for s, lim in active if lim.rpm is not None or lim.tpm is not None]
         self._open.add(request_id)  # renewed from the moment it may exist
+        kept: dict[str, tuple[list[store.SpendKey], Decimal]] = {}
+        if self._kept_stale and self._kept:  # spooled rows' costs held again before anything is admitted
+            kept, self._kept_stale = dict(self._kept), False
         try:
-            result = await self._call_bounded(self._timed_acquire, time.perf_counter(), request_id, budgets, rates, tokens,
-                                     worst_usd)
+            result, done = await self._call_bounded(self._timed_acquire, time.perf_counter(), request_id, budgets,
+                                                    rates, tokens, worst_usd, kept)
         except BaseException:
             self._open.discard(request_id)
+            if kept:
+                self._kept_stale = True
             raise
+        self._settled_kept(done, kept)
         if not isinstance(result, SharedHold):
             self._open.discard(request_id)
             if isinstance(result, BudgetRefusal) and self.alerts is not None:
@@ -271,7 +313,8 @@ class SharedLimits:
                                     refused=True)
         return result
 
-    def _timed_acquire(self, conn: Conn, queued: float, *args: Any) -> SharedHold | RateRefusal | BudgetRefusal:
+    def _timed_acquire(self, conn: Conn, queued: float,
+                       *args: Any) -> tuple[SharedHold | RateRefusal | BudgetRefusal, set[str]]:
         started = time.perf_counter()
         self.admissions.add(started - queued)  # waited + took: what a call's admission costs it
         self.admissions.start()
@@ -284,11 +327,13 @@ class SharedLimits:
                 self.on_admission(started - queued, took)
 
     def _acquire(self, conn: Conn, request_id: str, budgets: list[_Budget],
-                 rates: list[tuple[Subject, int | None, int | None]], tokens: int,
-                 worst_usd: Decimal) -> SharedHold | RateRefusal | BudgetRefusal:
+                 rates: list[tuple[Subject, int | None, int | None]], tokens: int, worst_usd: Decimal,
+                 kept: dict[str, tuple[list[store.SpendKey], Decimal]]
+                 ) -> tuple[SharedHold | RateRefusal | BudgetRefusal, set[str]]:
+        done = self._hold_kept(conn, kept) if kept else set()
         for _ in range(3):
             try:
-                return self._transaction(conn, request_id, budgets, rates, tokens, worst_usd)
+                return self._transaction(conn, request_id, budgets, rates, tokens, worst_usd), done
             except _Missing as missing:
                 for b in sorted(missing.spend, key=lambda b: b.key):
                     store.create_spend(conn, b.key, b.start, b.end)

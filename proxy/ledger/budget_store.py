@@ -19,14 +19,15 @@ from decimal import Decimal
 from typing import Any
 
 from proxy.core.attribution import TEAM_TAG
+from proxy.core.money import EXACT
 from proxy.ledger import rollups
 from proxy.ledger.db import COLUMNS
 from proxy.ledger.sqlconn import Conn
 
 __all__ = [
-    "SpendKey", "adjust_tokens", "begin_reservation", "commit_reservation", "create_spend", "holds_now", "create_rate_subjects", "db_now", "insert_holds",
-    "insert_rate_events", "live_holds", "lock_rate_subjects", "lock_spend", "period_labels", "prune",
-    "rate_entries", "rate_windows", "release", "renew", "settle_rows", "spend_since",
+    "SpendKey", "add_spend", "adjust_tokens", "begin_reservation", "commit_reservation", "create_spend", "holds_now", "create_rate_subjects", "db_now", "insert_holds",
+    "insert_rate_events", "keep_holds", "live_holds", "lock_rate_subjects", "lock_spend", "period_labels", "prune",
+    "rate_entries", "rate_windows", "release", "renew", "settle_rows", "spend_keys", "spend_since",
 ]
 
 SpendKey = tuple[str, str, str, str]  # (kind, name, period, label)
@@ -42,15 +43,35 @@ def _subject_sql(conn: Conn, kind: str) -> str:
     return f"{rollups.team_sql(conn)} = ?" if kind == "team" else _SUBJECT[kind]
 
 
+_DIM = {"key": "d.key_id", "user": 'd."user"', "team": "d.team"}
+
+
 def spend_since(conn: Conn, kind: str, name: str, since: float, until: float | None = None) -> Decimal:
-    """Exact spend of a subject in calls started at or after `since` (and before `until`, if given)."""
+    """Exact spend of a subject in calls started at or after `since` (and before `until`, if given).
+
+    Pruned calls count (retention deletes rows, not spend): hours before `rollup_state.pruned_before` are
+    read from the hour rollups, which hold every pruned row, and the rest from `calls`. So a `total`
+    budget has spent what it spent on either backend, however many rows were pruned."""
+    total = _ZERO
+    state = rollups.read_state(conn)
+    pruned = state.pruned_before if state.exists else None
+    if pruned is not None and pruned > since:
+        hi = pruned if until is None else min(pruned, until)
+        (rolled,) = conn.execute(
+            f"SELECT decimal_sum(r.cost_usd) FROM rollups r JOIN rollup_dims d ON d.id = r.dim_id WHERE r.grain = ?"
+            f" AND r.bucket >= ? AND r.bucket < ? AND {_DIM[kind]} = ?",
+            (rollups.HOUR, int(since) // 3600 * 3600, hi, name)).fetchone()
+        total = Decimal(rolled) if rolled is not None else _ZERO
+        if until is not None and until <= pruned:
+            return total
+        since = float(pruned)
     sql = f"SELECT decimal_sum(cost_usd) FROM calls WHERE {_subject_sql(conn, kind)} AND started_at >= ?"
     params: list[Any] = [name, since]
     if until is not None:
         sql += " AND started_at < ?"
         params.append(until)
-    (total,) = conn.execute(sql, params).fetchone()
-    return Decimal(total) if total is not None else _ZERO
+    (raw,) = conn.execute(sql, params).fetchone()
+    return EXACT.add(total, Decimal(raw)) if raw is not None else total
 
 
 def period_labels(started_at: float) -> tuple[tuple[str, str], ...]:
@@ -154,6 +175,30 @@ def renew(conn: Conn, reservations: Sequence[str], expires_at: float) -> int:
                         (expires_at, list(reservations))).rowcount
 
 
+def keep_holds(conn: Conn, kept: dict[str, tuple[list[SpendKey], Decimal]], replica: str,
+               expires_at: float) -> set[str]:
+    """Hold the cost of calls whose rows wait in a spool (`kept`: request id -> spend keys, cost) until their
+    rows are in `calls`: those already there are returned (their holds go: the replay's hook settled them);
+    the others' holds are renewed, or made again if their lease ran out and a prune took them. Own
+    transaction. A replay committing meanwhile may leave a hold of its own id until the next call (counted
+    twice for that moment: more refused, never more admitted)."""
+    if not kept:
+        return set()
+    ids = list(kept)
+    with conn.transaction():
+        done = {r[0] for r in conn.execute("SELECT request_id FROM calls WHERE request_id = ANY(?)", (ids,))}
+        if done:
+            conn.execute("DELETE FROM reservations WHERE id = ANY(?)", (list(done),))
+        rows = [(rid, *key, replica, cost, expires_at) for rid, (keys, cost) in sorted(kept.items())
+                if rid not in done for key in keys]
+        if rows:
+            conn.executemany(
+                "INSERT INTO reservations (id, kind, name, period, label, replica, worst_usd, expires_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id, kind, name, period, label) DO UPDATE"
+                " SET worst_usd = excluded.worst_usd, expires_at = excluded.expires_at", rows)
+    return done
+
+
 def release(conn: Conn, reservation: str) -> None:
     """Take back a call's holds and rate events (it was not forwarded, or its row could not be stored)."""
     with conn.transaction():
@@ -226,6 +271,14 @@ def _team(tags: object) -> str | None:
     return team if isinstance(team, str) and team else None
 
 
+def spend_keys(started_at: float, key_id: Any, user: Any, tags: Any) -> list[SpendKey]:
+    """The spend rows a call counts in: its key, user and team, each in its day, month and total."""
+    labels = period_labels(float(started_at))
+    return [(kind, name, period, label)
+            for kind, name in (("key", key_id), ("user", user), ("team", _team(tags))) if name
+            for period, label in labels]
+
+
 def settle_rows(conn: Conn, rows: list[tuple[Any, ...]]) -> None:
     """The ledger's `after_insert` hook (PostgreSQL): add each row's cost to the spend rows of its key, user
     and team in its day, month and total, and delete its reservation, in the batch's own transaction."""
@@ -236,14 +289,18 @@ def settle_rows(conn: Conn, rows: list[tuple[Any, ...]]) -> None:
         cost = Decimal(row[_COST])
         if not cost:
             continue
-        labels = period_labels(float(row[_STARTED]))
-        for kind, name in (("key", row[_KEY]), ("user", row[_USER]), ("team", _team(row[_TAGS]))):
-            if not name:
-                continue
-            for period, label in labels:
-                key = (kind, name, period, label)
-                amounts[key] = amounts.get(key, _ZERO) + cost
+        for key in spend_keys(row[_STARTED], row[_KEY], row[_USER], row[_TAGS]):
+            amounts[key] = EXACT.add(amounts.get(key, _ZERO), cost)
     conn.execute("DELETE FROM reservations WHERE id = ANY(?)", ([row[_ID] for row in rows],))
+    add_spend(conn, amounts)
+
+
+def add_spend(conn: Conn, amounts: dict[SpendKey, Decimal]) -> None:
+    """Add `amounts` to the spend rows that exist (PostgreSQL; in the caller's transaction, which holds the
+    ledger's write lock). A missing row is made later from the exact ledger sum, which has them already."""
+    if conn.dialect != "postgres":
+        return
+    amounts = {k: v for k, v in amounts.items() if v}
     if not amounts:
         return
     keys = sorted(amounts)

@@ -30,7 +30,7 @@ from proxy.core.errors import MeterproxyError
 from proxy.core.money import EXACT
 from proxy.core.record import Usage
 from proxy.core.times import iso
-from proxy.ledger import migrations_postgres
+from proxy.ledger import budget_store, migrations_postgres
 from proxy.ledger.db import lock_ledger
 from proxy.ledger.migrations import MigrationError, migrate
 from proxy.ledger.sqlconn import Conn, connect_postgres, wrap_sqlite
@@ -45,7 +45,7 @@ _PAGE = 5000  # rows read per query: memory stays flat over a ledger of any size
 _GLOB_CHARS = frozenset("*?[")
 _COLUMNS = ("id, started_at, model, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, "
             "audio_prompt_tokens, audio_completion_tokens, total_tokens, service_tier, usage_source, "
-            "cost_usd, priced, endpoint")
+            "cost_usd, priced, endpoint, key_id, \"user\", tags")
 _UPDATE = ("UPDATE calls SET cost_usd = ?, priced = ?, pricing_version = ?, repriced_at = ?, "
            "original_cost_usd = COALESCE(original_cost_usd, ?) WHERE id = ?")
 
@@ -125,9 +125,10 @@ def reprice(conn: Conn | sqlite3.Connection, table: PriceTable, *, since: float 
         try:
             if not dry_run:
                 lock_ledger(conn)
-            _run(conn, table, report, where, params)
+            deltas = _run(conn, table, report, where, params)
             if not dry_run:
                 report.run_id = _audit(conn, report)
+                budget_store.add_spend(conn, deltas)  # shared budgets' spend follows the rows' new costs
                 if after is not None:
                     after(conn, report)
             if dry_run:
@@ -194,17 +195,25 @@ def glob_regex(pattern: str) -> str:
 
 
 def _run(conn: Conn, table: PriceTable, report: RepriceReport, where: str,
-         params: list[Any]) -> None:
+         params: list[Any]) -> dict[budget_store.SpendKey, Decimal]:
+    """Re-price page by page; returns the change of cost per budget spend row (`budget_store.spend_keys`)."""
     sql = f"SELECT {_COLUMNS} FROM calls WHERE {where} ORDER BY id LIMIT {_PAGE}"
     last = 0
     stamp = (table.version, report.at)
+    deltas: dict[budget_store.SpendKey, Decimal] = {}
     while True:
         rows = conn.execute(sql, [last, *params]).fetchall()
         if not rows:
-            return
+            return deltas
         last = rows[-1][0]
         report.calls += len(rows)
+        by_id = {row[0]: row for row in rows}
         updates = [u for u in (_reprice_row(row, table, report) for row in rows) if u is not None]
+        for cost, _, old, row_id in updates:
+            row = by_id[row_id]
+            delta = EXACT.subtract(Decimal(cost), Decimal(old))
+            for key in budget_store.spend_keys(row[1], row[15], row[16], row[17]):
+                deltas[key] = EXACT.add(deltas.get(key, _ZERO), delta)
         if updates and not report.dry_run:
             conn.executemany(_UPDATE, [(cost, priced, *stamp, old, row_id) for cost, priced, old, row_id in updates])
 
@@ -212,7 +221,7 @@ def _run(conn: Conn, table: PriceTable, report: RepriceReport, where: str,
 def _reprice_row(row: tuple[Any, ...], table: PriceTable,
                  report: RepriceReport) -> tuple[str, int, str, int] | None:
     (row_id, started_at, model, prompt, completion, cached, reasoning, audio_in, audio_out, total, tier,
-     source, old_text, old_priced, endpoint) = row
+     source, old_text, old_priced, endpoint) = row[:15]
     if source == "upstream" and endpoint == _TRANSCRIPTIONS and not (prompt or completion or total):
         # Usage in seconds of audio (whisper-1): the ledger does not keep the seconds, so it keeps its cost.
         return None

@@ -14,7 +14,7 @@ from proxy.ledger.migrations import MigrationError
 from proxy.ledger.sqlconn import connect_postgres
 from proxy.ledger.target import Target
 
-__all__ = ["migrate_target"]
+__all__ = ["migrate_target", "schema_missing"]
 
 
 def migrate_target(target: Target) -> int:
@@ -42,6 +42,27 @@ def migrate_target(target: Target) -> int:
         raise MigrationError(f"cannot migrate {target}: {exc}") from None
     finally:
         raw.close()
+
+
+def schema_missing(target: Target) -> str | None:
+    """For a command that only reads: one line when the PostgreSQL database has no meterproxy schema (it
+    must not be created by a read), else None (also when it cannot be reached: opening it says so)."""
+    if not target.is_postgres:
+        return None
+    import psycopg
+
+    try:
+        conn = connect_postgres(target, application_name="meterproxy-cli")
+    except psycopg.Error:
+        return None
+    try:
+        if migrations_postgres.schema_version(conn) < 1:
+            return f"no meterproxy schema at {target.shown}; run meterproxy migrate"
+        return None
+    except psycopg.Error:
+        return None
+    finally:
+        conn.close()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -185,6 +185,17 @@ def test_cli_on_a_missing_database(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "none.db" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [("keys", "list"), ("keys", "show", "k1"), ("keys", "revoke", "k1"),
+                                  ("budgets", "list")])
+def test_cli_reads_on_an_empty_postgres_refuse_without_creating_the_schema(
+        pg_url: str, capsys: pytest.CaptureFixture[str], argv: tuple[str, ...]) -> None:
+    assert cli(*argv, "--db", pg_url) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("meterproxy: no meterproxy schema at ") and err.endswith("; run meterproxy migrate\n")
+    assert err.count("\n") == 1
+    assert query(pg_url, "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()")[0][0] == 0
+
+
 async def test_money_and_times_are_stored_exactly(store: KeyStore) -> None:
     _, record = await store.create(parse_key_fields(
         {"user": "fay", "budget_usd": "12.3456789012345678901", "expires_at": 1767225600.25}, creating=True))

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from decimal import Decimal
+from pathlib import Path
 from typing import AsyncIterator, Iterator
 
 import pytest
@@ -334,3 +335,94 @@ async def test_an_admission_that_finds_no_free_connection_in_time_is_refused_and
         assert isinstance(held, SharedHold)
     finally:
         await shared.close()
+async def test_reprice_moves_the_shared_spend_by_its_delta_and_admission_follows(
+        replicas: list[SharedLimits], conn: Conn) -> None:
+    # Calls of a model without a price cost 0; the spend rows exist (the first reservation made them).
+    from proxy.core.record import Usage
+    from proxy.ledger.reprice import reprice
+    from proxy.pricing.table import PriceTable
+
+    first = await replicas[0].acquire("r0", budget("1.00"), 0, Decimal("0.10"), time.time())
+    assert isinstance(first, SharedHold)
+    recs = []
+    for i in range(4):
+        rec = CallRecord(request_id=f"r{i}", started_at=time.time(), method="POST", model="local-x",
+                         endpoint="/v1/chat/completions", ended_at=time.time(), status=200, tags={"team": "ml"},
+                         cost_usd=Decimal(0), priced=False)
+        rec.set_usage(Usage(prompt_tokens=100_000, completion_tokens=0, total_tokens=100_000), "upstream")
+        recs.append(record_row(rec))
+    write_rows(conn, recs)
+    first.settle(Decimal(0))
+    assert team_spend(conn) == 0
+    admitted = await replicas[1].acquire("r9", budget("1.00"), 0, Decimal("0.10"), time.time())
+    assert isinstance(admitted, SharedHold)
+    admitted.settle(Decimal(0), recorded=False)
+    # The model gets a price: 100,000 tokens x 2.40 per 1M = 0.24 a call, 0.96 for the four.
+    table = PriceTable.from_mapping({"models": {"local-x": {"input": "2.40", "output": "1"}}})
+    report = reprice(conn, table)
+    assert report.changed == 4
+    total = Decimal(conn.execute("SELECT decimal_sum(cost_usd) FROM calls").fetchone()[0])
+    assert total == Decimal("0.96")
+    assert team_spend(conn) == total
+    refused = await replicas[2].acquire("r10", budget("1.00"), 0, Decimal("0.10"), time.time())
+    assert isinstance(refused, BudgetRefusal) and refused.spent == total
+    # And back: a cheaper table lowers the spend by the same delta, and the call fits again.
+    reprice(conn, PriceTable.from_mapping({"models": {"local-x": {"input": "0.60", "output": "1"}}}))
+    assert team_spend(conn) == Decimal("0.24")
+    again = await replicas[2].acquire("r11", budget("1.00"), 0, Decimal("0.10"), time.time())
+    assert isinstance(again, SharedHold)
+
+
+async def test_spooled_rows_keep_their_cost_held_across_an_outage_longer_than_the_lease(
+        pg_url: str, conn: Conn, tmp_path: Path) -> None:
+    # The replica's ledger and limits both reach PostgreSQL through a relay; three calls of 0.30 end while it
+    # is cut, their rows spooled; the outage outlasts the lease (1 s) and another replica prunes the lapsed
+    # holds. Back, before the spool is replayed: the 0.90 must still count against the budget of 1.00.
+    from proxy.ledger.hooks import after_insert_hooks
+    from proxy.ledger.writer import Ledger
+    from tests.support.relay import Relay
+
+    relay = Relay.to(pg_url)
+    url = relay.url(pg_url)
+    ledger = Ledger(url, spool_path=tmp_path / "spool.jsonl", retry_interval=3600)  # no replay until close
+    ledger.db.after_insert.extend(after_insert_hooks(ledger.db.target))
+    await ledger.open()
+    here = SharedLimits(parse_target(url), lease=1.0)
+    here.ledger_clear = lambda: ledger.accepting
+    other = SharedLimits(parse_target(pg_url), lease=1.0)
+    await here.open()
+    await other.open()
+    try:
+        holds = [await here.acquire(f"s{i}", budget("1.00"), 0, Decimal("0.30"), time.time()) for i in range(3)]
+        assert all(isinstance(h, SharedHold) for h in holds)
+        relay.cut()
+        for h in holds:
+            assert isinstance(h, SharedHold)
+            rec = CallRecord(request_id=h.id, started_at=time.time(), method="POST", endpoint="/v1/chat/completions",
+                             ended_at=time.time(), status=200, tags={"team": "ml"}, cost_usd=Decimal("0.30"),
+                             priced=True)
+            await ledger.record(rec)  # spooled: durable, the call completes
+            h.settle(Decimal("0.30"))
+        assert ledger.spool_depth == 3 and not ledger.accepting
+        await asyncio.sleep(1.5)
+        await other.renew()  # the other replica's upkeep deletes the expired holds
+        assert conn.execute("SELECT count(*) FROM reservations").fetchone()[0] == 0
+        relay.restore()
+        refused = await here.acquire("after", budget("1.00"), 0, Decimal("0.20"), time.time())
+        assert isinstance(refused, BudgetRefusal) and refused.reserved == Decimal("0.90")
+        elsewhere = await other.acquire("after2", budget("1.00"), 0, Decimal("0.20"), time.time())
+        assert isinstance(elsewhere, BudgetRefusal)  # every replica sees it
+    finally:
+        await ledger.close()  # the last replay: the rows land, their hook settles the kept holds
+    try:
+        assert team_spend(conn) == Decimal("0.90")
+        await here.renew()
+        assert conn.execute("SELECT count(*) FROM reservations").fetchone()[0] == 0 and not here._kept
+        fits = await other.acquire("last", budget("1.00"), 0, Decimal("0.10"), time.time())
+        assert isinstance(fits, SharedHold)
+        over = await other.acquire("over", budget("1.00"), 0, Decimal("0.01"), time.time())
+        assert isinstance(over, BudgetRefusal)
+    finally:
+        await here.close()
+        await other.close()
+        relay.close()

@@ -16,24 +16,19 @@ from typing import Any
 
 import aiohttp
 
-from tests.support import ADMIN_TOKEN, FakeUpstream, Reply
+from tests.support import ADMIN_TOKEN, FakeUpstream, Reply, streams
 from tests.support.cli import ROOT, free_port
+from tests.support.streams import SMALL_USAGE
 
-USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+USAGE = SMALL_USAGE
 
 
 def stream_body() -> bytes:
-    parts = [b'data: {"model":"gpt-4o","choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'] * 10
-    tail = b'data: {"model":"gpt-4o","choices":[],"usage":' + json.dumps(USAGE).encode() + b"}\n\n"
-    return b"".join(parts) + tail + b"data: [DONE]\n\n"
+    return streams.stream_body(parts=10)
 
 
 def scripted(body: bytes) -> Reply:
-    if json.loads(body).get("stream"):
-        chunks = [stream_body()[i:i + 90] for i in range(0, len(stream_body()), 90)]
-        return Reply(headers={"Content-Type": "text/event-stream"}, chunks=chunks, pause=0.03)
-    return Reply(headers={"Content-Type": "application/json"}, pause_before=0.2, content_length=True,
-                 chunks=[json.dumps({"model": "gpt-4o", "usage": USAGE}).encode()])
+    return streams.scripted(body, parts=10, plain_pause=0.2)
 
 
 class Served:

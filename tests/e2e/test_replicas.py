@@ -16,7 +16,7 @@ import aiohttp
 import openai
 import psycopg
 
-from tests.support import FakeUpstream, Reply
+from tests.support import FakeUpstream
 from tests.support.cli import free_port, run_cli
 from tests.support.replicas import (
     HEARTBEAT,
@@ -28,26 +28,9 @@ from tests.support.replicas import (
     spread,
     wait_for,
 )
+from tests.support.streams import SMALL_USAGE, scripted
 
-USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
-
-
-def stream_body() -> bytes:
-    parts = [b'data: {"model":"gpt-4o","choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'] * 8
-    tail = b'data: {"model":"gpt-4o","choices":[],"usage":' + json.dumps(USAGE).encode() + b"}\n\n"
-    return b"".join(parts) + tail + b"data: [DONE]\n\n"
-
-
-def scripted(body: bytes) -> Reply:
-    """Streams in slow chunks (many calls in flight at the kill), plain answers after a pause."""
-    if json.loads(body).get("stream"):
-        whole = stream_body()
-        return Reply(headers={"Content-Type": "text/event-stream"}, pause=0.03,
-                     chunks=[whole[i:i + 90] for i in range(0, len(whole), 90)])
-    return Reply(headers={"Content-Type": "application/json"}, pause_before=0.1, content_length=True,
-                 chunks=[json.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "gpt-4o",
-                                     "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                                         "role": "assistant", "content": "hi"}}], "usage": USAGE}).encode()])
+USAGE = SMALL_USAGE
 
 
 def ledger_rows(db: str, sql: str) -> list[tuple[Any, ...]]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.support import Reply
 from tests.support.paths import CAPTURES
 
 KEY = "sk-test-key-0001"
@@ -69,3 +70,25 @@ def openai_like(body: bytes) -> bytes:
 
 
 CHAT = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+
+
+# --- a scripted upstream for process tests (crash, replicas): slow streams, plain answers after a pause ----
+SMALL_USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+
+
+def stream_body(parts: int = 8) -> bytes:
+    chunks = [b'data: {"model":"gpt-4o","choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'] * parts
+    tail = b'data: {"model":"gpt-4o","choices":[],"usage":' + json.dumps(SMALL_USAGE).encode() + b"}\n\n"
+    return b"".join(chunks) + tail + b"data: [DONE]\n\n"
+
+
+def scripted(body: bytes, *, parts: int = 8, plain_pause: float = 0.1) -> Reply:
+    """Streams in slow chunks (many calls in flight at a kill), plain answers after `plain_pause`."""
+    if json.loads(body).get("stream"):
+        whole = stream_body(parts)
+        return Reply(headers={"Content-Type": "text/event-stream"}, pause=0.03,
+                     chunks=[whole[i:i + 90] for i in range(0, len(whole), 90)])
+    return Reply(headers={"Content-Type": "application/json"}, pause_before=plain_pause, content_length=True,
+                 chunks=[json.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "gpt-4o",
+                                     "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                         "role": "assistant", "content": "hi"}}], "usage": SMALL_USAGE}).encode()])
