@@ -44,7 +44,6 @@ from proxy.reports import queries as reports
 log = logging.getLogger("meterproxy")
 
 SIGPIPE_STATUS = 128 + 13  # what a shell reports for a command ended by SIGPIPE
-SWITCH_INTERVAL = 0.001  # seconds: see _serve
 
 
 def _flag_help(text: str, default: object) -> str:
@@ -153,11 +152,6 @@ def _serve(args: argparse.Namespace) -> int:
     if args.worker is not None:  # one of --workers: a spool file of its own
         settings = dataclasses.replace(settings, spool=worker_spool(spool_path(settings), args.worker))
     logs.setup(args.log_level, settings.access_log)
-    # Every response waits for the ledger's commit, which runs on the writer thread; each time that thread's
-    # database call returns, it waits for the event loop to hand back the GIL, up to the switch interval
-    # (5 ms by default) on a busy loop. 1 ms: bench.workers at c=32, three A/B pairs on one loaded 2-core
-    # machine, 806 -> 1,000 req/s on PostgreSQL and 1,066 -> 1,176 on SQLite (mean commit 13.6 -> 12.4 ms).
-    sys.setswitchinterval(SWITCH_INTERVAL)
     if settings.upstream.rstrip("/").endswith("/v1"):
         log.warning("upstream %s ends in /v1: requests keep their own /v1/... path, so they will go to "
                     "%s/v1/...; set upstream to the URL without /v1", settings.upstream, settings.upstream)
