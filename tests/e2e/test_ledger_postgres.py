@@ -31,6 +31,14 @@ def health(proxy: ProxyServer) -> tuple[int, dict[str, Any]]:
         return exc.code, json.load(exc)
 
 
+def wait_for_ok(proxy: ProxyServer, timeout: float = 30) -> None:
+    """Until /healthz says ok (the spool replayed)."""
+    deadline = time.monotonic() + timeout
+    while health(proxy)[1]["status"] != "ok":
+        assert time.monotonic() < deadline, health(proxy)
+        time.sleep(0.1)
+
+
 def with_password(url: str, password: str) -> str:
     """`url` with a password in it (the server trusts loopback: it is never asked for, only carried)."""
     scheme, rest = url.split("://", 1)
@@ -67,10 +75,7 @@ def test_calls_while_postgres_is_cut_off_complete_from_the_spool_and_land_once(
         assert "topsecret" not in json.dumps(body)
         assert [r["user"] for r in ledger_rows(pg_url)] == ["before"]
         relay.restore()
-        deadline = time.monotonic() + 30
-        while health(proxy)[1]["status"] != "ok":
-            assert time.monotonic() < deadline, health(proxy)
-            time.sleep(0.1)
+        wait_for_ok(proxy)
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "c"}],
                                        extra_headers={"X-Meter-User": "after"})
     finally:
@@ -132,10 +137,7 @@ def test_a_proxy_started_while_postgres_is_away_serves_spools_then_migrates_and_
             assert out.choices[0].message.content == "Hi."
         assert health(proxy)[1]["spool_depth"] == 3
         relay.restore()
-        deadline = time.monotonic() + 30
-        while health(proxy)[1]["status"] != "ok":
-            assert time.monotonic() < deadline, health(proxy)
-            time.sleep(0.1)
+        wait_for_ok(proxy)
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "c"}],
                                        extra_headers={"X-Meter-User": "after"})
     finally:

@@ -27,6 +27,12 @@ async def wait_until(check, timeout: float = 20.0) -> None:  # type: ignore[no-u
         await asyncio.sleep(0.05)
 
 
+def assert_requests(pg_url: str, numbers: range) -> None:
+    """The ledger holds exactly these requests, each once, in this order, its rollups exact."""
+    assert [r["request_id"] for r in ledger_rows(pg_url)] == [f"req-{n}" for n in numbers]
+    assert_exact(pg_url)
+
+
 @pytest.fixture
 def relay(pg_url: str):  # type: ignore[no-untyped-def]
     relay = Relay.to(pg_url)
@@ -88,9 +94,7 @@ async def test_a_write_the_network_swallows_is_interrupted_and_its_rows_spooled(
         await ledger.record(make_record(12))
     finally:
         await ledger.close()
-    ids = [r["request_id"] for r in ledger_rows(pg_url)]
-    assert ids == [f"req-{n}" for n in range(1, 13)]
-    assert_exact(pg_url)
+    assert_requests(pg_url, range(1, 13))
 
 
 async def test_a_server_restart_loses_no_row(pg_url: str, tmp_path: Path) -> None:
@@ -113,9 +117,7 @@ async def test_a_server_restart_loses_no_row(pg_url: str, tmp_path: Path) -> Non
         await ledger.record(make_record(12))
     finally:
         await ledger.close()
-    ids = [r["request_id"] for r in ledger_rows(pg_url)]
-    assert ids == [f"req-{n}" for n in range(1, 13)]
-    assert_exact(pg_url)
+    assert_requests(pg_url, range(1, 13))
 
 
 async def test_replaying_a_spool_twice_adds_nothing(pg_url: str, tmp_path: Path) -> None:
