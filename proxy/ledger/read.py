@@ -8,6 +8,7 @@ consistent snapshot over several queries. The writer is `proxy.ledger.writer`.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sqlite3
 import threading
@@ -100,7 +101,16 @@ class _Idle:
             return True
 
 
+    def close_all(self) -> None:
+        with self._lock:
+            conns = [c for kept in self._conns.values() for c in kept]
+            self._conns.clear()
+        for conn in conns:
+            conn.close_quietly()
+
+
 _idle = _Idle()
+atexit.register(_idle.close_all)  # closed, not left to the collector (which warns of open connections)
 
 
 @contextmanager
