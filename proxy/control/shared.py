@@ -316,13 +316,13 @@ class SharedLimits:
     def _timed_acquire(self, conn: Conn, queued: float,
                        *args: Any) -> tuple[SharedHold | RateRefusal | BudgetRefusal, set[str]]:
         started = time.perf_counter()
-        self.admissions.add(started - queued)  # waited + took: what a call's admission costs it
-        self.admissions.start()
         try:
             return self._acquire(conn, *args)
         finally:
             took = time.perf_counter() - started
-            self.admissions.end()
+            # One figure per admission, what it cost its call (the wait for a connection and the
+            # transaction): the pool's threads run admissions side by side, so none is "the one under way".
+            self.admissions.add(started - queued + took)
             if self.on_admission is not None:
                 self.on_admission(started - queued, took)
 

@@ -45,7 +45,7 @@ from typing import Any, Callable
 from proxy.core.errors import MeterproxyError
 from proxy.core.recent import Recent
 from proxy.core.record import CallRecord
-from proxy.ledger.db import COLUMNS, INSERT_SQL, INT_COLUMNS, LedgerDB, row_text
+from proxy.ledger.db import COLUMNS, INSERT_SQL, INT_COLUMNS, TEXT_COLUMNS, LedgerDB, row_text
 from proxy.ledger.spool import Spool
 from proxy.ledger.target import Target, parse_target
 
@@ -110,6 +110,8 @@ _INT64 = 2**63
 # One encoder for every row's tags: json.dumps with options builds a new one per call.
 _tags_json = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
 _INT_AT = operator.itemgetter(*(i for i, c in enumerate(COLUMNS) if c in INT_COLUMNS))
+_FLOAT_AT = operator.itemgetter(*(i for i, c in enumerate(COLUMNS) if c not in INT_COLUMNS and c not in TEXT_COLUMNS))
+_FLOATS = frozenset((float, type(None)))
 
 
 def _fits(row: Row) -> bool:
@@ -123,6 +125,10 @@ def _fits(row: Row) -> bool:
             text.encode()
         except UnicodeEncodeError:  # a lone surrogate, from a header or an escape in JSON
             return False
+    # The other columns: numbers that fit, or NULL; anything else (a text, an int where a float goes) is
+    # looked at value by value, as before this fast path.
+    if not {v.__class__ for v in _FLOAT_AT(row)} <= _FLOATS:
+        return False
     try:
         ints: list[int] = [v for v in _INT_AT(row) if v is not None]
         return bool(-_INT64 <= min(ints) and max(ints) < _INT64)

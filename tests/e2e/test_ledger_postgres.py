@@ -39,6 +39,14 @@ def wait_for_ok(proxy: ProxyServer, timeout: float = 30) -> None:
         time.sleep(0.1)
 
 
+def back_then_one_call(proxy: ProxyServer, relay: Relay, client: openai.OpenAI) -> None:
+    """The server reachable again: wait for the spool's replay, then one call as user "after"."""
+    relay.restore()
+    wait_for_ok(proxy)
+    client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "c"}],
+                                   extra_headers={"X-Meter-User": "after"})
+
+
 def with_password(url: str, password: str) -> str:
     """`url` with a password in it (the server trusts loopback: it is never asked for, only carried)."""
     scheme, rest = url.split("://", 1)
@@ -74,10 +82,7 @@ def test_calls_while_postgres_is_cut_off_complete_from_the_spool_and_land_once(
         assert (status, body["status"], body["ledger"], body["spool_depth"]) == (200, "degraded", "spooling", 4)
         assert "topsecret" not in json.dumps(body)
         assert [r["user"] for r in ledger_rows(pg_url)] == ["before"]
-        relay.restore()
-        wait_for_ok(proxy)
-        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "c"}],
-                                       extra_headers={"X-Meter-User": "after"})
+        back_then_one_call(proxy, relay, client)
     finally:
         client.close()
     rows = ledger_rows(pg_url)
@@ -136,10 +141,7 @@ def test_a_proxy_started_while_postgres_is_away_serves_spools_then_migrates_and_
                                                  extra_headers={"X-Meter-User": f"early-{n}"})
             assert out.choices[0].message.content == "Hi."
         assert health(proxy)[1]["spool_depth"] == 3
-        relay.restore()
-        wait_for_ok(proxy)
-        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "c"}],
-                                       extra_headers={"X-Meter-User": "after"})
+        back_then_one_call(proxy, relay, client)
     finally:
         client.close()
     rows = ledger_rows(pg_url)

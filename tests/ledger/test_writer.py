@@ -352,3 +352,21 @@ def test_migrating_an_older_ledger_keeps_its_rows(tmp_path: Path) -> None:
         assert row == [("old-1", 15, "0.000075", 0, None)]
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("field", ["prompt_tokens", "started_at", "latency_ms"])
+def test_a_number_beyond_64_bits_fails_its_row_alone_in_any_numeric_column(field: str) -> None:
+    """record_row's fast path must not let an integer SQLite cannot hold through, wherever it stands (an int
+    column, or a float column given an int): the row is refused here, never its batch."""
+    from proxy.ledger.writer import record_row
+
+    with pytest.raises(LedgerError, match="out of SQLite's range"):
+        record_row(make_record(1, **{field: 2**70}))
+
+
+def test_a_lone_surrogate_in_a_text_column_is_replaced_not_stored() -> None:
+    from proxy.ledger.db import COLUMNS
+    from proxy.ledger.writer import record_row
+
+    row = record_row(make_record(1, user="bad\udc80user"))
+    assert row[COLUMNS.index("user")] == "bad?user"  # encodable now: SQLite and the spool can take it
