@@ -24,7 +24,7 @@ from proxy.control.gate import Gate, open_gate
 from proxy.counting.counter import CountPolicy
 from proxy.forwarding.forward import forward
 from proxy.forwarding.responses import error_response
-from proxy.ledger import rollup_build
+from proxy.ledger import rollup_build, rollup_views
 from proxy.ledger.hooks import after_insert_hooks
 from proxy.ledger.retention import RetentionTask
 from proxy.ledger.sqlconn import Conn
@@ -252,7 +252,8 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
             await app[LIVE].stop()
 
     async def retention(app: web.Application) -> AsyncIterator[None]:
-        upkeep = RetentionTask(settings.db, settings.retention_days)
+        upkeep = RetentionTask(settings.db, settings.retention_days,
+                               views=rollup_views.wanted(settings.rollup_pairs, settings.report_zones))
         upkeep.start()
         try:
             yield

@@ -176,6 +176,46 @@ def _metric_labels(value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+# A pair's names, as reports name them, to the rollup dimensions (rollups.DIMS) they are.
+_PAIR_NAMES = {"key": "key_id", "model": "model", "user": "user", "operation": "operation",
+               "endpoint": "endpoint", "status": "status", "tag:team": "team"}  # fmt: skip
+_DIM_ORDER = ("key_id", "model", "user", "operation", "endpoint", "status", "team")  # rollups.DIMS
+_DIM_NAMES = {**_PAIR_NAMES, "key_id": "key_id", "team": "team"}  # the dimensions' own names too
+
+
+def _pairs(value: object) -> tuple[tuple[str, str], ...]:
+    """rollup_pairs: a list of pairs, each "a,b" or [a, b], of the names in _PAIR_NAMES."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ValueError("must be a list of pairs such as 'user,model'")
+    out: list[tuple[str, str]] = []
+    for item in value:
+        names = [n.strip() for n in item.split(",")] if isinstance(item, str) else item
+        if (not isinstance(names, list) or len(names) != 2 or not all(isinstance(n, str) for n in names)
+                or not set(names) <= set(_DIM_NAMES) or len({_DIM_NAMES[n] for n in names}) != 2):
+            raise ValueError(f"{item!r} is not a pair of two of: {', '.join(_PAIR_NAMES)}")
+        a, b = sorted((_DIM_NAMES[n] for n in names), key=_DIM_ORDER.index)
+        if (a, b) not in out:
+            out.append((a, b))
+    return tuple(out)
+
+
+def _zones(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(z, str) for z in value):
+        raise ValueError("must be a list of IANA time zone names, e.g. [Europe/Berlin]")
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    for zone in value:
+        try:
+            ZoneInfo(zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{zone!r} is not an IANA time zone name") from None
+    return tuple(dict.fromkeys(z for z in value if z != "UTC"))
+
+
 def _route_list(value: object) -> tuple[str, ...]:
     if value is None or value == []:
         return ()
@@ -284,6 +324,13 @@ SETTINGS: tuple[Setting, ...] = (
             "period and threshold", parse_thresholds),
     Setting("retention_days", None, "days raw call rows are kept (rollups are kept for good); null: forever",
             lambda v: None if v is None else _positive_days(v)),
+    Setting("rollup_pairs", (("key_id", "model"), ("model", "user"), ("operation", "team")),
+            "pairs of report dimensions (key, model, user, operation, endpoint, status, tag:team) that get day "
+            "and month rows of their own, for reports grouped or filtered by exactly such a pair; [] for none",
+            _pairs),
+    Setting("report_zones", (), "IANA time zones that get day and month rows of their own (local days), for "
+            "reports with tz= one of them over whole local days and months, e.g. [Europe/Berlin, Asia/Kolkata]",
+            _zones),
     Setting("metrics_labels", (), "extra labels on /metrics: any of key, user (each key or user is a new series)",
             _metric_labels),
     Setting("metrics_public", False, "serve /metrics without the admin token (e.g. a scraper on a private "
@@ -351,6 +398,8 @@ class Settings:
     alert_webhook: str | None = _default("alert_webhook")
     alert_thresholds: tuple[Decimal, ...] = _default("alert_thresholds")
     retention_days: float | None = _default("retention_days")
+    rollup_pairs: tuple[tuple[str, str], ...] = _default("rollup_pairs")
+    report_zones: tuple[str, ...] = _default("report_zones")
     metrics_labels: tuple[str, ...] = _default("metrics_labels")
     metrics_public: bool = _default("metrics_public")
     stream_usage: str = _default("stream_usage")

@@ -282,6 +282,24 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        "rollup views: rows per pair of dimensions and per configured time zone (rollup_views.py)",
+        # A view's rows live at grains VIEW_BASE + 10 * id + DAY/MONTH. zone '' is UTC; dims names what its
+        # rows are summed by ('*': every dimension set, '': totals, else DIMS names joined by ','). Rows
+        # exist for the days (local days in a zone) starting in [days_from, days_until). rollup_state.views
+        # counts them: the hook marks a late call's hour dirty only when there are some.
+        """
+        CREATE TABLE IF NOT EXISTS rollup_views (
+            id INTEGER PRIMARY KEY,
+            zone TEXT NOT NULL,
+            dims TEXT NOT NULL,
+            days_from INTEGER,
+            days_until INTEGER,
+            UNIQUE (zone, dims)
+        );
+        ALTER TABLE rollup_state ADD COLUMN views INTEGER NOT NULL DEFAULT 0;
+        """,
+    ),
 )
 
 

@@ -293,6 +293,20 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        "rollup views: rows per pair of dimensions and per configured time zone; SQLite migration 9",
+        """
+        CREATE TABLE rollup_views (
+            id SERIAL PRIMARY KEY,
+            zone TEXT NOT NULL,
+            dims TEXT NOT NULL,
+            days_from BIGINT,
+            days_until BIGINT,
+            UNIQUE (zone, dims)
+        );
+        ALTER TABLE rollup_state ADD COLUMN views INTEGER NOT NULL DEFAULT 0;
+        """,
+    ),
 )
 
 

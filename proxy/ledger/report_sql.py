@@ -28,7 +28,8 @@ from proxy.core.money import EXACT
 from proxy.ledger import rollups
 from proxy.ledger.sqlconn import Conn
 
-__all__ = ["RAW_COLUMNS", "ROLLUP_GROUPS", "TAG_PREFIX", "TIME_FIELDS", "calls_extent", "label_sql", "run"]
+__all__ = ["FILTER_DIMS", "RAW_COLUMNS", "ROLLUP_GROUPS", "TAG_PREFIX", "TIME_FIELDS", "calls_extent", "label_sql",
+           "run"]
 
 TAG_PREFIX = "tag:"
 TIME_FIELDS = ("hour", "day", "week", "month")
@@ -42,6 +43,7 @@ ROLLUP_GROUPS = {
     "status": "status", f"tag:{TEAM_TAG}": "team",
 }  # fmt: skip
 _FILTERS = {"key": "key_id", "user": "user", "model": "model"}  # filter -> its column (a rollup dimension too)
+FILTER_DIMS = _FILTERS
 
 
 def _count(condition: str) -> str:
@@ -78,8 +80,8 @@ _OUTER = _ints([f"SUM(c{i})" for i in range(_WIDTH)]) + ", SUM(pico) AS pico, MI
 # PostgreSQL when summed, or None), their exponent, and an exact decimal (a Decimal, SQLite's text, or None).
 # Its cost is the picodollars at that exponent plus the decimal (`cost`); most groups have no decimal part.
 Sums = tuple[Any, ...]
-# One segment: (source, lo, hi, UTC offset of its labels, projected) as reports/plan.py plans it.
-Part = tuple[str, float | None, float | None, int, bool]
+# One segment: (source, lo, hi, UTC offset of its labels, projected, view) as reports/plan.py plans it.
+Part = tuple[str, float | None, float | None, int, bool, int | None]
 
 
 class _BadTags(MeterproxyError):
@@ -181,10 +183,10 @@ def cost(units: int | Decimal | None, exp: int | None, dec: Decimal | str | None
 
 def _part(conn: Conn, part: Part, groups: list[tuple[str, str]], filters: Mapping[str, str | None],
           utc: bool) -> list[Sums]:
-    source, lo, hi, offset, projected = part
+    source, lo, hi, offset, projected, view = part
     if source == "raw":
         return _raw(conn, lo, hi, offset, groups, filters, utc)
-    sql, params = _rollup_sql(conn, source, lo, hi, offset, projected, groups, filters, utc, _FAST_COST)
+    sql, params = _rollup_sql(conn, source, lo, hi, offset, projected, view, groups, filters, utc, _FAST_COST)
     if conn.is_postgres:  # bigint sums are numeric there: no overflow
         return _fetch(conn, sql, params)
     try:
@@ -192,7 +194,7 @@ def _part(conn: Conn, part: Part, groups: list[tuple[str, str]], filters: Mappin
     except conn.OperationalError as exc:
         if "overflow" not in str(exc):
             raise
-    sql, params = _rollup_sql(conn, source, lo, hi, offset, projected, groups, filters, utc, _SLOW_COST)
+    sql, params = _rollup_sql(conn, source, lo, hi, offset, projected, view, groups, filters, utc, _SLOW_COST)
     return _fetch(conn, sql, params)
 
 
@@ -204,11 +206,12 @@ def _combined(conn: Conn, parts: list[Part], groups: list[tuple[str, str]], filt
               utc: bool) -> list[Sums]:
     branches: list[str] = []
     params: list[Any] = []
-    for source, lo, hi, offset, projected in parts:
+    for source, lo, hi, offset, projected, view in parts:
         if source == "raw":
             sql, more, _ = _raw_sql(conn, lo, hi, offset, groups, filters, utc, in_sql=True)
         else:
-            sql, more = _rollup_sql(conn, source, lo, hi, offset, projected, groups, filters, utc, _FAST_COST)
+            sql, more = _rollup_sql(conn, source, lo, hi, offset, projected, view, groups, filters, utc,
+                                    _FAST_COST)
         branches.append(sql)
         params += more
     names = [f"g{i}" for i in range(len(groups))]
@@ -336,18 +339,21 @@ def _merged(found: list[Sums], width: int) -> list[Sums]:
 
 
 def _rollup_sql(conn: Conn, source: str, lo: float | None, hi: float | None, offset: int, projected: bool,
-                groups: list[tuple[str, str]], filters: Mapping[str, str | None], utc: bool,
+                view: int | None, groups: list[tuple[str, str]], filters: Mapping[str, str | None], utc: bool,
                 cost_sql: str) -> tuple[str, list[Any]]:
     # NULL: a lossy segment's detail (a group the rollups do not hold).
     dims = [(f'd."{ROLLUP_GROUPS[name]}"' if name in ROLLUP_GROUPS else "NULL") + f" AS g{i}"
             for i, (name, _) in enumerate(groups) if name not in TIME_FIELDS]
     used = {ROLLUP_GROUPS[n] for n, _ in groups if n in ROLLUP_GROUPS}
     used |= {_FILTERS[k] for k, v in filters.items() if v is not None}
-    # By time alone: each bucket's totals row; by one dimension, its own rows where the segment has
-    # them; else every dimension set's row.
+    # A view's rows where the plan chose one (a pair's, a zone's: `projected` when summed by exactly the
+    # dimensions used). Else by time alone: each bucket's totals row; by one dimension, its own rows where
+    # the segment has them; else every dimension set's row.
     grain = rollups.GRAINS[source]
     needs_dims = bool(used)
-    if not used:
+    if view is not None:
+        grain = rollups.VIEW_BASE + rollups.VIEW_STEP * view + grain
+    elif not used:
         grain += rollups.TOTALS
     elif len(used) == 1 and projected:
         grain = rollups.projected(grain, next(iter(used)))
@@ -361,7 +367,7 @@ def _rollup_sql(conn: Conn, source: str, lo: float | None, hi: float | None, off
     times = [(i, name) for i, (name, _) in enumerate(groups) if name in TIME_FIELDS]
     if not times:
         return f"SELECT {', '.join([*dims, _ROLLUP_INTS, cost_sql])} FROM {source_sql}{where}{_group_by(groups)}", params
-    if grain != rollups.GRAINS[source] and any(name == source for _, name in times):
+    if grain != rollups.GRAINS[source] and (view is None or projected) and any(name == source for _, name in times):
         # One row per bucket and group (a totals row, or one dimension's own), and a label of the source's
         # own grain, which no other bucket of the segment shares: each row is its group, nothing to sum.
         labels = [f"{label_sql(name, 'r.bucket', offset, utc, conn.dialect)} AS g{i}" if name in TIME_FIELDS

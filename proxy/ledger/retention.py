@@ -7,7 +7,7 @@ answer the pruned period from the rollups (report_plan.py says which groups lose
 
 `RetentionTask` is the asyncio task the proxy runs (at start, then hourly): it rebuilds hours marked dirty
 (a re-pricing, rows written without the hook), gives finished hours each dimension's own rows, rolls
-finished days up into day and month rows, then prunes when `retention_days` is set; every transaction is
+finished days up into day and month rows, builds the views' days (rollup_views.py: pairs, zones), then prunes when `retention_days` is set; every transaction is
 `paced`, so the ledger writer is never starved.
 Its blocking work runs in a thread on a connection of its own; stop() lets the current batch finish.
 Both backends: the task takes a db string or Target; `prune` and `paced` take a Conn (or a sqlite3
@@ -24,11 +24,11 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from proxy.core.errors import MeterproxyError
-from proxy.ledger import rollup_build, rollups
+from proxy.ledger import rollup_build, rollup_views, rollups
 from proxy.ledger.rollup_build import in_transaction
 from proxy.ledger.rollups import AnyConn, as_conn
 from proxy.ledger.sqlconn import Conn, connect_postgres, wrap_sqlite
@@ -119,7 +119,8 @@ class RetentionTask:
 
     def __init__(self, db_path: str | Target, retention_days: float | None, *, interval: float = 3600.0,
                  batch_size: int = 5000, busy_timeout_ms: int = 5000,
-                 clock: Callable[[], float] = time.time, gap: float = 0.1) -> None:
+                 clock: Callable[[], float] = time.time, gap: float = 0.1,
+                 views: Sequence[tuple[str, str]] = ()) -> None:
         if retention_days is not None and not retention_days > 0:
             raise ValueError("retention_days must be more than 0")
         self._target = db_path if isinstance(db_path, Target) else parse_target(db_path)
@@ -133,6 +134,7 @@ class RetentionTask:
         self._task: asyncio.Task[None] | None = None
         self._stopping = threading.Event()
         self._wake: asyncio.Event | None = None
+        self._views = tuple(views)  # rollup_views.wanted(rollup_pairs, report_zones)
         self.last: dict[str, int] = {}  # what the last run did
         self.runs = 0
 
@@ -151,7 +153,7 @@ class RetentionTask:
             await asyncio.wait([task])  # never cancels the thread's batch midway
 
     async def run_once(self) -> dict[str, int]:
-        """One pass in a worker thread; returns {"days_rolled", "dirty_rebuilt", "pruned"}."""
+        """One pass in a worker thread; returns {"days_rolled", "dirty_rebuilt", "view_days", "pruned"}."""
         result = await asyncio.to_thread(self._once)
         self.last, self.runs = result, self.runs + 1
         return result
@@ -185,7 +187,7 @@ class RetentionTask:
         conn = self._connect()
         try:
             if not rollups.read_state(conn).exists:
-                return {"days_rolled": 0, "dirty_rebuilt": 0, "pruned": 0}
+                return {"days_rolled": 0, "dirty_rebuilt": 0, "view_days": 0, "pruned": 0}
             now = self._clock()
             days = hours = 0
             # One dirty hour, six hours' own rows, or one day per transaction, each followed by a pause
@@ -204,9 +206,18 @@ class RetentionTask:
                 days += n
                 if not n:
                     break
+            # Rows per pair and per zone: one day per transaction, after the days they are made from.
+            views = 0
+            if self._views and not stop.is_set():
+                in_transaction(conn, lambda: rollup_views.configure(conn, self._views))
+                while not stop.is_set():
+                    n = paced(conn, lambda: rollup_views.advance(conn, self._views), stop, gap)
+                    views += n
+                    if not n:
+                        break
             pruned = 0
             if self._days is not None and not stop.is_set():
                 pruned = prune(conn, now - self._days * 86400, self._batch, stop, gap)
-            return {"days_rolled": days, "dirty_rebuilt": hours, "pruned": pruned}
+            return {"days_rolled": days, "dirty_rebuilt": hours, "view_days": views, "pruned": pruned}
         finally:
             conn.close()

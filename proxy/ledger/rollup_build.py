@@ -50,9 +50,10 @@ from proxy.ledger.rollups import (
 )  # fmt: skip
 from proxy.ledger.sqlconn import Conn
 
-__all__ = ["after_reprice", "ensure", "make_current", "project_hours", "rebuild", "rebuild_dirty", "roll_days"]
+__all__ = ["HOUR_SQL", "INSERT_SQL", "REGROUP_SQL", "after_reprice", "ensure", "has_dirty", "make_current",
+           "project_hours", "rebuild", "rebuild_dirty", "regroup", "roll_days", "sums"]
 
-_HOUR_SQL = """
+HOUR_SQL = """
 SELECT {hour} / 3600 * 3600 AS h, key_id, model, "user", operation, endpoint, status,
        {team} AS team,
        COUNT(*), COALESCE(SUM(CASE WHEN status NOT BETWEEN 200 AND 299 THEN 1 ELSE 0 END), 0),
@@ -64,7 +65,7 @@ FROM calls WHERE started_at >= ? AND started_at < ?
 GROUP BY h, key_id, model, "user", operation, endpoint, status, team
 """  # {hour}, {team}: hour_sql and team_sql of the connection
 _INTS = ", ".join(f"SUM(r.{c})" for c in INT_COUNTERS)
-_REGROUP_SQL = f"""
+REGROUP_SQL = f"""
 SELECT r.dim_id, {_INTS}, {{cost}}
 FROM rollups r WHERE r.grain = ? AND r.bucket >= ? AND r.bucket < ? GROUP BY r.dim_id
 """
@@ -78,12 +79,12 @@ SELECT r.bucket, d."{{dim}}", {_INTS}, {{cost}}
 FROM rollups r {{join}} rollup_dims d ON d.id = r.dim_id
 WHERE r.grain = {HOUR} AND r.bucket >= ? AND r.bucket < ? GROUP BY r.bucket, d."{{dim}}"
 """  # {dim}: a name from DIMS only; {join}: SQLite's CROSS JOIN fixes the join order, PostgreSQL plans it
-_INSERT = f"""INSERT INTO rollups (grain, bucket, dim_id, {", ".join(INT_COUNTERS)}, cost_usd, cost_pico, cost_exp)
+INSERT_SQL = f"""INSERT INTO rollups (grain, bucket, dim_id, {", ".join(INT_COUNTERS)}, cost_usd, cost_pico, cost_exp)
 VALUES ({", ".join("?" * (3 + len(INT_COUNTERS) + 3))})"""
 _DAY = 86400
 
 
-def _sums(conn: Conn, sql: str, params: tuple[Any, ...], keys: int,
+def sums(conn: Conn, sql: str, params: tuple[Any, ...], keys: int,
           **names: str) -> list[tuple[Any, ...]]:
     """Rows of `sql` (a template with {cost}): `keys` leading group values, then the counter values."""
     width = keys + len(INT_COUNTERS)
@@ -138,6 +139,7 @@ def rebuild(conn: AnyConn, since: float | None = None, until: float | None = Non
             if days_until is not None and lo < days_until:
                 _roll_up(conn, lo - lo % _DAY, min(hi, days_until))
             conn.execute("DELETE FROM rollup_dirty WHERE hour >= ? AND hour < ?", (lo, hi))
+            _views().rebuild(conn, lo, hi)
     if since is None and until is None:
         newest = conn.execute("SELECT coalesce(max(id), 0) FROM calls").fetchone()[0]
         conn.execute("UPDATE rollup_state SET covered_id = ? WHERE id = 1", (newest,))
@@ -145,15 +147,15 @@ def rebuild(conn: AnyConn, since: float | None = None, until: float | None = Non
 
 
 def _rebuild_hours(conn: Conn, lo: int, hi: int) -> int:
-    found = conn.execute(_HOUR_SQL.format(hour=hour_sql(conn), team=team_sql(conn)), (lo, hi)).fetchall()
+    found = conn.execute(HOUR_SQL.format(hour=hour_sql(conn), team=team_sql(conn)), (lo, hi)).fetchall()
     if conn.dialect == "postgres":  # SUMs are NUMERIC there, the cost a Decimal: as SQLite gives them
         found = [(*r[:8], *(int(v) for v in r[8:18]), format(r[18], "f")) for r in found]
     ids = dim_ids(conn, {tuple(r[1:8]) for r in found})
     conn.execute("DELETE FROM rollups WHERE grain IN (?, ?) AND bucket >= ? AND bucket < ?",
                  (HOUR, HOUR + TOTALS, lo, hi))
-    conn.executemany(_INSERT, [(HOUR, r[0], ids[tuple(r[1:8])], *exact_values(r[8:18], r[18])) for r in found])
-    series = _sums(conn, _SERIES_SQL, (lo, hi), 1)
-    conn.executemany(_INSERT, [(HOUR + TOTALS, r[0], SERIES, *r[1:]) for r in series])
+    conn.executemany(INSERT_SQL, [(HOUR, r[0], ids[tuple(r[1:8])], *exact_values(r[8:18], r[18])) for r in found])
+    series = sums(conn, _SERIES_SQL, (lo, hi), 1)
+    conn.executemany(INSERT_SQL, [(HOUR + TOTALS, r[0], SERIES, *r[1:]) for r in series])
     return len(found)
 
 
@@ -178,10 +180,10 @@ def _roll_day(conn: Conn, day: int) -> None:
     """A day's rows from its hours: its full dimension sets and totals, and every dimension's own rows for
     the day from its hours' own rows (which must be there)."""
     end = day + _DAY
-    _regroup(conn, DAY, HOUR, day, end)
-    _regroup(conn, DAY + TOTALS, HOUR + TOTALS, day, end)
+    regroup(conn, DAY, HOUR, day, end)
+    regroup(conn, DAY + TOTALS, HOUR + TOTALS, day, end)
     for dim in DIMS:
-        _regroup(conn, projected(DAY, dim), projected(HOUR, dim), day, end)
+        regroup(conn, projected(DAY, dim), projected(HOUR, dim), day, end)
 
 
 def _project_hours(conn: Conn, lo: int, hi: int) -> None:
@@ -189,9 +191,9 @@ def _project_hours(conn: Conn, lo: int, hi: int) -> None:
     for i, dim in enumerate(DIMS):
         hour_grain = projected(HOUR, dim)
         conn.execute("DELETE FROM rollups WHERE grain = ? AND bucket >= ? AND bucket < ?", (hour_grain, lo, hi))
-        found = _sums(conn, _PROJECT_SQL, (lo, hi), 2, dim=dim)
+        found = sums(conn, _PROJECT_SQL, (lo, hi), 2, dim=dim)
         ids = dim_ids(conn, {projection_dims(i, r[1]) for r in found})
-        conn.executemany(_INSERT, [(hour_grain, r[0], ids[projection_dims(i, r[1])], *r[2:]) for r in found])
+        conn.executemany(INSERT_SQL, [(hour_grain, r[0], ids[projection_dims(i, r[1])], *r[2:]) for r in found])
 
 
 _MONTH_FROM_DAY = ((MONTH, DAY), (MONTH + TOTALS, DAY + TOTALS),
@@ -201,14 +203,14 @@ _MONTH_FROM_DAY = ((MONTH, DAY), (MONTH + TOTALS, DAY + TOTALS),
 def _roll_month(conn: Conn, month: int) -> None:
     end = next_month(month)
     for into, of in _MONTH_FROM_DAY:
-        _regroup(conn, into, of, month, end)
+        regroup(conn, into, of, month, end)
 
 
-def _regroup(conn: Conn, into: int, of: int, start: int, end: int) -> None:
+def regroup(conn: Conn, into: int, of: int, start: int, end: int) -> None:
     """The `into` rows of the bucket at `start` from the `of` rows in [start, end), dimension set by set."""
     conn.execute("DELETE FROM rollups WHERE grain = ? AND bucket = ?", (into, start))
-    found = _sums(conn, _REGROUP_SQL, (of, start, end), 1)
-    conn.executemany(_INSERT, [(into, start, *r) for r in found])
+    found = sums(conn, REGROUP_SQL, (of, start, end), 1)
+    conn.executemany(INSERT_SQL, [(into, start, *r) for r in found])
 
 
 def project_hours(conn: AnyConn, until: float | None = None, max_hours: int = 24) -> int:
@@ -280,16 +282,18 @@ def rebuild_dirty(conn: AnyConn, max_hours: int | None = 24, before: int | None 
     conn.executemany("DELETE FROM rollup_dirty WHERE hour = ?", [(h,) for h in hours])
     if days_until is not None:
         days = sorted({h - h % _DAY for h in hours if h < days_until and (pruned is None or h >= pruned)})
-        clean = [d for d in days if not _has_dirty(conn, d, d + _DAY)]
+        clean = [d for d in days if not has_dirty(conn, d, d + _DAY)]
         for day in clean:
             _roll_day(conn, day)
         for month in sorted({month_start(d) for d in clean}):  # month rows hold the days before days_until
-            if not _has_dirty(conn, month, min(next_month(month), days_until)):
+            if not has_dirty(conn, month, min(next_month(month), days_until)):
                 _roll_month(conn, month)
+    for lo, hi in runs:  # the views' days over them, those with no dirty hour left
+        _views().rebuild(conn, lo, hi)
     return len(hours)
 
 
-def _has_dirty(conn: Conn, lo: int, hi: int) -> bool:
+def has_dirty(conn: Conn, lo: int, hi: int) -> bool:
     return conn.execute("SELECT 1 FROM rollup_dirty WHERE hour >= ? AND hour < ? LIMIT 1", (lo, hi)).fetchone() is not None
 
 
@@ -352,7 +356,16 @@ def ensure(conn: AnyConn, until: float | None = None) -> bool:
             pass
         while in_transaction(conn, lambda: rebuild_dirty(conn, max_hours=24)):
             pass
+        while in_transaction(conn, lambda: _views().advance(conn)):
+            pass
     return marked
+
+
+def _views() -> Any:
+    """rollup_views, which builds on this module's helpers (imported when first needed)."""
+    from proxy.ledger import rollup_views
+
+    return rollup_views
 
 
 def in_transaction(conn: AnyConn, work: Callable[[], Any]) -> Any:

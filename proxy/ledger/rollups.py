@@ -27,6 +27,11 @@ per bucket where the full dimension sets are thousands. Their dim_id names a rol
 dimension's value and NULL for the others (`projection_dims`); only the projected column of it means
 anything.
 
+Views (rollup_views.py builds them; `View`, `read_views` here): day and month rows per configured pair of
+dimensions (UTC) and per configured zone (local days and months: full sets, totals, each dimension's and
+each pair's), at grains VIEW_BASE + VIEW_STEP * view id + DAY/MONTH. The hook never writes them: a call
+for an hour before projected_until marks its hour dirty when any view exists, and the upkeep rebuilds it.
+
 Both backends: every function takes a `Conn` (a plain sqlite3 connection is wrapped). The SQL is shared
 where the engines agree; the cost upsert, the hour of a timestamp and the team expression are spelled
 per dialect beside each other (`upsert_sql`, `add_bucket_sql`, `hour_sql`, `team_sql`).
@@ -53,6 +58,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -75,7 +81,7 @@ from proxy.ledger.picodollars import (
 from proxy.ledger.sqlconn import Conn, wrap_sqlite
 
 __all__ = [
-    "ADD_BUCKET", "DAY", "DIMS", "GRAINS", "HOUR", "INT_COUNTERS", "MONTH", "PROJECTED", "SERIES", "SUM_COST",
+    "ADD_BUCKET", "ALL", "DAY", "DIMS", "FULL", "VIEW_BASE", "VIEW_STEP", "View", "read_views", "view_dims", "GRAINS", "HOUR", "INT_COUNTERS", "MONTH", "PROJECTED", "SERIES", "SUM_COST",
     "SUM_COST_SLOW", "TEAM_SQL", "TOTALS", "AnyConn", "State", "add_bucket_sql", "as_conn", "hour_sql", "team_sql",
     "upsert_sql", "apply", "dim_ids", "dirty_hours", "exact_values",
     "extent", "from_pico", "month_start", "next_month", "pico", "pico_text", "projected",
@@ -412,12 +418,20 @@ def apply(conn: AnyConn, rows: Sequence[Sequence[Any]]) -> None:
     postgres = conn.dialect == "postgres"
     # The state and the newest dimension set (for dim_ids' cache) in one query: one round trip.
     state = conn.execute(
-        f"SELECT s.covered_id, s.days_until, s.projected_until, d.id, {_D_COLUMNS} FROM rollup_state AS s "
+        f"SELECT s.covered_id, s.days_until, s.projected_until, s.views, d.id, {_D_COLUMNS} FROM rollup_state AS s "
         "LEFT JOIN rollup_dims AS d ON d.id = (SELECT max(id) FROM rollup_dims) WHERE s.id = 1").fetchone()
-    covered, days_until, projected_until = state[:3]
+    covered, days_until, projected_until, views = state[:4]
     if rows:
-        newest = None if state[3] is None else tuple(state[3:])
-        _upsert(conn, _aggregate(rows, _pg_team if postgres else _team), days_until, projected_until, newest)
+        newest = None if state[4] is None else tuple(state[4:])
+        hours = _aggregate(rows, _pg_team if postgres else _team)
+        _upsert(conn, hours, days_until, projected_until, newest)
+        if views and projected_until is not None:
+            # A late call for hours the views' rows (rollup_views.py) may hold: the upkeep rebuilds its
+            # hour and them; reports read it from calls meanwhile. Views stop before projected_until.
+            late = sorted({hour for hour, _ in hours if hour < projected_until})
+            if late:
+                conn.executemany("INSERT INTO rollup_dirty (hour) VALUES (?) ON CONFLICT DO NOTHING",
+                                 [(h,) for h in late])
     if postgres:
         # Ids from a sequence: gaps after a rollback, so count the rows above covered_id instead. One
         # statement that needs no answer (it rides with the batch's next round trip): covered_id moves to
@@ -437,28 +451,74 @@ def apply(conn: AnyConn, rows: Sequence[Sequence[Any]]) -> None:
         conn.execute("UPDATE rollup_state SET covered_id = -1 WHERE id = 1")
 
 
+# --- views: rows per pair of dimensions, and per configured zone (rollup_views.py builds them) -------
+# A view's rows: grain VIEW_BASE + VIEW_STEP * id + DAY or MONTH (above every grain of PROJECTED's).
+VIEW_BASE, VIEW_STEP = 100, 10
+FULL, ALL = "*", ""  # a view's dims: every dimension set; totals (dim_id SERIES); else DIMS names joined by ","
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """One rollup_views row: rows summed by `dims` for the days (local days of `zone`; '' is UTC) that start
+    in [days_from, days_until) and the months made only of such days."""
+
+    id: int
+    zone: str
+    dims: str
+    days_from: int | None
+    days_until: int | None
+
+    def grain(self, grain: int) -> int:
+        return VIEW_BASE + VIEW_STEP * self.id + grain
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The DIMS its rows are summed by (every one for FULL)."""
+        return DIMS if self.dims == FULL else tuple(self.dims.split(",")) if self.dims else ()
+
+    def covers(self, lo: int, hi: int) -> bool:
+        return (self.days_from is not None and self.days_until is not None
+                and self.days_from <= lo and hi <= self.days_until)
+
+
+def view_dims(names: Iterable[str]) -> str:
+    """The dims text of a view summed by `names` (DIMS names), in DIMS order."""
+    return ",".join(d for d in DIMS if d in set(names))
+
+
+_VIEWS_SQL = "SELECT id, zone, dims, days_from, days_until FROM rollup_views ORDER BY id"
+
+
+def read_views(conn: AnyConn) -> tuple[View, ...]:
+    return tuple(View(int(r[0]), r[1], r[2], r[3], r[4]) for r in as_conn(conn).execute(_VIEWS_SQL))
+
+
 # --- state ------------------------------------------------------------------------------------------
 class State:
     """What reports need to know: may the rollups be trusted, up to where are day and month rows
-    complete, up to where do hours have each dimension's own rows, before when were raw calls pruned."""
+    complete, up to where do hours have each dimension's own rows, before when were raw calls pruned,
+    and which views exist."""
 
-    __slots__ = ("current", "days_until", "exists", "projected_until", "pruned_before")
+    __slots__ = ("current", "days_until", "exists", "projected_until", "pruned_before", "views")
 
     def __init__(self, exists: bool, current: bool, days_until: int | None = None,
-                 pruned_before: int | None = None, projected_until: int | None = None) -> None:
+                 pruned_before: int | None = None, projected_until: int | None = None,
+                 views: tuple[View, ...] = ()) -> None:
         self.exists, self.current = exists, current
         self.days_until, self.pruned_before, self.projected_until = days_until, pruned_before, projected_until
+        self.views = views
 
 
 def read_state(conn: AnyConn) -> State:
     conn = as_conn(conn)
     if conn.dialect == "postgres":  # one schema, migration 1 on: every column is there
-        found = conn.execute("SELECT covered_id, days_until, pruned_before, projected_until FROM rollup_state "
-                             "WHERE id = 1").fetchone()
+        found = conn.execute("SELECT covered_id, days_until, pruned_before, projected_until, "
+                             "to_regclass('rollup_views') IS NOT NULL FROM rollup_state WHERE id = 1").fetchone()
         if found is None:
             return State(False, False)
         newest = conn.execute("SELECT coalesce(max(id), 0) FROM calls").fetchone()[0]
-        return State(True, found[0] >= 0 and found[0] == newest, found[1], found[2], found[3])
+        views = read_views(conn) if found[4] else ()  # a ledger read before migration 4 (reads never migrate)
+        return State(True, found[0] >= 0 and found[0] == newest, found[1], found[2], found[3], views)
     try:
         found = conn.execute("SELECT covered_id, days_until, pruned_before, projected_until FROM rollup_state "
                              "WHERE id = 1").fetchone()
@@ -471,7 +531,11 @@ def read_state(conn: AnyConn) -> State:
     if found is None:
         return State(False, False)
     newest = conn.execute("SELECT coalesce(max(id), 0) FROM calls").fetchone()[0]
-    return State(True, found[0] >= 0 and found[0] == newest, found[1], found[2], found[3])
+    try:
+        views = read_views(conn)
+    except sqlite3.OperationalError:  # a ledger from before migration 9
+        views = ()
+    return State(True, found[0] >= 0 and found[0] == newest, found[1], found[2], found[3], views)
 
 
 def dirty_hours(conn: AnyConn, lo: float, hi: float) -> list[int]:

@@ -8,6 +8,9 @@ A report's range is cut into segments, each read from one source:
   or time buckets, while the rollups are current; grouped by time alone, each bucket's totals rows; by
   one dimension alone, that dimension's own rows where the segment is `projected` (before
   `projected_until`);
+- a view's rows (ledger/rollup_views.py) answer UTC days and months for a report on exactly a configured
+  pair of dimensions (groups and filters), and, in a configured zone, whole local days and months that the
+  zone's rows cover and that hold no dirty hour (its totals, one dimension's, a pair's, or its full sets);
 - `calls` answers the rest: the cut hours at a range's edges, dirty hours, hours that a time zone's day
   boundary cuts in two (a zone whose offset is not a whole number of hours at that instant: India's
   +05:30 cuts one hour a day; the hour bucket in such a zone is read from calls throughout), and every
@@ -35,6 +38,7 @@ from zoneinfo import ZoneInfo
 
 from proxy.ledger import rollups
 from proxy.ledger.report_sql import ROLLUP_GROUPS, TIME_FIELDS
+from proxy.ledger.rollup_views import local_day, local_month
 
 __all__ = ["ROLLUP_GROUPS", "TIME_FIELDS", "Segment", "offset_spans", "plan"]  # the first two are report_sql's
 
@@ -51,6 +55,7 @@ class Segment:
     offset: int = 0
     lossy: bool = False  # rollups answering groups they do not hold (pruned period): those read null
     projected: bool = False  # every bucket in it has each dimension's own rows (rollups.py, "Projections")
+    view: int | None = None  # read from this rollup view's rows (ledger/rollup_views.py: a pair's, a zone's)
 
 
 def _offset(zone: ZoneInfo, t: int) -> int:
@@ -81,10 +86,12 @@ def offset_spans(zone: ZoneInfo | None, lo: float, hi: float) -> list[tuple[floa
 
 
 def plan(*, names: list[str], since: float | None, until: float | None, zone: ZoneInfo | None,
-         state: rollups.State, extent: tuple[int, int] | None, dirty: list[int]) -> list[Segment]:
+         state: rollups.State, extent: tuple[int, int] | None, dirty: list[int],
+         filtered: frozenset[str] = frozenset()) -> list[Segment]:
     """The segments answering a report on groups `names` over [since, until); see the module docstring.
 
-    `extent` is where any data lies (rollups.extent), `dirty` the dirty hours in it, sorted."""
+    `extent` is where any data lies (rollups.extent), `dirty` the dirty hours in it, sorted; `filtered` the
+    rollup dimensions a filter is set on."""
     times = [n for n in names if n in TIME_FIELDS]
     dims_ok = all(n in ROLLUP_GROUPS or n in TIME_FIELDS for n in names)
     zoned = zone if times else None  # without time buckets the zone changes nothing
@@ -100,22 +107,79 @@ def plan(*, names: list[str], since: float | None, until: float | None, zone: Zo
     lo = extent[0] if since is None else since
     hi = extent[1] if until is None else until
     out: list[Segment] = []
+    used = frozenset(ROLLUP_GROUPS[n] for n in names if n in ROLLUP_GROUPS) | filtered
     if before:
         assert pruned is not None
-        out += _region(lo, min(hi, pruned), zoned, times, [], state, lossy=not dims_ok, exact=False)
+        out += _zoned(lo, min(hi, pruned), zone, zoned, times, [], state, not dims_ok, False, used)
         lo = max(lo, pruned)
     if after:
-        out += _region(lo, hi, zoned, times, dirty, state, lossy=False, exact=True)
+        out += _zoned(lo, hi, zone, zoned, times, dirty, state, False, True, used)
     elif until is None or lo < until:
         out += _raw(lo, until, zoned, extent)
     return _merged(out)
 
 
+def _zoned(lo: float, hi: float, zone: ZoneInfo | None, zoned: ZoneInfo | None, times: list[str],
+           dirty: list[int], state: rollups.State, lossy: bool, exact: bool, used: frozenset[str]) -> list[Segment]:
+    """[lo, hi): the whole local days and months of a configured `zone` that its views cover (and that hold
+    no dirty hour) from the views' rows, the rest as `_region` cuts it. A report grouped by hour cannot use
+    them (a local day is many hours)."""
+    full = next((v for v in state.views if zone is not None and v.zone == zone.key and v.dims == rollups.FULL),
+                None)
+    if zone is None or full is None or full.days_from is None or full.days_until is None or "hour" in times:
+        return _region(lo, hi, zoned, times, dirty, state, lossy, exact, used)
+    out: list[Segment] = []
+    cur, b = lo, min(hi, full.days_until)
+    start = max(lo, full.days_from)
+    t, end = local_day(zone, start)
+    if t < start:
+        t = end
+    while t < b:
+        m_start, m_end = local_month(zone, t)
+        if t == m_start and set(times) <= {"month"} and m_end <= b and not _any(dirty, t - t % 3600, m_end):
+            source, end = "month", m_end
+        else:
+            source, end = "day", local_day(zone, t)[1]
+            if end > b:
+                break
+            if _any(dirty, t - t % 3600, end):  # read as its hours are
+                t = end
+                continue
+        view = _zone_view(state, zone.key, used, t, end, full)
+        if cur < t:
+            out += _region(cur, t, zoned, times, dirty, state, lossy, exact, used)
+        out.append(Segment(source, t, end, _offset(zone, t), lossy, view.dims != rollups.FULL, view.id))
+        cur = t = end
+    if cur < hi:
+        out += _region(cur, hi, zoned, times, dirty, state, lossy, exact, used)
+    return out
+
+
+def _zone_view(state: rollups.State, zone: str, used: frozenset[str], lo: int, hi: int,
+               full: rollups.View) -> rollups.View:
+    """The zone's view with the fewest rows for a report on the dimensions `used` over [lo, hi): its totals,
+    one dimension's, a pair's, else every dimension set's."""
+    dims = rollups.view_dims(used)
+    if len(used) <= 2:
+        for v in state.views:
+            if v.zone == zone and v.dims == dims and v.covers(lo, hi):
+                return v
+    return full
+
+
+def _pair_view(state: rollups.State, used: frozenset[str]) -> rollups.View | None:
+    """The UTC view of exactly the pair `used`, if one is configured."""
+    if len(used) != 2:
+        return None
+    dims = rollups.view_dims(used)
+    return next((v for v in state.views if not v.zone and v.dims == dims), None)
+
+
 def _region(lo: float, hi: float, zone: ZoneInfo | None, times: list[str], dirty: list[int],
-            state: rollups.State, lossy: bool, exact: bool) -> list[Segment]:
+            state: rollups.State, lossy: bool, exact: bool, used: frozenset[str] = frozenset()) -> list[Segment]:
     out: list[Segment] = []
     for a, b, offset in offset_spans(zone, lo, hi) if lo < hi else []:
-        out += _decompose(a, b, offset, times, dirty, state, lossy, exact)
+        out += _decompose(a, b, offset, times, dirty, state, lossy, exact, used)
     return out
 
 
@@ -131,7 +195,7 @@ def _raw(since: float | None, until: float | None, zone: ZoneInfo | None,
 
 
 def _decompose(a: float, b: float, offset: int, times: list[str], dirty: list[int], state: rollups.State,
-               lossy: bool, exact: bool) -> list[Segment]:
+               lossy: bool, exact: bool, used: frozenset[str]) -> list[Segment]:
     """[a, b) of one offset as rollup runs and raw parts. Not `exact` (the pruned period, no raw calls
     left): an hour a local boundary cuts counts whole in the local bucket where it starts."""
     ha, hb = math.ceil(a / 3600) * 3600, math.floor(b / 3600) * 3600
@@ -150,8 +214,11 @@ def _decompose(a: float, b: float, offset: int, times: list[str], dirty: list[in
         # Day and month rows exist before days_until, each dimension's own rows before projected_until.
         coarse_until = state.days_until if state.days_until is not None else ha
         own_until = state.projected_until if state.projected_until is not None else ha
-        out += [Segment(src, lo, hi, offset, lossy, src != "raw" and hi <= own_until)
-                for src, lo, hi in _walk(ha, hb, coarse_until, whole, bad)]
+        pair = _pair_view(state, used)
+        for src, lo, hi in _walk(ha, hb, coarse_until, whole, bad):
+            view = pair.id if pair is not None and src in ("day", "month") and pair.covers(lo, hi) else None
+            out.append(Segment(src, lo, hi, offset, lossy, src != "raw" and (hi <= own_until or view is not None),
+                               view))
     if hb < b:
         out.append(Segment("raw", hb, b, offset, lossy))
     return out
@@ -229,8 +296,8 @@ def _merged(segments: list[Segment]) -> list[Segment]:
     for s in segments:
         last = out[-1] if out else None
         if (last is not None and last.source == s.source and last.offset == s.offset and last.lossy == s.lossy
-                and last.projected == s.projected and last.hi == s.lo):
-            out[-1] = Segment(s.source, last.lo, s.hi, s.offset, s.lossy, s.projected)
+                and last.projected == s.projected and last.view == s.view and last.hi == s.lo):
+            out[-1] = Segment(s.source, last.lo, s.hi, s.offset, s.lossy, s.projected, s.view)
         else:
             out.append(s)
     return out

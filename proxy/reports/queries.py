@@ -88,8 +88,9 @@ def usage_report(
     # counted in full or not at all, never in the rollups and in calls both.
     with read_snapshot(conn):
         state = rollups.read_state(conn) if use_rollups else rollups.State(False, False, None)
-        segments = plan_segments(conn, [name for name, _ in groups], since, until, zone, state)
-        found = report_sql.run(conn, [(s.source, s.lo, s.hi, s.offset, s.projected) for s in segments],
+        filtered = frozenset(report_sql.FILTER_DIMS[k] for k, v in filters.items() if v is not None)
+        segments = plan_segments(conn, [name for name, _ in groups], since, until, zone, state, filtered)
+        found = report_sql.run(conn, [(s.source, s.lo, s.hi, s.offset, s.projected, s.view) for s in segments],
                                groups=groups, filters=filters, utc=zone is None)
     rows, order = _rows(found, len(groups))
     names = (*(out for _, out in groups), *COUNTERS)
@@ -108,7 +109,8 @@ def usage_report(
 
 
 def plan_segments(conn: Conn, names: list[str], since: float | None, until: float | None,
-                  zone: ZoneInfo | None, state: rollups.State) -> list[report_plan.Segment]:
+                  zone: ZoneInfo | None, state: rollups.State,
+                  filtered: frozenset[str] = frozenset()) -> list[report_plan.Segment]:
     """The sources that answer a report (for tests and the benchmark: which path a report takes)."""
     if not state.exists and (zone is None or not any(n in report_plan.TIME_FIELDS for n in names)):
         return [report_plan.Segment("raw", since, until)]
@@ -118,7 +120,7 @@ def plan_segments(conn: Conn, names: list[str], since: float | None, until: floa
         dirty = rollups.dirty_hours(conn, extent[0] if since is None else since,
                                     extent[1] if until is None else until)
     return report_plan.plan(names=names, since=since, until=until, zone=zone, state=state, extent=extent,
-                            dirty=dirty)
+                            dirty=dirty, filtered=filtered)
 
 
 def _parse_group_by(group_by: Sequence[str]) -> list[tuple[str, str]]:

@@ -129,6 +129,8 @@ def as_version_5(path: Path) -> None:
     try:
         conn.execute("DELETE FROM rollups WHERE grain >= ?", (rollups.PROJECTED,))
         conn.execute("ALTER TABLE rollup_state DROP COLUMN projected_until")
+        conn.execute("ALTER TABLE rollup_state DROP COLUMN views")  # migration 9's, and its table
+        conn.execute("DROP TABLE rollup_views")
         for column in ("routes", "organization", "project"):  # migration 7's, which version 5 had not either
             conn.execute(f"ALTER TABLE api_keys DROP COLUMN {column}")
         conn.execute("PRAGMA user_version = 5")
