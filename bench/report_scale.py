@@ -5,8 +5,9 @@
 Builds a ledger in a temporary directory (on the disk of --dir; the file of 10M calls takes a few GB: the
 free space is checked first): the schema from proxy.migrations, rows generated in chunks and inserted with
 executemany, each chunk rolled up by `rollups.apply` (the ledger's own hook, with big batches), then days
-and months rolled up (each dimension's own rows six hours per transaction, then a day per transaction), as
-the proxy's upkeep does. It prints how long that took and how long each transaction held the write lock,
+and months rolled up (each dimension's own rows six hours per transaction, then a day per transaction), then
+the views of VIEWS built (rows per pair and per zone, rollup_views.py: a day per transaction), as the proxy's
+upkeep does. It prints how long that took and how long each transaction held the write lock,
 then times `usage_report` for several group_bys over the whole range and over one month (UTC,
 Europe/Berlin, Asia/Kolkata), through the rollups (median of 5 warm runs) and through a raw scan of
 `calls` (use_rollups=False), checks both answers are identical, and prints a table. --time-rebuild also
@@ -32,7 +33,8 @@ from calendar import timegm
 from pathlib import Path
 from typing import Any
 
-from proxy.ledger import rollup_build, rollups
+from proxy.config import Settings
+from proxy.ledger import rollup_build, rollup_views, rollups
 from proxy.ledger.db import COLUMNS, INSERT_SQL
 from proxy.ledger.migrations import migrate
 from proxy.ledger.rollup_build import in_transaction
@@ -55,6 +57,26 @@ MODELS = [
 GROUPINGS = [[], ["key"], ["model"], ["user", "model"], ["tag:team", "operation"], ["day"], ["month", "key"],
              ["week", "model"], ["hour"], ["day", "model"], ["hour", "model"]]  # fmt: skip
 ZONES = ("Europe/Berlin", "Asia/Kolkata")  # a whole-hour offset with DST, and a half-hour one
+# The views the measured shapes read: the default rollup_pairs, and report_zones set to ZONES.
+VIEWS = rollup_views.wanted(Settings().rollup_pairs, ZONES)
+
+
+def build_views(conn: Any) -> dict[str, float]:
+    """Configure VIEWS on ledger `conn` (either backend) and build them as the upkeep does, a day per
+    transaction; how long that took and how long each transaction held the write lock. Nothing to do
+    on a ledger that has them."""
+    in_transaction(conn, lambda: rollup_views.configure(conn, VIEWS))
+    held = []
+    t = time.perf_counter()
+    while True:
+        t1 = time.perf_counter()
+        if not in_transaction(conn, lambda: rollup_views.advance(conn, VIEWS)):
+            break
+        held.append(time.perf_counter() - t1)
+        print(f"  {len(held):,} view days ...", end="\r", file=sys.stderr)
+    if not held:
+        return {}
+    return {"views": time.perf_counter() - t, "views_median": statistics.median(held), "views_max": max(held)}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -165,6 +187,7 @@ def build(path: Path, calls: int, seed: int) -> dict[str, float]:
                 held.append(time.perf_counter() - t1)
             spent[name] = time.perf_counter() - t
             spent[f"{name}_median"], spent[f"{name}_max"] = statistics.median(held), max(held)
+        spent.update(build_views(conn))
         spent["total"] = time.perf_counter() - t0
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         conn.execute("ANALYZE")
@@ -213,6 +236,7 @@ def measure(db: str, raw_runs: int, match: str | None = None) -> list[dict[str, 
     with reports.open_read(db) as conn:
         state = rollups.read_state(conn)
         assert state.current, "the rollups are not current"
+        zones = {v.id: v.zone.split("/")[-1] for v in state.views}
         ranges: list[tuple[str, float | None, float | None, str | None]] = [
             ("3 months", None, None, None), ("August", *MONTH, None)]
         for zone in ZONES:  # August there: local midnight to local midnight
@@ -229,7 +253,8 @@ def measure(db: str, raw_runs: int, match: str | None = None) -> list[dict[str, 
                 raw_s, raw = _time(lambda a=args: reports.usage_report(conn, use_rollups=False, **a), raw_runs)
                 if raw_runs and fast != raw:
                     raise SystemExit(f"DIFFERENT ANSWERS for {label} {group_by}: rollups and calls disagree")
-                sources = "+".join(sorted({s.source for s in plan}))
+                sources = "+".join(sorted({s.source if s.view is None else f"{s.source}:{zones[s.view] or 'pair'}"
+                                           for s in plan}))
                 if not any(g in ("key", "model", "user", "operation", "endpoint", "status", "tag:team")
                            for g in group_by):
                     sources += " totals"  # by time alone: each bucket's totals rows
@@ -261,7 +286,8 @@ def _sizes(path: Path) -> dict[str, int]:
         return {"calls": q("SELECT count(*) FROM calls"), "hour_rows": q("SELECT count(*) FROM rollups WHERE grain = 0"),
                 "day_rows": q("SELECT count(*) FROM rollups WHERE grain = 1"),
                 "month_rows": q("SELECT count(*) FROM rollups WHERE grain = 2"),
-                "dims": q("SELECT count(*) FROM rollup_dims"), "file_bytes": path.stat().st_size}
+                "dims": q("SELECT count(*) FROM rollup_dims"), "file_bytes": path.stat().st_size,
+                "view_rows": q(f"SELECT count(*) FROM rollups WHERE grain >= {rollups.VIEW_BASE}")}
     finally:
         conn.close()
 
@@ -270,7 +296,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.ledger:
         path = Path(args.ledger)
-        _print({}, _sizes(path), None, measure(str(path), args.raw_runs, args.match))
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            migrate(conn)  # a ledger from before the views: migrated, and its views built first
+            spent = build_views(conn)
+        finally:
+            conn.close()
+        _print(spent, _sizes(path), None, measure(str(path), args.raw_runs, args.match))
         return 0
     parent = Path(args.dir or tempfile.gettempdir())
     need, free = args.calls * BYTES_PER_CALL, shutil.disk_usage(parent).free
@@ -300,12 +332,12 @@ def _print(spent: dict[str, float], sizes: dict[str, int], rebuild: dict[str, fl
            results: list[dict[str, Any]]) -> None:
     print(f"\nLedger: {sizes['calls']:,} calls, {sizes['file_bytes'] / 1e9:.2f} GB; rollups: "
           f"{sizes['hour_rows']:,} hour rows, {sizes['day_rows']:,} day rows, {sizes['month_rows']:,} month rows, "
-          f"{sizes['dims']:,} dimension sets")
+          f"{sizes['dims']:,} dimension sets, {sizes['view_rows']:,} rows of views (pairs, zones)")
     if spent:
         print("Build: " + ", ".join(f"{k} {v:.1f} s" for k, v in spent.items() if not k.endswith(("_median", "_max")))
               + "; each transaction held the write lock: " + ", ".join(
                   f"{name} {spent[f'{name}_median'] * 1000:.0f} ms (median), {spent[f'{name}_max'] * 1000:.0f} ms (max)"
-                  for name in ("project_hours", "roll_days")))
+                  for name in ("project_hours", "roll_days", "views") if f"{name}_median" in spent))
     if rebuild:
         print(f"Rows written without the hook: make_current {rebuild['make_current'] * 1000:.0f} ms, then "
               f"{rebuild['hours']:,.0f} hours rebuilt in {rebuild['total']:.1f} s, each transaction "

@@ -9,7 +9,8 @@ again, after running any newer migrations on it), runs the PostgreSQL migrations
 generates the calls in SQL (`INSERT … SELECT … FROM generate_series`: 92 days, 60 keys in 12 teams, 400
 users, 14 models, 20 operations, 3.5% errors, 15% counted usage, exact costs in whole picodollars), then
 builds the rollups in SQL the way `rollup_build` defines them (hour rows per dimension set, day and month rows,
-each bucket's totals, each dimension's own rows; picodollars and exponents), marks them current, and times
+each bucket's totals, each dimension's own rows; picodollars and exponents), marks them current, builds the
+views (bench.report_scale.VIEWS: the default pairs, Berlin and Kolkata) as the upkeep does, and times
 the same `usage_report` shapes as bench/report_scale.py (SQLite): median of 5 warm runs through the rollups,
 and a raw scan of `calls` (use_rollups=False) whose answer must be identical.
 
@@ -26,7 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
-from bench.report_scale import END, MODELS, START, measure, print_table
+from bench.report_scale import END, MODELS, START, build_views, measure, print_table
 from proxy.ledger import migrations_postgres, rollups
 from proxy.ledger.sqlconn import connect_postgres
 from proxy.ledger.target import parse_target
@@ -175,6 +176,8 @@ def build(url: str, calls: int) -> dict[str, float]:
             print(f"  {time.perf_counter() - t1:7.2f} s  {' '.join(sql.split())[:90]}", file=sys.stderr)
         spent["rollups"] = time.perf_counter() - t
         conn.raw.execute("VACUUM ANALYZE calls")
+        spent.update(build_views(conn))
+        conn.raw.execute("ANALYZE rollups")
     finally:
         conn.close()
     return spent
@@ -188,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         conn = connect_postgres(parse_target(url))
         try:
             migrations_postgres.migrate(conn)  # a newer schema's migrations (indexes) on the kept rows
+            spent = build_views(conn)  # and the views it has not got
         finally:
             conn.close()
         results = measure(url, args.raw_runs, args.match)

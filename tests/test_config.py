@@ -6,13 +6,16 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import re
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
+import pytest
 import yaml
 
 import proxy.config
-from proxy.config import SETTINGS, Settings, load_settings
+from proxy.config import SETTINGS, ConfigError, Settings, load_settings
 from tests.support.cli import run_cli
 
 NOT_SETTINGS = {"admin_token"}  # from the environment only
@@ -65,3 +68,31 @@ def test_every_flag_setting_is_a_serve_flag() -> None:
     assert len(flags) >= 5
     for setting in flags:
         assert f"--{setting.name} " in shown, setting.name
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    ("rollup_pairs: ['model,user', [tag:team, operation], 'key, model', [user, model]]\n",
+     (("model", "user"), ("operation", "team"), ("key_id", "model"))),
+    ("rollup_pairs: []\n", ()),
+    ("report_zones: [Asia/Kolkata, UTC, Asia/Kolkata]\n", ("Asia/Kolkata",)),
+])  # fmt: skip
+def test_rollup_pairs_and_report_zones(tmp_path: Path, content: str, expected: tuple[Any, ...]) -> None:
+    cfg = tmp_path / "proxy.yaml"
+    cfg.write_text(content)
+    loaded = load_settings(str(cfg), environ={})
+    assert (loaded.report_zones if content.startswith("report_zones") else loaded.rollup_pairs) == expected
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    ("rollup_pairs: [user]\n", "'user' is not a pair of two of: key, model"),
+    ("rollup_pairs: ['user,user']\n", "is not a pair"),
+    ("rollup_pairs: ['user,session']\n", "is not a pair"),
+    ("rollup_pairs: user,model\n", "must be a list of pairs"),
+    ("report_zones: [Mars/Olympus]\n", "'Mars/Olympus' is not an IANA time zone name"),
+    ("report_zones: Europe/Berlin\n", "must be a list of IANA time zone names"),
+])  # fmt: skip
+def test_bad_rollup_pairs_and_report_zones_are_one_clear_line(tmp_path: Path, content: str, problem: str) -> None:
+    cfg = tmp_path / "proxy.yaml"
+    cfg.write_text(content)
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        load_settings(str(cfg), environ={})

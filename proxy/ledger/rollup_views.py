@@ -224,19 +224,20 @@ def advance(conn: AnyConn, only: Iterable[tuple[str, str]] | None = None) -> int
         start, end = _bounds(view, start)
         if end > limit:
             continue
+        built = [view]
+        if view.zone and view.dims == FULL:  # the zone's others that are level with it come along
+            built += [v for v in views if v.zone == view.zone and v.dims != FULL and v.days_until == view.days_until]
         if view.zone and view.dims == FULL and not _buildable(start, end, state.pruned_before):
-            _set(conn, view, end, end)  # its cut hour's calls are pruned: its rows start after it
+            for v in built:  # its cut hour's calls are pruned: its rows start after it
+                _set(conn, v, end, end)
             return 1
         days_from = start if view.days_from is None or view.days_until is None else view.days_from
-        built = [view]
-        if view.zone and view.dims == FULL:
-            built += [v for v in views if v.zone == view.zone and v.dims != FULL and v.days_until == start]
         source = view if view.zone and view.dims == FULL else full
         for v in built:
             _day(conn, v, start, end, source)
             month = _month(v, start)[0]
             conn.execute(add_bucket_sql(conn), (v.grain(MONTH), month, v.grain(DAY), start))
-            _set(conn, v, days_from if v is view else v.days_from, end)
+            _set(conn, v, days_from, end)
         return 1
     return 0
 

@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 
 from proxy.core.money import EXACT
 from proxy.ledger import rollup_build, rollup_views, rollups
-from proxy.ledger.retention import prune
+from proxy.ledger.retention import RetentionTask, prune
 from proxy.ledger.rollup_build import in_transaction
 from proxy.reports import queries as reports
 from tests.support.ledger import DAY, connect, random_call, write_through_ledger
@@ -238,8 +238,9 @@ def test_a_zone_added_later_is_built_in_the_background(ledger_target: str) -> No
     try:
         for _ in range(5):  # a few days of it, a day per transaction
             assert in_transaction(conn, lambda: rollup_views.advance(conn, rollup_views.wanted(PAIRS, ZONES)))
-        kolkata = next(v for v in rollups.read_views(conn) if v.zone == "Asia/Kolkata" and v.dims == "")
-        assert kolkata.days_until is None  # FULL first, then its others catch up
+        kolkata = [v for v in rollups.read_views(conn) if v.zone == "Asia/Kolkata"]
+        assert len({(v.days_from, v.days_until) for v in kolkata}) == 1  # its views go along with its FULL
+        assert kolkata[0].days_until == local("2026-03-21", "Asia/Kolkata")
     finally:
         conn.close()
     assert_views_exact(ledger_target)
@@ -278,3 +279,17 @@ def test_retention_keeps_the_views_and_a_zone_added_after_it_skips_pruned_cut_ho
     assert_views_exact(ledger_target, "Asia/Kolkata")
     kept = (local("2026-03-29", "Asia/Kolkata"), local("2026-04-15", "Asia/Kolkata"))
     assert "Asia/Kolkata" in same_reports(ledger_target, "Asia/Kolkata", *kept)
+
+
+def test_the_upkeep_configures_and_builds_the_views(ledger_target: str) -> None:
+    rng = random.Random(10)
+    asyncio.run(write_through_ledger(ledger_target, [random_call(rng, i, start=R0, span=SPAN) for i in range(800)],
+                                     rng))
+    task = RetentionTask(ledger_target, None, clock=lambda: UNTIL, gap=0.0,
+                         views=rollup_views.wanted(PAIRS, ["Asia/Kolkata"]))
+    result = asyncio.run(task.run_once())
+    assert result["view_days"] == 34 * 3 + 34  # the UTC days for each pair; Kolkata's, its others along
+    assert asyncio.run(task.run_once())["view_days"] == 0
+    assert_views_exact(ledger_target)
+    assert "Asia/Kolkata" in same_reports(ledger_target, "Asia/Kolkata", groupings=[["user", "model"], ["day"]],
+                                             filters_list=[{}])
