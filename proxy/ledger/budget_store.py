@@ -21,7 +21,7 @@ from typing import Any
 from proxy.core.attribution import TEAM_TAG
 from proxy.core.money import EXACT
 from proxy.ledger import rollups
-from proxy.ledger.db import COLUMNS
+from proxy.ledger.db import COLUMNS, TwoPhase
 from proxy.ledger.sqlconn import Conn
 
 __all__ = [
@@ -279,10 +279,23 @@ def spend_keys(started_at: float, key_id: Any, user: Any, tags: Any) -> list[Spe
             for period, label in labels]
 
 
-def settle_rows(conn: Conn, rows: list[tuple[Any, ...]]) -> None:
+# Whether there is any spend row, any reservation: asked with the batch's BEGIN, after the write lock.
+# Under that lock no spend row can be made (`_make_spend_row` takes SHARE on calls, which waits for the batch)
+# and every reservation of the batch's calls is committed already (taken before the call was forwarded);
+# so when there are none, settling has nothing to change, and neither its Python nor its statements run.
+_ANY_SQL = "SELECT EXISTS (SELECT 1 FROM budget_spend), EXISTS (SELECT 1 FROM reservations)"
+
+
+def _settle_rows(conn: Conn, rows: list[tuple[Any, ...]], found: Sequence[Any] | None) -> None:
     """The ledger's `after_insert` hook (PostgreSQL): add each row's cost to the spend rows of its key, user
-    and team in its day, month and total, and delete its reservation, in the batch's own transaction."""
+    and team in its day, month and total, and delete its reservation, in the batch's own transaction.
+    `found` is _ANY_SQL's answer when the caller asked it in this transaction, under the write lock."""
     if conn.dialect != "postgres" or not rows:
+        return
+    spend, held = found if found else (True, True)
+    if held:
+        conn.execute("DELETE FROM reservations WHERE id = ANY(?)", ([row[_ID] for row in rows],))
+    if not spend:
         return
     amounts: dict[SpendKey, Decimal] = {}
     for row in rows:
@@ -291,8 +304,10 @@ def settle_rows(conn: Conn, rows: list[tuple[Any, ...]]) -> None:
             continue
         for key in spend_keys(row[_STARTED], row[_KEY], row[_USER], row[_TAGS]):
             amounts[key] = EXACT.add(amounts.get(key, _ZERO), cost)
-    conn.execute("DELETE FROM reservations WHERE id = ANY(?)", ([row[_ID] for row in rows],))
     add_spend(conn, amounts)
+
+
+settle_rows = TwoPhase("any_spend", _ANY_SQL, _settle_rows)
 
 
 def add_spend(conn: Conn, amounts: dict[SpendKey, Decimal]) -> None:
