@@ -15,6 +15,7 @@ import json
 import os
 import re
 import secrets
+import statistics
 import sqlite3
 import sys
 import tempfile
@@ -148,6 +149,17 @@ def main() -> None:
         print(f"{r['workers']:>7}  {r['rps']:>8}  {lat['p50']:>7.2f}  {lat['p99']:>7.2f}  {r['error_total']:>6}  "
               f"{r['cpu_us_per_call']['proxy']:>8}  {r['cpu_us_per_call']['postgres']:>6}  "  # type: ignore[index]
               f"{r['rows_recorded']} >= {r['ok']}")
+    # A spec given more than once (`--workers sqlite,1,sqlite,1,…`, alternating so that the machine's load
+    # falls on both alike): the median of its runs, and each against SQLite's median.
+    by_spec: dict[str, list[float]] = {}
+    for r in results:
+        by_spec.setdefault(str(r["workers"]), []).append(float(r["rps"]))  # type: ignore[arg-type]
+    if any(len(v) > 1 for v in by_spec.values()):
+        base = statistics.median(by_spec["sqlite"]) if "sqlite" in by_spec else None
+        for spec, values in by_spec.items():
+            ratio = f"  {statistics.median(values) / base:.2f}x SQLite" if base and spec != "sqlite" else ""
+            print(f"{spec:>7}  median {statistics.median(values):8.1f} req/s over {len(values)} runs "
+                  f"({min(values):.0f}-{max(values):.0f}){ratio}")
 
 
 if __name__ == "__main__":
