@@ -15,8 +15,8 @@ import json
 import os
 import re
 import secrets
-import statistics
 import sqlite3
+import statistics
 import sys
 import tempfile
 import urllib.request
