@@ -236,6 +236,7 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
             pg_pool_timeout=settings.pg_pool_timeout)
         if gate.shared is not None:  # a spooled row's cost stays held until its replay (control/shared.py)
             gate.shared.ledger_clear = lambda: app[LEDGER].accepting
+            gate.shared.keep_spooled(await app[LEDGER].spooled_rows())  # across a restart too
         app[GATE] = gate
         if gate.shared is not None:
             gate.shared.on_admission = metrics.observe_admission
