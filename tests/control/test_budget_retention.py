@@ -67,6 +67,7 @@ async def test_a_reprice_into_pruned_hours_moves_their_rollups_and_the_spend_by_
     from proxy.ledger.reprice import reprice
     from proxy.ledger.writer import Ledger
     from proxy.pricing.table import PriceTable
+    from proxy.reports import queries as reports
     from tests.support.ledger import actual_rollups
 
     now = time.time()
@@ -112,6 +113,13 @@ async def test_a_reprice_into_pruned_hours_moves_their_rollups_and_the_spend_by_
         assert budget_store.spend_since(conn, "team", "ml", 0) == Decimal("0.99")
     finally:
         conn.close()
+    read = reports.connect_readonly(ledger_target)
+    try:  # reports over the pruned period read those rollups: by time, by team (its own rows), by model
+        for group_by in ([], ["month"], ["tag:team"], ["model", "day"]):
+            totals = reports.usage_report(read, group_by=group_by)["totals"]
+            assert (Decimal(totals["cost_usd"]), totals["unpriced_calls"]) == (Decimal("0.99"), 0), group_by
+    finally:
+        read.close()
     refused = await admit(ledger_target, "total", "0.02", now)  # 0.99 + 0.02 > 1.00
     assert isinstance(refused, BudgetRefusal) and refused.spent == Decimal("0.99")
     fits = await admit(ledger_target, "total", "0.01", now)
