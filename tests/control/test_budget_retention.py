@@ -37,6 +37,13 @@ async def admit(db: str, period: str, worst: str, now: float) -> object:
     return await Budgets(db).reserve(charges, Decimal(worst), now)
 
 
+async def refuses_then_fits(db: str, now: float, *, spent: str, over: str, fits: str) -> None:
+    """A total budget of 1.00 that has `spent`: a call whose worst case is `over` is refused, `fits` fits."""
+    refused = await admit(db, "total", over, now)
+    assert isinstance(refused, BudgetRefusal) and refused.spent == Decimal(spent)
+    assert isinstance(await admit(db, "total", fits, now), (Reservation, SharedHold))
+
+
 async def test_a_total_budget_keeps_pruned_spend_and_both_backends_agree(ledger_target: str) -> None:
     now = time.time()
     write_calls(ledger_target, calls(now))
@@ -46,10 +53,7 @@ async def test_a_total_budget_keeps_pruned_spend_and_both_backends_agree(ledger_
         assert conn.execute("SELECT count(*) FROM calls").fetchone()[0] == 1
     finally:
         conn.close()
-    refused = await admit(ledger_target, "total", "0.20", now)  # 0.90 + 0.20 > 1.00
-    assert isinstance(refused, BudgetRefusal) and refused.spent == Decimal("0.90")
-    fits = await admit(ledger_target, "total", "0.10", now)
-    assert isinstance(fits, (Reservation, SharedHold))
+    await refuses_then_fits(ledger_target, now, spent="0.90", over="0.20", fits="0.10")
     # A month budget counts this month only: the pruned calls were in a month that is over.
     month = await admit(ledger_target, "month", "0.80", now)
     assert isinstance(month, (Reservation, SharedHold))
@@ -120,7 +124,4 @@ async def test_a_reprice_into_pruned_hours_moves_their_rollups_and_the_spend_by_
             assert (Decimal(totals["cost_usd"]), totals["unpriced_calls"]) == (Decimal("0.99"), 0), group_by
     finally:
         read.close()
-    refused = await admit(ledger_target, "total", "0.02", now)  # 0.99 + 0.02 > 1.00
-    assert isinstance(refused, BudgetRefusal) and refused.spent == Decimal("0.99")
-    fits = await admit(ledger_target, "total", "0.01", now)
-    assert isinstance(fits, (Reservation, SharedHold))
+    await refuses_then_fits(ledger_target, now, spent="0.99", over="0.02", fits="0.01")

@@ -415,17 +415,22 @@ async def test_spooled_rows_keep_their_cost_held_across_an_outage_longer_than_th
     finally:
         await ledger.close()  # the last replay: the rows land, their hook settles the kept holds
     try:
-        assert team_spend(conn) == Decimal("0.90")
-        await here.renew()
-        assert conn.execute("SELECT count(*) FROM reservations").fetchone()[0] == 0 and not here._kept
-        fits = await other.acquire("last", budget("1.00"), 0, Decimal("0.10"), time.time())
-        assert isinstance(fits, SharedHold)
-        over = await other.acquire("over", budget("1.00"), 0, Decimal("0.01"), time.time())
-        assert isinstance(over, BudgetRefusal)
+        await assert_settled_by_the_replay(conn, here, other)
     finally:
         await here.close()
         await other.close()
         relay.close()
+
+
+async def assert_settled_by_the_replay(conn: Conn, here: SharedLimits, other: SharedLimits) -> None:
+    """After the replay of three spooled calls of 0.30: 0.90 spent, nothing held, 0.10 fits and no more."""
+    assert team_spend(conn) == Decimal("0.90")
+    await here.renew()
+    assert conn.execute("SELECT count(*) FROM reservations").fetchone()[0] == 0 and not here._kept
+    fits = await other.acquire("last", budget("1.00"), 0, Decimal("0.10"), time.time())
+    assert isinstance(fits, SharedHold)
+    over = await other.acquire("over", budget("1.00"), 0, Decimal("0.01"), time.time())
+    assert isinstance(over, BudgetRefusal)
 
 
 async def test_spooled_holds_survive_a_restart_of_the_replica_during_the_outage(
@@ -485,13 +490,7 @@ async def test_spooled_holds_survive_a_restart_of_the_replica_during_the_outage(
     finally:
         await ledger.close()  # the replay: the rows land, their hook settles the holds
     try:
-        assert team_spend(conn) == Decimal("0.90")
-        await here.renew()
-        assert conn.execute("SELECT count(*) FROM reservations").fetchone()[0] == 0 and not here._kept
-        fits = await other.acquire("last", budget("1.00"), 0, Decimal("0.10"), time.time())
-        assert isinstance(fits, SharedHold)
-        over = await other.acquire("over", budget("1.00"), 0, Decimal("0.01"), time.time())
-        assert isinstance(over, BudgetRefusal)
+        await assert_settled_by_the_replay(conn, here, other)
     finally:
         await here.close()
         await other.close()
