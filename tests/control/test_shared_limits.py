@@ -495,3 +495,22 @@ async def test_spooled_holds_survive_a_restart_of_the_replica_during_the_outage(
         await here.close()
         await other.close()
         relay.close()
+
+
+async def test_spooled_holds_of_an_earlier_run_are_made_at_once_not_a_renewal_period_later(
+        pg_url: str, conn: Conn, replicas: list[SharedLimits]) -> None:
+    # A lease of 60 s renews every 20 s; the holds of a restarted replica's spooled calls are made at start.
+    first = await replicas[0].acquire("pre", budget("1.00"), 0, Decimal(0), time.time())  # makes the spend row
+    assert isinstance(first, SharedHold)
+    conn.execute("DELETE FROM reservations")
+    here = SharedLimits(parse_target(pg_url), lease=60)
+    await here.open()
+    try:
+        here.keep_spooled([row("s1", "0.30"), row("s2", "0.25"), row("free", "0")])
+        deadline = time.monotonic() + 5
+        while conn.execute("SELECT count(*) FROM reservations").fetchone()[0] < 2:
+            assert time.monotonic() < deadline, "not held at once"
+            await asyncio.sleep(0.02)
+        assert Decimal(conn.execute("SELECT sum(worst_usd) FROM reservations").fetchone()[0]) == Decimal("0.55")
+    finally:
+        await here.close()
