@@ -25,7 +25,7 @@ from proxy.ledger.db import COLUMNS
 from proxy.ledger.sqlconn import Conn
 
 __all__ = [
-    "SpendKey", "add_spend", "adjust_tokens", "begin_reservation", "commit_reservation", "create_spend", "holds_now", "create_rate_subjects", "db_now", "insert_holds",
+    "SpendKey", "add_spend", "adjust_tokens", "in_calls", "begin_reservation", "commit_reservation", "create_spend", "holds_now", "create_rate_subjects", "db_now", "insert_holds",
     "insert_rate_events", "keep_holds", "live_holds", "lock_rate_subjects", "lock_spend", "period_labels", "prune",
     "rate_entries", "rate_windows", "release", "renew", "settle_rows", "spend_keys", "spend_since", "spooled_holds",
 ]
@@ -217,6 +217,16 @@ def spooled_holds(rows: Iterable[Sequence[Any]]) -> dict[str, tuple[list[SpendKe
         if keys:
             kept[str(row[_ID])] = (keys, cost)
     return kept
+
+
+def in_calls(conn: Conn, ids: Sequence[str]) -> set[str]:
+    """Which of these request ids have their row in `calls` (either backend; a few hundred per query)."""
+    found: set[str] = set()
+    for i in range(0, len(ids), 500):
+        part = list(ids[i:i + 500])
+        found.update(r[0] for r in conn.execute(
+            f"SELECT request_id FROM calls WHERE request_id IN ({', '.join('?' * len(part))})", part))
+    return found
 
 
 def release(conn: Conn, reservation: str) -> None:

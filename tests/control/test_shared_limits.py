@@ -24,6 +24,7 @@ from proxy.ledger.migrations_postgres import migrate
 from proxy.ledger.sqlconn import Conn, connect_postgres
 from proxy.ledger.target import parse_target
 from proxy.ledger.writer import record_row
+from tests.support.relay import Relay
 
 TEAM = Subject("team", "ml")
 
@@ -380,7 +381,6 @@ async def test_spooled_rows_keep_their_cost_held_across_an_outage_longer_than_th
     # holds. Back, before the spool is replayed: the 0.90 must still count against the budget of 1.00.
     from proxy.ledger.hooks import after_insert_hooks
     from proxy.ledger.writer import Ledger
-    from tests.support.relay import Relay
 
     relay = Relay.to(pg_url)
     url = relay.url(pg_url)
@@ -414,23 +414,24 @@ async def test_spooled_rows_keep_their_cost_held_across_an_outage_longer_than_th
         assert isinstance(elsewhere, BudgetRefusal)  # every replica sees it
     finally:
         await ledger.close()  # the last replay: the rows land, their hook settles the kept holds
+    await assert_settled_by_the_replay(conn, here, other, relay)
+
+
+async def assert_settled_by_the_replay(conn: Conn, here: SharedLimits, other: SharedLimits, relay: Relay) -> None:
+    """After the replay of three spooled calls of 0.30: 0.90 spent, nothing held, 0.10 fits and no more.
+    Closes both replicas and the relay."""
     try:
-        await assert_settled_by_the_replay(conn, here, other)
+        assert team_spend(conn) == Decimal("0.90")
+        await here.renew()
+        assert conn.execute("SELECT count(*) FROM reservations").fetchone()[0] == 0 and not here._kept
+        fits = await other.acquire("last", budget("1.00"), 0, Decimal("0.10"), time.time())
+        assert isinstance(fits, SharedHold)
+        over = await other.acquire("over", budget("1.00"), 0, Decimal("0.01"), time.time())
+        assert isinstance(over, BudgetRefusal)
     finally:
         await here.close()
         await other.close()
         relay.close()
-
-
-async def assert_settled_by_the_replay(conn: Conn, here: SharedLimits, other: SharedLimits) -> None:
-    """After the replay of three spooled calls of 0.30: 0.90 spent, nothing held, 0.10 fits and no more."""
-    assert team_spend(conn) == Decimal("0.90")
-    await here.renew()
-    assert conn.execute("SELECT count(*) FROM reservations").fetchone()[0] == 0 and not here._kept
-    fits = await other.acquire("last", budget("1.00"), 0, Decimal("0.10"), time.time())
-    assert isinstance(fits, SharedHold)
-    over = await other.acquire("over", budget("1.00"), 0, Decimal("0.01"), time.time())
-    assert isinstance(over, BudgetRefusal)
 
 
 async def test_spooled_holds_survive_a_restart_of_the_replica_during_the_outage(
@@ -442,7 +443,6 @@ async def test_spooled_holds_survive_a_restart_of_the_replica_during_the_outage(
     # rebuilt the holds from the spool at start (what proxy/app.py does) and its renewal made them again.
     from proxy.ledger.hooks import after_insert_hooks
     from proxy.ledger.writer import Ledger
-    from tests.support.relay import Relay
 
     relay = Relay.to(pg_url)
     url = relay.url(pg_url)
@@ -489,12 +489,7 @@ async def test_spooled_holds_survive_a_restart_of_the_replica_during_the_outage(
                             "AND period = 'day'").fetchone() == (3, 3)
     finally:
         await ledger.close()  # the replay: the rows land, their hook settles the holds
-    try:
-        await assert_settled_by_the_replay(conn, here, other)
-    finally:
-        await here.close()
-        await other.close()
-        relay.close()
+    await assert_settled_by_the_replay(conn, here, other, relay)
 
 
 async def test_spooled_holds_of_an_earlier_run_are_made_at_once_not_a_renewal_period_later(

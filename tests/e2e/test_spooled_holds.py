@@ -1,13 +1,16 @@
-"""A proxy restarted while its ledger cannot write into PostgreSQL: the calls waiting in its spool keep
-their cost held for every replica (the app rebuilds the holds from the spool at start, proxy/app.py), so
+"""A proxy restarted while its ledger cannot write into the database: the calls waiting in its spool keep
+their cost counted. On PostgreSQL the app rebuilds their holds from the spool at start (proxy/app.py), so
 another replica refuses what would pass the budget until the spool is replayed, and the spend is exact
-after it. The database refuses the writes (a trigger on calls, as a full disk or a read-only role would)
-while the limits' own statements work, so the lapse of the first run's leases is the only thing between."""
+after it; the database refuses the writes (a trigger on calls, as a full disk or a read-only role would)
+while the limits' own statements work, so the lapse of the first run's leases is the only thing between.
+On SQLite (one process) the new trackers count the spooled rows until their replay, and once after it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 import urllib.request
 from decimal import Decimal
@@ -52,6 +55,23 @@ def wait(check: Callable[[], bool], timeout: float = 15) -> bool:
     return True
 
 
+def calls(proxy: ProxyServer, n: int, max_tokens: int = 300_000) -> list[str]:
+    """`n` calls of team ml one after another: "ok" or the error code of each."""
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-test", max_retries=0)
+    out = []
+    try:
+        for _ in range(n):
+            try:
+                client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=max_tokens, extra_headers={"X-Meter-Team": "ml"})
+                out.append("ok")
+            except openai.APIStatusError as exc:
+                out.append(str(exc.body["code"]) if isinstance(exc.body, dict) else str(exc.status_code))
+    finally:
+        client.close()
+    return out
+
+
 def test_a_restarted_proxy_holds_its_spooled_calls_cost_for_every_replica(
         upstream: FakeUpstream, start_proxy: Callable[..., ProxyServer], pg_url: str, tmp_path: Path) -> None:
     (tmp_path / "prices.yaml").write_text(PRICES)
@@ -65,21 +85,6 @@ def test_a_restarted_proxy_holds_its_spooled_calls_cost_for_every_replica(
     first = proxy = ProxyServer(proxy_settings(tmp_path, upstream.url, **settings))  # stopped here, not by the fixture
     first.server.start()
     running = True
-
-    def calls(proxy: ProxyServer, n: int) -> list[str]:
-        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-test", max_retries=0)
-        out = []
-        try:
-            for _ in range(n):
-                try:
-                    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
-                                                   max_tokens=300_000, extra_headers={"X-Meter-Team": "ml"})
-                    out.append("ok")
-                except openai.APIStatusError as exc:
-                    out.append(str(exc.body["code"]) if isinstance(exc.body, dict) else str(exc.status_code))
-        finally:
-            client.close()
-        return out
 
     async def other_admits(worst: str) -> object:
         other = SharedLimits(parse_target(pg_url), lease=1.0)
@@ -119,3 +124,33 @@ def test_a_restarted_proxy_holds_its_spooled_calls_cost_for_every_replica(
         if running:
             first.server.stop()
         conn.close()
+
+
+def test_a_restarted_sqlite_proxy_counts_its_spooled_calls_in_its_budgets(
+        upstream: FakeUpstream, start_proxy: Callable[..., ProxyServer], tmp_path: Path) -> None:
+    # One process on SQLite: its trackers are memory, loaded from `calls`; the spool is counted at start.
+    (tmp_path / "prices.yaml").write_text(PRICES)
+    upstream.json(REPLY)
+    settings = dict(pricing=str(tmp_path / "prices.yaml"), spool=str(tmp_path / "ledger.spool.jsonl"),
+                    ledger_busy_timeout=0.2, limits={TEAM: Limits(budget_usd=Decimal("1.00"), budget_period="day")})
+    first = ProxyServer(proxy_settings(tmp_path, upstream.url, **settings))
+    first.server.start()
+    running = True
+    locker = sqlite3.connect(first.settings.db, isolation_level=None)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")  # the rows go to the spool
+        assert calls(first, 4) == ["ok", "ok", "ok", "budget_exceeded"]
+        first.server.stop()  # its last replay finds the ledger locked
+        running = False
+        proxy = start_proxy(**settings)
+        assert healthz(proxy)["spool_depth"] == 4
+        assert calls(proxy, 1) == ["budget_exceeded"]  # 0.90006 spooled + a worst case of 0.30002 > 1.00
+        locker.rollback()
+        assert wait(lambda: healthz(proxy)["status"] == "ok")
+        assert sum((Decimal(r["cost_usd"]) for r in ledger_rows(proxy.settings.db)),
+                   Decimal(0)) == Decimal("0.90006")
+        assert calls(proxy, 1, max_tokens=50_000) == ["ok"]  # counted once: 0.90006 + 0.05002 fits
+    finally:
+        if running:
+            first.server.stop()
+        locker.close()
