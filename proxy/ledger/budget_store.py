@@ -25,9 +25,9 @@ from proxy.ledger.db import COLUMNS, TwoPhase
 from proxy.ledger.sqlconn import Conn
 
 __all__ = [
-    "SpendKey", "add_spend", "adjust_tokens", "begin_reservation", "commit_reservation", "create_spend", "holds_now", "create_rate_subjects", "db_now", "insert_holds",
+    "SpendKey", "add_spend", "adjust_tokens", "in_calls", "begin_reservation", "commit_reservation", "create_spend", "holds_now", "create_rate_subjects", "db_now", "insert_holds",
     "insert_rate_events", "keep_holds", "live_holds", "lock_rate_subjects", "lock_spend", "period_labels", "prune",
-    "rate_entries", "rate_windows", "release", "renew", "settle_rows", "spend_keys", "spend_since",
+    "rate_entries", "rate_windows", "release", "renew", "settle_rows", "spend_keys", "spend_since", "spooled_holds",
 ]
 
 SpendKey = tuple[str, str, str, str]  # (kind, name, period, label)
@@ -179,7 +179,8 @@ def keep_holds(conn: Conn, kept: dict[str, tuple[list[SpendKey], Decimal]], repl
                expires_at: float) -> set[str]:
     """Hold the cost of calls whose rows wait in a spool (`kept`: request id -> spend keys, cost) until their
     rows are in `calls`: those already there are returned (their holds go: the replay's hook settled them);
-    the others' holds are renewed, or made again if their lease ran out and a prune took them. Own
+    the others' holds are renewed, or made again if their lease ran out and a prune took them — on the keys
+    that have a spend row (a budget's; see below). Own
     transaction. A replay committing meanwhile may leave a hold of its own id until the next call (counted
     twice for that moment: more refused, never more admitted)."""
     if not kept:
@@ -189,14 +190,43 @@ def keep_holds(conn: Conn, kept: dict[str, tuple[list[SpendKey], Decimal]], repl
         done = {r[0] for r in conn.execute("SELECT request_id FROM calls WHERE request_id = ANY(?)", (ids,))}
         if done:
             conn.execute("DELETE FROM reservations WHERE id = ANY(?)", (list(done),))
-        rows = [(rid, *key, replica, cost, expires_at) for rid, (keys, cost) in sorted(kept.items())
-                if rid not in done for key in keys]
+        rows = [(rid, *key, cost) for rid, (keys, cost) in sorted(kept.items()) if rid not in done for key in keys]
         if rows:
-            conn.executemany(
+            # One statement over arrays, not one per hold (a restart may bring back every call of a long
+            # outage, `spooled_holds`: nine spend keys each), and only where a spend row exists: a budget
+            # is checked against its spend row, which its first admission makes, so a key without one has
+            # no budget to hold against yet (should it get one, the next renewal holds it).
+            conn.execute(
                 "INSERT INTO reservations (id, kind, name, period, label, replica, worst_usd, expires_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id, kind, name, period, label) DO UPDATE"
-                " SET worst_usd = excluded.worst_usd, expires_at = excluded.expires_at", rows)
+                " SELECT u.id, u.kind, u.name, u.period, u.label, ?, u.worst_usd, ? FROM unnest(?::text[],"
+                " ?::text[], ?::text[], ?::text[], ?::text[], ?::numeric[]) AS u(id, kind, name, period, label,"
+                " worst_usd) JOIN budget_spend b ON (b.kind, b.name, b.period, b.label) = (u.kind, u.name,"
+                " u.period, u.label) ON CONFLICT (id, kind, name, period, label) DO UPDATE"
+                " SET worst_usd = excluded.worst_usd, expires_at = excluded.expires_at",
+                [replica, expires_at, *([r[i] for r in rows] for i in range(6))])
     return done
+
+
+def spooled_holds(rows: Iterable[Sequence[Any]]) -> dict[str, tuple[list[SpendKey], Decimal]]:
+    """What `keep_holds` takes, for rows read from a spool (COLUMNS order): each row's request id, the spend
+    rows its replay's `settle_rows` will charge, and its cost (rows that cost nothing hold nothing)."""
+    kept: dict[str, tuple[list[SpendKey], Decimal]] = {}
+    for row in rows:
+        cost = Decimal(row[_COST])
+        keys = spend_keys(row[_STARTED], row[_KEY], row[_USER], row[_TAGS]) if cost else []
+        if keys:
+            kept[str(row[_ID])] = (keys, cost)
+    return kept
+
+
+def in_calls(conn: Conn, ids: Sequence[str]) -> set[str]:
+    """Which of these request ids have their row in `calls` (either backend; a few hundred per query)."""
+    found: set[str] = set()
+    for i in range(0, len(ids), 500):
+        part = list(ids[i:i + 500])
+        found.update(r[0] for r in conn.execute(
+            f"SELECT request_id FROM calls WHERE request_id IN ({', '.join('?' * len(part))})", part))
+    return found
 
 
 def release(conn: Conn, reservation: str) -> None:

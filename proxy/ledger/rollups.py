@@ -17,7 +17,8 @@ both live in rollup_build.py. `rollup_state.covered_id` says up to which calls.i
 row; reports trust the rollups only while it equals max(calls.id). Rows written without the hook (a
 script, another tool, a ledger from before rollups) break that until `make_current` (at start-up) marks
 every hour holding calls dirty: reports read dirty hours from `calls`, and the upkeep rebuilds them an
-hour per transaction (`rebuild_dirty`). Hours before `pruned_before` (retention) exist only here.
+hour per transaction (`rebuild_dirty`). Hours before `pruned_before` (retention) exist only here; a
+re-pricing of a call still in `calls` in such an hour moves their rows by its delta (`move_pruned`).
 
 Projections: for finished hours (before `projected_until`, made a few hours per transaction by
 `project_hours`) and for rolled-up days and months (before `days_until`) each dimension also has rows of
@@ -78,7 +79,7 @@ __all__ = [
     "ADD_BUCKET", "COVERED_SQL", "DAY", "DIMS", "GRAINS", "HOUR", "INT_COUNTERS", "MONTH", "PROJECTED", "SERIES", "SUM_COST",
     "SUM_COST_SLOW", "TEAM_SQL", "TOTALS", "AnyConn", "State", "add_bucket_sql", "as_conn", "hour_sql", "team_sql",
     "upsert_sql", "apply", "dim_ids", "dirty_hours", "exact_values",
-    "extent", "from_pico", "month_start", "next_month", "pico", "pico_text", "projected",
+    "dims_of", "extent", "from_pico", "month_start", "move_pruned", "next_month", "pico", "pico_text", "projected",
     "projection_dims", "read_state", "register_functions", "summed_values",
 ]  # fmt: skip
 
@@ -361,22 +362,7 @@ def _upsert(conn: Conn, hours: dict[tuple[int, tuple[Any, ...]], _Acc],
     rows = [(HOUR, hour, ids[dims], *acc.values()) for (hour, dims), acc in hours.items()]
     summed: dict[tuple[int, int, int], _Acc] = {}  # series rows, and days, months and projections of late hours
     for (hour, dims), acc in hours.items():
-        keys = [(HOUR + TOTALS, hour, SERIES)]
-        # Else the hours' own rows are made, and their day rolled up, from the hours later.
-        rolled = days_until is not None and hour < days_until
-        if projected_until is not None and hour < projected_until:
-            day = hour - hour % 86400
-            month = month_start(day)
-            if rolled:
-                keys += [(DAY, day, ids[dims]), (DAY + TOTALS, day, SERIES), (MONTH, month, ids[dims]),
-                         (MONTH + TOTALS, month, SERIES)]
-            for i, value in enumerate(dims):
-                own = ids[projection_dims(i, value)]
-                step = PROJECTED * (i + 1)
-                keys.append((HOUR + step, hour, own))
-                if rolled:
-                    keys += [(DAY + step, day, own), (MONTH + step, month, own)]
-        for key in keys:
+        for key in _rows_of(hour, dims, ids, days_until, projected_until)[1:]:
             if key in summed:
                 summed[key].merge(acc)
             else:
@@ -397,6 +383,75 @@ def _upsert(conn: Conn, hours: dict[tuple[int, tuple[Any, ...]], _Acc],
             raise
         register_functions(conn)
         conn.executemany(_UPSERT, rows)
+
+
+def _rows_of(hour: int, dims: tuple[Any, ...], ids: dict[tuple[Any, ...], int], days_until: int | None,
+             projected_until: int | None) -> list[tuple[int, int, int]]:
+    """Every rollup row (grain, bucket, dim_id) a call of `hour` and `dims` is summed into now: its hour's
+    full dimension set first, then the hour's totals, and for a finished hour each dimension's own row
+    and, once its day is rolled up, the day's and month's (else those are made from the hours later)."""
+    keys = [(HOUR, hour, ids[dims]), (HOUR + TOTALS, hour, SERIES)]
+    rolled = days_until is not None and hour < days_until
+    if projected_until is not None and hour < projected_until:
+        day = hour - hour % 86400
+        month = month_start(day)
+        if rolled:
+            keys += [(DAY, day, ids[dims]), (DAY + TOTALS, day, SERIES), (MONTH, month, ids[dims]),
+                     (MONTH + TOTALS, month, SERIES)]
+        for i, value in enumerate(dims):
+            own = ids[projection_dims(i, value)]
+            step = PROJECTED * (i + 1)
+            keys.append((HOUR + step, hour, own))
+            if rolled:
+                keys += [(DAY + step, day, own), (MONTH + step, month, own)]
+    return keys
+
+
+def dims_of(conn: Conn, key_id: Any, model: Any, user: Any, operation: Any, endpoint: Any, status: Any,
+            tags: str) -> tuple[Any, ...]:
+    """A stored row's dimension set (DIMS order), its team as the dialect's team expression reads it."""
+    return (key_id, model, user, operation, endpoint, status,
+            (_pg_team if conn.dialect == "postgres" else _team)(tags))
+
+
+def move_pruned(conn: AnyConn, changes: dict[tuple[int, tuple[Any, ...]], tuple[int, Decimal]]) -> int:
+    """Add a re-pricing's changes of calls in hours before `pruned_before` to the rollup rows holding them.
+
+    `changes`: (hour, dims) -> (change of unpriced_calls, change of cost), from calls whose rows are in
+    `calls` but whose hour is pruned (a spooled row replayed after the prune, a copied one): those hours are
+    never recomputed (their other calls are gone), so the re-pricing moves them by its delta, in its own
+    transaction — the hour, day and month rows, totals and each dimension's own rows, as `apply` added the
+    call to them. Exact: each row's new cost is its old one plus the delta, its picodollars made again from
+    that. Returns the rollup rows moved."""
+    conn = as_conn(conn)
+    if not changes:
+        return 0
+    days_until, projected_until = conn.execute(
+        "SELECT days_until, projected_until FROM rollup_state WHERE id = 1").fetchone()
+    wanted = {dims for _, dims in changes} | {
+        projection_dims(i, v) for hour, dims in changes if projected_until is not None and hour < projected_until
+        for i, v in enumerate(dims)}
+    ids = dim_ids(conn, wanted)
+    moved: dict[tuple[int, int, int], tuple[int, Decimal]] = {}
+    for (hour, dims), (unpriced, cost) in changes.items():
+        for key in _rows_of(hour, dims, ids, days_until, projected_until):
+            had = moved.get(key, (0, Decimal(0)))
+            moved[key] = (had[0] + unpriced, EXACT.add(had[1], cost))
+    postgres = conn.dialect == "postgres"
+    done = 0
+    for key in sorted(moved):  # key order: as the hook's upserts lock rows
+        unpriced, cost = moved[key]
+        found = conn.execute("SELECT cost_usd FROM rollups WHERE grain = ? AND bucket = ? AND dim_id = ?",
+                             key).fetchone()
+        if found is None:  # no row holds the call (it never reached the rollups): nothing of it to move
+            continue
+        total = EXACT.add(Decimal(found[0]), cost)
+        exact = pico(total)
+        conn.execute("UPDATE rollups SET unpriced_calls = unpriced_calls + ?, cost_usd = ?, cost_pico = ?, "
+                     "cost_exp = ? WHERE grain = ? AND bucket = ? AND dim_id = ?",
+                     (unpriced, total if postgres else format(total, "f"), *(exact or (None, None)), *key))
+        done += 1
+    return done
 
 
 def _copy(acc: _Acc) -> _Acc:
