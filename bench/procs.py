@@ -110,6 +110,44 @@ def cpu_seconds(pid: int, tid: int | None = None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and every live process below it (`serve --workers N`: the workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0.0, [pid]
+    while todo:
+        one = todo.pop()
+        total += cpu_seconds(one) or 0.0
+        todo.extend(children.get(one, []))
+    return total
+
+
+def named_cpu_seconds(name: str) -> dict[str, float]:
+    """CPU seconds of every live process whose command name is `name` (e.g. the PostgreSQL server's,
+    `postgres`), by its command line (a backend's names its database: `postgres: 15/main: postgres
+    <db> 127.0.0.1(…) idle`, the port cut off), so a run can say what the database cost beside the proxy."""
+    out: dict[str, float] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                if stat[stat.find("(") + 1:stat.rfind(")")] != name:
+                    continue
+                line = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            label = " ".join(line.split()[:6]).split("(")[0] + f" [{entry}]"
+            out[label] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 @dataclass
 class RssSampler:
     """Samples VmRSS of some processes every `interval` seconds in a thread; keeps each one's peak."""

@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import sqlite3
+import statistics
 import sys
 import tempfile
 import urllib.request
@@ -58,6 +59,15 @@ def _ledger_metrics(url: str) -> dict[str, float]:
             "rows_per_batch": round(found.get("batch_rows_sum", 0.0) / batches, 1)}
 
 
+def _ours(label: str, database: str) -> bool:
+    """Whether a postgres process (procs.named_cpu_seconds' label) works for `database`: its backends and
+    autovacuum workers name it; the server's shared processes (WAL writer, checkpointer…) count too."""
+    words = label.split()
+    if "127.0.0.1" in words or "[local]" in label or "autovacuum" in words:
+        return database in words
+    return True
+
+
 def run_one(workers: int, *, server: str, upstream: str, workdir: Path, duration: float,
             concurrency: int, sqlite: bool = False) -> dict[str, object]:
     """One run: `workers` processes on a fresh PostgreSQL database (or one process on a SQLite file)."""
@@ -81,8 +91,20 @@ def run_one(workers: int, *, server: str, upstream: str, workdir: Path, duration
         url = service.url + payloads.CHAT_PATH
         wrk.run(url, script, concurrency=concurrency, duration=1)  # warm: pools, caches, every worker up
         before = _count(db)
+        cpu_before = procs.tree_cpu_seconds(service.pid), procs.named_cpu_seconds("postgres")
         result = wrk.run(url, script, concurrency=concurrency, duration=duration)
+        cpu_after = procs.tree_cpu_seconds(service.pid), procs.named_cpu_seconds("postgres")
         result["ledger"] = _ledger_metrics(service.url)
+        # CPU per answered call: steadier than req/s on a shared machine, and what caps req/s on two cores.
+        # The server's figure counts every postgres process (other work on it included).
+        answered = max(int(result.get("ok", 0)), 1)  # type: ignore[call-overload]
+        # The server's figure: the backends of this run's database and the server's own processes (WAL
+        # writer, checkpointer…), not other databases' backends (another run's tests on the same server).
+        ours = {k: v - cpu_before[1].get(k, 0.0) for k, v in cpu_after[1].items() if _ours(k, name)}
+        result["cpu_us_per_call"] = {"proxy": round((cpu_after[0] - cpu_before[0]) / answered * 1e6, 1),
+                                     "postgres": round(sum(ours.values()) / answered * 1e6, 1)}
+        result["postgres_cpu_us_per_call"] = {k: round(v / answered * 1e6, 1) for k, v in ours.items()
+                                              if v / answered * 1e6 >= 1}
     finally:
         code = service.stop(grace=60)
     rows = _count(db) - before
@@ -119,12 +141,25 @@ def main() -> None:
                 results.append(result)
         finally:
             upstream.stop()
-    print(f"{'workers':>7}  {'req/s':>8}  {'p50 ms':>7}  {'p99 ms':>7}  {'errors':>6}  rows = answered")
+    print(f"{'workers':>7}  {'req/s':>8}  {'p50 ms':>7}  {'p99 ms':>7}  {'errors':>6}  {'proxy µs':>8}  "
+          f"{'pg µs':>6}  rows = answered")
     for r in results:
         lat = r["latency_ms"]
         assert isinstance(lat, dict)
         print(f"{r['workers']:>7}  {r['rps']:>8}  {lat['p50']:>7.2f}  {lat['p99']:>7.2f}  {r['error_total']:>6}  "
+              f"{r['cpu_us_per_call']['proxy']:>8}  {r['cpu_us_per_call']['postgres']:>6}  "  # type: ignore[index]
               f"{r['rows_recorded']} >= {r['ok']}")
+    # A spec given more than once (`--workers sqlite,1,sqlite,1,…`, alternating so that the machine's load
+    # falls on both alike): the median of its runs, and each against SQLite's median.
+    by_spec: dict[str, list[float]] = {}
+    for r in results:
+        by_spec.setdefault(str(r["workers"]), []).append(float(r["rps"]))  # type: ignore[arg-type]
+    if any(len(v) > 1 for v in by_spec.values()):
+        base = statistics.median(by_spec["sqlite"]) if "sqlite" in by_spec else None
+        for spec, values in by_spec.items():
+            ratio = f"  {statistics.median(values) / base:.2f}x SQLite" if base and spec != "sqlite" else ""
+            print(f"{spec:>7}  median {statistics.median(values):8.1f} req/s over {len(values)} runs "
+                  f"({min(values):.0f}-{max(values):.0f}){ratio}")
 
 
 if __name__ == "__main__":

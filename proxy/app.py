@@ -234,8 +234,12 @@ def make_app(settings: Settings, prices: PriceTable | None = None) -> web.Applic
             alert_thresholds=settings.alert_thresholds, unmetered_routes=settings.unmetered_routes,
             reservation_lease_seconds=settings.reservation_lease_seconds, pg_pool_size=settings.pg_pool_size,
             pg_pool_timeout=settings.pg_pool_timeout)
+        spooled = await app[LEDGER].spooled_rows()  # left by an earlier run: their cost counts until replayed
         if gate.shared is not None:  # a spooled row's cost stays held until its replay (control/shared.py)
             gate.shared.ledger_clear = lambda: app[LEDGER].accepting
+            gate.shared.keep_spooled(spooled)
+        else:
+            gate.budgets.keep_spooled(spooled)
         app[GATE] = gate
         if gate.shared is not None:
             gate.shared.on_admission = metrics.observe_admission

@@ -83,7 +83,7 @@ def run_budgets(args: argparse.Namespace) -> int:
         elif (problem := missing_ledger(path)) is not None:
             return _fail(problem)
         db = ControlDB(path)
-        db.open_sync()
+        db.open_sync(migrate=args.budgets_command != "list")  # a read never changes the schema
         try:
             return _run(db, args, config, limits if args.budgets_command == "set" else None)
         finally:

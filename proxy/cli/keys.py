@@ -122,7 +122,7 @@ def run_keys(args: argparse.Namespace) -> int:
                 return _fail(problem)
             _warn_if_passthrough(args.config)
         db = ControlDB(path)
-        db.open_sync()
+        db.open_sync(migrate=args.keys_command not in ("list", "show"))  # a read never changes the schema
         try:
             return _run(db, args, fields)
         finally:

@@ -11,7 +11,9 @@ cost is at most its worst case, spend never passes a budget; a call that costs m
 
 Why a tracker is never double-counted: a reservation only ever references a tracker loaded before it was
 made, so the call's ledger row, committed after, cannot be in the loaded sum. Calls in flight when a
-budget is first set are not in any tracker and may be missed (at most the calls then in flight).
+budget is first set are not in any tracker and may be missed (at most the calls then in flight). Rows an
+earlier run left in the spool are not in `calls` yet: `keep_spooled` counts them in the trackers loaded
+before their replay (docs/budgets.md).
 
 This module must never hold money as a float, never query SQLite on the event loop, and never let two
 loads of one tracker race (the second would forget the first's reservations).
@@ -22,12 +24,13 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Iterable, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 from proxy.control.limits import Limits, Subject, period_of
 from proxy.core.money import EXACT
+from proxy.ledger.budget_store import SpendKey, in_calls, spooled_holds
 from proxy.ledger.budget_store import spend_since as ledger_spend
-from proxy.ledger.read import open_read
+from proxy.ledger.read import open_read, read_snapshot
 from proxy.ledger.sqlconn import Conn
 
 __all__ = ["BudgetRefusal", "BudgetState", "Budgets", "Reservation", "spend_since"]
@@ -121,6 +124,14 @@ class Budgets:
         self.alerts = alerts
         self._trackers: dict[tuple[Subject, str], _Tracker] = {}
         self._loading: dict[tuple[Subject, str, str], asyncio.Future[None]] = {}
+        # Rows an earlier run of this process left in its spool: their cost counts in every tracker loaded
+        # while they are not in `calls` yet (they were settled into the trackers of that run, which are gone).
+        self._spooled: dict[str, tuple[list[SpendKey], Decimal]] = {}
+
+    def keep_spooled(self, rows: Sequence[Sequence[Any]]) -> None:
+        """At start: count the cost of the rows waiting in the spool (`Ledger.spooled_rows`) in the trackers
+        loaded before their replay (a tracker loaded after it reads them from `calls`, once)."""
+        self._spooled.update(spooled_holds(rows))
 
     async def prepare(self, charges: Iterable[tuple[Subject, Limits]], now: float) -> list[_Hold]:
         """Load the trackers these budgets need (once each); returns what `try_reserve` takes."""
@@ -155,7 +166,7 @@ class Budgets:
             for item in mine:
                 self._loading[item[:3]] = done
             try:
-                totals = await asyncio.to_thread(self._query, [(s, start) for s, _, _, start, _ in mine])
+                totals = await self._spend([(s, period, label, start) for s, period, label, start, _ in mine])
                 for (subject, period, label, _, _), total in zip(mine, totals):
                     if self._stale(subject, period, label):
                         self._trackers[(subject, period)] = _Tracker(label, total)
@@ -170,9 +181,27 @@ class Budgets:
         for wait in waits:
             await wait
 
-    def _query(self, items: list[tuple[Subject, float]]) -> list[Decimal]:
-        with open_read(self.ledger_path) as conn:
-            return [spend_since(conn, subject, since) for subject, since in items]
+    async def _spend(self, items: list[tuple[Subject, str, str, float]]) -> list[Decimal]:
+        """The spend of each (subject, period, label, start) from the ledger, plus that of spooled rows of an
+        earlier run not in it yet; those found in it are forgotten (they are read from `calls` from now on)."""
+        spooled = dict(self._spooled)
+        totals, landed = await asyncio.to_thread(self._query, items, spooled)
+        for rid in landed:
+            self._spooled.pop(rid, None)
+        return totals
+
+    def _query(self, items: list[tuple[Subject, str, str, float]],
+               spooled: dict[str, tuple[list[SpendKey], Decimal]]) -> tuple[list[Decimal], set[str]]:
+        with open_read(self.ledger_path) as conn, read_snapshot(conn):  # a replay commits whole or not at all
+            landed = in_calls(conn, list(spooled)) if spooled else set()
+            totals = []
+            for subject, period, label, since in items:
+                total, key = spend_since(conn, subject, since), (subject.kind, subject.name, period, label)
+                for rid, (keys, cost) in spooled.items():
+                    if rid not in landed and key in keys:
+                        total = EXACT.add(total, cost)
+                totals.append(total)
+            return totals, landed
 
     def try_reserve(self, holds: Sequence[_Hold], worst_usd: Decimal) -> Reservation | BudgetRefusal:
         """Hold `worst_usd` against every budget, or refuse without holding anything. Never awaits."""
@@ -211,6 +240,6 @@ class Budgets:
     async def states(self, items: Sequence[tuple[Subject, str, Decimal | None]], now: float) -> list[BudgetState]:
         """Budget, spend (read from the ledger) and held amounts of (subject, period, budget) items."""
         bounds = [period_of(period, now) for _, period, _ in items]
-        spent = await asyncio.to_thread(self._query, [(s, b[0]) for (s, _, _), b in zip(items, bounds)])
+        spent = await self._spend([(s, period, b[1], b[0]) for (s, period, _), b in zip(items, bounds)])
         return [BudgetState(subject, period, start, label, budget, total, self.held(subject, period, label))
                 for (subject, period, budget), (start, label), total in zip(items, bounds, spent)]

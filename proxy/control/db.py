@@ -72,13 +72,18 @@ class ControlDB:
         return self.target.is_postgres
 
     # --- opening and closing -------------------------------------------------------------------
-    def open_sync(self) -> None:
-        """Open (creating and migrating the schema if needed). For the CLI; the proxy uses `open()`."""
+    def open_sync(self, *, migrate: bool = True) -> None:
+        """Open (creating and migrating the schema if needed). For the CLI; the proxy uses `open()`.
+        `migrate` False (a command that only reads): a schema not at this meterproxy's version is refused
+        with one line, and nothing is changed."""
         if self._opened:
             return
         writer = self._connect()
         try:
-            control_store.prepare(writer)
+            if migrate:
+                control_store.prepare(writer)
+            elif (problem := control_store.behind(writer)) is not None:
+                raise ControlDBError(problem)
             self._version = control_store.read_version(writer)
             self._reader = self._connect()
         except ControlDBError:

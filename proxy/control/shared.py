@@ -212,6 +212,25 @@ class SharedLimits:
         self._kept[request_id] = (keys, cost_usd)
         self._kept_stale = True
 
+    def keep_spooled(self, rows: Sequence[Sequence[Any]]) -> None:
+        """At start, before the first admission: hold again the cost of the rows an earlier run of this
+        replica left in its spool (`Ledger.spooled_rows`), as `keep_if_spooled` did before the restart. The
+        spool is their durable record, so nothing more is written while calls end; a renewal started at once
+        (or the first admission, or the renewal loop once the database answers) makes their holds again and
+        drops those whose rows are in `calls` already. Call it on the event loop."""
+        kept = store.spooled_holds(rows)
+        if not kept:
+            return
+        self._kept.update(kept)
+        self._kept_stale = True
+        log.warning("shared limits on %s: %d spooled call(s) of an earlier run hold their cost until their rows "
+                    "are replayed", self.target.shown, len(kept))
+        # Held now, not a renewal period (lease/3) from now: the first run's leases may be lapsing already.
+        # A database away now fails this one; the renewal loop tries again.
+        first = asyncio.ensure_future(self.renew())
+        self._pending.add(first)
+        first.add_done_callback(self._done)
+
     def _hold_kept(self, conn: Conn, kept: dict[str, tuple[list[store.SpendKey], Decimal]]) -> set[str]:
         return store.keep_holds(conn, kept, self.replica, store.db_now(conn) + self.lease)
 

@@ -21,13 +21,13 @@ from typing import Any
 from proxy.core.attribution import TEAM_TAG
 from proxy.core.money import EXACT
 from proxy.ledger import rollups
-from proxy.ledger.db import COLUMNS
+from proxy.ledger.db import COLUMNS, TwoPhase
 from proxy.ledger.sqlconn import Conn
 
 __all__ = [
-    "SpendKey", "add_spend", "adjust_tokens", "begin_reservation", "commit_reservation", "create_spend", "holds_now", "create_rate_subjects", "db_now", "insert_holds",
+    "SpendKey", "add_spend", "adjust_tokens", "in_calls", "begin_reservation", "commit_reservation", "create_spend", "holds_now", "create_rate_subjects", "db_now", "insert_holds",
     "insert_rate_events", "keep_holds", "live_holds", "lock_rate_subjects", "lock_spend", "period_labels", "prune",
-    "rate_entries", "rate_windows", "release", "renew", "settle_rows", "spend_keys", "spend_since",
+    "rate_entries", "rate_windows", "release", "renew", "settle_rows", "spend_keys", "spend_since", "spooled_holds",
 ]
 
 SpendKey = tuple[str, str, str, str]  # (kind, name, period, label)
@@ -179,7 +179,8 @@ def keep_holds(conn: Conn, kept: dict[str, tuple[list[SpendKey], Decimal]], repl
                expires_at: float) -> set[str]:
     """Hold the cost of calls whose rows wait in a spool (`kept`: request id -> spend keys, cost) until their
     rows are in `calls`: those already there are returned (their holds go: the replay's hook settled them);
-    the others' holds are renewed, or made again if their lease ran out and a prune took them. Own
+    the others' holds are renewed, or made again if their lease ran out and a prune took them — on the keys
+    that have a spend row (a budget's; see below). Own
     transaction. A replay committing meanwhile may leave a hold of its own id until the next call (counted
     twice for that moment: more refused, never more admitted)."""
     if not kept:
@@ -189,14 +190,43 @@ def keep_holds(conn: Conn, kept: dict[str, tuple[list[SpendKey], Decimal]], repl
         done = {r[0] for r in conn.execute("SELECT request_id FROM calls WHERE request_id = ANY(?)", (ids,))}
         if done:
             conn.execute("DELETE FROM reservations WHERE id = ANY(?)", (list(done),))
-        rows = [(rid, *key, replica, cost, expires_at) for rid, (keys, cost) in sorted(kept.items())
-                if rid not in done for key in keys]
+        rows = [(rid, *key, cost) for rid, (keys, cost) in sorted(kept.items()) if rid not in done for key in keys]
         if rows:
-            conn.executemany(
+            # One statement over arrays, not one per hold (a restart may bring back every call of a long
+            # outage, `spooled_holds`: nine spend keys each), and only where a spend row exists: a budget
+            # is checked against its spend row, which its first admission makes, so a key without one has
+            # no budget to hold against yet (should it get one, the next renewal holds it).
+            conn.execute(
                 "INSERT INTO reservations (id, kind, name, period, label, replica, worst_usd, expires_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id, kind, name, period, label) DO UPDATE"
-                " SET worst_usd = excluded.worst_usd, expires_at = excluded.expires_at", rows)
+                " SELECT u.id, u.kind, u.name, u.period, u.label, ?, u.worst_usd, ? FROM unnest(?::text[],"
+                " ?::text[], ?::text[], ?::text[], ?::text[], ?::numeric[]) AS u(id, kind, name, period, label,"
+                " worst_usd) JOIN budget_spend b ON (b.kind, b.name, b.period, b.label) = (u.kind, u.name,"
+                " u.period, u.label) ON CONFLICT (id, kind, name, period, label) DO UPDATE"
+                " SET worst_usd = excluded.worst_usd, expires_at = excluded.expires_at",
+                [replica, expires_at, *([r[i] for r in rows] for i in range(6))])
     return done
+
+
+def spooled_holds(rows: Iterable[Sequence[Any]]) -> dict[str, tuple[list[SpendKey], Decimal]]:
+    """What `keep_holds` takes, for rows read from a spool (COLUMNS order): each row's request id, the spend
+    rows its replay's `settle_rows` will charge, and its cost (rows that cost nothing hold nothing)."""
+    kept: dict[str, tuple[list[SpendKey], Decimal]] = {}
+    for row in rows:
+        cost = Decimal(row[_COST])
+        keys = spend_keys(row[_STARTED], row[_KEY], row[_USER], row[_TAGS]) if cost else []
+        if keys:
+            kept[str(row[_ID])] = (keys, cost)
+    return kept
+
+
+def in_calls(conn: Conn, ids: Sequence[str]) -> set[str]:
+    """Which of these request ids have their row in `calls` (either backend; a few hundred per query)."""
+    found: set[str] = set()
+    for i in range(0, len(ids), 500):
+        part = list(ids[i:i + 500])
+        found.update(r[0] for r in conn.execute(
+            f"SELECT request_id FROM calls WHERE request_id IN ({', '.join('?' * len(part))})", part))
+    return found
 
 
 def release(conn: Conn, reservation: str) -> None:
@@ -279,10 +309,23 @@ def spend_keys(started_at: float, key_id: Any, user: Any, tags: Any) -> list[Spe
             for period, label in labels]
 
 
-def settle_rows(conn: Conn, rows: list[tuple[Any, ...]]) -> None:
+# Whether there is any spend row, any reservation: asked with the batch's BEGIN, after the write lock.
+# Under that lock no spend row can be made (`_make_spend_row` takes SHARE on calls, which waits for the batch)
+# and every reservation of the batch's calls is committed already (taken before the call was forwarded);
+# so when there are none, settling has nothing to change, and neither its Python nor its statements run.
+_ANY_SQL = "SELECT EXISTS (SELECT 1 FROM budget_spend), EXISTS (SELECT 1 FROM reservations)"
+
+
+def _settle_rows(conn: Conn, rows: list[tuple[Any, ...]], found: Sequence[Any] | None) -> None:
     """The ledger's `after_insert` hook (PostgreSQL): add each row's cost to the spend rows of its key, user
-    and team in its day, month and total, and delete its reservation, in the batch's own transaction."""
+    and team in its day, month and total, and delete its reservation, in the batch's own transaction.
+    `found` is _ANY_SQL's answer when the caller asked it in this transaction, under the write lock."""
     if conn.dialect != "postgres" or not rows:
+        return
+    spend, held = found if found else (True, True)
+    if held:
+        conn.execute("DELETE FROM reservations WHERE id = ANY(?)", ([row[_ID] for row in rows],))
+    if not spend:
         return
     amounts: dict[SpendKey, Decimal] = {}
     for row in rows:
@@ -291,8 +334,10 @@ def settle_rows(conn: Conn, rows: list[tuple[Any, ...]]) -> None:
             continue
         for key in spend_keys(row[_STARTED], row[_KEY], row[_USER], row[_TAGS]):
             amounts[key] = EXACT.add(amounts.get(key, _ZERO), cost)
-    conn.execute("DELETE FROM reservations WHERE id = ANY(?)", ([row[_ID] for row in rows],))
     add_spend(conn, amounts)
+
+
+settle_rows = TwoPhase("any_spend", _ANY_SQL, _settle_rows)
 
 
 def add_spend(conn: Conn, amounts: dict[SpendKey, Decimal]) -> None:

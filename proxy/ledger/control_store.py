@@ -19,7 +19,7 @@ from proxy.ledger.sqlconn import Conn, connect_postgres, wrap_sqlite
 from proxy.ledger.target import Target
 
 __all__ = [
-    "CHANNEL", "KEY_COLUMNS", "LIMIT_COLUMNS", "claim_alert", "connect", "delete_limits", "finish_alert",
+    "CHANNEL", "KEY_COLUMNS", "LIMIT_COLUMNS", "behind", "claim_alert", "connect", "delete_limits", "finish_alert",
     "insert_key", "listen", "prepare", "read_version", "revoke_key", "select_key", "select_keys",
     "select_limits", "sent_alerts", "update_key", "upsert_limits",
 ]  # fmt: skip
@@ -54,6 +54,20 @@ def prepare(conn: Conn) -> None:
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
     migrations.migrate(conn.raw)
+
+
+def behind(conn: Conn) -> str | None:
+    """For a command that only reads (it must not change a production schema behind the operator's back):
+    one line when the schema is not this meterproxy's, else None. Nothing is written, not even a pragma."""
+    if conn.is_postgres:
+        version, known = migrations_postgres.schema_version(conn), len(migrations_postgres.MIGRATIONS)
+    else:
+        version, known = migrations.schema_version(conn.raw), len(migrations.MIGRATIONS)
+    if version < known:
+        return f"{conn.shown} is at schema {version}, this meterproxy needs {known}; run meterproxy migrate"
+    if version > known:
+        return f"{conn.shown} is at schema {version}, newer than this meterproxy knows ({known}); upgrade meterproxy"
+    return None
 
 
 def read_version(conn: Conn) -> int:

@@ -24,7 +24,7 @@ import operator
 import os
 import socket
 import sqlite3
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from proxy.core.errors import MeterproxyError
 from proxy.ledger.migrations import create_private, migrate
@@ -34,7 +34,38 @@ from proxy.ledger.target import Target, parse_target
 log = logging.getLogger("meterproxy.ledger")
 
 Row = tuple[Any, ...]
-AfterInsert = Callable[[Conn, list[Row]], None]
+
+
+class AfterInsert(Protocol):
+    """What runs in each batch's transaction once its rows are in (rollups, shared spend): `hook(conn, rows)`."""
+
+    def __call__(self, conn: Conn, rows: list[Row], /) -> None: ...
+
+
+Answer = tuple[Any, ...]
+
+
+class TwoPhase:
+    """An after_insert hook that needs to know something of the database first (the rollups' state): on
+    PostgreSQL its `prelude` (one SELECT, one row, no parameters) is a statement prepared once per
+    connection (`meterproxy_<name>`) and executed in the batch's first round trip, with BEGIN and the
+    write lock; its answer is handed to `run`, so the hook's own statements need no answer and ride with
+    the COMMIT. Called without an answer (SQLite, copy-ledger, one row at a time), `run` is given None and
+    asks for itself. The prelude runs after the lock: under it, what it reads is what the hook would have
+    read later in the transaction."""
+
+    def __init__(self, name: str, prelude: str, run: Callable[[Conn, list[Row], Answer | None], None]) -> None:
+        self.name, self.prelude, self.run = f"meterproxy_{name}", prelude, run
+        self.__doc__ = run.__doc__
+
+    def __call__(self, conn: Conn, rows: list[Row], /, answer: Answer | None = None) -> None:
+        self.run(conn, rows, answer)
+
+
+# A prepared statement that is gone (a pooler's DISCARD) or stale (a migration changed what it returns).
+_STALE_STATEMENT = frozenset(("26000", "0A000"))
+
+
 OnOpen = Callable[[Conn], Any]
 COLUMNS: tuple[str, ...] = (
     "request_id", "started_at", "ended_at", "key_id", "key_hint", "user", "session", "operation",
@@ -97,6 +128,7 @@ class LedgerDB:
         self.path = self.target.shown  # for messages: the SQLite path, or the URL without its password
         self._busy_timeout_ms = busy_timeout_ms
         self._conn: Conn | None = None
+        self._prepared: set[str] = set()  # TwoPhase preludes prepared on the open connection
         self._identity: tuple[tuple[int, int] | None, tuple[int, int] | None] | None = None
         self.after_insert: list[AfterInsert] = []
         self.on_open: list[OnOpen] = []  # after migrations, before any batch
@@ -125,6 +157,7 @@ class LedgerDB:
             conn.close()
             raise
         self._conn = conn
+        self._prepared = set()
 
     def _open_sqlite(self) -> Conn:
         path = self.target.where
@@ -202,15 +235,55 @@ class LedgerDB:
         assert self._conn is not None
         return self._conn
 
+    def _prepare(self, conn: Conn, hooks: list[TwoPhase]) -> None:
+        """Prepare the preludes of `hooks` on the write connection, once per connection."""
+        missing = [hook for hook in hooks if hook.name not in self._prepared]
+        if not missing:
+            return
+        there = {name for (name,) in conn.raw.execute("SELECT name FROM pg_prepared_statements")}
+        for hook in missing:
+            if hook.name in there:
+                conn.raw.execute(f"DEALLOCATE {hook.name}")
+            conn.raw.execute(f"PREPARE {hook.name} AS {hook.prelude}")
+            self._prepared.add(hook.name)
+
+    def _begin_postgres(self, conn: Conn, lock_timeout_ms: int | None) -> list[Answer | None]:
+        """BEGIN, the write lock and the preludes of the TwoPhase hooks, in one round trip; their answers in
+        the order of after_insert (None for the other hooks)."""
+        timeout = "" if lock_timeout_ms is None else f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}; "
+        asks = [hook for hook in self.after_insert if isinstance(hook, TwoPhase)]
+        sql = f"BEGIN; {timeout}{LOCK_SQL}" + "".join(f"; EXECUTE {hook.name}" for hook in asks)
+        for attempt in (1, 2):
+            self._prepare(conn, asks)
+            try:
+                cur = conn.raw.execute(sql)
+                break
+            except self.Error as exc:
+                self._prepared.clear()  # prepared again before the next batch
+                if attempt == 2 or getattr(exc, "sqlstate", None) not in _STALE_STATEMENT:
+                    raise
+                _rollback(conn)
+        found: list[Answer] = []
+        while True:
+            if cur.pgresult is not None and cur.pgresult.nfields:  # a SELECT's (`description` costs more)
+                row = cur.fetchone()
+                found.append(tuple(row) if row is not None else ())
+            if not cur.nextset():
+                break
+        answers = iter(found)
+        return [next(answers) if isinstance(hook, TwoPhase) else None for hook in self.after_insert]
+
     def _transaction(self, rows: list[Row], skip_present: bool = False, lock_timeout_ms: int | None = None) -> None:
         conn = self._current()
         if conn.dialect == "postgres":
             rows = [_pg_row(row) for row in rows]
+        hooks = self.after_insert
+        answers: list[Answer | None] = []
         if conn.dialect == "postgres":
-            # Round trips, not rows, are most of a small batch's time on PostgreSQL: BEGIN and the lock go in
-            # one, the hooks' statements ride together until one needs an answer, COMMIT with the last.
-            timeout = "" if lock_timeout_ms is None else f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}; "
-            conn.raw.execute(f"BEGIN; {timeout}{LOCK_SQL}")
+            # Round trips, not rows, are most of a small batch's time on PostgreSQL: BEGIN, the lock and what
+            # the hooks need to know go in one, the hooks' statements ride together (they need no answer
+            # unless a new dimension set is added) with the COMMIT.
+            answers = self._begin_postgres(conn, lock_timeout_ms)
         else:
             conn.begin()
         try:
@@ -218,8 +291,11 @@ class LedgerDB:
             _insert_rows(conn, fresh)
             if conn.dialect == "postgres":
                 with conn.raw.pipeline():
-                    for hook in self.after_insert:
-                        hook(conn, fresh)
+                    for hook, answer in zip(hooks, answers):
+                        if isinstance(hook, TwoPhase):
+                            hook(conn, fresh, answer=answer)
+                        else:
+                            hook(conn, fresh)
                     conn.commit()
             else:
                 for hook in self.after_insert:

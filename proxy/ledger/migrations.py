@@ -335,8 +335,9 @@ def schema_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
-def migrate(conn: sqlite3.Connection) -> int:
-    """Bring the database to the newest schema; return the resulting version. Safe to call again."""
+def migrate(conn: sqlite3.Connection, upto: int | None = None) -> int:
+    """Bring the database to the newest schema (or to version `upto`: an older ledger, for tests); return
+    the resulting version. Safe to call again."""
     current = schema_version(conn)
     known = len(MIGRATIONS)
     if current > known:
@@ -346,7 +347,7 @@ def migrate(conn: sqlite3.Connection) -> int:
         )
     if current == 0 and _has_foreign_objects(conn):
         raise MigrationError("database already holds tables but is not a meterproxy ledger")
-    for number, migration in enumerate(MIGRATIONS[current:], start=current + 1):
+    for number, migration in enumerate(MIGRATIONS[current:upto], start=current + 1):
         _apply(conn, number, migration)
     return schema_version(conn)
 

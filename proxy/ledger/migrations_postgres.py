@@ -318,8 +318,9 @@ def schema_version(conn: Conn) -> int:
     return int(version)
 
 
-def migrate(conn: Conn) -> int:
-    """Bring the database to the newest schema (each migration in its own transaction); the version."""
+def migrate(conn: Conn, upto: int | None = None) -> int:
+    """Bring the database to the newest schema (or to version `upto`: an older ledger, for tests), each
+    migration in its own transaction; the version."""
     conn.execute("SELECT pg_advisory_lock(?)", (MIGRATION_LOCK,))
     try:
         conn.execute(
@@ -332,7 +333,7 @@ def migrate(conn: Conn) -> int:
                 f"{conn.shown} has schema version {version}; this meterproxy knows {len(MIGRATIONS)}: "
                 "upgrade meterproxy"
             )
-        for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+        for number, migration in enumerate(MIGRATIONS[version:upto], start=version + 1):
             try:
                 with conn.transaction():
                     conn.raw.execute(migration.sql)  # the script as is: no placeholders in it
@@ -340,6 +341,6 @@ def migrate(conn: Conn) -> int:
                                  (number, migration.name))
             except conn.Error as exc:
                 raise MigrationError(f"{conn.shown}: migration {number} ({migration.name}) failed: {exc}") from exc
-        return len(MIGRATIONS)
+        return len(MIGRATIONS[:upto]) if upto is None or upto >= version else version
     finally:
         conn.execute("SELECT pg_advisory_unlock(?)", (MIGRATION_LOCK,))

@@ -5,7 +5,9 @@ reasoning and audio tokens, service tier, exactly as at record time) and, in one
 rows whose cost or priced flag changes: `cost_usd`, `priced`, `pricing_version`, `repriced_at`, and
 `original_cost_usd` — set the first time only, so the cost first recorded survives any number of
 re-pricings. Every run that writes leaves a `reprice_runs` row (the audit trail). The common case: a
-model that had no price when its calls were made.
+model that had no price when its calls were made. In the same transaction the shared budgets' spend rows
+(`budget_store.add_spend`) and, for calls in hours before `rollup_state.pruned_before` (never rebuilt:
+their other calls are gone), the rollup rows holding them (`rollups.move_pruned`) move by the delta.
 
 Both backends: `reprice` takes a Conn (or a sqlite3 connection), `reprice_file` a SQLite path or a
 PostgreSQL URL; a write run holds the ledger's write lock (BEGIN IMMEDIATE; `db.lock_ledger` on PostgreSQL).
@@ -30,7 +32,7 @@ from proxy.core.errors import MeterproxyError
 from proxy.core.money import EXACT
 from proxy.core.record import Usage
 from proxy.core.times import iso
-from proxy.ledger import budget_store, migrations_postgres
+from proxy.ledger import budget_store, migrations_postgres, rollups
 from proxy.ledger.db import lock_ledger
 from proxy.ledger.migrations import MigrationError, migrate
 from proxy.ledger.sqlconn import Conn, connect_postgres, wrap_sqlite
@@ -45,7 +47,7 @@ _PAGE = 5000  # rows read per query: memory stays flat over a ledger of any size
 _GLOB_CHARS = frozenset("*?[")
 _COLUMNS = ("id, started_at, model, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, "
             "audio_prompt_tokens, audio_completion_tokens, total_tokens, service_tier, usage_source, "
-            "cost_usd, priced, endpoint, key_id, \"user\", tags")
+            "cost_usd, priced, endpoint, key_id, \"user\", tags, operation, status")
 _UPDATE = ("UPDATE calls SET cost_usd = ?, priced = ?, pricing_version = ?, repriced_at = ?, "
            "original_cost_usd = COALESCE(original_cost_usd, ?) WHERE id = ?")
 
@@ -101,6 +103,7 @@ class RepriceReport:
 
 
 AfterReprice = Callable[[Conn, RepriceReport], None]
+_Moved = dict[tuple[int, tuple[Any, ...]], tuple[int, Decimal]]
 
 
 def reprice(conn: Conn | sqlite3.Connection, table: PriceTable, *, since: float | None = None,
@@ -125,10 +128,13 @@ def reprice(conn: Conn | sqlite3.Connection, table: PriceTable, *, since: float 
         try:
             if not dry_run:
                 lock_ledger(conn)
-            deltas = _run(conn, table, report, where, params)
+            state = rollups.read_state(conn)
+            pruned = state.pruned_before if state.exists else None
+            deltas, moved = _run(conn, table, report, where, params, pruned)
             if not dry_run:
                 report.run_id = _audit(conn, report)
                 budget_store.add_spend(conn, deltas)  # shared budgets' spend follows the rows' new costs
+                rollups.move_pruned(conn, moved)  # pruned hours are never rebuilt: moved by their delta
                 if after is not None:
                     after(conn, report)
             if dry_run:
@@ -194,26 +200,33 @@ def glob_regex(pattern: str) -> str:
     return "".join(out) + "$"
 
 
-def _run(conn: Conn, table: PriceTable, report: RepriceReport, where: str,
-         params: list[Any]) -> dict[budget_store.SpendKey, Decimal]:
-    """Re-price page by page; returns the change of cost per budget spend row (`budget_store.spend_keys`)."""
+def _run(conn: Conn, table: PriceTable, report: RepriceReport, where: str, params: list[Any],
+         pruned: int | None) -> tuple[dict[budget_store.SpendKey, Decimal], _Moved]:
+    """Re-price page by page; returns the change of cost per budget spend row (`budget_store.spend_keys`),
+    and the changes of calls in hours before `pruned` per (hour, dimension set), for `rollups.move_pruned`."""
     sql = f"SELECT {_COLUMNS} FROM calls WHERE {where} ORDER BY id LIMIT {_PAGE}"
     last = 0
     stamp = (table.version, report.at)
     deltas: dict[budget_store.SpendKey, Decimal] = {}
+    moved: _Moved = {}
     while True:
         rows = conn.execute(sql, [last, *params]).fetchall()
         if not rows:
-            return deltas
+            return deltas, moved
         last = rows[-1][0]
         report.calls += len(rows)
         by_id = {row[0]: row for row in rows}
         updates = [u for u in (_reprice_row(row, table, report) for row in rows) if u is not None]
-        for cost, _, old, row_id in updates:
+        for cost, priced, old, row_id in updates:
             row = by_id[row_id]
             delta = EXACT.subtract(Decimal(cost), Decimal(old))
             for key in budget_store.spend_keys(row[1], row[15], row[16], row[17]):
                 deltas[key] = EXACT.add(deltas.get(key, _ZERO), delta)
+            if pruned is not None and row[1] < pruned:
+                at = (int(row[1]) // 3600 * 3600,
+                      rollups.dims_of(conn, row[15], row[2], row[16], row[18], row[14], row[19], row[17]))
+                unpriced, total = moved.get(at, (0, _ZERO))
+                moved[at] = (unpriced + bool(row[13]) - priced, EXACT.add(total, delta))
         if updates and not report.dry_run:
             conn.executemany(_UPDATE, [(cost, priced, *stamp, old, row_id) for cost, priced, old, row_id in updates])
 

@@ -17,7 +17,8 @@ both live in rollup_build.py. `rollup_state.covered_id` says up to which calls.i
 row; reports trust the rollups only while it equals max(calls.id). Rows written without the hook (a
 script, another tool, a ledger from before rollups) break that until `make_current` (at start-up) marks
 every hour holding calls dirty: reports read dirty hours from `calls`, and the upkeep rebuilds them an
-hour per transaction (`rebuild_dirty`). Hours before `pruned_before` (retention) exist only here.
+hour per transaction (`rebuild_dirty`). Hours before `pruned_before` (retention) exist only here; a
+re-pricing of a call still in `calls` in such an hour moves their rows by its delta (`move_pruned`).
 
 Projections: for finished hours (before `projected_until`, made a few hours per transaction by
 `project_hours`) and for rolled-up days and months (before `days_until`) each dimension also has rows of
@@ -63,7 +64,7 @@ from decimal import Decimal
 from typing import Any
 
 from proxy.core.attribution import TEAM_TAG
-from proxy.ledger.db import COLUMNS
+from proxy.ledger.db import COLUMNS, TwoPhase
 from proxy.ledger.picodollars import (
     EXACT,
     PICO_DIGITS,
@@ -81,10 +82,11 @@ from proxy.ledger.picodollars import (
 from proxy.ledger.sqlconn import Conn, wrap_sqlite
 
 __all__ = [
-    "ADD_BUCKET", "ALL", "DAY", "DIMS", "FULL", "VIEW_BASE", "VIEW_STEP", "View", "read_views", "view_dims", "GRAINS", "HOUR", "INT_COUNTERS", "MONTH", "PROJECTED", "SERIES", "SUM_COST",
+    "ADD_BUCKET", "ALL", "COVERED_SQL", "DAY", "DIMS", "FULL", "VIEW_BASE", "VIEW_STEP", "View", "read_views",
+    "view_dims", "GRAINS", "HOUR", "INT_COUNTERS", "MONTH", "PROJECTED", "SERIES", "SUM_COST",
     "SUM_COST_SLOW", "TEAM_SQL", "TOTALS", "AnyConn", "State", "add_bucket_sql", "as_conn", "hour_sql", "team_sql",
     "upsert_sql", "apply", "dim_ids", "dirty_hours", "exact_values",
-    "extent", "from_pico", "month_start", "next_month", "pico", "pico_text", "projected",
+    "dims_of", "extent", "from_pico", "month_start", "move_pruned", "next_month", "pico", "pico_text", "projected",
     "projection_dims", "read_state", "register_functions", "summed_values",
 ]  # fmt: skip
 
@@ -138,14 +140,16 @@ ON CONFLICT (grain, bucket, dim_id) DO UPDATE SET
     cost_pico = CASE WHEN {_PG_FITS} THEN {_PG_P} END,
     cost_exp = CASE WHEN {_PG_FITS} THEN least(rollups.cost_exp, excluded.cost_exp) END
 """
-# The same for many rows in one statement (one round trip, one plan): the rows as one array per column, in
-# key order, so that two batches touching some of the same rows lock them in the same order.
+# The same for many rows in one statement (one round trip, one plan): the rows as one JSON array of arrays,
+# in key order, so that two batches touching some of the same rows lock them in the same order. One text
+# parameter costs psycopg a few microseconds where an array per column cost ~40 (its list dumpers are
+# Python); `->>` gives each number's own text, cast exactly (bigint, numeric), and JSON null is NULL.
+_PG_TYPES = ("integer", "bigint", "bigint", *("bigint" for _ in INT_COUNTERS), "numeric", "bigint", "integer")
 _PG_UPSERT_ROWS = _PG_UPSERT.replace(
     f"VALUES ({', '.join('?' * (3 + len(INT_COUNTERS) + 3))})",
-    "SELECT * FROM unnest(?::integer[], ?::bigint[], ?::bigint[], "
-    + "".join("?::bigint[], " for _ in INT_COUNTERS) + "?::numeric[], ?::bigint[], ?::integer[]) "
-    "AS u(grain, bucket, dim_id, " + ", ".join(INT_COUNTERS) + ", cost_usd, cost_pico, cost_exp) "
-    "ORDER BY grain, bucket, dim_id")
+    "SELECT " + ", ".join(f"(r ->> {i})::{t}" for i, t in enumerate(_PG_TYPES))
+    + " FROM json_array_elements(?::json) AS r ORDER BY 1, 2, 3")
+_JSON_ROWS = json.JSONEncoder(separators=(",", ":"), check_circular=False)  # no default: only int, str, None
 _BUCKET_SELECT = (f"SELECT ?, ?, dim_id, {_COUNTER_COLUMNS} FROM rollups WHERE grain = ? AND bucket = ? "
                   "ORDER BY dim_id")
 # Add the rows of one bucket (grain ?, bucket ?) into another bucket (grain ?, bucket ?), row by row.
@@ -365,22 +369,7 @@ def _upsert(conn: Conn, hours: dict[tuple[int, tuple[Any, ...]], _Acc],
     rows = [(HOUR, hour, ids[dims], *acc.values()) for (hour, dims), acc in hours.items()]
     summed: dict[tuple[int, int, int], _Acc] = {}  # series rows, and days, months and projections of late hours
     for (hour, dims), acc in hours.items():
-        keys = [(HOUR + TOTALS, hour, SERIES)]
-        # Else the hours' own rows are made, and their day rolled up, from the hours later.
-        rolled = days_until is not None and hour < days_until
-        if projected_until is not None and hour < projected_until:
-            day = hour - hour % 86400
-            month = month_start(day)
-            if rolled:
-                keys += [(DAY, day, ids[dims]), (DAY + TOTALS, day, SERIES), (MONTH, month, ids[dims]),
-                         (MONTH + TOTALS, month, SERIES)]
-            for i, value in enumerate(dims):
-                own = ids[projection_dims(i, value)]
-                step = PROJECTED * (i + 1)
-                keys.append((HOUR + step, hour, own))
-                if rolled:
-                    keys += [(DAY + step, day, own), (MONTH + step, month, own)]
-        for key in keys:
+        for key in _rows_of(hour, dims, ids, days_until, projected_until)[1:]:
             if key in summed:
                 summed[key].merge(acc)
             else:
@@ -390,7 +379,7 @@ def _upsert(conn: Conn, hours: dict[tuple[int, tuple[Any, ...]], _Acc],
         # In key order: two batches upserting some of the same rows lock them in the same order, so
         # they cannot deadlock even without the ledger lock (retention, an import).
         rows.sort(key=lambda r: (r[0], r[1], r[2]))
-        conn.execute(_PG_UPSERT_ROWS, [list(column) for column in zip(*rows)])
+        conn.execute(_PG_UPSERT_ROWS, (_JSON_ROWS.encode(rows),))
         return
     try:
         conn.executemany(_UPSERT, rows)
@@ -403,23 +392,98 @@ def _upsert(conn: Conn, hours: dict[tuple[int, tuple[Any, ...]], _Acc],
         conn.executemany(_UPSERT, rows)
 
 
+def _rows_of(hour: int, dims: tuple[Any, ...], ids: dict[tuple[Any, ...], int], days_until: int | None,
+             projected_until: int | None) -> list[tuple[int, int, int]]:
+    """Every rollup row (grain, bucket, dim_id) a call of `hour` and `dims` is summed into now: its hour's
+    full dimension set first, then the hour's totals, and for a finished hour each dimension's own row
+    and, once its day is rolled up, the day's and month's (else those are made from the hours later)."""
+    keys = [(HOUR, hour, ids[dims]), (HOUR + TOTALS, hour, SERIES)]
+    rolled = days_until is not None and hour < days_until
+    if projected_until is not None and hour < projected_until:
+        day = hour - hour % 86400
+        month = month_start(day)
+        if rolled:
+            keys += [(DAY, day, ids[dims]), (DAY + TOTALS, day, SERIES), (MONTH, month, ids[dims]),
+                     (MONTH + TOTALS, month, SERIES)]
+        for i, value in enumerate(dims):
+            own = ids[projection_dims(i, value)]
+            step = PROJECTED * (i + 1)
+            keys.append((HOUR + step, hour, own))
+            if rolled:
+                keys += [(DAY + step, day, own), (MONTH + step, month, own)]
+    return keys
+
+
+def dims_of(conn: Conn, key_id: Any, model: Any, user: Any, operation: Any, endpoint: Any, status: Any,
+            tags: str) -> tuple[Any, ...]:
+    """A stored row's dimension set (DIMS order), its team as the dialect's team expression reads it."""
+    return (key_id, model, user, operation, endpoint, status,
+            (_pg_team if conn.dialect == "postgres" else _team)(tags))
+
+
+def move_pruned(conn: AnyConn, changes: dict[tuple[int, tuple[Any, ...]], tuple[int, Decimal]]) -> int:
+    """Add a re-pricing's changes of calls in hours before `pruned_before` to the rollup rows holding them.
+
+    `changes`: (hour, dims) -> (change of unpriced_calls, change of cost), from calls whose rows are in
+    `calls` but whose hour is pruned (a spooled row replayed after the prune, a copied one): those hours are
+    never recomputed (their other calls are gone), so the re-pricing moves them by its delta, in its own
+    transaction — the hour, day and month rows, totals and each dimension's own rows, as `apply` added the
+    call to them. Exact: each row's new cost is its old one plus the delta, its picodollars made again from
+    that. Returns the rollup rows moved."""
+    conn = as_conn(conn)
+    if not changes:
+        return 0
+    days_until, projected_until = conn.execute(
+        "SELECT days_until, projected_until FROM rollup_state WHERE id = 1").fetchone()
+    wanted = {dims for _, dims in changes} | {
+        projection_dims(i, v) for hour, dims in changes if projected_until is not None and hour < projected_until
+        for i, v in enumerate(dims)}
+    ids = dim_ids(conn, wanted)
+    moved: dict[tuple[int, int, int], tuple[int, Decimal]] = {}
+    for (hour, dims), (unpriced, cost) in changes.items():
+        for key in _rows_of(hour, dims, ids, days_until, projected_until):
+            had = moved.get(key, (0, Decimal(0)))
+            moved[key] = (had[0] + unpriced, EXACT.add(had[1], cost))
+    postgres = conn.dialect == "postgres"
+    done = 0
+    for key in sorted(moved):  # key order: as the hook's upserts lock rows
+        unpriced, cost = moved[key]
+        found = conn.execute("SELECT cost_usd FROM rollups WHERE grain = ? AND bucket = ? AND dim_id = ?",
+                             key).fetchone()
+        if found is None:  # no row holds the call (it never reached the rollups): nothing of it to move
+            continue
+        total = EXACT.add(Decimal(found[0]), cost)
+        exact = pico(total)
+        conn.execute("UPDATE rollups SET unpriced_calls = unpriced_calls + ?, cost_usd = ?, cost_pico = ?, "
+                     "cost_exp = ? WHERE grain = ? AND bucket = ? AND dim_id = ?",
+                     (unpriced, total if postgres else format(total, "f"), *(exact or (None, None)), *key))
+        done += 1
+    return done
+
+
 def _copy(acc: _Acc) -> _Acc:
     new = _Acc()
     new.merge(acc)
     return new
 
 
-def apply(conn: AnyConn, rows: Sequence[Sequence[Any]]) -> None:
+# The state and the newest dimension set (for dim_ids' cache) in one query: one round trip, or none of its
+# own on PostgreSQL, where it rides with the batch's BEGIN (db.TwoPhase).
+_STATE_SQL = (f"SELECT s.covered_id, s.days_until, s.projected_until, s.views, d.id, {_D_COLUMNS} "
+              "FROM rollup_state AS s "
+              "LEFT JOIN rollup_dims AS d ON d.id = (SELECT max(id) FROM rollup_dims) WHERE s.id = 1")
+
+
+def _apply(conn: AnyConn, rows: Sequence[Sequence[Any]], state: Sequence[Any] | None) -> None:
     """The ledger's after_insert hook: add the batch's rows (COLUMNS order, just inserted) to the rollups.
 
     Runs inside the batch's transaction, under the ledger's write lock (see the module docstring on
-    covered_id); a failure here rolls the whole batch back."""
+    covered_id); a failure here rolls the whole batch back. `state` is _STATE_SQL's row when the caller
+    has read it in this transaction, under the lock."""
     conn = as_conn(conn)
     postgres = conn.dialect == "postgres"
-    # The state and the newest dimension set (for dim_ids' cache) in one query: one round trip.
-    state = conn.execute(
-        f"SELECT s.covered_id, s.days_until, s.projected_until, s.views, d.id, {_D_COLUMNS} FROM rollup_state AS s "
-        "LEFT JOIN rollup_dims AS d ON d.id = (SELECT max(id) FROM rollup_dims) WHERE s.id = 1").fetchone()
+    if not state:
+        state = conn.execute(_STATE_SQL).fetchone()
     covered, days_until, projected_until, views = state[:4]
     if rows:
         newest = None if state[4] is None else tuple(state[4:])
@@ -437,9 +501,7 @@ def apply(conn: AnyConn, rows: Sequence[Sequence[Any]]) -> None:
         # statement that needs no answer (it rides with the batch's next round trip): covered_id moves to
         # the newest id when the rows above it are exactly this batch's, else the rollups are not current.
         if covered >= 0:
-            conn.execute("UPDATE rollup_state SET covered_id = CASE WHEN above.n = ? THEN greatest(covered_id,"
-                         " above.newest) ELSE -1 END FROM (SELECT count(*) AS n, coalesce(max(id), 0) AS newest"
-                         " FROM calls WHERE id > ?) AS above WHERE id = 1", (len(rows), covered))
+            conn.execute(COVERED_SQL, (len(rows), covered, len(rows) + 1))
         return
     # The rows just inserted took ids max-n+1..max; anything else means rows arrived without this hook.
     newest = conn.execute("SELECT coalesce(max(id), 0) FROM calls").fetchone()[0]
@@ -449,6 +511,16 @@ def apply(conn: AnyConn, rows: Sequence[Sequence[Any]]) -> None:
             conn.execute("UPDATE rollup_state SET covered_id = ? WHERE id = 1", (newest,))
     elif covered != -1:
         conn.execute("UPDATE rollup_state SET covered_id = -1 WHERE id = 1")
+
+
+apply = TwoPhase("rollup_state", _STATE_SQL, _apply)
+# PostgreSQL: covered_id moves to the newest id when the rows above it (?2) are exactly the batch's (?1 of
+# them), else to -1. The ids above it are read in id order, at most one more than the batch has (?3): a
+# walk of the primary key's edge. Without the ORDER BY and LIMIT the generic plan of the prepared statement
+# scanned the whole of calls at every batch (`id > $1` is a third of any table to the planner).
+COVERED_SQL = ("UPDATE rollup_state SET covered_id = CASE WHEN above.n = ? THEN greatest(covered_id, above.newest)"
+               " ELSE -1 END FROM (SELECT count(*) AS n, coalesce(max(id), 0) AS newest FROM (SELECT id FROM"
+               " calls WHERE id > ? ORDER BY id LIMIT ?) AS ids) AS above WHERE id = 1")
 
 
 # --- views: rows per pair of dimensions, and per configured zone (rollup_views.py builds them) -------

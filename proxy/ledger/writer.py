@@ -307,6 +307,14 @@ class Ledger:
                         f"a reserve of {spool.reserve_bytes} bytes is kept for it" if spool.reserve_bytes
                         else "and no reserve is kept for it")
 
+    async def spooled_rows(self) -> list[tuple[Any, ...]]:
+        """The rows waiting in the spool (COLUMNS order), oldest first: none while the database takes rows.
+        Read once at start by the shared limits, which hold their cost again until they are in `calls`."""
+        if self._spool is None or not self._spooled:
+            return []
+        rows: list[tuple[Any, ...]] = await self._on_thread(self._spool.read)
+        return rows
+
     async def record(self, rec: CallRecord) -> None:
         """Write one row; return once it is committed (or spooled). Raises LedgerError if it was neither."""
         await self.submit(rec)

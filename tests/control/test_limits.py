@@ -232,3 +232,44 @@ def test_budgets_cli_set_list_delete_on_either_backend(ledger_target: str, capsy
     key_id = json.loads(capsys.readouterr().out)["key_id"]
     assert cli("budgets", "set", "key", key_id, "--rpm", "5", "--db", db) == 2
     assert "is a managed key" in capsys.readouterr().err
+
+
+async def test_spooled_calls_of_an_earlier_run_count_in_budgets_until_and_after_their_replay(tmp_path: Path) -> None:
+    # SQLite, one process: three calls of 0.30 end while another connection locks the ledger, so their rows
+    # are spooled; the proxy restarts still locked out. Its trackers are new: loaded from `calls` alone they
+    # would admit 0.20 on a day budget of 1.00 holding 0.90. Counted from the spool, they refuse it; after
+    # the replay the same trackers (and new ones) read 0.90 once, not twice.
+    db = tmp_path / "ledger.db"
+    spool = tmp_path / "ledger.spool.jsonl"
+    team = [(Subject("team", "ml"), Limits(budget_usd=Decimal("1.00"), budget_period="day"))]
+    ledger = Ledger(db, spool_path=spool, busy_timeout_ms=100, retry_interval=3600)
+    await ledger.open()
+    budgets = Budgets(str(db))
+    locker = sqlite3.connect(db, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")  # the next rows go to the spool
+    try:
+        now = datetime.now(timezone.utc).timestamp()
+        for i in range(3):
+            held = await budgets.reserve(team, Decimal("0.30"), now)
+            assert isinstance(held, Reservation)
+            await ledger.record(CallRecord(request_id=f"s{i}", started_at=now, ended_at=now, method="POST",
+                                           endpoint="/v1/chat/completions", status=200, tags={"team": "ml"},
+                                           cost_usd=Decimal("0.30"), priced=True))
+            budgets.settle(held, Decimal("0.30"))
+        assert ledger.spool_depth == 3
+        await ledger.close()  # the last replay finds the ledger locked: the rows stay spooled
+        ledger = Ledger(db, spool_path=spool, busy_timeout_ms=100, retry_interval=3600)  # the restart
+        await ledger.open()
+        budgets = Budgets(str(db))
+        budgets.keep_spooled(await ledger.spooled_rows())  # what proxy/app.py does at start
+        refused = await budgets.reserve(team, Decimal("0.20"), now)
+        assert isinstance(refused, BudgetRefusal) and refused.spent == Decimal("0.90")
+    finally:
+        locker.rollback()
+        locker.close()
+    await ledger.close()  # replayed now
+    assert ledger.stats["replayed"] == 3
+    for trackers in (budgets, Budgets(str(db))):  # loaded before the replay, and after it
+        assert isinstance(await trackers.reserve(team, Decimal("0.10"), now), Reservation)
+        refused = await trackers.reserve(team, Decimal("0.01"), now)
+        assert isinstance(refused, BudgetRefusal) and refused.spent == Decimal("0.90")

@@ -24,6 +24,7 @@ from proxy.ledger.migrations_postgres import migrate
 from proxy.ledger.sqlconn import Conn, connect_postgres
 from proxy.ledger.target import parse_target
 from proxy.ledger.writer import record_row
+from tests.support.relay import Relay
 
 TEAM = Subject("team", "ml")
 
@@ -380,7 +381,6 @@ async def test_spooled_rows_keep_their_cost_held_across_an_outage_longer_than_th
     # holds. Back, before the spool is replayed: the 0.90 must still count against the budget of 1.00.
     from proxy.ledger.hooks import after_insert_hooks
     from proxy.ledger.writer import Ledger
-    from tests.support.relay import Relay
 
     relay = Relay.to(pg_url)
     url = relay.url(pg_url)
@@ -414,6 +414,12 @@ async def test_spooled_rows_keep_their_cost_held_across_an_outage_longer_than_th
         assert isinstance(elsewhere, BudgetRefusal)  # every replica sees it
     finally:
         await ledger.close()  # the last replay: the rows land, their hook settles the kept holds
+    await assert_settled_by_the_replay(conn, here, other, relay)
+
+
+async def assert_settled_by_the_replay(conn: Conn, here: SharedLimits, other: SharedLimits, relay: Relay) -> None:
+    """After the replay of three spooled calls of 0.30: 0.90 spent, nothing held, 0.10 fits and no more.
+    Closes both replicas and the relay."""
     try:
         assert team_spend(conn) == Decimal("0.90")
         await here.renew()
@@ -426,3 +432,80 @@ async def test_spooled_rows_keep_their_cost_held_across_an_outage_longer_than_th
         await here.close()
         await other.close()
         relay.close()
+
+
+async def test_spooled_holds_survive_a_restart_of_the_replica_during_the_outage(
+        pg_url: str, conn: Conn, tmp_path: Path) -> None:
+    # Three calls of 0.30 end while the replica's database is cut off: their rows are spooled, their cost
+    # held in memory. The replica restarts while still cut off (a new ledger and new limits over the same
+    # spool, as a new process would have), its old leases lapse and another replica prunes them. Back,
+    # before the spool is replayed, the other replica must still see the 0.90 held: the restarted one
+    # rebuilt the holds from the spool at start (what proxy/app.py does) and its renewal made them again.
+    from proxy.ledger.hooks import after_insert_hooks
+    from proxy.ledger.writer import Ledger
+
+    relay = Relay.to(pg_url)
+    url = relay.url(pg_url)
+    spool = tmp_path / "spool.jsonl"
+
+    async def start() -> tuple[Ledger, SharedLimits]:
+        ledger = Ledger(url, spool_path=spool, retry_interval=3600)  # no replay until close
+        ledger.db.after_insert.extend(after_insert_hooks(ledger.db.target))
+        await ledger.open()
+        shared = SharedLimits(parse_target(url), lease=1.0)
+        shared.ledger_clear = lambda: ledger.accepting
+        await shared.open()
+        shared.keep_spooled(await ledger.spooled_rows())
+        return ledger, shared
+
+    ledger, here = await start()
+    other = SharedLimits(parse_target(pg_url), lease=1.0)
+    await other.open()
+    try:
+        holds = [await here.acquire(f"s{i}", budget("1.00"), 0, Decimal("0.30"), time.time()) for i in range(3)]
+        relay.cut()
+        for h in holds:
+            assert isinstance(h, SharedHold)
+            await ledger.record(CallRecord(request_id=h.id, started_at=time.time(), method="POST",
+                                           endpoint="/v1/chat/completions", ended_at=time.time(), status=200,
+                                           tags={"team": "ml"}, cost_usd=Decimal("0.30"), priced=True))
+            h.settle(Decimal("0.30"))
+        assert ledger.spool_depth == 3 and len(here._kept) == 3
+        await ledger.close()  # the replica stops; its last replay finds no database: the rows stay spooled
+        await here.close()
+        ledger, here = await start()  # and starts again, still cut off
+        assert ledger.spool_depth == 3 and not ledger.accepting
+        await asyncio.sleep(1.5)
+        await other.renew()  # the lapsed holds of the first run are pruned
+        assert conn.execute("SELECT count(*) FROM reservations").fetchone()[0] == 0
+        relay.restore()
+        deadline = time.monotonic() + 10  # its next renewal, within a second (more on a loaded machine)
+        while conn.execute("SELECT count(*) FROM reservations").fetchone()[0] == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        refused = await other.acquire("after", budget("1.00"), 0, Decimal("0.20"), time.time())
+        assert isinstance(refused, BudgetRefusal) and refused.reserved == Decimal("0.90")
+        # Held where a budget is checked (its spend row exists), not on all nine keys the replay charges.
+        assert conn.execute("SELECT count(*), count(DISTINCT id) FROM reservations WHERE kind = 'team' "
+                            "AND period = 'day'").fetchone() == (3, 3)
+    finally:
+        await ledger.close()  # the replay: the rows land, their hook settles the holds
+    await assert_settled_by_the_replay(conn, here, other, relay)
+
+
+async def test_spooled_holds_of_an_earlier_run_are_made_at_once_not_a_renewal_period_later(
+        pg_url: str, conn: Conn, replicas: list[SharedLimits]) -> None:
+    # A lease of 60 s renews every 20 s; the holds of a restarted replica's spooled calls are made at start.
+    first = await replicas[0].acquire("pre", budget("1.00"), 0, Decimal(0), time.time())  # makes the spend row
+    assert isinstance(first, SharedHold)
+    conn.execute("DELETE FROM reservations")
+    here = SharedLimits(parse_target(pg_url), lease=60)
+    await here.open()
+    try:
+        here.keep_spooled([row("s1", "0.30"), row("s2", "0.25"), row("free", "0")])
+        deadline = time.monotonic() + 5
+        while conn.execute("SELECT count(*) FROM reservations").fetchone()[0] < 2:
+            assert time.monotonic() < deadline, "not held at once"
+            await asyncio.sleep(0.02)
+        assert Decimal(conn.execute("SELECT sum(worst_usd) FROM reservations").fetchone()[0]) == Decimal("0.55")
+    finally:
+        await here.close()
