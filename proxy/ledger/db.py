@@ -62,7 +62,8 @@ class TwoPhase:
         self.run(conn, rows, answer)
 
 
-# A prepared statement that is gone (a pooler's DISCARD) or stale (a migration changed what it returns).
+# A prepared statement that is gone (deallocated by anyone sharing the session) or stale (a migration changed
+# what it returns).
 _STALE_STATEMENT = frozenset(("26000", "0A000"))
 
 

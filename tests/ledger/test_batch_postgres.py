@@ -70,14 +70,14 @@ def generic_plan(pg_url: str, analyzed: bool) -> str:
 
 
 def test_a_batch_commits_after_its_prepared_statements_are_gone(pg_url: str, db: LedgerDB) -> None:
-    # A pooler's DISCARD ALL (or anything dropping session state) between two batches: the next batch
-    # prepares its questions again and commits, and the rollups stay exact.
+    # The batch's prepared questions dropped between two batches (a DEALLOCATE by anyone sharing the
+    # session): the next batch prepares them again and commits, and the rollups stay exact.
     rng = random.Random(4)
     db.insert([record_row(random_call(rng, n)) for n in range(50)])
     raw = db._current().raw  # the write connection
-    raw.execute("DEALLOCATE ALL")
+    raw.execute("DEALLOCATE meterproxy_rollup_state")
     db.insert([record_row(random_call(rng, n)) for n in range(50, 100)])
-    raw.execute("DEALLOCATE ALL")
+    raw.execute("DEALLOCATE meterproxy_any_spend")
     db.insert([record_row(random_call(rng, n)) for n in range(100, 150)])
     assert raw.execute("SELECT count(*) FROM calls").fetchone()[0] == 150
     assert_exact(pg_url)
@@ -127,3 +127,23 @@ async def test_spend_rows_made_while_batches_skip_settling_are_exact(pg_url: str
     finally:
         conn.close()
     assert spent == {"day": total, "month": total, "total": total}
+
+
+def test_dimension_sets_are_added_and_found_in_one_statement(pg_url: str, db: LedgerDB) -> None:
+    # New and existing sets at once, NULLs (a value: one id per set), text beyond ASCII, a status: each set
+    # gets one id, the same whether it was there already or not, and a second call adds nothing.
+    conn = db._current()
+    first = [("k1", "gpt-4o", None, None, "/v1/chat/completions", 200, None),
+             ("k1", None, "zoë ☃ 𝄞", "op", None, None, "ml")]
+    more = [*first, (None, None, None, None, None, None, None), ("k2", "gpt-4o", "u", "op", "/v1/embeddings", 429, "t")]
+    conn.begin()
+    ids = rollups.dim_ids(conn, first)
+    conn.commit()
+    conn.begin()
+    again = rollups.dim_ids(conn, list(reversed(more)), newest=None)
+    conn.commit()
+    assert {d: again[d] for d in first} == ids
+    assert len(set(again.values())) == 4
+    stored = {tuple(r[1:]): r[0] for r in conn.execute(
+        'SELECT id, key_id, model, "user", operation, endpoint, status, team FROM rollup_dims')}
+    assert stored == again
