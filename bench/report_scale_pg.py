@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f" (reuse it: --reuse {parse_target(url).where.rsplit('/', 1)[-1]})" if args.keep else ""))
     print_table(results)
     if spent:
-        print("build: " + ", ".join(f"{k} {v:.0f} s" for k, v in spent.items()))
+        print("build: " + ", ".join(f"{k} {v:.0f} s" if v >= 10 else f"{k} {v:.2f} s" for k, v in spent.items()))
     return 0
 
 
