@@ -260,8 +260,10 @@ class LedgerDB:
                 cur = conn.raw.execute(sql)
                 break
             except self.Error as exc:
-                self._prepared.clear()  # prepared again before the next batch
-                if attempt == 2 or getattr(exc, "sqlstate", None) not in _STALE_STATEMENT:
+                if getattr(exc, "sqlstate", None) not in _STALE_STATEMENT:
+                    raise  # a lock timeout, a broken connection (opened anew, and prepared, before the next)
+                self._prepared.clear()  # prepared again before the retry, or the next batch
+                if attempt == 2:
                     raise
                 _rollback(conn)
         found: list[Answer] = []
